@@ -1,0 +1,45 @@
+# shardswitch: `make run` starts the switch, `make test` runs every test (real QEMU guests included).
+# Both install what they need on a fresh Debian 12 machine (Debian packages via scripts/install-deps.sh,
+# Python packages into .venv).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+WORKERS ?= 2
+
+.PHONY: run test unit typecheck bench demo deps deps-runtime clean
+
+deps-runtime:
+	@scripts/install-deps.sh --runtime
+
+deps:
+	@scripts/install-deps.sh
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+run: deps-runtime $(STAMP)
+	$(VENV)/bin/shardswitch start $(ARGS)
+
+typecheck: $(STAMP)
+	$(PY) -m mypy
+
+unit: $(STAMP)
+	$(PY) -m pytest -q -m 'not guest and not dpdk' tests
+
+test: deps $(STAMP) typecheck
+	$(PY) -m pytest -q -rs tests
+
+bench: deps $(STAMP)
+	$(PY) -m bench.run
+
+demo: deps $(STAMP)
+	$(PY) -m tests.guest.demo --workers $(WORKERS)
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache

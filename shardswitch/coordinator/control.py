@@ -1,0 +1,125 @@
+"""The control socket: ``shardswitch status`` and friends.
+
+A unix stream socket beside the vhost-user socket (``<socket>.ctl`` by
+default).  A client sends one JSON line ``{"cmd": "status"}`` and reads one
+JSON line back; the coordinator answers from its main loop and closes the
+connection.  Answers are plain JSON so that scripts can use ``--json``.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from typing import Any, Callable
+
+#: Longest request line accepted.
+MAX_REQUEST = 4096
+#: How long a client may take to send its request line.
+REQUEST_DEADLINE = 1.0
+
+
+class ControlError(Exception):
+    """The control socket could not be reached, or it answered with an error."""
+
+
+def serve_client(sock: socket.socket, commands: dict[str, Callable[[], dict[str, Any]]]) -> None:
+    """Read one request from an accepted client, answer it, close the connection."""
+    try:
+        sock.settimeout(REQUEST_DEADLINE)
+        data = b""
+        while b"\n" not in data and len(data) < MAX_REQUEST:
+            chunk = sock.recv(MAX_REQUEST)
+            if not chunk:
+                break
+            data += chunk
+        try:
+            request = json.loads(data.split(b"\n", 1)[0] or b"{}")
+            command = commands[request["cmd"]]
+        except (ValueError, KeyError, TypeError):
+            answer: dict[str, Any] = {"error": f"bad request {data[:100]!r}; commands: {sorted(commands)}"}
+        else:
+            answer = command()
+        sock.sendall(json.dumps(answer).encode() + b"\n")
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def query(path: str, cmd: str, timeout: float = 10.0) -> dict[str, Any]:
+    """Send ``cmd`` to the control socket at ``path`` and return the decoded answer."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            sock.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError as err:
+        raise ControlError(f"cannot reach shardswitch at {path}: {err.strerror or err}") from err
+    try:
+        answer = json.loads(data)
+    except ValueError as err:
+        raise ControlError(f"unreadable answer from {path}") from err
+    if not isinstance(answer, dict):
+        raise ControlError(f"unexpected answer from {path}")
+    if "error" in answer:
+        raise ControlError(str(answer["error"]))
+    return answer
+
+
+def _age(seconds: float) -> str:
+    """A short human duration."""
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """Render a status answer for people."""
+    lines = [f"shardswitch {status.get('version', '?')}, pid {status.get('pid')}, "
+             f"up {_age(status.get('uptime', 0.0))}",
+             f"socket: {status.get('socket')}"]
+    fe = status.get("frontend", {})
+    if fe.get("connected"):
+        lines.append(f"front-end: connected; features {fe.get('features', 0):#x} "
+                     f"({', '.join(fe.get('feature_names', [])) or 'none'}); "
+                     f"protocol features {fe.get('protocol_features', 0):#x}")
+    else:
+        lines.append("front-end: not connected")
+    if fe.get("refused"):
+        lines.append("refused requests: " + ", ".join(f"{k} {v}" for k, v in sorted(fe["refused"].items())))
+    lines.append(f"guest: {status.get('guest', {}).get('address')}/{status.get('guest', {}).get('prefix_len')} "
+                 f"gateway {status.get('guest', {}).get('gateway')} mtu {status.get('guest', {}).get('mtu')}")
+    for w in status.get("workers", []):
+        head = f"worker {w['pair']}: pid {w.get('pid')}"
+        if w.get("restarts"):
+            head += f", restarted {w['restarts']}x (last: {w.get('last_exit')})"
+        if not w.get("answered", True):
+            head += ", not answering"
+        lines.append(head)
+        for r in w.get("rings", []):
+            kind = "rx" if r["index"] % 2 == 0 else "tx"
+            line = (f"  vring {r['index']} ({kind}): {r['state']}, size {r['num']}, avail {r['last_avail']}, "
+                    f"used {r['used_idx']}, kicks {r['kicks']}, calls {r['calls']}")
+            if r.get("error"):
+                line += f", error: {r['error']}"
+            lines.append(line)
+        lines.append(f"  from guest: {w.get('tx_frames', 0)} frames, {w.get('tx_bytes', 0)} bytes; "
+                     f"to guest: {w.get('rx_frames', 0)} frames, {w.get('rx_bytes', 0)} bytes")
+        drops = w.get("drops") or {}
+        if drops:
+            lines.append("  dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(drops.items())))
+    return "\n".join(lines)
+
+
+def uptime_since(started: float) -> float:
+    """Seconds since ``started`` (a time.monotonic() value)."""
+    return time.monotonic() - started

@@ -1,0 +1,337 @@
+"""The coordinator process: sockets, the front-end connection, and worker supervision.
+
+One single-threaded selector loop watches:
+
+* the vhost-user listening socket (server mode) or, in client mode
+  (``--connect``), a retry timer until the front-end's socket accepts us;
+* the one front-end connection: each readable event is one vhost-user
+  message, handled by :class:`~shardswitch.coordinator.handler.RequestHandler`;
+  a second concurrent front-end is refused and logged;
+* the control socket (``shardswitch status``);
+* one pidfd per worker, readable the instant that worker dies: it is replaced
+  and handed the device state again;
+* a signal wake-up socket: SIGTERM/SIGINT end the loop cleanly.
+
+When the front-end goes away the device is reset (workers stop their rings
+and unmap guest memory) and the switch waits for the next one; a QEMU
+started with ``reconnect=1`` that comes back gets a working network with no
+action in the guest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import socket
+import stat
+import time
+from typing import Any, Callable
+
+import msgspec
+
+from shardswitch import __version__
+from shardswitch.coordinator.conn import FrontendConnection, PeerGone
+from shardswitch.coordinator.control import serve_client, uptime_since
+from shardswitch.coordinator.device import Device
+from shardswitch.coordinator.handler import Disconnect, RequestHandler
+from shardswitch.coordinator.workers import WorkerPool
+from shardswitch.ipc import StatusQuery, WorkerStatus
+from shardswitch.net.params import GuestParams
+from shardswitch.vhost.wire import VhostProtocolError, VirtioFeature
+
+log = logging.getLogger("shardswitch")
+
+#: Seconds between connection attempts in client mode.
+CONNECT_RETRY = 0.5
+
+Callback = Callable[[], None]
+
+
+class StartError(Exception):
+    """shardswitch cannot start (socket in use, bad path...)."""
+
+
+def prepare_socket_path(path: str) -> None:
+    """Make ``path`` usable for a new listening socket.
+
+    A socket file left by a dead instance is removed; one that a live process
+    still accepts on is refused with a clear message; anything that is not a
+    socket is never touched.
+    """
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, mode=0o700, exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        log.info("removing stale socket %s", path)
+        os.unlink(path)
+        return
+    except OSError as err:
+        raise StartError(f"cannot check existing socket {path}: {err}") from err
+    finally:
+        probe.close()
+    raise StartError(f"{path} is in use by a running process; stop it first or choose another --socket")
+
+
+def listen_unix(path: str) -> socket.socket:
+    """A non-blocking listening unix socket at ``path`` (stale files replaced)."""
+    prepare_socket_path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+    except OSError as err:
+        sock.close()
+        raise StartError(f"cannot listen on {path}: {err.strerror}") from err
+    sock.listen(4)
+    sock.setblocking(False)
+    return sock
+
+
+def qemu_fragment(path: str, workers: int) -> str:
+    """The QEMU command-line options that connect a guest to this socket."""
+    vectors = 2 * workers + 2
+    return (f"-object memory-backend-memfd,id=mem0,size=<guest RAM, e.g. 1G>,share=on -M memory-backend=mem0 "
+            f"-chardev socket,id=ss0,path={path},reconnect=1 "
+            f"-netdev vhost-user,id=net0,chardev=ss0,queues={workers} "
+            f"-device virtio-net-pci,netdev=net0,mq={'on' if workers > 1 else 'off'},vectors={vectors}")
+
+
+class Coordinator:
+    """All state of the coordinator process."""
+
+    def __init__(self, *, workers: int, params: GuestParams, socket_path: str, control_path: str,
+                 connect: bool = False, reflect: bool = False) -> None:
+        """Set up (nothing is bound or forked until :meth:`serve`)."""
+        self.params = params
+        self.socket_path = socket_path
+        self.control_path = control_path
+        self.client_mode = connect
+        self.started = time.monotonic()
+        self.sel = selectors.DefaultSelector()
+        self.pool = WorkerPool(workers, params, reflect=reflect)
+        self.device = Device(workers, self.pool)
+        self.handler = RequestHandler(self.device)
+        self.conn: FrontendConnection | None = None
+        self.listener: socket.socket | None = None
+        self.control: socket.socket | None = None
+        self.stopping = False
+        self.next_connect = 0.0
+        self._owned_paths: list[str] = []
+        self._wake_r, self._wake_w = socket.socketpair()
+
+    # -- set-up and tear-down -------------------------------------------
+
+    def open(self) -> None:
+        """Bind sockets, fork workers, install signal handling."""
+        self.control = listen_unix(self.control_path)
+        self._owned_paths.append(self.control_path)
+        self.sel.register(self.control, selectors.EVENT_READ, self._on_control)
+        if not self.client_mode:
+            self.listener = listen_unix(self.socket_path)
+            self._owned_paths.append(self.socket_path)
+            self.sel.register(self.listener, selectors.EVENT_READ, self._on_listener)
+        self.pool.start()
+        for handle in self.pool.handles:
+            assert handle is not None
+            self.sel.register(handle.pidfd, selectors.EVENT_READ, self._death_callback(handle.pidfd))
+        for sock in (self._wake_r, self._wake_w):
+            sock.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+
+    def close(self) -> None:
+        """Stop workers, close sockets, remove the socket files we created."""
+        if self.conn is not None:
+            self._drop_frontend("shutting down")
+        self.pool.stop()
+        for sock in (self.listener, self.control):
+            if sock is not None:
+                sock.close()
+        for path in self._owned_paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        signal.set_wakeup_fd(-1)
+        self.sel.close()
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        """SIGTERM/SIGINT: leave the loop."""
+        self.stopping = True
+
+    def _on_wakeup(self) -> None:
+        """Drain the signal wake-up socket."""
+        try:
+            while self._wake_r.recv(64):
+                pass
+        except BlockingIOError:
+            pass
+
+    # -- loop ---------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Run until SIGTERM/SIGINT."""
+        while not self.stopping:
+            timeout = None
+            if self.client_mode and self.conn is None:
+                timeout = max(0.0, self.next_connect - time.monotonic())
+                if timeout == 0.0:
+                    self._try_connect()
+                    continue
+            for key, _events in self.sel.select(timeout):
+                key.data()
+                if self.stopping:
+                    break
+        log.info("stopping")
+
+    def _try_connect(self) -> None:
+        """Client mode: connect to the front-end's socket if it is there."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self.socket_path)
+        except OSError as err:
+            sock.close()
+            if self.next_connect == 0.0:
+                log.info("waiting for the front-end at %s (%s)", self.socket_path, err.strerror)
+            self.next_connect = time.monotonic() + CONNECT_RETRY
+            return
+        log.info("connected to the front-end at %s", self.socket_path)
+        self._attach(sock)
+
+    def _on_listener(self) -> None:
+        """Accept a front-end; refuse a second concurrent one."""
+        assert self.listener is not None
+        try:
+            sock, _addr = self.listener.accept()
+        except BlockingIOError:
+            return
+        if self.conn is not None:
+            log.warning("refused a second front-end: one is already connected")
+            sock.close()
+            return
+        log.info("front-end connected")
+        self._attach(sock)
+
+    def _attach(self, sock: socket.socket) -> None:
+        """Start serving a connected front-end."""
+        self.conn = FrontendConnection(sock)
+        self.sel.register(self.conn.sock, selectors.EVENT_READ, self._on_frontend)
+
+    def _on_frontend(self) -> None:
+        """One message from the front-end."""
+        conn = self.conn
+        assert conn is not None
+        try:
+            msg = conn.read_message()
+        except PeerGone as err:
+            self._drop_frontend(f"front-end disconnected ({err})")
+            return
+        except VhostProtocolError as err:
+            self.handler.refused["MALFORMED"] += 1
+            self._drop_frontend(f"protocol error: {err}", error=True)
+            return
+        try:
+            self.handler.serve(conn, msg)
+        except Disconnect as err:
+            self._drop_frontend(f"protocol error: {err}", error=True)
+        except PeerGone as err:
+            self._drop_frontend(f"front-end disconnected ({err})")
+
+    def _drop_frontend(self, reason: str, *, error: bool = False) -> None:
+        """Forget the front-end: rings stop, memory is unmapped, we wait for the next one."""
+        (log.error if error else log.info)("%s; resetting the device", reason)
+        assert self.conn is not None
+        self.sel.unregister(self.conn.sock)
+        self.conn.close()
+        self.conn = None
+        self.device.reset()
+        self.next_connect = time.monotonic() + CONNECT_RETRY
+
+    def _on_control(self) -> None:
+        """A control client: answer it."""
+        assert self.control is not None
+        try:
+            sock, _addr = self.control.accept()
+        except BlockingIOError:
+            return
+        sock.setblocking(True)
+        serve_client(sock, {"status": self.status})
+
+    def _death_callback(self, pidfd: int) -> Callback:
+        """The selector callback for a worker's pidfd."""
+        return lambda: self._on_worker_death(pidfd)
+
+    def _on_worker_death(self, pidfd: int) -> None:
+        """A worker exited: replace it and restore its queue pair."""
+        handle = self.pool.by_pidfd(pidfd)
+        self.sel.unregister(pidfd)
+        if handle is None or self.stopping:
+            return
+        new = self.pool.reap(handle)
+        self.sel.register(new.pidfd, selectors.EVENT_READ, self._death_callback(new.pidfd))
+        self.device.restore_pair(new.pair)
+
+    # -- status --------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Everything ``shardswitch status`` shows."""
+        features = self.device.acked_features
+        workers = []
+        for pair, handle in enumerate(self.pool.handles):
+            entry: dict[str, Any] = {"pair": pair, "pid": handle.pid if handle else None,
+                                     "restarts": handle.restarts if handle else 0,
+                                     "last_exit": handle.last_exit if handle else ""}
+            answer = self.pool.call(pair, StatusQuery(seq=self.device.next_seq()))
+            if isinstance(answer, WorkerStatus):
+                details = msgspec.to_builtins(answer)
+                del details["seq"], details["type"]
+                entry.update(details, answered=True)
+            else:
+                entry["answered"] = False
+            workers.append(entry)
+        return {
+            "version": __version__, "pid": os.getpid(), "uptime": uptime_since(self.started),
+            "socket": self.socket_path, "mode": "client" if self.client_mode else "server",
+            "frontend": {"connected": self.conn is not None, "features": features,
+                         "feature_names": [f.name for f in VirtioFeature if f & features and f.name],
+                         "protocol_features": self.device.acked_protocol_features,
+                         "refused": dict(self.handler.refused)},
+            "guest": {"address": self.params.address, "prefix_len": self.params.prefix_len,
+                      "gateway": self.params.gateway, "mtu": self.params.mtu, "dns": list(self.params.dns)},
+            "workers": workers,
+        }
+
+
+def run_coordinator(*, workers: int, params: GuestParams, socket_path: str, control_path: str,
+                    connect: bool = False, reflect: bool = False, print_fragment: bool = True) -> int:
+    """Run shardswitch until SIGTERM/SIGINT; the exit status."""
+    coordinator = Coordinator(workers=workers, params=params, socket_path=socket_path,
+                              control_path=control_path, connect=connect, reflect=reflect)
+    try:
+        coordinator.open()
+    except StartError as err:
+        log.error("%s", err)
+        coordinator.close()
+        return 1
+    log.info("shardswitch %s: %d worker(s), %s %s; guest %s/%d gateway %s mtu %d", __version__, workers,
+             "connecting to" if connect else "listening on", socket_path, params.address, params.prefix_len,
+             params.gateway, params.mtu)
+    if print_fragment:
+        print("QEMU options for this back-end:\n  " + qemu_fragment(socket_path, workers), flush=True)
+    try:
+        coordinator.serve()
+    finally:
+        coordinator.close()
+    return 0

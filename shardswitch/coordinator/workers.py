@@ -1,0 +1,174 @@
+"""The worker processes: forking, talking to them, and replacing the dead.
+
+One worker per queue pair, forked with :mod:`multiprocess` (fork start
+method) so it inherits the resolved configuration without pickling it
+through a pipe.  Each worker gets the worker end of a SEQPACKET socketpair;
+the coordinator keeps the other end in a :class:`WorkerHandle`.
+
+Death is noticed at once: the coordinator's selector watches a pidfd per
+worker (``os.pidfd_open``), which becomes readable the moment the process
+exits.  :meth:`WorkerPool.reap` then logs how it died and forks a
+replacement for the same queue pair; the caller hands it the device state
+(memory regions, running rings) again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import multiprocess
+
+from shardswitch.ipc import Channel, FromWorker, IpcError, RingStarted, RingStopped, Shutdown, WorkerStatus, \
+    channel_pair
+from shardswitch.net.params import GuestParams
+from shardswitch.worker.main import worker_main
+
+log = logging.getLogger("shardswitch.workers")
+
+#: How long a worker may take to answer a request.
+CALL_TIMEOUT = 3.0
+#: Minimum time between two forks for the same queue pair (a crash loop slows down).
+RESPAWN_INTERVAL = 0.5
+
+
+@dataclass
+class WorkerHandle:
+    """The coordinator's view of one worker process."""
+
+    pair: int
+    process: Any
+    channel: Channel
+    pidfd: int
+    started: float = field(default_factory=time.monotonic)
+    restarts: int = 0
+    last_exit: str = ""
+
+    @property
+    def pid(self) -> int:
+        """The worker's process id."""
+        return int(self.process.pid)
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """'exited with status N' or 'killed by SIGNAME'."""
+    if exitcode is None:
+        return "still running"
+    if exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exited with status {exitcode}"
+
+
+class WorkerPool:
+    """All worker processes of one shardswitch instance."""
+
+    def __init__(self, count: int, params: GuestParams, *, reflect: bool = False) -> None:
+        """A pool for ``count`` queue pairs (nothing is forked until :meth:`start`)."""
+        self.count = count
+        self.params = params
+        self.reflect = reflect
+        self.handles: list[WorkerHandle | None] = [None] * count
+        self._ctx = multiprocess.get_context("fork")
+
+    def start(self) -> None:
+        """Fork every worker."""
+        for pair in range(self.count):
+            self.handles[pair] = self._spawn(pair, restarts=0)
+
+    def _spawn(self, pair: int, restarts: int) -> WorkerHandle:
+        """Fork the worker of ``pair``."""
+        ours, theirs = channel_pair()
+        process = self._ctx.Process(target=worker_main, args=(pair, theirs, self.params, self.reflect),
+                                    name=f"shardswitch-worker-{pair}", daemon=False)
+        process.start()
+        theirs.close()
+        pidfd = os.pidfd_open(process.pid)
+        ours.setblocking(True)
+        handle = WorkerHandle(pair, process, Channel(ours, FromWorker), pidfd, restarts=restarts)
+        log.info("worker %d started, pid %d", pair, process.pid)
+        return handle
+
+    def handle(self, pair: int) -> WorkerHandle | None:
+        """The live handle of ``pair``."""
+        return self.handles[pair] if 0 <= pair < self.count else None
+
+    def by_pidfd(self, fd: int) -> WorkerHandle | None:
+        """The handle whose pidfd is ``fd``."""
+        return next((h for h in self.handles if h is not None and h.pidfd == fd), None)
+
+    def reap(self, handle: WorkerHandle) -> WorkerHandle:
+        """A worker died: log it, fork its replacement, and return the new handle."""
+        handle.process.join(timeout=1.0)
+        how = describe_exit(handle.process.exitcode)
+        log.error("worker %d (pid %d) %s; starting a replacement", handle.pair, handle.pid, how)
+        self._close(handle)
+        wait = RESPAWN_INTERVAL - (time.monotonic() - handle.started)
+        if wait > 0:
+            time.sleep(wait)
+        new = self._spawn(handle.pair, restarts=handle.restarts + 1)
+        new.last_exit = how
+        self.handles[handle.pair] = new
+        return new
+
+    @staticmethod
+    def _close(handle: WorkerHandle) -> None:
+        """Release the coordinator's resources of a worker."""
+        handle.channel.close()
+        os.close(handle.pidfd)
+
+    def send(self, pair: int, message: object, fds: list[int] | tuple[int, ...] = ()) -> bool:
+        """Send without waiting; False when the worker is not reachable."""
+        handle = self.handle(pair)
+        if handle is None:
+            return False
+        try:
+            handle.channel.send(message, fds)  # type: ignore[arg-type]
+            return True
+        except IpcError as err:
+            log.warning("worker %d unreachable: %s", pair, err)
+            return False
+
+    def call(self, pair: int, message: object, fds: list[int] | tuple[int, ...] = ()) -> object | None:
+        """Send a request and wait for the answer with the same ``seq``; None on death or timeout."""
+        handle = self.handle(pair)
+        if handle is None or not self.send(pair, message, fds):
+            return None
+        seq = getattr(message, "seq")
+        deadline = time.monotonic() + CALL_TIMEOUT
+        sock = handle.channel.sock
+        try:
+            while (remaining := deadline - time.monotonic()) > 0:
+                sock.settimeout(remaining)
+                answer, extra = handle.channel.recv()
+                for fd in extra:
+                    os.close(fd)
+                if isinstance(answer, (RingStarted, RingStopped, WorkerStatus)) and answer.seq == seq:
+                    return answer
+                log.debug("worker %d: dropping stale answer %r", pair, answer)
+        except (IpcError, TimeoutError) as err:
+            log.warning("worker %d did not answer %s: %s", pair, type(message).__name__, err)
+        finally:
+            sock.settimeout(None)
+        return None
+
+    def stop(self, timeout: float = 3.0) -> None:
+        """Ask every worker to exit, then make sure they did."""
+        live = [h for h in self.handles if h is not None]
+        for handle in live:
+            self.send(handle.pair, Shutdown())
+        deadline = time.monotonic() + timeout
+        for handle in live:
+            handle.process.join(timeout=max(0.0, deadline - time.monotonic()))
+            if handle.process.is_alive():
+                log.warning("worker %d (pid %d) ignored shutdown; killing it", handle.pair, handle.pid)
+                handle.process.kill()
+                handle.process.join(timeout=1.0)
+            self._close(handle)
+        self.handles = [None] * self.count

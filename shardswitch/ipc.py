@@ -1,0 +1,205 @@
+"""Coordinator <-> worker control channel.
+
+Each worker has one ``AF_UNIX``/``SOCK_SEQPACKET`` socketpair with the
+coordinator.  A message is one datagram: a msgpack-encoded tagged
+:mod:`msgspec` struct, with file descriptors (memory-region memfds, kick,
+call and err eventfds) attached with ``SCM_RIGHTS``.  SEQPACKET keeps message
+boundaries and delivers the descriptors with the bytes they belong to, so no
+framing or descriptor bookkeeping across reads is needed.
+
+The coordinator drives; the worker only answers.  Requests that expect an
+answer carry a ``seq`` that the answer repeats, so a late answer to a request
+that timed out is recognised and dropped instead of being taken for the
+answer to the next one.
+
+Descriptor ownership: ``send`` never closes what it sends (the kernel
+duplicates them into the peer); ``recv`` returns new descriptors that the
+caller owns and must close.
+"""
+
+from __future__ import annotations
+
+import array
+import socket
+from typing import Union
+
+import msgspec
+
+from shardswitch.vhost.wire import MemRegion
+
+#: Largest control message; a status answer with many drop reasons is the largest.
+MAX_MESSAGE = 64 * 1024
+MAX_FDS = 8
+
+
+class IpcError(Exception):
+    """The control channel broke: EOF, a malformed message, or a timeout."""
+
+
+class MemAdd(msgspec.Struct, tag=True):
+    """Map one guest memory region (its memfd is attached)."""
+
+    region: MemRegion
+
+
+class MemRemove(msgspec.Struct, tag=True):
+    """Unmap one guest memory region."""
+
+    region: MemRegion
+
+
+class MemClear(msgspec.Struct, tag=True):
+    """Unmap every region (rings are stopped first)."""
+
+
+class RingStart(msgspec.Struct, tag=True):
+    """Start a vring.
+
+    Attached descriptors, in order: the kick eventfd when ``has_kick``, then
+    the call eventfd when ``has_call``.  Addresses are front-end virtual
+    addresses, translated by the worker.  With ``resume_from_used`` the worker
+    starts at the used index it finds in guest memory instead of
+    ``last_avail`` (a replacement worker whose predecessor's position died
+    with it).
+    """
+
+    seq: int
+    index: int
+    num: int
+    desc: int
+    avail: int
+    used: int
+    last_avail: int
+    features: int
+    has_kick: bool
+    has_call: bool
+    resume_from_used: bool = False
+
+
+class RingStop(msgspec.Struct, tag=True):
+    """Stop a vring and report where it stopped."""
+
+    seq: int
+    index: int
+
+
+class StatusQuery(msgspec.Struct, tag=True):
+    """Ask for counters and ring states."""
+
+    seq: int
+
+
+class Shutdown(msgspec.Struct, tag=True):
+    """Stop every ring and exit."""
+
+
+class RingStarted(msgspec.Struct, tag=True):
+    """Answer to RingStart: ``error`` is empty on success."""
+
+    seq: int
+    index: int
+    error: str = ""
+
+
+class RingStopped(msgspec.Struct, tag=True):
+    """Answer to RingStop: the next avail index the worker would have read."""
+
+    seq: int
+    index: int
+    last_avail: int
+
+
+class RingState(msgspec.Struct):
+    """One ring as a worker sees it, for ``shardswitch status``."""
+
+    index: int
+    state: str
+    num: int = 0
+    last_avail: int = 0
+    used_idx: int = 0
+    kicks: int = 0
+    calls: int = 0
+    error: str = ""
+
+
+class WorkerStatus(msgspec.Struct, tag=True):
+    """Answer to StatusQuery."""
+
+    seq: int
+    pair: int
+    pid: int
+    rings: list[RingState]
+    tx_frames: int
+    tx_bytes: int
+    rx_frames: int
+    rx_bytes: int
+    drops: dict[str, int]
+
+
+ToWorker = Union[MemAdd, MemRemove, MemClear, RingStart, RingStop, StatusQuery, Shutdown]
+FromWorker = Union[RingStarted, RingStopped, WorkerStatus]
+
+
+class Channel:
+    """One end of a coordinator-worker control socket."""
+
+    def __init__(self, sock: socket.socket, incoming: type) -> None:
+        """Wrap ``sock``; ``incoming`` is the union of message types this end receives."""
+        self.sock = sock
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder: msgspec.msgpack.Decoder[object] = msgspec.msgpack.Decoder(incoming)
+
+    def fileno(self) -> int:
+        """The socket's descriptor, for selectors."""
+        return self.sock.fileno()
+
+    def send(self, message: msgspec.Struct, fds: list[int] | tuple[int, ...] = ()) -> None:
+        """Send one message with optional descriptors (not closed here)."""
+        data = self._encoder.encode(message)
+        try:
+            if fds:
+                socket.send_fds(self.sock, [data], list(fds))
+            else:
+                self.sock.send(data)
+        except OSError as err:
+            raise IpcError(f"control channel send failed: {err}") from err
+
+    def recv(self) -> tuple[object, list[int]]:
+        """Receive one message and the descriptors that came with it.
+
+        Raises :class:`IpcError` on EOF or on a message that does not decode;
+        descriptors received with a bad message are closed.
+        """
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_MESSAGE, MAX_FDS)
+        except OSError as err:
+            raise IpcError(f"control channel receive failed: {err}") from err
+        if not data:
+            close_fds(fds)
+            raise IpcError("control channel closed")
+        try:
+            return self._decoder.decode(data), fds
+        except msgspec.DecodeError as err:
+            close_fds(fds)
+            raise IpcError(f"malformed control message: {err}") from err
+
+    def close(self) -> None:
+        """Close the socket."""
+        self.sock.close()
+
+
+def channel_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected SEQPACKET socketpair (coordinator end, worker end)."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    return a, b
+
+
+def close_fds(fds: list[int] | array.array[int] | tuple[int, ...]) -> None:
+    """Close descriptors, ignoring ones already closed."""
+    import os
+
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

@@ -1,0 +1,162 @@
+"""The worker's packet path: guest TX ring -> protocol endpoint -> guest RX ring.
+
+Theory of operation.  A kick on the TX ring means the guest posted frames.
+:func:`service_tx` drains the ring in batches of at most :data:`BATCH`
+chains with kicks disabled: each frame is viewed in place in guest memory
+(a memoryview, no copy), handed to the sans-IO
+:class:`~shardswitch.net.endpoint.GuestEndpoint`, and its chain is returned
+as used.  The used index is published once per batch and the driver is
+signalled only when EVENT_IDX says it wants to be.  Kicks are then
+re-enabled; if the guest added frames in the meantime (the re-check after
+the fence), the loop drains again, so no kick is ever lost.
+
+Replies (ARP, DHCP) go to a bounded per-worker queue of frames for the RX
+ring, which :func:`deliver_rx` writes into the guest's posted RX buffers
+(with MRG_RXBUF a frame may span several).  When the guest has no buffers
+left, the frames wait and RX kicks are enabled, so the guest's next buffer
+refill wakes us; beyond :data:`PENDING_MAX` frames the oldest are dropped and
+counted.  RX kicks stay disabled otherwise: the guest refills its RX ring
+constantly and we do not want a wake-up for each refill.
+
+Everything here is private to the worker process: no lock, no shared state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from typing import TYPE_CHECKING
+
+from shardswitch.virtio.netdev import tx_frame
+
+if TYPE_CHECKING:
+    from shardswitch.worker.main import Worker
+
+#: Chains taken from the TX ring before the worker looks at its other events.
+BATCH = 256
+#: Frames waiting for RX buffers before the oldest are dropped.
+PENDING_MAX = 1024
+
+#: Drop reasons of the worker itself (the endpoint has its own).
+RX_NO_BUFFERS = "RX_NO_BUFFERS"
+RX_RING_DOWN = "RX_RING_DOWN"
+TX_EMPTY_FRAME = "TX_EMPTY_FRAME"
+
+
+class Counters:
+    """Traffic counters of one worker (TX = from the guest, RX = to the guest)."""
+
+    def __init__(self) -> None:
+        """All zero."""
+        self.tx_frames = 0
+        self.tx_bytes = 0
+        self.rx_frames = 0
+        self.rx_bytes = 0
+        self.drops: Counter[str] = Counter()
+
+
+def service_tx(w: Worker) -> bool:
+    """Drain the TX ring; True when a batch limit left frames for another round."""
+    slot = w.tx
+    vq = slot.vq
+    if vq is None:
+        return False
+    endpoint = w.endpoint
+    counters = w.counters
+    drops = counters.drops
+    pending = w.pending
+    hdr_len = slot.hdr_len
+    # Diagnostic mode: every frame goes straight back into an RX buffer (one copy).
+    mirror = w.rx.writer if w.reflect else None
+    replies: list[bytes] = []
+    while True:
+        vq.disable_kicks()
+        now = time.monotonic()
+        count = 0
+        nbytes = 0
+        mirrored = 0
+        while count < BATCH:
+            chain = vq.pop()
+            if chain is None:
+                break
+            head, readable, _writable = chain
+            frame = tx_frame(readable, hdr_len)
+            count += 1
+            nbytes += len(frame)
+            if not frame:
+                drops[TX_EMPTY_FRAME] += 1
+            elif mirror is not None:
+                if mirror.put(frame):
+                    mirrored += 1
+                else:
+                    drops[RX_NO_BUFFERS] += 1
+            else:
+                reason = endpoint.handle_frame(frame, now, replies)
+                if reason is not None:
+                    drops[reason.name] += 1
+            vq.push(head, 0)
+        counters.tx_frames += count
+        counters.tx_bytes += nbytes
+        if vq.flush():
+            slot.notify()
+        if mirrored:
+            _mirrored(w, mirrored, nbytes)
+        if replies:
+            pending.extend(replies)
+            replies.clear()
+        if pending:
+            deliver_rx(w)
+        if count >= BATCH:
+            return True
+        if not vq.enable_kicks():
+            return False
+
+
+def _mirrored(w: Worker, frames: int, nbytes: int) -> None:
+    """Account for and publish frames that reflect mode wrote into the RX ring."""
+    w.counters.rx_frames += frames
+    w.counters.rx_bytes += nbytes
+    vq = w.rx.vq
+    if vq is not None and vq.flush():
+        w.rx.notify()
+
+
+def deliver_rx(w: Worker) -> None:
+    """Write queued frames into the guest's RX buffers, as many as fit."""
+    pending = w.pending
+    drops = w.counters.drops
+    while len(pending) > PENDING_MAX:
+        pending.popleft()
+        drops[RX_NO_BUFFERS] += 1
+    slot = w.rx
+    writer = slot.writer
+    vq = slot.vq
+    if writer is None or vq is None:
+        return
+    counters = w.counters
+    delivered = 0
+    nbytes = 0
+    while pending:
+        frame = pending[0]
+        if not writer.put(frame):
+            # Out of buffers: ask for a kick when the guest posts more, then look once more
+            # (buffers posted before the request took effect would otherwise go unnoticed).
+            if not vq.enable_kicks():
+                break
+            if not writer.put(frame):
+                break
+        pending.popleft()
+        delivered += 1
+        nbytes += len(frame)
+    else:
+        vq.disable_kicks()
+    counters.rx_frames += delivered
+    counters.rx_bytes += nbytes
+    if vq.flush():
+        slot.notify()
+
+
+def drop_pending(pending: deque[bytes], counters: Counters) -> None:
+    """Drop every queued frame (the RX ring went away), counting them."""
+    counters.drops[RX_RING_DOWN] += len(pending)
+    pending.clear()

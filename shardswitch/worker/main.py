@@ -1,0 +1,271 @@
+"""A worker process: one virtio queue pair, event-driven on its kick eventfds.
+
+The coordinator forks one worker per queue pair.  A worker owns everything
+on its packet path - its mapping of guest memory, its RX and TX virtqueues,
+its protocol endpoint, its pending-frame queue and its counters - in one
+:class:`Worker` object; nothing per-packet is shared with another process.
+
+Its loop waits (epoll, no busy polling) on three kinds of descriptors:
+
+* the control channel to the coordinator (:mod:`shardswitch.ipc`): memory
+  regions, ring start/stop, status queries, shutdown;
+* the TX ring's kick eventfd: the guest posted frames;
+* the RX ring's kick eventfd, enabled only while frames wait for buffers.
+
+A ring the front-end gave no kick descriptor (the NOFD bit) is polled every
+:data:`POLL_INTERVAL` seconds instead.  Errors in a ring (the guest broke
+the virtqueue) break that ring only; a control channel that closes means the
+coordinator is gone, and the worker exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from collections import deque
+from typing import Callable
+
+from shardswitch.ipc import (Channel, IpcError, MemAdd, MemClear, MemRemove, RingStart, RingStarted, RingStop,
+                             RingStopped, Shutdown, StatusQuery, ToWorker, WorkerStatus, close_fds)
+from shardswitch.net.endpoint import GuestEndpoint
+from shardswitch.net.params import GuestParams
+from shardswitch.virtio.memory import GuestMemory, GuestMemoryError
+from shardswitch.virtio.virtqueue import VirtqueueError
+from shardswitch.worker.datapath import Counters, deliver_rx, drop_pending, service_tx
+from shardswitch.worker.rings import NO_FD, RingSlot, SlotState
+
+log = logging.getLogger("shardswitch.worker")
+
+#: Polling period for rings without a kick descriptor.
+POLL_INTERVAL = 0.001
+PR_SET_PDEATHSIG = 1
+
+
+class Worker:
+    """All state of one worker process."""
+
+    def __init__(self, pair: int, channel: Channel, params: GuestParams, *, reflect: bool = False) -> None:
+        """A worker for queue pair ``pair`` talking to the coordinator over ``channel``."""
+        self.pair = pair
+        self.channel = channel
+        self.reflect = reflect
+        self.mem = GuestMemory()
+        self.rx = RingSlot(2 * pair)
+        self.tx = RingSlot(2 * pair + 1)
+        self.endpoint = GuestEndpoint(params)
+        self.counters = Counters()
+        self.pending: deque[bytes] = deque()
+        self.epoll = select.epoll()
+        self.epoll.register(channel.fileno(), select.EPOLLIN)
+        self.running = True
+        #: TX needs another round without waiting for a kick (batch limit hit, or polling).
+        self.tx_again = False
+
+    # -- control channel ---------------------------------------------------
+
+    def on_control(self) -> None:
+        """Handle one message from the coordinator."""
+        try:
+            message, fds = self.channel.recv()
+        except IpcError as err:
+            log.info("worker %d: coordinator gone (%s); exiting", self.pair, err)
+            self.running = False
+            return
+        if isinstance(message, MemAdd):
+            self._mem_add(message, fds)
+        elif isinstance(message, RingStart):
+            self._ring_start(message, fds)
+        else:
+            close_fds(fds)
+            self._handle(message)
+
+    def _handle(self, message: object) -> None:
+        """Messages that carry no descriptors."""
+        if isinstance(message, RingStop):
+            slot = self._slot(message.index)
+            last_avail = self._stop_slot(slot) if slot else 0
+            self.channel.send(RingStopped(seq=message.seq, index=message.index, last_avail=last_avail))
+        elif isinstance(message, MemRemove):
+            self._stop_all()
+            self._guard_memory(lambda: self.mem.remove_region(message.region))
+        elif isinstance(message, MemClear):
+            self._stop_all()
+            self._guard_memory(self.mem.clear)
+        elif isinstance(message, StatusQuery):
+            self.channel.send(self.status(message.seq))
+        elif isinstance(message, Shutdown):
+            self._stop_all()
+            self.running = False
+        else:
+            log.error("worker %d: unexpected control message %r", self.pair, message)
+
+    def _guard_memory(self, action: Callable[[], object]) -> None:
+        """Run a memory operation, logging instead of dying when it fails."""
+        try:
+            action()
+        except GuestMemoryError as err:
+            log.error("worker %d: %s", self.pair, err)
+
+    def _mem_add(self, message: MemAdd, fds: list[int]) -> None:
+        """Map a region (its fd is consumed by GuestMemory)."""
+        if len(fds) != 1:
+            close_fds(fds)
+            log.error("worker %d: MemAdd with %d descriptors", self.pair, len(fds))
+            return
+        self._guard_memory(lambda: self.mem.add_region(message.region, fds[0]))
+
+    def _slot(self, index: int) -> RingSlot | None:
+        """The slot of vring ``index`` if it belongs to this worker."""
+        if index == self.rx.index:
+            return self.rx
+        if index == self.tx.index:
+            return self.tx
+        log.error("worker %d: vring %d is not mine", self.pair, index)
+        return None
+
+    def _ring_start(self, message: RingStart, fds: list[int]) -> None:
+        """Start a ring and answer the coordinator."""
+        slot = self._slot(message.index)
+        if slot is None:
+            close_fds(fds)
+            self.channel.send(RingStarted(seq=message.seq, index=message.index, error="not this worker's ring"))
+            return
+        self._stop_slot(slot)
+        try:
+            slot.start(self.mem, message, fds)
+        except (VirtqueueError, GuestMemoryError) as err:
+            slot.stop()
+            slot.error = str(err)
+            self.channel.send(RingStarted(seq=message.seq, index=message.index, error=str(err)))
+            return
+        if slot.kick_fd != NO_FD:
+            self.epoll.register(slot.kick_fd, select.EPOLLIN)
+        self.channel.send(RingStarted(seq=message.seq, index=message.index))
+        # Work may already be waiting (a restart, or a guest that posted before we started).
+        if slot.is_rx:
+            self._guard_ring(slot, lambda: deliver_rx(self))
+        else:
+            self.tx_again = True
+
+    def _stop_slot(self, slot: RingSlot) -> int:
+        """Stop a slot, unwatching its kick descriptor."""
+        if slot.kick_fd != NO_FD:
+            try:
+                self.epoll.unregister(slot.kick_fd)
+            except (OSError, ValueError):
+                pass
+        if slot.is_rx and self.pending:
+            drop_pending(self.pending, self.counters)
+        return slot.stop()
+
+    def _stop_all(self) -> None:
+        """Stop both rings (before memory goes away)."""
+        self._stop_slot(self.rx)
+        self._stop_slot(self.tx)
+
+    def status(self, seq: int) -> WorkerStatus:
+        """Counters and ring states."""
+        c = self.counters
+        return WorkerStatus(seq=seq, pair=self.pair, pid=os.getpid(),
+                            rings=[self.rx.snapshot(), self.tx.snapshot()],
+                            tx_frames=c.tx_frames, tx_bytes=c.tx_bytes, rx_frames=c.rx_frames,
+                            rx_bytes=c.rx_bytes, drops=dict(c.drops))
+
+    # -- rings ----------------------------------------------------------------
+
+    def _guard_ring(self, slot: RingSlot, action: Callable[[], object]) -> bool:
+        """Run ring work; a broken virtqueue breaks only this ring. Returns the action's result."""
+        try:
+            return bool(action())
+        except (VirtqueueError, GuestMemoryError) as err:
+            if slot.kick_fd != NO_FD:
+                try:
+                    self.epoll.unregister(slot.kick_fd)
+                except (OSError, ValueError):
+                    pass
+            self.counters.drops["BROKEN_RING"] += 1
+            slot.break_(str(err))
+            return False
+
+    def on_kick(self, slot: RingSlot) -> None:
+        """A kick eventfd fired."""
+        try:
+            os.eventfd_read(slot.kick_fd)
+        except BlockingIOError:
+            pass
+        slot.kicks += 1
+        if slot.state is not SlotState.RUNNING:
+            return
+        if slot.is_rx:
+            self._guard_ring(slot, lambda: deliver_rx(self))
+        else:
+            self.tx_again = self._guard_ring(slot, lambda: service_tx(self))
+
+    def _polled(self) -> bool:
+        """True when a running ring has no kick descriptor and must be polled."""
+        return any(s.state is SlotState.RUNNING and s.kick_fd == NO_FD for s in (self.rx, self.tx))
+
+    # -- loop -------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until shutdown or until the coordinator goes away."""
+        channel_fd = self.channel.fileno()
+        while self.running:
+            if self.tx_again:
+                timeout = 0.0
+            elif self._polled():
+                timeout = POLL_INTERVAL
+            else:
+                timeout = -1
+            try:
+                events = self.epoll.poll(timeout)
+            except InterruptedError:
+                continue
+            if self.tx_again or self._polled():
+                self.tx_again = False
+                if self.tx.state is SlotState.RUNNING:
+                    self.tx_again = self._guard_ring(self.tx, lambda: service_tx(self))
+                if self.rx.state is SlotState.RUNNING and self.pending:
+                    self._guard_ring(self.rx, lambda: deliver_rx(self))
+            for fd, _mask in events:
+                if fd == channel_fd:
+                    self.on_control()
+                elif fd == self.tx.kick_fd:
+                    self.on_kick(self.tx)
+                elif fd == self.rx.kick_fd:
+                    self.on_kick(self.rx)
+        self._stop_all()
+        self._guard_memory(self.mem.clear)
+
+
+def _isolate(keep_fd: int) -> None:
+    """Close every inherited descriptor but stdio and ``keep_fd``; die with the coordinator."""
+    max_fd = os.sysconf("SC_OPEN_MAX")
+    os.closerange(3, keep_fd)
+    os.closerange(keep_fd + 1, max_fd if max_fd > 0 else 65536)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    # Ctrl-C in a terminal reaches the whole process group: the coordinator decides.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def worker_main(pair: int, sock: socket.socket, params: GuestParams, reflect: bool = False) -> None:
+    """Entry point of a forked worker process."""
+    _isolate(sock.fileno())
+    worker = Worker(pair, Channel(sock, ToWorker), params, reflect=reflect)
+    log.debug("worker %d started (pid %d)", pair, os.getpid())
+    started = time.monotonic()
+    try:
+        worker.run()
+    finally:
+        log.debug("worker %d exits after %.1f s", pair, time.monotonic() - started)
