@@ -40,6 +40,7 @@ PENDING_MAX = 1024
 #: Drop reasons of the worker itself (the endpoint has its own).
 RX_NO_BUFFERS = "RX_NO_BUFFERS"
 RX_RING_DOWN = "RX_RING_DOWN"
+RX_TOO_BIG = "RX_TOO_BIG"
 TX_EMPTY_FRAME = "TX_EMPTY_FRAME"
 
 
@@ -138,12 +139,16 @@ def deliver_rx(w: Worker) -> None:
     nbytes = 0
     while pending:
         frame = pending[0]
+        too_big = writer.too_big
         if not writer.put(frame):
+            if writer.too_big != too_big:
+                # Larger than any chain the guest posts: it can never be delivered.
+                pending.popleft()
+                drops[RX_TOO_BIG] += 1
+                continue
             # Out of buffers: ask for a kick when the guest posts more, then look once more
             # (buffers posted before the request took effect would otherwise go unnoticed).
-            if not vq.enable_kicks():
-                break
-            if not writer.put(frame):
+            if not vq.enable_kicks() or not writer.put(frame):
                 break
         pending.popleft()
         delivered += 1

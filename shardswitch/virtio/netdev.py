@@ -1,0 +1,236 @@
+"""virtio-net specifics on top of :class:`~shardswitch.virtio.virtqueue.Virtqueue`.
+
+Theory of operation
+-------------------
+Every frame on a virtio-net queue is preceded by a ``virtio_net_hdr``: 12
+bytes (``virtio_net_hdr_v1``, with the trailing ``num_buffers``) when
+VERSION_1 or MRG_RXBUF is negotiated, otherwise the 10-byte legacy header.
+
+TX (guest -> us): a chain's device-readable buffers hold the header followed
+by the Ethernet frame.  :func:`tx_frame` skips the header and returns the
+frame as a zero-copy ``memoryview`` of guest memory when it sits in one
+buffer (Linux puts header and frame in one descriptor; others put the header
+alone in the first one); other layouts are joined into a copy.  The view
+points into memory the guest still owns until the chain is pushed back, and
+the guest can change it under us: parsers must re-validate whatever they
+read and must not keep the view after the push.
+
+RX (us -> guest): :class:`RxWriter` writes a zeroed header and the frame into
+the device-writable buffers of chains the guest posted, then stages them with
+``push`` (the caller flushes and signals once per batch).
+
+* Without MRG_RXBUF one chain must hold header + frame.  If the chain at the
+  head of the ring is too small the frame is refused: ``put`` returns False,
+  nothing is consumed and :attr:`RxWriter.too_big` is incremented.  Because
+  the next attempt would meet the same chain, a caller seeing ``too_big``
+  rise must drop that frame rather than wait for more buffers.
+* With MRG_RXBUF a frame may span several chains; the header's
+  ``num_buffers`` says how many, and each chain is pushed with the bytes it
+  received.  If the guest has not posted enough buffers, every chain taken so
+  far is given back with ``unpop`` and ``put`` returns False: nothing is
+  consumed and the caller retries after the guest's next kick.  A frame that
+  would not fit even in ``num`` chains is refused the same way but also
+  counted in ``too_big``.
+* With a 12-byte header and no MRG_RXBUF, ``num_buffers`` is 1 as the
+  specification requires.
+
+A posted RX chain without any device-writable buffer, or whose first chain is
+too small for the header, is a driver bug: :class:`VirtqueueError`.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum, IntFlag
+
+from shardswitch.vhost.wire import VirtioFeature
+from shardswitch.virtio.virtqueue import Virtqueue, VirtqueueError
+
+
+class VnetHdrFlags(IntFlag):
+    """``virtio_net_hdr.flags``."""
+
+    NEEDS_CSUM = 1
+    DATA_VALID = 2
+
+
+class GsoType(IntEnum):
+    """``virtio_net_hdr.gso_type`` (ECN is a flag or-ed into the others)."""
+
+    NONE = 0
+    TCPV4 = 1
+    UDP = 3
+    TCPV6 = 4
+    UDP_L4 = 5
+    ECN = 0x80
+
+
+#: virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers.
+VNET_HDR = struct.Struct("<BBHHHHH")
+VNET_HDR_LEN = VNET_HDR.size          # 12
+VNET_HDR_LEGACY_LEN = 10
+#: Offset of num_buffers inside the 12-byte header.
+NUM_BUFFERS_OFFSET = 10
+
+_EMPTY = memoryview(b"")
+
+
+def vnet_hdr_len(features: int) -> int:
+    """Header length for the negotiated ``features``: 12 with VERSION_1 or MRG_RXBUF, else 10."""
+    if features & (VirtioFeature.VERSION_1 | VirtioFeature.MRG_RXBUF):
+        return VNET_HDR_LEN
+    return VNET_HDR_LEGACY_LEN
+
+
+def tx_frame(readable: list[memoryview], hdr_len: int) -> memoryview:
+    """The Ethernet frame of a TX chain, without its virtio-net header.
+
+    Zero copy when the frame lies in one buffer (after the header in the same
+    buffer, or alone in a later one); a joined copy otherwise.  A chain
+    shorter than the header yields an empty view (the caller counts it as a
+    malformed frame).
+    """
+    if len(readable) == 1:
+        buf = readable[0]
+        return buf[hdr_len:] if len(buf) >= hdr_len else _EMPTY
+    skip = hdr_len
+    pieces: list[memoryview] = []
+    for buf in readable:
+        size = len(buf)
+        if skip >= size:
+            skip -= size
+        elif skip:
+            pieces.append(buf[skip:])
+            skip = 0
+        else:
+            pieces.append(buf)
+    if skip or not pieces:
+        return _EMPTY
+    if len(pieces) == 1:
+        return pieces[0]
+    return memoryview(b"".join(pieces))
+
+
+def _scatter(targets: list[list[memoryview]], sources: tuple[memoryview, memoryview]) -> list[int]:
+    """Copy ``sources`` back to back into the buffers of each target chain.
+
+    Returns the bytes written into each chain.  The callers guarantee the
+    targets can hold everything.
+    """
+    written: list[int] = []
+    src_index = 0
+    src = sources[0]
+    pos = 0
+    for bufs in targets:
+        chain_written = 0
+        for buf in bufs:
+            room = len(buf)
+            at = 0
+            while room and src_index < len(sources):
+                n = min(room, len(src) - pos)
+                buf[at:at + n] = src[pos:pos + n]
+                at += n
+                pos += n
+                room -= n
+                chain_written += n
+                if pos == len(src):
+                    src_index += 1
+                    pos = 0
+                    if src_index < len(sources):
+                        src = sources[src_index]
+        written.append(chain_written)
+    return written
+
+
+def _capacity(head: int, writable: list[memoryview]) -> int:
+    """Total device-writable bytes of an RX chain; a chain with none is a driver bug."""
+    if not writable:
+        raise VirtqueueError(f"RX chain {head} has no device-writable buffer")
+    return sum(len(b) for b in writable)
+
+
+class RxWriter:
+    """Writes frames into a receive queue's posted buffers."""
+
+    def __init__(self, vq: Virtqueue, hdr_len: int, mrg_rxbuf: bool) -> None:
+        """Write to ``vq`` with a ``hdr_len``-byte header, merging chains if ``mrg_rxbuf``."""
+        if hdr_len not in (VNET_HDR_LEN, VNET_HDR_LEGACY_LEN):
+            raise ValueError(f"virtio-net header length {hdr_len} is neither 10 nor 12")
+        if mrg_rxbuf and hdr_len != VNET_HDR_LEN:
+            raise ValueError("MRG_RXBUF needs the 12-byte header")
+        self._vq = vq
+        self._hdr_len = hdr_len
+        self._mrg = mrg_rxbuf
+        # Zeroed header; num_buffers = 1 whenever the field exists.
+        self._hdr_one = VNET_HDR.pack(0, 0, 0, 0, 0, 0, 1)[:hdr_len]
+        #: Frames refused because they can never fit (head chain too small without
+        #: MRG_RXBUF, or more than a whole ring of chains with it): drop, do not retry.
+        self.too_big = 0
+
+    def put(self, frame: bytes | memoryview) -> bool:
+        """Write one frame to the guest; False (nothing consumed) when it does not fit now.
+
+        ``frame`` is bytes or a one-dimensional byte-format memoryview.  Raises
+        :class:`VirtqueueError` (after giving back what it took) when the
+        guest posted an unusable RX chain.
+        """
+        vq = self._vq
+        hdr_len = self._hdr_len
+        need = hdr_len + len(frame)
+        chain = vq.pop()
+        if chain is None:
+            return False
+        head, _readable, writable = chain
+        if len(writable) == 1 and len(writable[0]) >= need:
+            buf = writable[0]
+            buf[:hdr_len] = self._hdr_one
+            buf[hdr_len:need] = frame
+            vq.push(head, need)
+            return True
+        try:
+            capacity = _capacity(head, writable)
+            if capacity < hdr_len:
+                raise VirtqueueError(f"RX chain {head} of {capacity} bytes cannot hold the header")
+        except VirtqueueError:
+            vq.unpop(1)
+            raise
+        if capacity >= need:
+            self._write([(head, writable)], self._hdr_one, frame)
+            return True
+        if not self._mrg:
+            vq.unpop(1)
+            self.too_big += 1
+            return False
+        return self._put_merged(head, writable, capacity, need, frame)
+
+    def _put_merged(self, head: int, writable: list[memoryview], capacity: int, need: int,
+                    frame: bytes | memoryview) -> bool:
+        """MRG_RXBUF: take more chains until ``need`` bytes fit, then write and push them all."""
+        vq = self._vq
+        chains = [(head, writable)]
+        try:
+            while capacity < need:
+                if len(chains) == vq.num:          # the whole ring cannot hold it, ever
+                    vq.unpop(len(chains))
+                    self.too_big += 1
+                    return False
+                chain = vq.pop()
+                if chain is None:
+                    vq.unpop(len(chains))
+                    return False
+                chains.append((chain[0], chain[2]))
+                capacity += _capacity(chain[0], chain[2])
+        except VirtqueueError:
+            vq.unpop(len(chains))
+            raise
+        hdr = VNET_HDR.pack(0, 0, 0, 0, 0, 0, len(chains))
+        self._write(chains, hdr, frame)
+        return True
+
+    def _write(self, chains: list[tuple[int, list[memoryview]]], hdr: bytes,
+               frame: bytes | memoryview) -> None:
+        """Scatter header + frame over ``chains`` and push each with its byte count."""
+        written = _scatter([bufs for _head, bufs in chains], (memoryview(hdr), memoryview(frame)))
+        push = self._vq.push
+        for (head, _bufs), count in zip(chains, written):
+            push(head, count)

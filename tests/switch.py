@@ -1,0 +1,113 @@
+"""Run a real shardswitch process for tests and benchmarks.
+
+By default the switch runs under ``unshare --net``: a fresh network namespace
+holding only a loopback interface, so nothing it could ever send leaves this
+test.  Guest tests pass ``prefix`` (the ``ip netns exec NAME`` words of a
+namespace the test created) instead.  Only the process started here is ever
+signalled, by its PID.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from shardswitch.coordinator.control import ControlError, query
+
+#: Addressing used when the test gives none (the switch's namespace has no routes to mirror).
+DEFAULT_ADDRESSING = ["-a", "10.0.2.15", "-n", "24", "-g", "10.0.2.2", "--dns", "10.0.2.3"]
+
+
+class Switch:
+    """A shardswitch process under test."""
+
+    def __init__(self, tmp: Path, *, workers: int = 1, args: list[str] | None = None,
+                 prefix: list[str] | None = None, addressing: list[str] | None = None,
+                 socket_path: str | None = None) -> None:
+        """Prepare (call :meth:`start`)."""
+        self.socket = socket_path or str(tmp / "ss.sock")
+        self.control = self.socket + ".ctl"
+        self.log_path = tmp / f"switch-{int(time.monotonic() * 1000)}.log"
+        self.workers = workers
+        self.args = args or []
+        self.prefix = prefix if prefix is not None else ["unshare", "--net"]
+        self.addressing = DEFAULT_ADDRESSING if addressing is None else addressing
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15.0) -> "Switch":
+        """Start the switch and wait until its control socket answers."""
+        argv = [*self.prefix, sys.executable, "-m", "shardswitch", "start", "-d", "--workers", str(self.workers),
+                "--socket", self.socket, *self.addressing, *self.args]
+        log = open(self.log_path, "ab")
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"shardswitch exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                query(self.control, "status", timeout=2.0)
+                return self
+            except ControlError:
+                time.sleep(0.05)
+        raise RuntimeError(f"shardswitch did not come up:\n{self.log()}")
+
+    def status(self) -> dict[str, Any]:
+        """The switch's status answer."""
+        return query(self.control, "status")
+
+    def log(self) -> str:
+        """Everything the switch printed so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    @property
+    def pid(self) -> int:
+        """The switch's PID."""
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        """True while the process runs."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the switch (its workers follow through PDEATHSIG)."""
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> int:
+        """SIGTERM, wait, return the exit code (SIGKILL after a grace period)."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+    def __enter__(self) -> "Switch":
+        """Start on entry."""
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        """Stop on exit."""
+        self.stop()
+
+
+def worker_counters(status: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-worker entries of a status answer."""
+    return list(status["workers"])

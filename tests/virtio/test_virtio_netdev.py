@@ -1,0 +1,260 @@
+"""virtio-net layer: header length, TX frame extraction, RX writing with and without MRG_RXBUF."""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Iterator
+
+import pytest
+from ringhelper import DriverRing, SharedMemory
+
+from shardswitch.vhost.wire import VirtioFeature
+from shardswitch.virtio.memory import GuestMemory
+from shardswitch.virtio.netdev import VNET_HDR, RxWriter, tx_frame, vnet_hdr_len
+from shardswitch.virtio.virtqueue import Virtqueue, VirtqueueError
+
+HDR = bytes(range(0xA0, 0xAC))      # a recognisable 12-byte header
+FRAME = bytes(range(256)) * 6       # 1536 bytes
+
+
+@pytest.fixture
+def shm() -> Iterator[SharedMemory]:
+    """A 1 MiB memfd (driver view)."""
+    s = SharedMemory()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def mem(shm: SharedMemory) -> Iterator[GuestMemory]:
+    """The device's view of the same memfd."""
+    m = GuestMemory()
+    shm.attach(m)
+    yield m
+    m.clear()
+
+
+@pytest.mark.parametrize("features, expected", [
+    (0, 10),
+    (VirtioFeature.MRG_RXBUF, 12),
+    (VirtioFeature.VERSION_1, 12),
+    (VirtioFeature.VERSION_1 | VirtioFeature.MRG_RXBUF | VirtioFeature.EVENT_IDX, 12),
+    (VirtioFeature.EVENT_IDX | VirtioFeature.CSUM, 10),
+])
+def test_vnet_hdr_len(features: int, expected: int) -> None:
+    """12 bytes with VERSION_1 or MRG_RXBUF, else 10."""
+    assert vnet_hdr_len(features) == expected
+
+
+# ---------------------------------------------------------------------- TX
+
+
+def tx_chain(shm: SharedMemory, mem: GuestMemory, parts: list[bytes]) -> tuple[DriverRing, Virtqueue,
+                                                                               list[memoryview]]:
+    """Post one readable chain with ``parts`` and pop it on the device side."""
+    ring = DriverRing(shm, 8)
+    ring.post(ring.data_chain(parts))
+    vq = ring.device(mem)
+    chain = vq.pop()
+    assert chain is not None
+    return ring, vq, chain[1]
+
+
+@pytest.mark.parametrize("parts, zero_copy", [
+    ([HDR + FRAME], True),                            # Linux: header + frame in one descriptor
+    ([HDR, FRAME], True),                             # header alone, then the frame
+    ([HDR[:4], HDR[4:], FRAME], True),                # header split over two buffers
+    ([HDR + FRAME[:100], FRAME[100:]], False),        # frame split: joined copy
+    ([HDR[:6], HDR[6:] + FRAME[:10], FRAME[10:]], False),
+    ([HDR, FRAME, b""], True),                        # trailing empty buffer
+])
+def test_tx_frame_layouts(shm: SharedMemory, mem: GuestMemory, parts: list[bytes], zero_copy: bool) -> None:
+    """The frame is found behind the header in every layout; zero copy where possible."""
+    ring, vq, readable = tx_chain(shm, mem, parts)
+    frame = tx_frame(readable, 12)
+    assert bytes(frame) == FRAME
+    assert isinstance(frame.obj, mmap.mmap) is zero_copy    # a view of guest memory, or a copy
+    del frame, readable
+    vq.release()
+
+
+def test_tx_frame_zero_copy_follows_guest_memory(shm: SharedMemory, mem: GuestMemory) -> None:
+    """With header + frame in one buffer the returned view aliases the guest buffer."""
+    ring, vq, readable = tx_chain(shm, mem, [HDR + FRAME])
+    frame = tx_frame(readable, 12)
+    ring.mm[ring.layout.data + 12] = 0xEE
+    assert frame[0] == 0xEE
+    del frame, readable
+    vq.release()
+
+
+@pytest.mark.parametrize("parts, hdr_len, expected", [
+    ([HDR[:11]], 12, b""),                 # shorter than the header
+    ([HDR[:5], HDR[5:11]], 12, b""),       # shorter, split
+    ([HDR], 12, b""),                      # header only: empty frame
+    ([HDR[:10] + b"xy"], 10, b"xy"),       # legacy 10-byte header
+    ([], 12, b""),
+])
+def test_tx_frame_short_chains(parts: list[bytes], hdr_len: int, expected: bytes) -> None:
+    """Too short for the header yields an empty view, never an exception."""
+    assert bytes(tx_frame([memoryview(bytearray(p)) for p in parts], hdr_len)) == expected
+
+
+# ---------------------------------------------------------------------- RX
+
+
+def rx_ring(shm: SharedMemory, mem: GuestMemory, chains: list[list[int]], num: int = 8,
+            start: int = 0) -> tuple[DriverRing, Virtqueue, list[int]]:
+    """Post writable chains of the given buffer sizes; return the ring, queue and heads."""
+    ring = DriverRing(shm, num, start_idx=start)
+    heads = [ring.chain([(size, True) for size in sizes]) for sizes in chains]
+    for h in heads:
+        ring.post(h)
+    return ring, ring.device(mem), heads
+
+
+def received(ring: DriverRing, used: list[tuple[int, int]]) -> bytes:
+    """Concatenate what the device wrote into the used chains, as the guest would."""
+    data = b""
+    for head, length in used:
+        for off, size in ring.buffers(head):
+            take = min(size, length)
+            data += ring.read(off, take)
+            length -= take
+    return data
+
+
+@pytest.mark.parametrize("hdr_len", [10, 12])
+def test_rx_single_buffer(shm: SharedMemory, mem: GuestMemory, hdr_len: int) -> None:
+    """Header (zeroed, num_buffers 1 when present) + frame into one buffer."""
+    ring, vq, heads = rx_ring(shm, mem, [[2048]])
+    rx = RxWriter(vq, hdr_len, mrg_rxbuf=False)
+    assert rx.put(FRAME) is True
+    vq.flush()
+    used = ring.collect()
+    assert used == [(heads[0], hdr_len + len(FRAME))]
+    data = received(ring, used)
+    if hdr_len == 12:
+        assert VNET_HDR.unpack(data[:12]) == (0, 0, 0, 0, 0, 0, 1)
+    else:
+        assert data[:10] == bytes(10)
+    assert data[hdr_len:] == FRAME
+    assert rx.put(FRAME) is False          # no more buffers
+    vq.release()
+
+
+def test_rx_header_and_frame_in_separate_buffers(shm: SharedMemory, mem: GuestMemory) -> None:
+    """A chain of [12, 1514] buffers (header alone first) is filled in order."""
+    ring, vq, heads = rx_ring(shm, mem, [[12, 1000, 1000]])
+    rx = RxWriter(vq, 12, mrg_rxbuf=False)
+    assert rx.put(memoryview(FRAME)) is True
+    vq.flush()
+    used = ring.collect()
+    assert used == [(heads[0], 12 + len(FRAME))]
+    assert received(ring, used)[12:] == FRAME
+    vq.release()
+
+
+def test_rx_too_big_without_mrg_consumes_nothing(shm: SharedMemory, mem: GuestMemory) -> None:
+    """A frame larger than the head chain is refused, counted, and the chain stays available."""
+    ring, vq, heads = rx_ring(shm, mem, [[1024], [2048]])
+    rx = RxWriter(vq, 12, mrg_rxbuf=False)
+    assert rx.put(FRAME) is False
+    assert rx.too_big == 1
+    assert vq.last_avail == 0 and vq.flush() is False
+    assert rx.put(FRAME[:500]) is True      # the same head chain takes a smaller frame
+    vq.flush()
+    assert ring.collect() == [(heads[0], 512)]
+    vq.release()
+
+
+def test_mrg_rxbuf_frame_spans_three_chains(shm: SharedMemory, mem: GuestMemory) -> None:
+    """12 + 1536 bytes over 600-byte chains: num_buffers 3, each chain pushed with its share."""
+    ring, vq, heads = rx_ring(shm, mem, [[600], [600], [600], [600]], start=65534)
+    rx = RxWriter(vq, 12, mrg_rxbuf=True)
+    assert rx.put(FRAME) is True
+    assert vq.flush() is True
+    used = ring.collect()
+    assert used == [(heads[0], 600), (heads[1], 600), (heads[2], 12 + len(FRAME) - 1200)]
+    data = received(ring, used)
+    assert VNET_HDR.unpack(data[:12]) == (0, 0, 0, 0, 0, 0, 3)
+    assert data[12:] == FRAME
+    assert vq.last_avail == 1                # crossed the wrap
+    vq.release()
+
+
+def test_mrg_rxbuf_rolls_back_when_buffers_run_out(shm: SharedMemory, mem: GuestMemory) -> None:
+    """Two chains are not enough: nothing consumed; once a third is posted the frame goes in."""
+    ring, vq, heads = rx_ring(shm, mem, [[600], [600]])
+    rx = RxWriter(vq, 12, mrg_rxbuf=True)
+    assert rx.put(FRAME) is False
+    assert vq.last_avail == 0 and vq.avail_pending() == 2
+    assert vq.flush() is False and ring.collect() == []
+    third = ring.chain([(600, True)])
+    ring.post(third)
+    assert rx.put(FRAME) is True
+    vq.flush()
+    used = ring.collect()
+    assert [h for h, _n in used] == heads + [third]
+    assert received(ring, used)[12:] == FRAME
+    vq.release()
+
+
+def test_mrg_rxbuf_small_frames_use_one_chain_each(shm: SharedMemory, mem: GuestMemory) -> None:
+    """Frames that fit take one chain with num_buffers 1."""
+    ring, vq, heads = rx_ring(shm, mem, [[1600], [1600]])
+    rx = RxWriter(vq, 12, mrg_rxbuf=True)
+    assert rx.put(b"a" * 60) and rx.put(b"b" * 1514)
+    vq.flush()
+    used = ring.collect()
+    assert used == [(heads[0], 72), (heads[1], 1526)]
+    assert VNET_HDR.unpack(received(ring, used[:1])[:12])[6] == 1
+    vq.release()
+
+
+@pytest.mark.parametrize("mrg", [False, True])
+def test_rx_chain_without_writable_buffer_is_a_driver_error(shm: SharedMemory, mem: GuestMemory,
+                                                            mrg: bool) -> None:
+    """A readable-only RX chain raises VirtqueueError and nothing stays popped."""
+    ring = DriverRing(shm, 8)
+    if mrg:
+        ring.post(ring.chain([(100, True)]))
+    ring.post(ring.chain([(100, False)]))
+    vq = ring.device(mem)
+    rx = RxWriter(vq, 12, mrg_rxbuf=mrg)
+    with pytest.raises(VirtqueueError):
+        rx.put(FRAME)
+    assert vq.last_avail == 0
+    vq.release()
+
+
+def test_rx_chain_too_small_for_header(shm: SharedMemory, mem: GuestMemory) -> None:
+    """A posted chain smaller than the header is a driver error."""
+    _ring, vq, _heads = rx_ring(shm, mem, [[8]])
+    with pytest.raises(VirtqueueError):
+        RxWriter(vq, 12, mrg_rxbuf=True).put(b"x")
+    assert vq.last_avail == 0
+    vq.release()
+
+
+def test_rx_writer_rejects_bad_header_config(shm: SharedMemory, mem: GuestMemory) -> None:
+    """MRG_RXBUF needs the 12-byte header; only 10 and 12 exist."""
+    _ring, vq, _heads = rx_ring(shm, mem, [])
+    with pytest.raises(ValueError):
+        RxWriter(vq, 10, mrg_rxbuf=True)
+    with pytest.raises(ValueError):
+        RxWriter(vq, 14, mrg_rxbuf=False)
+    vq.release()
+
+
+def test_mrg_rxbuf_frame_larger_than_whole_ring_is_too_big(shm: SharedMemory, mem: GuestMemory) -> None:
+    """With every slot posted and still not enough room, the frame is refused as too big."""
+    ring, vq, _heads = rx_ring(shm, mem, [[600]] * 4, num=4)
+    rx = RxWriter(vq, 12, mrg_rxbuf=True)
+    assert rx.put(bytes(3000)) is False
+    assert rx.too_big == 1 and vq.last_avail == 0
+    assert rx.put(bytes(2000)) is True                 # 2012 bytes fit in four chains
+    assert rx.too_big == 1 and vq.last_avail == 4
+    vq.flush()
+    assert [n for _h, n in ring.collect()] == [600, 600, 600, 212]
+    vq.release()
