@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import array
 import socket
-from typing import Union
+from typing import Any, Union
 
 import msgspec
 
@@ -143,7 +143,7 @@ FromWorker = Union[RingStarted, RingStopped, WorkerStatus]
 class Channel:
     """One end of a coordinator-worker control socket."""
 
-    def __init__(self, sock: socket.socket, incoming: type) -> None:
+    def __init__(self, sock: socket.socket, incoming: Any) -> None:
         """Wrap ``sock``; ``incoming`` is the union of message types this end receives."""
         self.sock = sock
         self._encoder = msgspec.msgpack.Encoder()

@@ -27,7 +27,7 @@ import signal
 import socket
 import stat
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import msgspec
 
@@ -40,6 +40,9 @@ from shardswitch.coordinator.workers import WorkerPool
 from shardswitch.ipc import StatusQuery, WorkerStatus
 from shardswitch.net.params import GuestParams
 from shardswitch.vhost.wire import VhostProtocolError, VirtioFeature
+
+if TYPE_CHECKING:
+    from shardswitch.config import Config
 
 log = logging.getLogger("shardswitch")
 
@@ -58,10 +61,8 @@ def prepare_socket_path(path: str) -> None:
 
     A socket file left by a dead instance is removed; one that a live process
     still accepts on is refused with a clear message; anything that is not a
-    socket is never touched.
+    socket is never touched.  The folder is the caller's (``cli.prepare_socket_dir``).
     """
-    parent = os.path.dirname(path) or "."
-    os.makedirs(parent, mode=0o700, exist_ok=True)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -335,3 +336,14 @@ def run_coordinator(*, workers: int, params: GuestParams, socket_path: str, cont
     finally:
         coordinator.close()
     return 0
+
+
+def run(cfg: "Config") -> int:
+    """``shardswitch start``: resolve addressing (mirroring the host), then run the coordinator."""
+    from shardswitch.config import guest_params, host_addressing
+
+    params = guest_params(cfg, host_addressing(cfg))
+    path = cfg.connect if cfg.connect is not None else cfg.socket
+    assert path is not None and cfg.control is not None
+    return run_coordinator(workers=cfg.workers, params=params, socket_path=path, control_path=cfg.control,
+                           connect=cfg.connect is not None, reflect=cfg.reflect, print_fragment=not cfg.quiet)

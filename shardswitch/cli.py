@@ -1,0 +1,226 @@
+"""The ``shardswitch`` command line.
+
+Theory of operation
+-------------------
+Three entry points, parsed with argparse::
+
+    shardswitch start [--workers N] [--socket PATH | --connect PATH] [--control PATH]
+                      [-a ADDR] [-n PREFIX] [-g GW] [-M MAC] [-m MTU] [-i IFACE]
+                      [--dns ADDR]... [--search DOMAIN]... [--config FILE] [-d | -q]
+    shardswitch status [--control PATH] [--json]
+    shardswitch --print-capabilities        (libvirt's probe: prints {"type": "net"})
+
+Options of ``start`` default to None ("not given") so that
+:func:`shardswitch.config.load_config` can layer them over the TOML file;
+their argparse ``dest`` names are the :class:`~shardswitch.config.Config`
+field names.  ``start`` then sets up logging, creates the socket directories
+and hands the Config to ``shardswitch.coordinator.server.run`` (imported
+late: it pulls in the whole data path).  ``status`` asks the running
+instance over its control socket (``shardswitch.coordinator.control``).
+
+Exit codes (:class:`ExitCode`): 0 success, 1 runtime failure, 2 usage or
+configuration error, 130 interrupted by Ctrl-C before the coordinator took
+over SIGINT.  User errors are one line on stderr, never a
+traceback; argparse's own usage errors also exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import stat
+import sys
+from enum import IntEnum
+from typing import Any, Final
+
+from shardswitch import __version__
+from shardswitch.config import (DEFAULT_MAC, DEFAULT_MTU, Config, ConfigError, Limit,
+                                default_control_path, load_config)
+
+PROG: Final = "shardswitch"
+CAPABILITIES: Final = '{"type": "net"}'
+LOG_FORMAT: Final = "%(asctime)s.%(msecs)03d %(name)s[%(process)d] %(levelname)s: %(message)s"
+LOG_DATE_FORMAT: Final = "%Y-%m-%d %H:%M:%S"
+SOCKET_DIR_MODE: Final = 0o700
+
+log = logging.getLogger(__name__)
+
+
+class ExitCode(IntEnum):
+    """Process exit statuses."""
+
+    OK = 0
+    RUNTIME = 1
+    USAGE = 2
+    #: 128 + SIGINT, the shell's convention for a run ended by Ctrl-C.
+    INTERRUPTED = 130
+
+
+def _add_start_options(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``shardswitch start`` (all defaulting to None = not given)."""
+    parser.add_argument("--config", metavar="FILE", help="TOML settings file (options override it)")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help=f"worker processes = queue pairs, {int(Limit.MIN_WORKERS)}.."
+                             f"{int(Limit.MAX_WORKERS)} (default 1)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--socket", metavar="PATH",
+                       help="listen for the vhost-user front-end on this unix socket (default: "
+                            "$XDG_RUNTIME_DIR/shardswitch/shardswitch.sock, "
+                            "/run/shardswitch/shardswitch.sock for root, else "
+                            "/tmp/shardswitch-$UID/shardswitch.sock)")
+    where.add_argument("--connect", metavar="PATH",
+                       help="connect to a front-end listening on this unix socket (QEMU server=on)")
+    parser.add_argument("--control", metavar="PATH",
+                        help="control socket for 'shardswitch status' (default: socket path + .ctl)")
+    parser.add_argument("-a", "--address", metavar="ADDR",
+                        help="guest IPv4 address (default: the host's)")
+    parser.add_argument("-n", "--netmask", dest="prefix_len", metavar="PREFIX",
+                        help="prefix length 0..32 or dotted netmask (default: the host's)")
+    parser.add_argument("-g", "--gateway", metavar="GW",
+                        help="guest default gateway (default: the host's)")
+    parser.add_argument("-M", "--mac-addr", dest="mac", metavar="MAC",
+                        help=f"MAC address shardswitch uses towards the guest (default {DEFAULT_MAC})")
+    parser.add_argument("-m", "--mtu", type=int, metavar="MTU",
+                        help=f"MTU offered to the guest, {int(Limit.MIN_MTU)}..{int(Limit.MAX_MTU)} "
+                             f"(default {DEFAULT_MTU})")
+    parser.add_argument("-i", "--interface", metavar="IFACE",
+                        help="host interface to mirror addressing from (default: the one "
+                             "holding the IPv4 default route)")
+    parser.add_argument("--dns", action="append", metavar="ADDR",
+                        help="DNS server offered to the guest (repeatable; default: the host's)")
+    parser.add_argument("--search", action="append", metavar="DOMAIN",
+                        help="DNS search domain offered to the guest (repeatable; default: the host's)")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-d", "--debug", action="store_true", default=None, help="debug logging")
+    verbosity.add_argument("-q", "--quiet", action="store_true", default=None, help="log errors only")
+    parser.add_argument("--reflect", action="store_true", default=None, help=argparse.SUPPRESS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser for all sub-commands."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="User-mode network back-end for virtual machines over vhost-user.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--print-capabilities", action="store_true",
+                        help='print the vhost-user back-end capabilities ({"type": "net"}) and exit')
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    start = commands.add_parser("start", help="run the back-end in the foreground",
+                                description="Run the back-end in the foreground.")
+    _add_start_options(start)
+    status = commands.add_parser("status", help="show the state of a running instance",
+                                 description="Show the state of a running instance.")
+    status.add_argument("--control", metavar="PATH",
+                        help="control socket (default: the default socket path + .ctl)")
+    status.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    return parser
+
+
+def setup_logging(debug: bool, quiet: bool) -> None:
+    """Send log records to stderr with time, process name/pid and level.
+
+    Level DEBUG with ``debug``, ERROR with ``quiet``, else INFO.  Replaces any
+    handlers already on the root logger, so it may be called again (workers
+    inherit the configuration when forked).
+    """
+    level = logging.DEBUG if debug else logging.ERROR if quiet else logging.INFO
+    logging.basicConfig(level=level, format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT,
+                        stream=sys.stderr, force=True)
+    # Library chatter (every netlink message at DEBUG) hides our own records.
+    logging.getLogger("pyroute2").setLevel(max(level, logging.WARNING))
+
+
+def _error(message: str) -> None:
+    """Print one user-facing error line on stderr."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+def prepare_socket_dir(path: str) -> None:
+    """Make sure the directory that will hold socket ``path`` exists and is safe to use.
+
+    A missing directory is created with mode 0700 (parents as needed).
+    Under /tmp, where anybody may have created the directory first, it must
+    be a real directory (not a symlink) owned by this user and not writable
+    by others.  Raises OSError (PermissionError for an unsafe directory).
+    """
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=SOCKET_DIR_MODE, exist_ok=True)
+    if not os.path.realpath(directory).startswith("/tmp/"):
+        return
+    info = os.lstat(directory)
+    if (not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid()
+            or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
+        raise PermissionError(f"{directory} is not a directory owned by uid {os.getuid()} "
+                              "and writable only by it; refusing to put sockets there")
+
+
+def _start(args: argparse.Namespace) -> int:
+    """Run ``shardswitch start``: load the settings and run the coordinator until it exits."""
+    try:
+        cfg = load_config(args)
+    except ConfigError as exc:
+        _error(str(exc))
+        return ExitCode.USAGE
+    setup_logging(cfg.debug, cfg.quiet)
+    try:
+        for path in (cfg.socket, cfg.control):
+            if path is not None:
+                prepare_socket_dir(path)
+    except OSError as exc:
+        _error(f"cannot prepare the socket directory: {exc}")
+        return ExitCode.RUNTIME
+    return _run(cfg)
+
+
+def _run(cfg: Config) -> int:
+    """Call the coordinator, mapping its failures to exit codes and one-line messages."""
+    from shardswitch.coordinator import server
+
+    try:
+        return int(server.run(cfg))
+    except ConfigError as exc:
+        _error(str(exc))
+        return ExitCode.USAGE
+    except KeyboardInterrupt:
+        return ExitCode.INTERRUPTED
+    except OSError as exc:
+        log.debug("run failed", exc_info=True)
+        _error(str(exc))
+        return ExitCode.RUNTIME
+
+
+def _status(args: argparse.Namespace) -> int:
+    """Run ``shardswitch status``: query the control socket and print the answer."""
+    from shardswitch.coordinator import control
+
+    path = args.control or default_control_path()
+    try:
+        answer: dict[str, Any] = control.query(path, "status")
+    except control.ControlError as exc:
+        _error(f"{exc} (is shardswitch running?)")
+        return ExitCode.RUNTIME
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+    else:
+        print(control.format_status(answer))
+    return ExitCode.OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default: sys.argv[1:]), run the sub-command and return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
+    if args.print_capabilities:
+        print(CAPABILITIES)
+        return ExitCode.OK
+    if args.command == "start":
+        return _start(args)
+    if args.command == "status":
+        return _status(args)
+    parser.print_usage(sys.stderr)
+    _error("a command is required (start, status)")
+    return ExitCode.USAGE

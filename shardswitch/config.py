@@ -1,0 +1,583 @@
+"""Settings of one shardswitch instance: loading, validation and addressing.
+
+Theory of operation
+-------------------
+Settings come from three layers, later ones winning key by key::
+
+    built-in defaults  <  TOML file given by --config  <  command-line options
+
+:func:`load_config` validates each layer on its own before merging, so that
+every error names where the bad value came from and which key it is::
+
+    config file /etc/shardswitch.toml: workers: Expected `int` >= 1, got 0
+    command line: -M/--mac-addr: 01:00:5e:00:00:01 is a multicast MAC address
+
+Type and range checks are msgspec's (``msgspec.convert`` into :class:`Config`
+with ``msgspec.Meta`` constraints); the checks msgspec cannot express (IPv4
+addresses, MAC bits, unix socket path lengths, options that exclude each
+other) are explicit and run after it.  Mutually exclusive pairs (``socket`` /
+``connect``, ``debug`` / ``quiet``) are resolved across layers: setting one
+in a later layer drops the other from earlier layers, so ``--connect`` on the
+command line overrides ``socket = ...`` in the file.
+
+Relative paths are made absolute at load time: relative to the directory of
+the TOML file for file values, to the working directory for command-line
+values.  After loading, exactly one of ``socket`` and ``connect`` is set and
+``control`` is always set (see :func:`default_socket_path`).
+
+Guest addressing is a second, separate step.  :func:`resolve_addressing` is a
+pure function of a loaded :class:`Config` and a
+:class:`~shardswitch.hostnet.NetInfo` snapshot of the host (default route,
+interface address, resolv.conf), and mirrors the host like passt does: the
+guest gets the address, prefix length and gateway of the host interface
+holding the IPv4 default route, and the host's DNS servers and search list;
+``-a/-n/-g/-i/--dns/--search`` override.  :func:`host_addressing` is the
+I/O wrapper that reads the host and calls it; :func:`guest_params` turns the
+result into the ``GuestParams`` the network layer consumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from enum import IntEnum
+from typing import TYPE_CHECKING, Annotated, Any, Final
+
+import msgspec
+
+from shardswitch import hostnet
+
+if TYPE_CHECKING:
+    from shardswitch.net.params import GuestParams
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAC: Final = "9a:55:9a:55:9a:55"
+DEFAULT_MTU: Final = 65520
+CONTROL_SUFFIX: Final = ".ctl"
+SOCKET_DIR_NAME: Final = "shardswitch"
+SOCKET_FILE_NAME: Final = "shardswitch.sock"
+
+
+class Limit(IntEnum):
+    """Bounds of the numeric settings."""
+
+    MIN_WORKERS = 1
+    MAX_WORKERS = 16
+    MIN_MTU = 68
+    MAX_MTU = 65520
+    MAX_PREFIX_LEN = 32
+    #: sun_path is 108 bytes including the terminating NUL.
+    MAX_UNIX_PATH = 107
+    #: IFNAMSIZ is 16 including the terminating NUL.
+    MAX_IFNAME = 15
+    MAX_DOMAIN = 253
+
+
+class ConfigError(Exception):
+    """A setting is missing, malformed or inconsistent; the message says which."""
+
+
+MAC_PATTERN: Final = r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$"
+IFNAME_PATTERN: Final = r"^(?!\.\.?$)[^\s/:]+$"
+DOMAIN_PATTERN: Final = (
+    r"^([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
+    r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?$"
+)
+
+#: Human wording for msgspec's "matching regex '...'" messages.
+_PATTERN_TEXT: Final = {
+    MAC_PATTERN: "a MAC address like 9a:55:9a:55:9a:55",
+    IFNAME_PATTERN: "an interface name (no whitespace, '/' or ':')",
+    DOMAIN_PATTERN: "a domain name like example.org",
+}
+
+Workers = Annotated[int, msgspec.Meta(ge=int(Limit.MIN_WORKERS), le=int(Limit.MAX_WORKERS))]
+Mtu = Annotated[int, msgspec.Meta(ge=int(Limit.MIN_MTU), le=int(Limit.MAX_MTU))]
+PrefixLen = Annotated[int, msgspec.Meta(ge=0, le=int(Limit.MAX_PREFIX_LEN))]
+MacAddress = Annotated[str, msgspec.Meta(pattern=MAC_PATTERN)]
+IfName = Annotated[str, msgspec.Meta(pattern=IFNAME_PATTERN, max_length=int(Limit.MAX_IFNAME))]
+DomainName = Annotated[str, msgspec.Meta(pattern=DOMAIN_PATTERN, max_length=int(Limit.MAX_DOMAIN))]
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """All settings of one instance; TOML keys are these field names.
+
+    ``None`` means "not set": for ``socket``/``control`` a default path is
+    filled in by :func:`load_config`; for ``address``, ``prefix_len``,
+    ``gateway``, ``interface``, ``dns`` and ``search`` the value is mirrored
+    from the host by :func:`resolve_addressing`.  An empty ``dns`` or
+    ``search`` list means "none", not "from the host".
+    """
+
+    workers: Workers = 1
+    socket: NonEmpty | None = None
+    connect: NonEmpty | None = None
+    control: NonEmpty | None = None
+    address: str | None = None
+    prefix_len: PrefixLen | None = None
+    gateway: str | None = None
+    mac: MacAddress = DEFAULT_MAC
+    mtu: Mtu = DEFAULT_MTU
+    interface: IfName | None = None
+    dns: list[str] | None = None
+    search: list[DomainName] | None = None
+    debug: bool = False
+    quiet: bool = False
+    reflect: bool = False
+
+
+class Addressing(msgspec.Struct, frozen=True, kw_only=True):
+    """What the guest is offered (by DHCP), after mirroring and overrides.
+
+    ``interface`` is the host interface mirrored (None when nothing was
+    taken from the host); ``notes`` are human-readable remarks about choices
+    made on the user's behalf, for the log.
+    """
+
+    address: str
+    prefix_len: int
+    gateway: str
+    mtu: int
+    dns: list[str]
+    search: list[str]
+    mac: str
+    interface: str | None = None
+    notes: list[str] = []
+
+
+#: Option spelling per field, for error messages about command-line values.
+OPTION_NAMES: Final = {
+    "workers": "--workers",
+    "socket": "--socket",
+    "connect": "--connect",
+    "control": "--control",
+    "address": "-a/--address",
+    "prefix_len": "-n/--netmask",
+    "gateway": "-g/--gateway",
+    "mac": "-M/--mac-addr",
+    "mtu": "-m/--mtu",
+    "interface": "-i/--interface",
+    "dns": "--dns",
+    "search": "--search",
+    "debug": "-d/--debug",
+    "quiet": "-q/--quiet",
+    "reflect": "--reflect",
+}
+
+_FIELDS: Final = frozenset(Config.__struct_fields__)
+_PATH_FIELDS: Final = ("socket", "connect", "control")
+_EXCLUSIVE: Final = (("socket", "connect"), ("debug", "quiet"))
+_CONFIG_KEY: Final = "config"
+_CLI_LABEL: Final = "command line"
+_ERROR_AT = re.compile(r"^(?P<problem>.*) - at `\$(?P<path>[^`]*)`$", re.DOTALL)
+_PATH_STEP = re.compile(r"\.(?P<key>\w+)|\[(?P<index>\d+)\]")
+
+
+# --------------------------------------------------------------------------
+# default paths
+
+
+def default_socket_path(environ: Mapping[str, str] | None = None, uid: int | None = None) -> str:
+    """Return the vhost-user socket path used when neither --socket nor --connect is given.
+
+    In order of preference:
+
+    1. ``$XDG_RUNTIME_DIR/shardswitch/shardswitch.sock`` when XDG_RUNTIME_DIR
+       is set to an absolute path (a per-user, 0700 directory under /run/user);
+    2. ``/run/shardswitch/shardswitch.sock`` when running as root (uid 0)
+       without XDG_RUNTIME_DIR (the systemd unit's RuntimeDirectory);
+    3. ``/tmp/shardswitch-$UID/shardswitch.sock`` otherwise.
+
+    ``environ`` and ``uid`` default to the process's own; they are
+    parameters so that the choice can be tested.  The directory is not
+    created here (see ``shardswitch.cli.prepare_socket_dir``).
+    """
+    env = os.environ if environ is None else environ
+    user = os.getuid() if uid is None else uid
+    runtime_dir = env.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(runtime_dir):
+        base = os.path.join(runtime_dir, SOCKET_DIR_NAME)
+    elif user == 0:
+        base = os.path.join("/run", SOCKET_DIR_NAME)
+    else:
+        base = f"/tmp/{SOCKET_DIR_NAME}-{user}"
+    return os.path.join(base, SOCKET_FILE_NAME)
+
+
+def default_control_path(socket_path: str | None = None) -> str:
+    """Return the control socket path that goes with ``socket_path``.
+
+    It is the vhost-user socket path plus ``.ctl``; without a listening
+    socket (``--connect`` mode, or ``shardswitch status`` with no options) it
+    is derived from :func:`default_socket_path`.
+    """
+    return (socket_path or default_socket_path()) + CONTROL_SUFFIX
+
+
+# --------------------------------------------------------------------------
+# value parsers shared by the file and the command line
+
+
+def parse_prefix(text: str) -> int:
+    """Parse ``-n``: a prefix length ("24") or a contiguous dotted netmask ("255.255.255.0").
+
+    Raises ValueError with a message fit for the user.
+    """
+    value = text.strip()
+    if value.isdigit():
+        length = int(value)
+        if length <= Limit.MAX_PREFIX_LEN:
+            return length
+    else:
+        try:
+            mask = int(ipaddress.IPv4Address(value))
+        except ValueError:
+            mask = -1
+        length = bin(mask).count("1") if mask >= 0 else 0
+        full = (1 << Limit.MAX_PREFIX_LEN) - 1
+        if mask >= 0 and mask == full ^ ((1 << (Limit.MAX_PREFIX_LEN - length)) - 1):
+            return length
+    raise ValueError(f"{text!r} is not a prefix length (0..32) or a contiguous netmask")
+
+
+def _check_ipv4(value: str, what: str) -> str:
+    """Return ``value`` normalised if it is a usable unicast IPv4 address, else raise ValueError."""
+    try:
+        addr = ipaddress.IPv4Address(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IPv4 address") from None
+    if addr.is_unspecified or addr.is_multicast or addr.is_reserved:
+        raise ValueError(f"{value} is not a unicast address, unusable as {what}")
+    if addr.is_loopback:
+        raise ValueError(f"{value} is a loopback address, unusable as {what}")
+    return str(addr)
+
+
+def _check_mac(value: str) -> str:
+    """Return the lower-cased MAC if it is a usable unicast address, else raise ValueError."""
+    octets = bytes(int(part, 16) for part in value.split(":"))
+    if octets[0] & 0x01:
+        raise ValueError(f"{value} is a multicast MAC address")
+    if not any(octets):
+        raise ValueError(f"{value} is the all-zero MAC address")
+    return value.lower()
+
+
+def _check_unix_path(value: str) -> str:
+    """Return ``value`` if it fits a unix socket address, else raise ValueError."""
+    if "\0" in value:
+        raise ValueError("path contains a NUL character")
+    size = len(os.fsencode(value))
+    if size > Limit.MAX_UNIX_PATH:
+        raise ValueError(
+            f"{value} is {size} bytes long, more than the {int(Limit.MAX_UNIX_PATH)} "
+            "a unix socket address can hold"
+        )
+    return value
+
+
+# --------------------------------------------------------------------------
+# loading
+
+
+def _given_options(cli_args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
+    """Return the options that were actually given (not None), keyed by field name.
+
+    A Namespace may carry unrelated attributes (the sub-command, ...): only
+    Config fields and ``config`` are taken from it.  A mapping is taken as
+    is, so an unknown key in it is reported as an error.
+    """
+    if isinstance(cli_args, argparse.Namespace):
+        items = {k: v for k, v in vars(cli_args).items() if k in _FIELDS or k == _CONFIG_KEY}
+    else:
+        items = dict(cli_args)
+    return {key: value for key, value in items.items() if value is not None}
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Read a TOML settings file into a dict (not validated yet); raise ConfigError on failure."""
+    try:
+        with open(path, "rb") as stream:
+            return tomllib.load(stream)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+
+
+def _absolutise(values: dict[str, Any], base_dir: str) -> dict[str, Any]:
+    """Return ``values`` with relative socket paths made absolute against ``base_dir``."""
+    out = dict(values)
+    for key in _PATH_FIELDS:
+        path = out.get(key)
+        if isinstance(path, str) and path and not os.path.isabs(path):
+            out[key] = os.path.normpath(os.path.join(base_dir, path))
+    return out
+
+
+def _key_name(path: str, label: str) -> str:
+    """Turn a msgspec path (".dns[1]") into the name the user knows (TOML key or option)."""
+    steps = list(_PATH_STEP.finditer(path))
+    if not steps or steps[0].group("key") is None:
+        return path
+    field = steps[0].group("key")
+    if label == _CLI_LABEL:  # list indexes mean nothing on a command line: the value is shown
+        return OPTION_NAMES.get(field, field)
+    return field + path[steps[0].end():]
+
+
+def _value_at(values: Mapping[str, Any], path: str) -> tuple[bool, Any]:
+    """Look up a msgspec path in the raw input; return (found, value)."""
+    node: Any = values
+    for step in _PATH_STEP.finditer(path):
+        key, index = step.group("key"), step.group("index")
+        if key is not None and isinstance(node, Mapping) and key in node:
+            node = node[key]
+        elif index is not None and isinstance(node, list) and int(index) < len(node):
+            node = node[int(index)]
+        else:
+            return False, None
+    return True, node
+
+
+def _describe(exc: msgspec.ValidationError, values: Mapping[str, Any], label: str) -> str:
+    """Build "<label>: <key>: <problem>, got <value>" from a msgspec validation error."""
+    text = str(exc)
+    for pattern, wording in _PATTERN_TEXT.items():
+        text = text.replace(f"`str` matching regex {pattern!r}", wording)
+    match = _ERROR_AT.match(text)
+    if match is None:
+        return f"{label}: {text}"
+    problem, path = match.group("problem"), match.group("path")
+    found, value = _value_at(values, path)
+    if found and "got" not in problem:
+        problem += f", got {value!r}"
+    return f"{label}: {_key_name(path, label)}: {problem}"
+
+
+def _fail(label: str, field: str, problem: str) -> ConfigError:
+    """Build the ConfigError for an explicit check of ``field``."""
+    return ConfigError(f"{label}: {_key_name('.' + field, label)}: {problem}")
+
+
+def _checked(label: str, field: str, check: Callable[..., str], *args: str) -> str:
+    """Run one explicit value check, turning its ValueError into a ConfigError about ``field``."""
+    try:
+        return check(*args)
+    except ValueError as exc:
+        raise _fail(label, field, str(exc)) from None
+
+
+def _check(cfg: Config, label: str) -> Config:
+    """Run the checks msgspec cannot express; return ``cfg`` with values normalised."""
+    for a, b in _EXCLUSIVE:
+        if getattr(cfg, a) and getattr(cfg, b):
+            raise ConfigError(f"{label}: {_key_name('.' + a, label)} and "
+                              f"{_key_name('.' + b, label)} exclude each other")
+    changes: dict[str, Any] = {"mac": _checked(label, "mac", _check_mac, cfg.mac)}
+    for field in ("address", "gateway"):
+        value = getattr(cfg, field)
+        if value is not None:
+            changes[field] = _checked(label, field, _check_ipv4, value, f"the guest's {field}")
+    for field in _PATH_FIELDS:
+        value = getattr(cfg, field)
+        if value is not None:
+            _checked(label, field, _check_unix_path, value)
+    if cfg.dns is not None:
+        changes["dns"] = [_checked(label, f"dns[{i}]", _check_ipv4, server, "a DNS server for the guest")
+                          for i, server in enumerate(cfg.dns)]
+    if cfg.control is not None and cfg.control in (cfg.socket, cfg.connect):
+        raise _fail(label, "control", "must differ from the vhost-user socket path")
+    return msgspec.structs.replace(cfg, **changes)
+
+
+def _validate(values: dict[str, Any], label: str) -> Config:
+    """Convert one layer (or the merged layers) into a checked Config."""
+    raw = dict(values)
+    prefix = raw.get("prefix_len")
+    if isinstance(prefix, str):
+        try:
+            raw["prefix_len"] = parse_prefix(prefix)
+        except ValueError as exc:
+            raise _fail(label, "prefix_len", str(exc)) from None
+    try:
+        cfg = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_describe(exc, raw, label)) from None
+    return _check(cfg, label)
+
+
+def _merge(lower: Mapping[str, Any], upper: Mapping[str, Any]) -> dict[str, Any]:
+    """Overlay ``upper`` on ``lower``; a set side of an exclusive pair drops the other side."""
+    merged = dict(lower)
+    for a, b in _EXCLUSIVE:
+        for mine, other in ((a, b), (b, a)):
+            if upper.get(mine):
+                merged.pop(other, None)
+    merged.update(upper)
+    return merged
+
+
+def load_config(cli_args: argparse.Namespace | Mapping[str, Any]) -> Config:
+    """Build the Config from defaults, the --config TOML file and command-line options.
+
+    ``cli_args`` is the parsed command line (options not given are None) or
+    an equivalent mapping of field names, optionally with ``config`` (path
+    of a TOML file).  Raises ConfigError naming the source, key and problem.
+    """
+    given = _given_options(cli_args)
+    config_path = given.pop(_CONFIG_KEY, None)
+    layered: dict[str, Any] = {}
+    if config_path is not None:
+        config_path = str(config_path)
+        file_values = _absolutise(read_config_file(config_path),
+                                  os.path.dirname(os.path.abspath(config_path)))
+        label = f"config file {config_path}"
+        _validate(file_values, label)
+        layered = file_values
+    cli_values = _absolutise(given, os.getcwd())
+    cfg = _validate(_merge(layered, cli_values), _CLI_LABEL)
+    if cfg.socket is None and cfg.connect is None:
+        cfg.socket = default_socket_path()
+    if cfg.control is None:
+        cfg.control = default_control_path(cfg.socket)
+    return _check(cfg, "default paths")
+
+
+# --------------------------------------------------------------------------
+# guest addressing
+
+
+def _classful_prefix(address: str) -> int:
+    """Return the classful prefix length of ``address`` (passt's fallback when -a has no -n)."""
+    first = int(ipaddress.IPv4Address(address)) >> 24
+    if first < 128:
+        return 8
+    if first < 192:
+        return 16
+    return 24
+
+
+def _pick_dns(cfg: Config, netinfo: hostnet.NetInfo, gateway: str, notes: list[str]) -> list[str]:
+    """Choose the guest's DNS servers: --dns, else the host's non-loopback IPv4 ones.
+
+    When the host only has loopback resolvers (systemd-resolved, dnsmasq),
+    the gateway address is offered instead, as passt does, and a note says so.
+    """
+    if cfg.dns is not None:
+        return list(cfg.dns)
+    ipv4 = [ipaddress.ip_address(s) for s in netinfo.nameservers]
+    ipv4_usable = [str(a) for a in ipv4 if a.version == 4 and not a.is_loopback
+                   and not a.is_unspecified and not a.is_multicast]
+    if ipv4_usable:
+        return ipv4_usable
+    loopback = [str(a) for a in ipv4 if a.version == 4 and a.is_loopback]
+    if loopback:
+        notes.append(f"the host's resolvers are loopback only ({', '.join(loopback)}): "
+                     f"offering the gateway {gateway} as DNS server; it reaches them only "
+                     "once DNS forwarding to the host is in place")
+        return [gateway]
+    notes.append("no IPv4 DNS server found in the host's resolv.conf: the guest gets none")
+    return []
+
+
+def _missing_addressing(cfg: Config, route: hostnet.HostNet | None,
+                        no_address: bool, no_gateway: bool) -> str:
+    """Explain why the guest's address and/or gateway could not be mirrored from the host."""
+    if route is None:
+        reason = "the host has no IPv4 default route"
+    elif no_address:
+        reason = f"host interface {route.ifname} has no IPv4 address"
+    elif cfg.interface is not None:
+        reason = f"there is no IPv4 default route via interface {route.ifname}"
+    else:
+        reason = f"the default route via {route.ifname} has no gateway"
+    wanted = [opt for opt, missing in (("an address (-a)", no_address),
+                                       ("a gateway (-g)", no_gateway)) if missing]
+    return f"cannot choose the guest's addressing: {reason}; give {' and '.join(wanted)}"
+
+
+def resolve_addressing(cfg: Config, netinfo: hostnet.NetInfo) -> Addressing:
+    """Decide the guest's addressing from the settings and a snapshot of the host.
+
+    Pure: ``netinfo`` comes from :func:`shardswitch.hostnet.read_netinfo`.
+    Each of address, prefix length, gateway, DNS and search list is the
+    explicit setting if given, else the host's.  A prefix length for an
+    explicit address is never taken from the host; without -n it is the
+    address's classful length (as in passt).  Raises ConfigError when no
+    address or gateway can be found, or they cannot work together.
+    """
+    route = netinfo.route
+    notes: list[str] = []
+    address, prefix_len, gateway = cfg.address, cfg.prefix_len, cfg.gateway
+    if address is None and route is not None and route.address is not None:
+        address = route.address
+        if prefix_len is None:
+            prefix_len = route.prefix_len
+    if gateway is None and route is not None:
+        gateway = route.gateway
+    if address is None or gateway is None:
+        raise ConfigError(_missing_addressing(cfg, route, address is None, gateway is None))
+    if prefix_len is None:
+        prefix_len = _classful_prefix(address)
+        notes.append(f"no prefix length for address {address}: using classful /{prefix_len}")
+    if address == gateway:
+        raise ConfigError(f"the guest's address and gateway are both {address}")
+    network = ipaddress.IPv4Network(f"{address}/{prefix_len}", strict=False)
+    if prefix_len < 31 and ipaddress.IPv4Address(address) in (network.network_address,
+                                                              network.broadcast_address):
+        raise ConfigError(f"address {address} is the network or broadcast address of {network}")
+    if ipaddress.IPv4Address(gateway) not in network:
+        notes.append(f"gateway {gateway} is outside the guest's network {network}")
+    dns = _pick_dns(cfg, netinfo, gateway, notes)
+    search = list(cfg.search) if cfg.search is not None else list(netinfo.search)
+    interface = cfg.interface or (route.ifname if route is not None else None)
+    return Addressing(address=address, prefix_len=prefix_len, gateway=gateway, mtu=cfg.mtu,
+                      dns=dns, search=search, mac=cfg.mac, interface=interface, notes=notes)
+
+
+def host_addressing(cfg: Config, resolv_conf: str = hostnet.RESOLV_CONF) -> Addressing:
+    """Read the host (netlink, resolv.conf), resolve the guest's addressing and log the choices.
+
+    Raises ConfigError when the host cannot be read or gives no usable
+    addressing and the options do not fill the gap.
+    """
+    try:
+        netinfo = hostnet.read_netinfo(cfg.interface, resolv_conf)
+    except hostnet.HostNetError as exc:
+        raise ConfigError(str(exc)) from None
+    addressing = resolve_addressing(cfg, netinfo)
+    log.info("guest addressing: %s/%d gateway %s dns %s search %s mtu %d (host interface %s)",
+             addressing.address, addressing.prefix_len, addressing.gateway,
+             ",".join(addressing.dns) or "-", ",".join(addressing.search) or "-",
+             addressing.mtu, addressing.interface or "-")
+    for note in addressing.notes:
+        log.warning("%s", note)
+    return addressing
+
+
+def guest_params(cfg: Config, addressing: Addressing) -> GuestParams:
+    """Return the network layer's GuestParams for this instance, checked by its own rules.
+
+    ``addressing`` gives the network-derived values; ``cfg`` the link
+    settings (MTU and the MAC shardswitch uses towards the guest).  Raises
+    ConfigError if ``shardswitch.net.params.resolve`` rejects the result
+    (for example a prefix length of 0).
+    """
+    from shardswitch.net.params import GuestParams, ParamsError, resolve
+
+    params = GuestParams(address=addressing.address, prefix_len=addressing.prefix_len,
+                         gateway=addressing.gateway, mtu=cfg.mtu, dns=list(addressing.dns),
+                         search=list(addressing.search), our_mac=cfg.mac)
+    try:
+        resolve(params)
+    except ParamsError as exc:
+        raise ConfigError(f"guest parameters: {exc}") from None
+    return params

@@ -1,0 +1,63 @@
+"""Shared pytest fixtures and the prerequisite gate for real-guest tests.
+
+Tests marked ``guest`` (QEMU guest, namespaces) or ``dpdk`` (testpmd) need
+root and some Debian packages (scripts/install-deps.sh).  Where those are
+missing such tests are skipped - except in CI (environment ``CI=true``), where
+they fail instead: the real-QEMU tests must run there, never silently skip.
+
+Fixtures: ``guest_image`` (session; the cached initramfs + kernel, built under
+the repository's git-ignored .cache/guest/) and ``netns`` (a fresh
+:class:`tests.guest.netns.TestNetns`, torn down even when the test fails).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from tests.guest import missing_dpdk_prerequisites, missing_guest_prerequisites
+from tests.guest.image import GuestImage, build_initramfs
+from tests.guest.netns import TestNetns
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GUEST_CACHE_DIR = REPO_ROOT / ".cache" / "guest"
+
+_GATES: tuple[tuple[str, Callable[[], list[str]]], ...] = (
+    ("guest", missing_guest_prerequisites),
+    ("dpdk", missing_dpdk_prerequisites),
+)
+
+
+def in_ci() -> bool:
+    """Whether we run in CI, where missing prerequisites are failures."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip (or, in CI, fail) ``guest``/``dpdk`` tests whose prerequisites are missing."""
+    for marker, missing_of in _GATES:
+        if item.get_closest_marker(marker) is None:
+            continue
+        missing = missing_of()
+        if missing:
+            reason = f"{marker} test prerequisites missing: " + "; ".join(missing)
+            if in_ci():
+                pytest.fail(reason + " (CI=true: real-guest tests must not skip)", pytrace=False)
+            pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> GuestImage:
+    """The guest kernel + initramfs, rebuilt only when an input changed."""
+    return build_initramfs(GUEST_CACHE_DIR)
+
+
+@pytest.fixture
+def netns() -> Iterator[TestNetns]:
+    """A host + upstream namespace pair for one test, removed afterwards."""
+    with TestNetns() as ns:
+        yield ns
