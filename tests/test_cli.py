@@ -194,7 +194,7 @@ def test_setup_logging_levels() -> None:
     root = logging.getLogger()
     assert root.level == logging.INFO and len(root.handlers) == 1
     assert root.handlers[0].formatter is not None
-    assert "%(processName)s" in (root.handlers[0].formatter._fmt or "")
+    assert "%(process)d" in (root.handlers[0].formatter._fmt or "")
 
 
 # ------------------------------------------------------------------ status
