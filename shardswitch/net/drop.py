@@ -1,0 +1,66 @@
+"""Why a guest frame was dropped: the one error type of the packet layer.
+
+Theory of operation: every parser and handler in :mod:`shardswitch.net`
+checks lengths and fields before it touches guest bytes and, when a frame
+cannot or should not be processed, raises :class:`PacketError` carrying a
+:class:`DropReason`.  Nothing else is raised for bad input.  The dispatcher
+(:class:`shardswitch.net.endpoint.GuestEndpoint`) catches the exception at
+the single entry point, counts the reason and reports it to its caller, so a
+malformed frame costs one counter increment and never a crash.
+
+The reason names are stable: they are shown to users (``shardswitch
+status``), so rename none of them; add new ones at the end.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class DropReason(IntEnum):
+    """Why a frame from the guest was not consumed (stable, user-visible names)."""
+
+    #: Frame shorter than an Ethernet header.
+    TRUNCATED = 1
+    #: Source MAC is multicast, all zeros, or our own MAC.
+    ETH_BAD_SOURCE = 2
+    #: Unicast to a MAC address other than ours.
+    NOT_FOR_US = 3
+    #: EtherType without a handler (VLAN tags, LLDP, ...).
+    ETHERTYPE_UNHANDLED = 4
+    #: IPv6 (not implemented yet).
+    IPV6_UNHANDLED = 5
+    #: ARP packet too short or not Ethernet/IPv4 ARP.
+    ARP_MALFORMED = 6
+    #: Well-formed ARP we do not answer (replies, RARP and other operations).
+    ARP_IGNORED = 7
+    #: IPv4 header inconsistent (version, IHL, total length).
+    IPV4_MALFORMED = 8
+    #: IPv4 header checksum wrong.
+    IPV4_BAD_CHECKSUM = 9
+    #: IPv4 fragment (fragments are not reassembled).
+    IPV4_FRAGMENT = 10
+    #: IPv4 payload protocol without a handler (ICMP, TCP, ... for now).
+    IP_PROTO_UNHANDLED = 11
+    #: UDP header inconsistent with the IPv4 payload.
+    UDP_MALFORMED = 12
+    #: UDP checksum wrong.
+    UDP_BAD_CHECKSUM = 13
+    #: UDP destination port without a handler.
+    UDP_PORT_UNHANDLED = 14
+    #: DHCP/BOOTP message too short, bad options or fields.
+    DHCP_MALFORMED = 15
+    #: Well-formed DHCP/BOOTP message we do not answer.
+    DHCP_IGNORED = 16
+
+
+class PacketError(Exception):
+    """A guest frame is dropped for ``reason``; ``detail`` helps debugging only."""
+
+    def __init__(self, reason: DropReason, detail: str = "") -> None:
+        """Record the drop reason and an optional human-readable detail."""
+        super().__init__(f"{reason.name}: {detail}" if detail else reason.name)
+        #: Why the frame was dropped.
+        self.reason = reason
+        #: Free text for logs and tests; never parsed.
+        self.detail = detail

@@ -1,0 +1,153 @@
+"""The guest-facing dispatcher of one worker: guest frames in, reply frames out.
+
+Theory of operation: :meth:`GuestEndpoint.handle_frame` is the one entry
+point for every frame the guest transmits.  It validates the Ethernet
+header (length, a unicast non-zero source that is not our MAC, a
+destination that is our MAC or a group address), learns the guest's MAC
+from the source, then dispatches through three small tables:
+
+* EtherType -> :class:`EtherHandler` (ARP; IPv4 is parsed and dispatched by
+  the endpoint itself);
+* IP protocol -> :class:`Ipv4Handler` (UDP is parsed and dispatched by the
+  endpoint itself);
+* UDP destination port -> :class:`UdpHandler` (DHCP on port 67), with an
+  optional default UDP handler for everything else.
+
+Later protocols (ICMP, TCP, UDP flows, IPv6) plug in with
+:meth:`~GuestEndpoint.register_ethertype`,
+:meth:`~GuestEndpoint.register_ip_protocol`,
+:meth:`~GuestEndpoint.register_udp_port` and
+:meth:`~GuestEndpoint.set_udp_default` without touching this module.
+
+Handlers append complete Ethernet frames to ``out`` and return None, or
+raise :class:`PacketError`; they must append only once they can no longer
+fail.  The endpoint catches the error at its single entry point, counts the
+reason in :attr:`GuestEndpoint.drops` and returns it.  Nothing here does I/O
+or reads the clock: ``now`` is passed down for handlers that keep timers.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from . import eth, ipv4, udp
+from .arp import ArpResponder
+from .dhcp import SERVER_PORT, DhcpServer
+from .drop import DropReason, PacketError
+from .eth import EtherType
+from .ipv4 import IpProto, Ipv4Packet
+from .params import GuestParams, resolve
+from .udp import UdpDatagram
+
+__all__ = ["DropReason", "EtherHandler", "GuestEndpoint", "Ipv4Handler", "PacketError",
+           "UdpHandler"]
+
+
+class EtherHandler(Protocol):
+    """Handles the payload of frames of one EtherType."""
+
+    def __call__(self, eth_src: bytes, payload: memoryview, now: float,
+                 out: list[bytes]) -> None:
+        """Consume ``payload`` (after the Ethernet header), appending replies to ``out``."""
+
+
+class Ipv4Handler(Protocol):
+    """Handles validated IPv4 packets of one IP protocol."""
+
+    def __call__(self, eth_src: bytes, packet: Ipv4Packet, now: float,
+                 out: list[bytes]) -> None:
+        """Consume ``packet``, appending replies to ``out``."""
+
+
+class UdpHandler(Protocol):
+    """Handles validated UDP datagrams for one destination port."""
+
+    def __call__(self, eth_src: bytes, packet: Ipv4Packet, datagram: UdpDatagram, now: float,
+                 out: list[bytes]) -> None:
+        """Consume ``datagram``, appending replies to ``out``."""
+
+
+class GuestEndpoint:
+    """The guest-facing protocol logic of one worker: takes guest frames, returns reply frames."""
+
+    def __init__(self, params: GuestParams) -> None:
+        """Resolve ``params`` (ParamsError if invalid) and install ARP and DHCP."""
+        #: The validated, wire-ready parameters.
+        self.resolved = resolve(params)
+        #: The guest's MAC, learned from the source of its frames.
+        self.guest_mac: bytes | None = None
+        #: Frames dropped so far, per reason.
+        self.drops: dict[DropReason, int] = dict.fromkeys(DropReason, 0)
+        self.arp = ArpResponder(self.resolved)
+        self.dhcp = DhcpServer(self.resolved)
+        self._our_mac = self.resolved.our_mac
+        self._ether_handlers: dict[int, EtherHandler] = {}
+        self._ip_handlers: dict[int, Ipv4Handler] = {}
+        self._udp_handlers: dict[int, UdpHandler] = {}
+        self._udp_default: UdpHandler | None = None
+        self.register_ethertype(EtherType.ARP, self.arp.handle)
+        self.register_ethertype(EtherType.IPV4, self._handle_ipv4)
+        self.register_ip_protocol(IpProto.UDP, self._handle_udp)
+        self.register_udp_port(SERVER_PORT, self.dhcp.handle_udp)
+
+    def register_ethertype(self, ethertype: int, handler: EtherHandler) -> None:
+        """Route frames of ``ethertype`` to ``handler`` (replacing any previous one)."""
+        self._ether_handlers[ethertype] = handler
+
+    def register_ip_protocol(self, proto: int, handler: Ipv4Handler) -> None:
+        """Route IPv4 packets of protocol ``proto`` to ``handler``."""
+        self._ip_handlers[proto] = handler
+
+    def register_udp_port(self, port: int, handler: UdpHandler) -> None:
+        """Route UDP datagrams to destination ``port`` to ``handler``."""
+        self._udp_handlers[port] = handler
+
+    def set_udp_default(self, handler: UdpHandler | None) -> None:
+        """Route UDP datagrams to ports without their own handler to ``handler``."""
+        self._udp_default = handler
+
+    def handle_frame(self, frame: memoryview, now: float, out: list[bytes]) -> DropReason | None:
+        """Process one frame from the guest; never raises for any input.
+
+        Returns None when the frame was consumed (replies, if any, appended
+        to ``out`` as complete Ethernet frames), else the counted drop reason.
+        """
+        try:
+            self._dispatch(frame, now, out)
+        except PacketError as exc:
+            self.drops[exc.reason] += 1
+            return exc.reason
+        return None
+
+    def _dispatch(self, frame: memoryview, now: float, out: list[bytes]) -> None:
+        """Check the Ethernet header, learn the guest MAC, dispatch by EtherType."""
+        dst, src, ethertype = eth.parse_header(frame)
+        if not eth.is_valid_source(src) or src == self._our_mac:
+            raise PacketError(DropReason.ETH_BAD_SOURCE, eth.mac_to_str(src))
+        self.guest_mac = src
+        if dst != self._our_mac and not dst[0] & 1:
+            raise PacketError(DropReason.NOT_FOR_US, eth.mac_to_str(dst))
+        handler = self._ether_handlers.get(ethertype)
+        if handler is None:
+            if ethertype == EtherType.IPV6:
+                raise PacketError(DropReason.IPV6_UNHANDLED)
+            raise PacketError(DropReason.ETHERTYPE_UNHANDLED, f"{ethertype:#06x}")
+        handler(src, frame[eth.ETH_HLEN:], now, out)
+
+    def _handle_ipv4(self, eth_src: bytes, payload: memoryview, now: float,
+                     out: list[bytes]) -> None:
+        """Validate an IPv4 packet and dispatch it by protocol."""
+        packet = ipv4.parse(payload)
+        handler = self._ip_handlers.get(packet.proto)
+        if handler is None:
+            raise PacketError(DropReason.IP_PROTO_UNHANDLED, f"protocol {packet.proto}")
+        handler(eth_src, packet, now, out)
+
+    def _handle_udp(self, eth_src: bytes, packet: Ipv4Packet, now: float,
+                    out: list[bytes]) -> None:
+        """Validate a UDP datagram and dispatch it by destination port."""
+        datagram = udp.parse(packet)
+        handler = self._udp_handlers.get(datagram.dst_port, self._udp_default)
+        if handler is None:
+            raise PacketError(DropReason.UDP_PORT_UNHANDLED, f"port {datagram.dst_port}")
+        handler(eth_src, packet, datagram, now, out)

@@ -1,0 +1,136 @@
+"""Guest addressing parameters: the configuration record and its resolved form.
+
+Theory of operation: :class:`GuestParams` is the plain configuration record
+(text addresses, lists) as it arrives from the command line or the
+coordinator; it is a frozen msgspec Struct so it can cross process
+boundaries cheaply.  :func:`resolve` validates it once and turns it into
+:class:`ResolvedParams`, the form the packet code uses: addresses as 32-bit
+ints, MAC as 6 bytes, the netmask computed, search domains normalised.
+Every check on configuration happens here, raising :class:`ParamsError`;
+the data path then never re-validates or re-converts anything per packet.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+import msgspec
+
+from . import eth
+
+#: Longest encoded domain name (RFC 1035 section 3.1).
+MAX_NAME_LEN = 255
+#: Longest DNS label.
+MAX_LABEL_LEN = 63
+#: Smallest IPv4 MTU (RFC 791) and largest virtio-net MTU.
+MIN_MTU = 68
+MAX_MTU = 65535
+
+
+class ParamsError(ValueError):
+    """The guest parameters are invalid (a configuration error, not guest input)."""
+
+
+class GuestParams(msgspec.Struct, frozen=True):
+    """What the guest is told over ARP and DHCP."""
+
+    #: Guest IPv4 address, e.g. "10.0.2.15".
+    address: str
+    #: Prefix length of the guest's subnet, e.g. 24.
+    prefix_len: int
+    #: Router address handed out by DHCP (also our DHCP server identifier).
+    gateway: str
+    #: Interface MTU handed out by DHCP (option 26).
+    mtu: int = 65520
+    #: IPv4 DNS servers (DHCP option 6).
+    dns: list[str] = []
+    #: Search domains (DHCP option 119).
+    search: list[str] = []
+    #: The MAC address shardswitch answers with (passt's default).
+    our_mac: str = "9a:55:9a:55:9a:55"
+    #: DHCP lease time in seconds (0xFFFFFFFF = infinite).
+    lease_time: int = 3600
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedParams:
+    """Validated parameters in wire-ready form (built by :func:`resolve`)."""
+
+    #: Guest address.
+    address: int
+    #: Prefix length, 1..32.
+    prefix_len: int
+    #: Netmask derived from the prefix length.
+    netmask: int
+    #: Router and DHCP server identifier.
+    gateway: int
+    #: Interface MTU.
+    mtu: int
+    #: DNS server addresses.
+    dns: tuple[int, ...]
+    #: Search domains, without trailing dots.
+    search: tuple[str, ...]
+    #: Our MAC address.
+    our_mac: bytes
+    #: Lease time in seconds.
+    lease_time: int
+
+    @property
+    def gateway_on_link(self) -> bool:
+        """True when the gateway is inside the guest's subnet."""
+        return (self.address ^ self.gateway) & self.netmask == 0
+
+
+def _unicast_address(what: str, text: str) -> int:
+    """Parse ``text`` as an IPv4 address usable as a host or server address."""
+    try:
+        addr = ipaddress.IPv4Address(text)
+    except ValueError as exc:
+        raise ParamsError(f"{what}: {exc}") from None
+    if addr.is_unspecified or addr.is_multicast or addr.is_reserved or addr.is_loopback:
+        raise ParamsError(f"{what}: {text} is not a unicast host address")
+    return int(addr)
+
+
+def normalize_domain(name: str) -> str:
+    """Check a DNS name for RFC 1035 encoding limits; return it without a trailing dot."""
+    stripped = name[:-1] if name.endswith(".") else name
+    if not stripped or not stripped.isascii():
+        raise ParamsError(f"search domain {name!r}: empty or not ASCII")
+    labels = stripped.split(".")
+    if any(not 1 <= len(label) <= MAX_LABEL_LEN or not label.isprintable() or " " in label
+           for label in labels):
+        raise ParamsError(f"search domain {name!r}: bad label")
+    if sum(len(label) + 1 for label in labels) + 1 > MAX_NAME_LEN:
+        raise ParamsError(f"search domain {name!r}: longer than {MAX_NAME_LEN} bytes encoded")
+    return stripped
+
+
+def resolve(params: GuestParams) -> ResolvedParams:
+    """Validate ``params`` and convert them; raises :class:`ParamsError`."""
+    address = _unicast_address("address", params.address)
+    gateway = _unicast_address("gateway", params.gateway)
+    if address == gateway:
+        raise ParamsError("gateway and guest address are the same")
+    if not 1 <= params.prefix_len <= 32:
+        raise ParamsError(f"prefix length {params.prefix_len} not in 1..32")
+    netmask = (0xFFFFFFFF << (32 - params.prefix_len)) & 0xFFFFFFFF
+    host = address & ~netmask & 0xFFFFFFFF
+    if params.prefix_len <= 30 and host in (0, ~netmask & 0xFFFFFFFF):
+        raise ParamsError(f"address {params.address}/{params.prefix_len} is not a host address")
+    if not MIN_MTU <= params.mtu <= MAX_MTU:
+        raise ParamsError(f"MTU {params.mtu} not in {MIN_MTU}..{MAX_MTU}")
+    if not 1 <= params.lease_time <= 0xFFFFFFFF:
+        raise ParamsError(f"lease time {params.lease_time} not in 1..{0xFFFFFFFF}")
+    try:
+        our_mac = eth.mac_from_str(params.our_mac)
+    except ValueError as exc:
+        raise ParamsError(str(exc)) from None
+    if not eth.is_valid_source(our_mac):
+        raise ParamsError(f"our MAC {params.our_mac} is not a unicast address")
+    dns = tuple(_unicast_address("DNS server", text) for text in params.dns)
+    search = tuple(normalize_domain(name) for name in params.search)
+    return ResolvedParams(address=address, prefix_len=params.prefix_len, netmask=netmask,
+                          gateway=gateway, mtu=params.mtu, dns=dns, search=search,
+                          our_mac=our_mac, lease_time=params.lease_time)

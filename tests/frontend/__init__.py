@@ -1,0 +1,1 @@
+"""Tests of the vhost-user test front-end (shardswitch.frontend)."""
