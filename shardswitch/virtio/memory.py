@@ -91,7 +91,6 @@ class GuestMemory:
         self._maps: list[_Mapping] = []
         self._none = _Mapping(MemRegion(0, 1, 0, 0), None, memoryview(b""))
         self._last_gpa = self._none
-        self._last_vva = self._none
 
     # ------------------------------------------------------------------ regions
 
@@ -173,7 +172,6 @@ class GuestMemory:
     def _forget_cache(self) -> None:
         """Drop the last-hit translation caches (after the table changed)."""
         self._last_gpa = self._none
-        self._last_vva = self._none
 
     @property
     def regions(self) -> list[MemRegion]:
@@ -196,15 +194,13 @@ class GuestMemory:
         raise GuestMemoryError(f"guest range {addr:#x}+{length:#x} is not inside one memory region")
 
     def vva(self, addr: int, length: int) -> memoryview:
-        """Writable view of ``length`` bytes at front-end virtual ``addr``, inside one region."""
-        m = self._last_vva
-        off = addr - m.vva_start
-        if 0 <= off and 0 <= length <= m.size - off:
-            return m.view[off:off + length]
+        """Writable view of ``length`` bytes at front-end virtual ``addr``, inside one region.
+
+        Only ring set-up uses front-end addresses, so there is no last-hit cache here.
+        """
         for m in self._maps:
             off = addr - m.vva_start
             if 0 <= off and 0 <= length <= m.size - off:
-                self._last_vva = m
                 return m.view[off:off + length]
         raise GuestMemoryError(f"front-end range {addr:#x}+{length:#x} is not inside one memory region")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import mmap
-from collections.abc import Iterator
 
 import pytest
 from ringhelper import DriverRing, SharedMemory
@@ -15,23 +14,6 @@ from shardswitch.virtio.virtqueue import Virtqueue, VirtqueueError
 
 HDR = bytes(range(0xA0, 0xAC))      # a recognisable 12-byte header
 FRAME = bytes(range(256)) * 6       # 1536 bytes
-
-
-@pytest.fixture
-def shm() -> Iterator[SharedMemory]:
-    """A 1 MiB memfd (driver view)."""
-    s = SharedMemory()
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def mem(shm: SharedMemory) -> Iterator[GuestMemory]:
-    """The device's view of the same memfd."""
-    m = GuestMemory()
-    shm.attach(m)
-    yield m
-    m.clear()
 
 
 @pytest.mark.parametrize("features, expected", [

@@ -3,30 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 from ringhelper import INDIRECT, NEXT, WRITE, DriverRing, SharedMemory
 
 from shardswitch.virtio.memory import GuestMemory
 from shardswitch.virtio.virtqueue import Virtqueue, VirtqueueError, vring_need_event
-
-
-@pytest.fixture
-def shm() -> Iterator[SharedMemory]:
-    """A 1 MiB memfd (driver view)."""
-    s = SharedMemory()
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def mem(shm: SharedMemory) -> Iterator[GuestMemory]:
-    """The device's view of the same memfd."""
-    m = GuestMemory()
-    shm.attach(m)
-    yield m
-    m.clear()
 
 
 def make(shm: SharedMemory, mem: GuestMemory, num: int = 8, start: int = 0,
