@@ -28,8 +28,8 @@ class Switch:
 
     def __init__(self, tmp: Path, *, workers: int = 1, args: list[str] | None = None,
                  prefix: list[str] | None = None, addressing: list[str] | None = None,
-                 socket_path: str | None = None) -> None:
-        """Prepare (call :meth:`start`)."""
+                 socket_path: str | None = None, connect: bool = False) -> None:
+        """Prepare (call :meth:`start`); ``connect``: client mode, connect to ``socket_path``."""
         self.socket = socket_path or str(tmp / "ss.sock")
         self.control = self.socket + ".ctl"
         self.log_path = tmp / f"switch-{int(time.monotonic() * 1000)}.log"
@@ -37,12 +37,14 @@ class Switch:
         self.args = args or []
         self.prefix = prefix if prefix is not None else ["unshare", "--net"]
         self.addressing = DEFAULT_ADDRESSING if addressing is None else addressing
+        self.connect = connect
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 15.0) -> "Switch":
         """Start the switch and wait until its control socket answers."""
+        where = ["--connect", self.socket, "--control", self.control] if self.connect else ["--socket", self.socket]
         argv = [*self.prefix, sys.executable, "-m", "shardswitch", "start", "-d", "--workers", str(self.workers),
-                "--socket", self.socket, *self.addressing, *self.args]
+                *where, *self.addressing, *self.args]
         log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
         self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -1,0 +1,91 @@
+"""The coordinator process: socket files, client mode, clean shutdown."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from pathlib import Path
+
+import pytest
+
+from shardswitch.frontend.client import VhostUserFrontend
+from tests.switch import Switch
+
+GUEST_MAC = bytes.fromhex("525400123456")
+
+
+def arp_request(target: str = "10.0.2.2") -> bytes:
+    """An ARP who-has from the guest (10.0.2.15) for ``target``."""
+    return (b"\xff" * 6 + GUEST_MAC + b"\x08\x06" + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1)
+            + GUEST_MAC + socket.inet_aton("10.0.2.15") + bytes(6) + socket.inet_aton(target))
+
+
+def assert_arp_works(fe: VhostUserFrontend, pair: int = 0) -> None:
+    """The gateway's ARP reply comes back on ``pair``."""
+    fe.post_rx(pair, 8)
+    fe.send_frame(pair, arp_request())
+    frames = fe.recv_frames(pair, timeout=3.0)
+    assert frames and frames[0][12:14] == b"\x08\x06" and frames[0][20:22] == b"\x00\x02", frames
+
+
+def test_live_socket_is_refused(tmp_path: Path) -> None:
+    """A second instance on a socket a live one serves exits with a clear message."""
+    with Switch(tmp_path) as first:
+        second = Switch(tmp_path)
+        second.start()  # "up" at once: the control socket that answers is the first instance's
+        assert second.proc is not None and second.proc.wait(15) == 1
+        assert "is in use by a running process" in second.log()
+        assert first.alive()
+        assert os.path.exists(first.socket)  # the refused instance removed nothing
+        first.status()
+
+
+def test_stale_socket_is_replaced(tmp_path: Path) -> None:
+    """A socket file nobody listens on (a dead instance's) is replaced."""
+    path = tmp_path / "ss.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()
+    with Switch(tmp_path) as switch, VhostUserFrontend.connect(switch.socket) as fe:
+        fe.handshake()
+        assert_arp_works(fe)
+
+
+def test_non_socket_file_is_never_replaced(tmp_path: Path) -> None:
+    """A regular file at the socket path is left alone and reported."""
+    path = tmp_path / "ss.sock"
+    path.write_text("precious")
+    with pytest.raises(RuntimeError, match="not a socket"):
+        Switch(tmp_path).start()
+    assert path.read_text() == "precious"
+
+
+def test_sigterm_removes_socket_files(tmp_path: Path) -> None:
+    """SIGTERM: exit status 0, both socket files gone, workers gone."""
+    switch = Switch(tmp_path, workers=2).start()
+    pids = [w["pid"] for w in switch.status()["workers"]]
+    assert switch.stop() == 0
+    assert not os.path.exists(switch.socket) and not os.path.exists(switch.control)
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_client_mode_connects_and_reconnects(tmp_path: Path) -> None:
+    """--connect: the switch connects to a listening front-end, and again after it goes away."""
+    path = str(tmp_path / "frontend.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    listener.settimeout(10.0)
+    try:
+        with Switch(tmp_path, socket_path=path, connect=True) as switch:
+            for _round in range(2):
+                conn, _addr = listener.accept()
+                with VhostUserFrontend(path, sock=conn) as fe:
+                    fe.handshake()
+                    assert_arp_works(fe)
+                    assert switch.status()["frontend"]["connected"]
+            assert switch.status()["mode"] == "client"
+    finally:
+        listener.close()
