@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 
 from . import ipv4, udp
-from .checksum import BytesLike
 from .drop import DropReason, PacketError
 from .ipv4 import Ipv4Packet
 from .params import ParamsError, ResolvedParams
