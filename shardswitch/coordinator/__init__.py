@@ -1,0 +1,1 @@
+"""The coordinator process: vhost-user connection, device state, worker supervision, control socket."""

@@ -1,0 +1,1 @@
+"""A worker process: one queue pair, its rings and its private packet path."""
