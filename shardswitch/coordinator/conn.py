@@ -66,8 +66,8 @@ class FrontendConnection:
         fd_size = array.array("i").itemsize
         while got < size:
             try:
-                data, ancdata, _flags, _addr = self.sock.recvmsg(size - got,
-                                                                 socket.CMSG_SPACE(MAX_FDS * fd_size))
+                data, ancdata, flags, _addr = self.sock.recvmsg(size - got,
+                                                                socket.CMSG_SPACE(MAX_FDS * fd_size))
             except BlockingIOError:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -81,6 +81,11 @@ class FrontendConnection:
                     received = array.array("i")
                     received.frombytes(cdata[: len(cdata) - (len(cdata) % fd_size)])
                     fds.extend(received)
+            if flags & socket.MSG_CTRUNC:
+                # More descriptors than fit were sent with these bytes: the kernel
+                # discarded the rest, so the message is not what the front-end sent.
+                raise VhostProtocolError(f"more than {MAX_FDS} descriptors sent with one message "
+                                         "(the excess was discarded)", fatal=True)
             if not data:
                 raise PeerGone("front-end closed the connection")
             chunks.append(data)
@@ -91,7 +96,8 @@ class FrontendConnection:
         """Read one whole message.
 
         Raises :class:`PeerGone` on EOF and a fatal :class:`VhostProtocolError`
-        when the framing cannot be trusted (bad header, stall, too many fds).
+        when the framing cannot be trusted (bad header, stall, too many fds,
+        descriptors the kernel had to discard).
         """
         fds: list[int] = []
         deadline = time.monotonic() + MESSAGE_DEADLINE
@@ -105,6 +111,13 @@ class FrontendConnection:
             close_fds(fds)
             raise VhostProtocolError(f"{len(fds)} descriptors with one message", fatal=True)
         return Message(header, payload, fds)
+
+    def hung_up(self) -> bool:
+        """True when the front-end has closed its end, even if messages it sent are still unread."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLRDHUP)
+        return any(events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+                   for _fd, events in poller.poll(0))
 
     def send_reply(self, request: int, payload: bytes) -> None:
         """Send a reply (flags exactly VERSION|REPLY)."""

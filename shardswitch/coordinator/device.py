@@ -353,6 +353,17 @@ class Device:
             ring.error = answer.error if isinstance(answer, RingStarted) else "worker did not answer"
             log.error("vring %d did not start: %s", ring.index, ring.error)
 
+    def start_failure(self, index: int) -> str:
+        """Why vring ``index`` has everything it needs to run but is not running; '' otherwise.
+
+        Non-empty right after a request completed the ring's set-up and the
+        start failed (addresses outside guest memory or misaligned, the worker
+        refused it): the request handler turns that into a refusal of the
+        request.
+        """
+        ring = self.vring(index, "start check")
+        return (ring.error or "the ring did not start") if self._ready(ring) else ""
+
     def _stop(self, ring: Vring) -> bool:
         """Stop the ring if started, keeping its position; True when it was running."""
         if not ring.started:
@@ -376,9 +387,10 @@ class Device:
         for region, fd in self.regions:
             self.workers.send(pair, MemAdd(region), [fd])
         for ring in self.vrings[2 * pair: 2 * pair + 2]:
-            if ring.started:
-                ring.started = False
-                self._maybe_start(ring, resume_from_used=True)
+            # Every ring that is ready, not only those marked started: a ring whose start
+            # raced with the death was never marked started but must run all the same.
+            ring.started = False
+            self._maybe_start(ring, resume_from_used=True)
 
     def reset(self) -> None:
         """Stop every ring, unmap memory, forget all state (RESET_DEVICE, disconnect)."""

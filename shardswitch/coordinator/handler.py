@@ -6,8 +6,9 @@ wire codecs, checks the descriptors that came with it, and calls
 :class:`~shardswitch.coordinator.device.Device`.  :meth:`RequestHandler.serve`
 is the single boundary where errors turn into answers:
 
-* a refused request (bad payload, bad index, a request we do not implement)
-  is logged and answered with a REPLY_ACK failure when the front-end asked for
+* a refused request (bad payload, bad index, a request we do not implement,
+  a request completing a ring's set-up when that ring then cannot start) is
+  logged and answered with a REPLY_ACK failure when the front-end asked for
   an acknowledgement; the connection goes on;
 * a request that must carry a reply but cannot be answered, and anything that
   breaks the framing, disconnects that front-end (logged); the switch keeps
@@ -23,7 +24,6 @@ from typing import Callable
 from shardswitch.coordinator.conn import FrontendConnection, Message
 from shardswitch.coordinator.device import (NO_FD, OFFERED_FEATURES, OFFERED_PROTOCOL_FEATURES, Device,
                                             DeviceError)
-from shardswitch.ipc import close_fds
 from shardswitch.vhost.wire import (MAX_MEM_SLOTS, U64, VRING_IDX_MASK, VRING_NOFD_MASK, VRING_STATE, Request,
                                     VhostProtocolError, decode_mem_table, decode_single_region, decode_u64,
                                     decode_vring_addr, decode_vring_state, request_name)
@@ -203,12 +203,27 @@ class RequestHandler:
     def set_vring_addr(self, msg: Message) -> None:
         """SET_VRING_ADDR."""
         _no_fds(msg, "SET_VRING_ADDR")
-        self.device.set_vring_addr(decode_vring_addr(msg.payload))
+        addr = decode_vring_addr(msg.payload)
+        self.device.set_vring_addr(addr)
+        self._check_started(addr.index, "SET_VRING_ADDR")
 
     def set_vring_enable(self, msg: Message) -> None:
         """SET_VRING_ENABLE."""
         _no_fds(msg, "SET_VRING_ENABLE")
-        self.device.set_vring_enable(*decode_vring_state("SET_VRING_ENABLE", msg.payload))
+        index, enable = decode_vring_state("SET_VRING_ENABLE", msg.payload)
+        self.device.set_vring_enable(index, enable)
+        self._check_started(index, "SET_VRING_ENABLE")
+
+    def _check_started(self, index: int, name: str) -> None:
+        """Refuse a request that completed a ring's set-up when the ring then did not start.
+
+        Without this a ring outside guest memory (or refused by its worker)
+        would be acknowledged as a success and only logged; now a front-end
+        that asked for REPLY_ACK learns that the ring is not running.
+        """
+        failure = self.device.start_failure(index)
+        if failure:
+            raise DeviceError(f"{name}: {failure}")
 
     def set_vring_fd(self, msg: Message) -> None:
         """SET_VRING_KICK / CALL / ERR: u64 index with the NOFD bit, and one eventfd unless NOFD."""
@@ -221,13 +236,12 @@ class RequestHandler:
         if len(msg.fds) != want:
             raise DeviceError(f"{request.name}: expected {want} descriptor(s), got {len(msg.fds)}")
         self.device.vring(index, request.name)
+        setter = {Request.SET_VRING_KICK: self.device.set_vring_kick,
+                  Request.SET_VRING_CALL: self.device.set_vring_call,
+                  Request.SET_VRING_ERR: self.device.set_vring_err}[request]
         fds = msg.take_fds()
-        fd = fds[0] if fds else NO_FD
-        try:
-            setter = {Request.SET_VRING_KICK: self.device.set_vring_kick,
-                      Request.SET_VRING_CALL: self.device.set_vring_call,
-                      Request.SET_VRING_ERR: self.device.set_vring_err}[request]
-            setter(index, fd)
-        except BaseException:
-            close_fds(fds)
-            raise
+        # The device owns the descriptor from here on, even when the ring then fails to
+        # start below (it is stored in the ring): closing it on that error would close it twice.
+        setter(index, fds[0] if fds else NO_FD)
+        if request == Request.SET_VRING_KICK:
+            self._check_started(index, request.name)

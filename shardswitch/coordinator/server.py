@@ -218,6 +218,10 @@ class Coordinator:
             sock, _addr = self.listener.accept()
         except BlockingIOError:
             return
+        if self.conn is not None and self.conn.hung_up():
+            # The previous front-end closed but its hang-up is not processed yet (it
+            # reconnected at once): it is gone, not a concurrent one; drop it first.
+            self._drop_frontend("front-end disconnected (hung up)")
         if self.conn is not None:
             log.warning("refused a second front-end: one is already connected")
             sock.close()

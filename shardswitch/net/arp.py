@@ -35,6 +35,9 @@ BODY = struct.Struct("!HHBBH6sI6sI")
 #: Length of an Ethernet/IPv4 ARP body.
 ARP_LEN = BODY.size
 assert ARP_LEN == 28
+#: A whole ARP frame: Ethernet header then the body, packed in one call on the reply path.
+FRAME = struct.Struct("!6s6sH" + BODY.format[1:])
+assert FRAME.size == 14 + ARP_LEN
 #: Hardware type of Ethernet.
 HRD_ETHER = 1
 #: Length of an IPv4 address.
@@ -50,9 +53,9 @@ class ArpOp(IntEnum):
     RARP_REPLY = 4
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ArpPacket:
-    """A decoded Ethernet/IPv4 ARP packet."""
+    """A decoded Ethernet/IPv4 ARP packet (not frozen: construction is on the per-frame path)."""
 
     #: Operation (see :class:`ArpOp`).
     op: int
@@ -83,11 +86,8 @@ def parse(payload: BytesLike) -> ArpPacket:
 
 def build_frame(eth_dst: bytes, eth_src: bytes, packet: ArpPacket) -> bytes:
     """Build a complete (unpadded, 42-byte) Ethernet frame carrying ``packet``."""
-    frame = bytearray(eth.ETH_HLEN + ARP_LEN)
-    eth.pack_header_into(frame, 0, eth_dst, eth_src, eth.EtherType.ARP)
-    BODY.pack_into(frame, eth.ETH_HLEN, HRD_ETHER, eth.EtherType.IPV4, eth.ETH_ALEN, IPV4_ALEN,
-                   packet.op, packet.sha, packet.spa, packet.tha, packet.tpa)
-    return bytes(frame)
+    return FRAME.pack(eth_dst, eth_src, eth.EtherType.ARP, HRD_ETHER, eth.EtherType.IPV4, eth.ETH_ALEN,
+                      IPV4_ALEN, packet.op, packet.sha, packet.spa, packet.tha, packet.tpa)
 
 
 class ArpResponder:
@@ -110,8 +110,9 @@ class ArpResponder:
             return None  # announcement
         if request.tpa == self._guest_address:
             return None  # the guest's own address: let its duplicate detection succeed
-        answer = ArpPacket(ArpOp.REPLY, self._our_mac, request.tpa, request.sha, request.spa)
-        return build_frame(eth_src, self._our_mac, answer)
+        return FRAME.pack(eth_src, self._our_mac, eth.EtherType.ARP, HRD_ETHER, eth.EtherType.IPV4,
+                          eth.ETH_ALEN, IPV4_ALEN, ArpOp.REPLY, self._our_mac, request.tpa, request.sha,
+                          request.spa)
 
     def handle(self, eth_src: bytes, payload: memoryview, now: float, out: list[bytes]) -> None:
         """Ethernet handler entry point: append the reply, if any, to ``out``."""

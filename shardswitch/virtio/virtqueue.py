@@ -328,7 +328,11 @@ class Virtqueue:
     def enable_kicks(self) -> bool:
         """Ask the guest for kicks; True when chains are already pending (drain again)."""
         if self.event_idx:
-            self._used_h[self._avail_event_at] = self._last
+            # The guest's last published index, not our position: when chains were handed back
+            # (RX buffers too few for a frame), the guest has already published past _last and
+            # would never cross an avail_event set there, so it would never kick again (Linux
+            # vhost writes vq->avail_idx for the same reason).
+            self._used_h[self._avail_event_at] = self._shadow_avail
         else:
             self._used_h[0] = 0
         fence()                        # the request must be visible before re-reading avail.idx

@@ -69,6 +69,10 @@ def service_tx(w: Worker) -> bool:
     hdr_len = slot.hdr_len
     # Diagnostic mode: every frame goes straight back into an RX buffer (one copy).
     mirror = w.rx.writer if w.reflect else None
+    # RxWriter.put refuses both a frame that only lacks buffers now and one that can never fit
+    # (too_big rises): tell them apart like deliver_rx does, or status blames missing buffers
+    # for frames the guest's buffers are too small for (seen with testpmd's mrg_rxbuf=0).
+    too_big_seen = mirror.too_big if mirror is not None else 0
     replies: list[bytes] = []
     while True:
         vq.disable_kicks()
@@ -76,6 +80,7 @@ def service_tx(w: Worker) -> bool:
         count = 0
         nbytes = 0
         mirrored = 0
+        mirrored_bytes = 0     # only frames written to RX count as received, not the batch's bytes
         while count < BATCH:
             chain = vq.pop()
             if chain is None:
@@ -89,6 +94,10 @@ def service_tx(w: Worker) -> bool:
             elif mirror is not None:
                 if mirror.put(frame):
                     mirrored += 1
+                    mirrored_bytes += len(frame)
+                elif mirror.too_big != too_big_seen:
+                    too_big_seen = mirror.too_big
+                    drops[RX_TOO_BIG] += 1
                 else:
                     drops[RX_NO_BUFFERS] += 1
             else:
@@ -101,12 +110,13 @@ def service_tx(w: Worker) -> bool:
         if vq.flush():
             slot.notify()
         if mirrored:
-            _mirrored(w, mirrored, nbytes)
+            _mirrored(w, mirrored, mirrored_bytes)
         if replies:
             pending.extend(replies)
             replies.clear()
         if pending:
-            deliver_rx(w)
+            # Through the worker so that a bad RX chain breaks the RX ring, not this TX ring.
+            w.deliver_pending()
         if count >= BATCH:
             return True
         if not vq.enable_kicks():

@@ -191,6 +191,16 @@ class Worker:
             slot.break_(str(err))
             return False
 
+    def deliver_pending(self) -> None:
+        """Write queued frames into the RX ring, under the RX ring's own guard.
+
+        The TX path calls this after each batch: were :func:`deliver_rx` called
+        directly there, a malformed RX chain would raise inside the TX ring's
+        guard and break the TX ring instead of the RX ring.
+        """
+        if self.pending:
+            self._guard_ring(self.rx, lambda: deliver_rx(self))
+
     def on_kick(self, slot: RingSlot) -> None:
         """A kick eventfd fired."""
         try:

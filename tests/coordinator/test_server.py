@@ -33,9 +33,12 @@ def test_live_socket_is_refused(tmp_path: Path) -> None:
     """A second instance on a socket a live one serves exits with a clear message."""
     with Switch(tmp_path) as first:
         second = Switch(tmp_path)
-        second.start()  # "up" at once: the control socket that answers is the first instance's
-        assert second.proc is not None and second.proc.wait(15) == 1
-        assert "is in use by a running process" in second.log()
+        try:
+            second.start()  # "up" at once: the control socket that answers is the first instance's
+            assert second.proc is not None and second.proc.wait(15) == 1
+            assert "is in use by a running process" in second.log()
+        finally:
+            second.stop()
         assert first.alive()
         assert os.path.exists(first.socket)  # the refused instance removed nothing
         first.status()
