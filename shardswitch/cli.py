@@ -95,6 +95,13 @@ def _add_start_options(parser: argparse.ArgumentParser) -> None:
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-d", "--debug", action="store_true", default=None, help="debug logging")
     verbosity.add_argument("-q", "--quiet", action="store_true", default=None, help="log errors only")
+    parser.add_argument("--max-flows", dest="max_flows", type=int, metavar="N",
+                        help="capacity of the shared flow table (default 131071)")
+    mapping = parser.add_mutually_exclusive_group()
+    mapping.add_argument("--map-host-loopback", dest="map_host_loopback", metavar="ADDR",
+                         help="guest traffic to ADDR goes to the host's loopback (default: the gateway)")
+    mapping.add_argument("--no-map-gw", dest="no_map_gw", action="store_true", default=None,
+                         help="map no address to the host's loopback")
     parser.add_argument("--reflect", action="store_true", default=None, help=argparse.SUPPRESS)
 
 
@@ -109,11 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     start = commands.add_parser("start", help="run the back-end in the foreground",
                                 description="Run the back-end in the foreground.")
     _add_start_options(start)
-    status = commands.add_parser("status", help="show the state of a running instance",
-                                 description="Show the state of a running instance.")
-    status.add_argument("--control", metavar="PATH",
-                        help="control socket (default: the default socket path + .ctl)")
-    status.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    for name, what in (("status", "the state of a running instance"),
+                       ("flows", "the live flows of a running instance")):
+        query = commands.add_parser(name, help=f"show {what}", description=f"Show {what}.")
+        query.add_argument("--control", metavar="PATH",
+                           help="control socket (default: the default socket path + .ctl)")
+        query.add_argument("--json", action="store_true", help="print the raw answer as JSON")
     return parser
 
 
@@ -190,20 +198,21 @@ def _run(cfg: Config) -> int:
         return ExitCode.RUNTIME
 
 
-def _status(args: argparse.Namespace) -> int:
-    """Run ``shardswitch status``: query the control socket and print the answer."""
+def _query(args: argparse.Namespace) -> int:
+    """Run ``shardswitch status`` / ``flows``: query the control socket and print the answer."""
     from shardswitch.coordinator import control
 
     path = args.control or default_control_path()
     try:
-        answer: dict[str, Any] = control.query(path, "status")
+        answer: dict[str, Any] = control.query(path, args.command)
     except control.ControlError as exc:
         _error(f"{exc} (is shardswitch running?)")
         return ExitCode.RUNTIME
     if args.json:
         print(json.dumps(answer, indent=2, sort_keys=True))
     else:
-        print(control.format_status(answer))
+        formatter = control.format_status if args.command == "status" else control.format_flows
+        print(formatter(answer))
     return ExitCode.OK
 
 
@@ -219,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.OK
     if args.command == "start":
         return _start(args)
-    if args.command == "status":
-        return _status(args)
+    if args.command in ("status", "flows"):
+        return _query(args)
     parser.print_usage(sys.stderr)
-    _error("a command is required (start, status)")
+    _error("a command is required (start, status, flows)")
     return ExitCode.USAGE

@@ -77,6 +77,10 @@ class Limit(IntEnum):
     #: IFNAMSIZ is 16 including the terminating NUL.
     MAX_IFNAME = 15
     MAX_DOMAIN = 253
+    MIN_FLOWS = 16
+    #: As passt: 131071 flows of 128 bytes, about 16 MiB of shared memory.
+    DEFAULT_FLOWS = 131071
+    MAX_FLOWS = 1048575
 
 
 class ConfigError(Exception):
@@ -104,6 +108,7 @@ MacAddress = Annotated[str, msgspec.Meta(pattern=MAC_PATTERN)]
 IfName = Annotated[str, msgspec.Meta(pattern=IFNAME_PATTERN, max_length=int(Limit.MAX_IFNAME))]
 DomainName = Annotated[str, msgspec.Meta(pattern=DOMAIN_PATTERN, max_length=int(Limit.MAX_DOMAIN))]
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+MaxFlows = Annotated[int, msgspec.Meta(ge=int(Limit.MIN_FLOWS), le=int(Limit.MAX_FLOWS))]
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -131,6 +136,11 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     debug: bool = False
     quiet: bool = False
     reflect: bool = False
+    max_flows: MaxFlows = int(Limit.DEFAULT_FLOWS)
+    #: Guest traffic to this address goes to the host's loopback (None: the gateway).
+    map_host_loopback: str | None = None
+    #: Do not map any address to the host's loopback.
+    no_map_gw: bool = False
 
 
 class Addressing(msgspec.Struct, frozen=True, kw_only=True):
@@ -169,11 +179,14 @@ OPTION_NAMES: Final = {
     "debug": "-d/--debug",
     "quiet": "-q/--quiet",
     "reflect": "--reflect",
+    "max_flows": "--max-flows",
+    "map_host_loopback": "--map-host-loopback",
+    "no_map_gw": "--no-map-gw",
 }
 
 _FIELDS: Final = frozenset(Config.__struct_fields__)
 _PATH_FIELDS: Final = ("socket", "connect", "control")
-_EXCLUSIVE: Final = (("socket", "connect"), ("debug", "quiet"))
+_EXCLUSIVE: Final = (("socket", "connect"), ("debug", "quiet"), ("map_host_loopback", "no_map_gw"))
 _CONFIG_KEY: Final = "config"
 _CLI_LABEL: Final = "command line"
 _ERROR_AT = re.compile(r"^(?P<problem>.*) - at `\$(?P<path>[^`]*)`$", re.DOTALL)
@@ -257,6 +270,17 @@ def _check_ipv4(value: str, what: str) -> str:
         raise ValueError(f"{value} is not a unicast address, unusable as {what}")
     if addr.is_loopback:
         raise ValueError(f"{value} is a loopback address, unusable as {what}")
+    return str(addr)
+
+
+def _check_ip(value: str, what: str) -> str:
+    """Return ``value`` normalised if it is a usable unicast IPv4 or IPv6 address, else raise ValueError."""
+    try:
+        addr = ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address") from None
+    if addr.is_unspecified or addr.is_multicast or addr.is_loopback:
+        raise ValueError(f"{value} is not a unicast, non-loopback address, unusable as {what}")
     return str(addr)
 
 
@@ -386,6 +410,9 @@ def _check(cfg: Config, label: str) -> Config:
         value = getattr(cfg, field)
         if value is not None:
             changes[field] = _checked(label, field, _check_ipv4, value, f"the guest's {field}")
+    if cfg.map_host_loopback is not None:
+        changes["map_host_loopback"] = _checked(label, "map_host_loopback", _check_ip, cfg.map_host_loopback,
+                                                "the address mapped to the host's loopback")
     for field in _PATH_FIELDS:
         value = getattr(cfg, field)
         if value is not None:

@@ -120,6 +120,24 @@ def format_status(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _side(side: dict[str, Any]) -> str:
+    """One flow side as ``pif ep_addr:ep_port -> our_addr:our_port``."""
+    def end(addr: str, port: int) -> str:
+        return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+    return f"{side['pif']} {end(side['ep_addr'], side['ep_port'])} > {end(side['our_addr'], side['our_port'])}"
+
+
+def format_flows(answer: dict[str, Any]) -> str:
+    """Render a flows answer for people: one line per flow."""
+    flows = answer.get("flows", [])
+    lines = [f"{len(flows)} flow(s), table capacity {answer.get('capacity', '?')}"]
+    for f in flows:
+        sides = " | ".join(_side(side) for side in f.get("sides", []))
+        lines.append(f"{f['index']:>6} {f['type']:<6} {f['state']:<7} worker {f['owner']:<2} "
+                     f"age {_age(f.get('age', 0.0)):>5}  {sides}")
+    return "\n".join(lines)
+
+
 def uptime_since(started: float) -> float:
     """Seconds since ``started`` (a time.monotonic() value)."""
     return time.monotonic() - started
