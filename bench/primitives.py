@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 
 from shardswitch.frontend.memory import GuestRam
 from shardswitch.frontend.vring import DriverRing
-from shardswitch.ipc import Channel, RingStart, ToWorker
+from shardswitch.ipc import Channel, RingStart, ToWorker, WorkerSetup
 from shardswitch.net.params import GuestParams
 from shardswitch.vhost.wire import VirtioFeature
 from shardswitch.virtio.memory import GuestMemory
@@ -168,7 +168,7 @@ def worker_service_tx(seconds: float, name: str, workload: Workload, frame_size:
     """Rate of the real worker packet path (service_tx) with a lean driver keeping it fed."""
     ours, theirs = socket.socketpair()
     params = GuestParams(address=GUEST_IP, prefix_len=24, gateway=GATEWAY_IP)
-    worker = Worker(0, Channel(ours, ToWorker), params, reflect=reflect)
+    worker = Worker(WorkerSetup(pair=0, params=params, reflect=reflect), Channel(ours, ToWorker))
     try:
         with _guest() as (ram, mem):
             worker.mem = mem                     # before any ring starts: the worker's only mapping

@@ -25,6 +25,7 @@ from typing import Any, Union
 
 import msgspec
 
+from shardswitch.net.params import GuestParams
 from shardswitch.vhost.wire import MemRegion
 
 #: Largest control message; a status answer with many drop reasons is the largest.
@@ -34,6 +35,22 @@ MAX_FDS = 8
 
 class IpcError(Exception):
     """The control channel broke: EOF, a malformed message, or a timeout."""
+
+
+class WorkerSetup(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything a worker is forked with (handed over by fork, not sent)."""
+
+    pair: int
+    params: GuestParams
+    reflect: bool = False
+    #: Name of the shared flow table segment to attach ("" = none).
+    flow_table: str = ""
+    #: This worker's inbox (frames other workers hand it), a SOCK_DGRAM descriptor.
+    inbox_fd: int = -1
+    #: The write ends of every worker's inbox, indexed by queue pair.
+    peer_fds: tuple[int, ...] = ()
+    #: Guest traffic to this address goes to the host's loopback ("" = nothing mapped).
+    map_host_loopback: str = ""
 
 
 class MemAdd(msgspec.Struct, tag=True):

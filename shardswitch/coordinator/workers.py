@@ -23,10 +23,11 @@ from typing import Any
 
 import multiprocess
 
-from shardswitch.ipc import Channel, FromWorker, IpcError, RingStarted, RingStopped, Shutdown, WorkerStatus, \
-    channel_pair
+from shardswitch.ipc import (Channel, FromWorker, IpcError, RingStarted, RingStopped, Shutdown, WorkerSetup,
+                             WorkerStatus, channel_pair)
 from shardswitch.net.params import GuestParams
 from shardswitch.worker.main import worker_main
+from shardswitch.worker.peers import inbox_pairs
 
 log = logging.getLogger("shardswitch.workers")
 
@@ -69,13 +70,25 @@ def describe_exit(exitcode: int | None) -> str:
 class WorkerPool:
     """All worker processes of one shardswitch instance."""
 
-    def __init__(self, count: int, params: GuestParams, *, reflect: bool = False) -> None:
+    def __init__(self, count: int, params: GuestParams, *, reflect: bool = False, flow_table: str = "",
+                 map_host_loopback: str = "") -> None:
         """A pool for ``count`` queue pairs (nothing is forked until :meth:`start`)."""
         self.count = count
         self.params = params
         self.reflect = reflect
+        self.flow_table = flow_table
+        self.map_host_loopback = map_host_loopback
         self.handles: list[WorkerHandle | None] = [None] * count
+        #: One inbox per queue pair, kept for the pool's lifetime (see shardswitch.worker.peers).
+        self.inboxes = inbox_pairs(count)
         self._ctx = multiprocess.get_context("fork")
+
+    def setup(self, pair: int) -> WorkerSetup:
+        """What the worker of ``pair`` is forked with."""
+        return WorkerSetup(pair=pair, params=self.params, reflect=self.reflect, flow_table=self.flow_table,
+                           inbox_fd=self.inboxes[pair][0].fileno(),
+                           peer_fds=tuple(write_end.fileno() for _read, write_end in self.inboxes),
+                           map_host_loopback=self.map_host_loopback)
 
     def start(self) -> None:
         """Fork every worker."""
@@ -85,7 +98,7 @@ class WorkerPool:
     def _spawn(self, pair: int, restarts: int) -> WorkerHandle:
         """Fork the worker of ``pair``."""
         ours, theirs = channel_pair()
-        process = self._ctx.Process(target=worker_main, args=(pair, theirs, self.params, self.reflect),
+        process = self._ctx.Process(target=worker_main, args=(self.setup(pair), theirs),
                                     name=f"shardswitch-worker-{pair}", daemon=False)
         process.start()
         theirs.close()
@@ -172,3 +185,7 @@ class WorkerPool:
                 handle.process.join(timeout=1.0)
             self._close(handle)
         self.handles = [None] * self.count
+        for read_end, write_end in self.inboxes:
+            read_end.close()
+            write_end.close()
+        self.inboxes = []

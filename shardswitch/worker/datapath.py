@@ -123,6 +123,27 @@ def service_tx(w: Worker) -> bool:
             return False
 
 
+def service_inbox(w: Worker) -> None:
+    """Frames other workers handed over (flows this worker owns): handle them like TX frames."""
+    peers = w.peers
+    if peers is None:
+        return
+    frames = peers.receive()
+    if not frames:
+        return
+    now = time.monotonic()
+    endpoint = w.endpoint
+    drops = w.counters.drops
+    replies: list[bytes] = []
+    for frame in frames:
+        reason = endpoint.handle_frame(memoryview(frame), now, replies)
+        if reason is not None:
+            drops[reason.name] += 1
+    if replies:
+        w.pending.extend(replies)
+    w.deliver_pending()
+
+
 def _mirrored(w: Worker, frames: int, nbytes: int) -> None:
     """Account for and publish frames that reflect mode wrote into the RX ring."""
     w.counters.rx_frames += frames

@@ -30,12 +30,12 @@ from collections import deque
 from typing import Callable
 
 from shardswitch.ipc import (Channel, IpcError, MemAdd, MemClear, MemRemove, RingStart, RingStarted, RingStop,
-                             RingStopped, Shutdown, StatusQuery, ToWorker, WorkerStatus, close_fds)
+                             RingStopped, Shutdown, StatusQuery, ToWorker, WorkerSetup, WorkerStatus, close_fds)
 from shardswitch.net.endpoint import GuestEndpoint
-from shardswitch.net.params import GuestParams
 from shardswitch.virtio.memory import GuestMemory, GuestMemoryError
 from shardswitch.virtio.virtqueue import VirtqueueError
-from shardswitch.worker.datapath import Counters, deliver_rx, drop_pending, service_tx
+from shardswitch.worker.datapath import Counters, deliver_rx, drop_pending, service_inbox, service_tx
+from shardswitch.worker.peers import Peers
 from shardswitch.worker.rings import NO_FD, RingSlot, SlotState
 
 log = logging.getLogger("shardswitch.worker")
@@ -48,11 +48,13 @@ PR_SET_PDEATHSIG = 1
 class Worker:
     """All state of one worker process."""
 
-    def __init__(self, pair: int, channel: Channel, params: GuestParams, *, reflect: bool = False) -> None:
-        """A worker for queue pair ``pair`` talking to the coordinator over ``channel``."""
+    def __init__(self, setup: WorkerSetup, channel: Channel) -> None:
+        """A worker for the queue pair of ``setup``, talking to the coordinator over ``channel``."""
+        pair = setup.pair
+        params = setup.params
         self.pair = pair
         self.channel = channel
-        self.reflect = reflect
+        self.reflect = setup.reflect
         self.mem = GuestMemory()
         self.rx = RingSlot(2 * pair)
         self.tx = RingSlot(2 * pair + 1)
@@ -61,6 +63,9 @@ class Worker:
         self.pending: deque[bytes] = deque()
         self.epoll = select.epoll()
         self.epoll.register(channel.fileno(), select.EPOLLIN)
+        self.peers = Peers(pair, setup.inbox_fd, setup.peer_fds) if setup.inbox_fd >= 0 else None
+        if self.peers is not None:
+            self.epoll.register(self.peers.fileno(), select.EPOLLIN)
         self.running = True
         #: TX needs another round without waiting for a kick (batch limit hit, or polling).
         self.tx_again = False
@@ -224,6 +229,7 @@ class Worker:
     def run(self) -> None:
         """Serve until shutdown or until the coordinator goes away."""
         channel_fd = self.channel.fileno()
+        inbox_fd = self.peers.fileno() if self.peers is not None else -1
         while self.running:
             if self.tx_again:
                 timeout = 0.0
@@ -248,15 +254,20 @@ class Worker:
                     self.on_kick(self.tx)
                 elif fd == self.rx.kick_fd:
                     self.on_kick(self.rx)
+                elif fd == inbox_fd:
+                    service_inbox(self)
         self._stop_all()
         self._guard_memory(self.mem.clear)
 
 
-def _isolate(keep_fd: int) -> None:
-    """Close every inherited descriptor but stdio and ``keep_fd``; die with the coordinator."""
+def _isolate(keep: set[int]) -> None:
+    """Close every inherited descriptor but stdio and ``keep``; die with the coordinator."""
     max_fd = os.sysconf("SC_OPEN_MAX")
-    os.closerange(3, keep_fd)
-    os.closerange(keep_fd + 1, max_fd if max_fd > 0 else 65536)
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, max_fd if max_fd > 0 else 65536)
     try:
         import ctypes
 
@@ -269,10 +280,14 @@ def _isolate(keep_fd: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def worker_main(pair: int, sock: socket.socket, params: GuestParams, reflect: bool = False) -> None:
+def worker_main(setup: WorkerSetup, sock: socket.socket) -> None:
     """Entry point of a forked worker process."""
-    _isolate(sock.fileno())
-    worker = Worker(pair, Channel(sock, ToWorker), params, reflect=reflect)
+    keep = {sock.fileno(), *setup.peer_fds}
+    if setup.inbox_fd >= 0:
+        keep.add(setup.inbox_fd)
+    _isolate(keep)
+    worker = Worker(setup, Channel(sock, ToWorker))
+    pair = setup.pair
     log.debug("worker %d started (pid %d)", pair, os.getpid())
     started = time.monotonic()
     try:

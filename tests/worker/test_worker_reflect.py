@@ -16,7 +16,7 @@ from typing import Iterator
 
 import pytest
 
-from shardswitch.ipc import Channel, RingStart, ToWorker
+from shardswitch.ipc import Channel, RingStart, ToWorker, WorkerSetup
 from shardswitch.net.params import GuestParams
 from shardswitch.vhost.wire import VirtioFeature
 from shardswitch.worker.datapath import RX_NO_BUFFERS, RX_TOO_BIG, service_tx
@@ -36,7 +36,7 @@ class Rig:
         self.shm = SharedMemory()
         self._peer, ours = socket.socketpair()
         params = GuestParams(address="10.0.2.15", prefix_len=24, gateway="10.0.2.2")
-        self.worker = Worker(0, Channel(ours, ToWorker), params, reflect=True)
+        self.worker = Worker(WorkerSetup(pair=0, params=params, reflect=True), Channel(ours, ToWorker))
         self.shm.attach(self.worker.mem)
         self.rx = DriverRing(self.shm, 8, base=0x1000)
         self.tx = DriverRing(self.shm, 8, base=0x80000)
