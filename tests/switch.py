@@ -2,7 +2,8 @@
 
 By default the switch runs under ``unshare --net``: a fresh network namespace
 holding only a loopback interface, so nothing it could ever send leaves this
-test.  Guest tests pass ``prefix`` (the ``ip netns exec NAME`` words of a
+test (``sh`` brings loopback up and allows ICMP echo sockets, then execs the
+switch, so the PID is the switch's).  Guest tests pass ``prefix`` (the ``ip netns exec NAME`` words of a
 namespace the test created) instead.  Only the process started here is ever
 signalled, by its PID.
 """
@@ -18,6 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from shardswitch.coordinator.control import ControlError, query
+
+#: The default prefix: a fresh network namespace with only loopback, up, and unprivileged ICMP
+#: echo sockets allowed (what the switch maps the gateway to is this namespace's 127.0.0.1).
+ISOLATED = ["unshare", "--net", "sh", "-c",
+            'ip link set lo up && sysctl -qw net.ipv4.ping_group_range="0 2147483647" && exec "$@"', "sh"]
 
 #: Addressing used when the test gives none (the switch's namespace has no routes to mirror).
 DEFAULT_ADDRESSING = ["-a", "10.0.2.15", "-n", "24", "-g", "10.0.2.2", "--dns", "10.0.2.3"]
@@ -35,7 +41,7 @@ class Switch:
         self.log_path = tmp / f"switch-{int(time.monotonic() * 1000)}.log"
         self.workers = workers
         self.args = args or []
-        self.prefix = prefix if prefix is not None else ["unshare", "--net"]
+        self.prefix = prefix if prefix is not None else ISOLATED
         self.addressing = DEFAULT_ADDRESSING if addressing is None else addressing
         self.connect = connect
         self.proc: subprocess.Popen[bytes] | None = None

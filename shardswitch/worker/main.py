@@ -42,6 +42,8 @@ log = logging.getLogger("shardswitch.worker")
 
 #: Polling period for rings without a kick descriptor.
 POLL_INTERVAL = 0.001
+#: Period of the deferred handler (flow timers).
+TICK = 1.0
 PR_SET_PDEATHSIG = 1
 
 
@@ -67,6 +69,11 @@ class Worker:
         if self.peers is not None:
             self.epoll.register(self.peers.fileno(), select.EPOLLIN)
         self.running = True
+        #: Host sockets of this worker's flows: descriptor -> readable callback.
+        self.sockets: dict[int, Callable[[], None]] = {}
+        #: Called once a second with ``now`` (flow expiry and the like).
+        self.tick_handlers: list[Callable[[float], None]] = []
+        self.next_tick = time.monotonic() + TICK
         #: TX needs another round without waiting for a kick (batch limit hit, or polling).
         self.tx_again = False
 
@@ -226,19 +233,46 @@ class Worker:
 
     # -- loop -------------------------------------------------------------------
 
+    # -- sockets and timers ------------------------------------------------------
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever ``fd`` (a host socket of a flow) is readable."""
+        self.epoll.register(fd, select.EPOLLIN)
+        self.sockets[fd] = callback
+
+    def unwatch(self, fd: int) -> None:
+        """Stop watching ``fd`` (before it is closed)."""
+        if self.sockets.pop(fd, None) is not None:
+            try:
+                self.epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+
+    def _timeout(self, now: float) -> float:
+        """How long the loop may sleep."""
+        if self.tx_again:
+            return 0.0
+        timeout = max(0.0, self.next_tick - now)
+        return min(timeout, POLL_INTERVAL) if self._polled() else timeout
+
+    def _tick(self, now: float) -> None:
+        """The deferred handler, once a second: timers of this worker's own flows only."""
+        self.next_tick = now + TICK
+        for handler in self.tick_handlers:
+            handler(now)
+        if self.pending:
+            self.deliver_pending()
+
+    # -- loop -------------------------------------------------------------------
+
     def run(self) -> None:
         """Serve until shutdown or until the coordinator goes away."""
         channel_fd = self.channel.fileno()
         inbox_fd = self.peers.fileno() if self.peers is not None else -1
+        sockets = self.sockets
         while self.running:
-            if self.tx_again:
-                timeout = 0.0
-            elif self._polled():
-                timeout = POLL_INTERVAL
-            else:
-                timeout = -1
             try:
-                events = self.epoll.poll(timeout)
+                events = self.epoll.poll(self._timeout(time.monotonic()))
             except InterruptedError:
                 continue
             if self.tx_again or self._polled():
@@ -256,6 +290,13 @@ class Worker:
                     self.on_kick(self.rx)
                 elif fd == inbox_fd:
                     service_inbox(self)
+                else:
+                    callback = sockets.get(fd)
+                    if callback is not None:
+                        callback()
+            now = time.monotonic()
+            if now >= self.next_tick:
+                self._tick(now)
         self._stop_all()
         self._guard_memory(self.mem.clear)
 
