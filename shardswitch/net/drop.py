@@ -52,6 +52,29 @@ class DropReason(IntEnum):
     DHCP_MALFORMED = 15
     #: Well-formed DHCP/BOOTP message we do not answer.
     DHCP_IGNORED = 16
+    #: IPv6 header inconsistent (version, payload length, multicast source) or
+    #: extension headers out of bounds, misplaced or too many.
+    IPV6_MALFORMED = 17
+    #: IPv6 fragment header (fragments are not reassembled).
+    IPV6_FRAGMENT = 18
+    #: IPv6 routing header with segments left (source routing is not done).
+    IPV6_ROUTING = 19
+    #: ICMP message shorter than its header, or an echo request with a non-zero code.
+    ICMP_MALFORMED = 20
+    #: ICMP checksum wrong.
+    ICMP_BAD_CHECKSUM = 21
+    #: Well-formed ICMP message we do not handle (anything but an echo request).
+    ICMP_IGNORED = 22
+    #: ICMPv6 message shorter than its header, or an echo request with a non-zero code.
+    ICMPV6_MALFORMED = 23
+    #: ICMPv6 checksum wrong.
+    ICMPV6_BAD_CHECKSUM = 24
+    #: Well-formed ICMPv6 message we do not handle (MLD reports, errors, ...).
+    ICMPV6_IGNORED = 25
+    #: NDP message failing RFC 4861 validation (hop limit, code, length, options).
+    NDP_MALFORMED = 26
+    #: Well-formed NDP message we do not answer (advertisements, redirects).
+    NDP_IGNORED = 27
 
 
 class PacketError(Exception):

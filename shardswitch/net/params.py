@@ -4,8 +4,12 @@ Theory of operation: :class:`GuestParams` is the plain configuration record
 (text addresses, lists) as it arrives from the command line or the
 coordinator; it is a frozen msgspec Struct so it can cross process
 boundaries cheaply.  :func:`resolve` validates it once and turns it into
-:class:`ResolvedParams`, the form the packet code uses: addresses as 32-bit
-ints, MAC as 6 bytes, the netmask computed, search domains normalised.
+:class:`ResolvedParams`, the form the packet code uses: IPv4 addresses as
+32-bit ints, IPv6 addresses as 16-byte ``bytes``, MAC as 6 bytes, the
+netmask computed, search domains normalised, and our IPv6 link-local address
+derived from our MAC (modified EUI-64) once.  IPv6 is optional: without
+``address6`` the guest gets no prefix, but NDP still resolves our link-local
+address so link-local traffic works.
 Every check on configuration happens here, raising :class:`ParamsError`;
 the data path then never re-validates or re-converts anything per packet.
 """
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from . import eth
+from . import eth, ipv6
 
 #: Longest encoded domain name (RFC 1035 section 3.1).
 MAX_NAME_LEN = 255
@@ -26,6 +30,8 @@ MAX_LABEL_LEN = 63
 #: Smallest IPv4 MTU (RFC 791) and largest virtio-net MTU.
 MIN_MTU = 68
 MAX_MTU = 65535
+#: Smallest MTU of a link carrying IPv6 (RFC 8200 section 5).
+MIN_MTU6 = 1280
 
 
 class ParamsError(ValueError):
@@ -51,6 +57,14 @@ class GuestParams(msgspec.Struct, frozen=True):
     our_mac: str = "9a:55:9a:55:9a:55"
     #: DHCP lease time in seconds (0xFFFFFFFF = infinite).
     lease_time: int = 3600
+    #: Guest's global IPv6 address; its /64 is advertised for SLAAC ("" = no IPv6 prefix).
+    address6: str = ""
+    #: Prefix length of the guest's IPv6 subnet (on the host side), 1..128.
+    prefix6_len: int = 64
+    #: IPv6 router address ("" = our link-local address, derived from ``our_mac``).
+    gateway6: str = ""
+    #: IPv6 DNS servers (NDP RDNSS option).
+    dns6: list[str] = []
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +89,16 @@ class ResolvedParams:
     our_mac: bytes
     #: Lease time in seconds.
     lease_time: int
+    #: Guest's global IPv6 address, or None without IPv6 addressing.
+    address6: bytes | None
+    #: Prefix length of the guest's IPv6 subnet, 1..128.
+    prefix6_len: int
+    #: IPv6 router address: as configured, else :attr:`our_ll6`.
+    gateway6: bytes
+    #: Our link-local address: fe80::/64 with the modified EUI-64 of :attr:`our_mac`.
+    our_ll6: bytes
+    #: IPv6 DNS server addresses.
+    dns6: tuple[bytes, ...]
 
     @property
     def gateway_on_link(self) -> bool:
@@ -91,6 +115,18 @@ def _unicast_address(what: str, text: str) -> int:
     if addr.is_unspecified or addr.is_multicast or addr.is_reserved or addr.is_loopback:
         raise ParamsError(f"{what}: {text} is not a unicast host address")
     return int(addr)
+
+
+def _unicast_address6(what: str, text: str) -> bytes:
+    """Parse ``text`` as an IPv6 unicast address (link-local allowed) into 16 bytes."""
+    try:
+        addr = ipv6.addr_from_str(text)
+    except ValueError as exc:
+        raise ParamsError(f"{what}: {exc}") from None
+    parsed = ipaddress.IPv6Address(addr)
+    if parsed.is_unspecified or parsed.is_multicast or parsed.is_loopback or parsed.is_reserved:
+        raise ParamsError(f"{what}: {text} is not a unicast host address")
+    return addr
 
 
 def normalize_domain(name: str) -> str:
@@ -131,6 +167,32 @@ def resolve(params: GuestParams) -> ResolvedParams:
         raise ParamsError(f"our MAC {params.our_mac} is not a unicast address")
     dns = tuple(_unicast_address("DNS server", text) for text in params.dns)
     search = tuple(normalize_domain(name) for name in params.search)
+    address6, gateway6, our_ll6, dns6 = _resolve_ipv6(params, our_mac)
     return ResolvedParams(address=address, prefix_len=params.prefix_len, netmask=netmask,
                           gateway=gateway, mtu=params.mtu, dns=dns, search=search,
-                          our_mac=our_mac, lease_time=params.lease_time)
+                          our_mac=our_mac, lease_time=params.lease_time, address6=address6,
+                          prefix6_len=params.prefix6_len, gateway6=gateway6, our_ll6=our_ll6,
+                          dns6=dns6)
+
+
+def _resolve_ipv6(params: GuestParams, our_mac: bytes
+                  ) -> tuple[bytes | None, bytes, bytes, tuple[bytes, ...]]:
+    """Validate the IPv6 fields: ``(address6, gateway6, our link-local, dns6)``."""
+    if not 1 <= params.prefix6_len <= 128:
+        raise ParamsError(f"IPv6 prefix length {params.prefix6_len} not in 1..128")
+    our_ll6 = ipv6.link_local_from_mac(our_mac)
+    address6 = None
+    if params.address6:
+        address6 = _unicast_address6("address6", params.address6)
+        if ipv6.is_link_local(address6):
+            raise ParamsError(f"address6: {params.address6} is link-local, not global")
+        if params.prefix6_len < 128 and address6 == ipv6.prefix_of(address6, params.prefix6_len):
+            raise ParamsError(f"address6: {params.address6}/{params.prefix6_len} is the "
+                              "subnet-router anycast address")
+        if params.mtu < MIN_MTU6:
+            raise ParamsError(f"MTU {params.mtu} is below the IPv6 minimum of {MIN_MTU6}")
+    gateway6 = _unicast_address6("gateway6", params.gateway6) if params.gateway6 else our_ll6
+    if gateway6 == address6:
+        raise ParamsError("gateway6 and the guest's IPv6 address are the same")
+    dns6 = tuple(_unicast_address6("IPv6 DNS server", text) for text in params.dns6)
+    return address6, gateway6, our_ll6, dns6
