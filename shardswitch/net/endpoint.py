@@ -30,17 +30,20 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from . import eth, ipv4, udp
+from . import eth, icmpv6, ipv4, ipv6, udp
 from .arp import ArpResponder
 from .dhcp import SERVER_PORT, DhcpServer
 from .drop import DropReason, PacketError
 from .eth import EtherType
+from .icmpv6 import NDP_TYPES, Icmpv6Message
 from .ipv4 import IpProto, Ipv4Packet
+from .ipv6 import Ipv6Packet, NextHeader
+from .ndp import NdpResponder
 from .params import GuestParams, resolve
 from .udp import UdpDatagram
 
-__all__ = ["DropReason", "EtherHandler", "GuestEndpoint", "Ipv4Handler", "PacketError",
-           "UdpHandler"]
+__all__ = ["DropReason", "EtherHandler", "GuestEndpoint", "Icmpv6Handler", "Ipv4Handler", "Ipv6Handler",
+           "PacketError", "UdpHandler"]
 
 
 class EtherHandler(Protocol):
@@ -57,6 +60,22 @@ class Ipv4Handler(Protocol):
     def __call__(self, eth_src: bytes, packet: Ipv4Packet, now: float,
                  out: list[bytes]) -> None:
         """Consume ``packet``, appending replies to ``out``."""
+
+
+class Ipv6Handler(Protocol):
+    """Handles validated IPv6 packets of one next header (after extension headers)."""
+
+    def __call__(self, eth_src: bytes, packet: Ipv6Packet, now: float,
+                 out: list[bytes]) -> None:
+        """Consume ``packet``, appending replies to ``out``."""
+
+
+class Icmpv6Handler(Protocol):
+    """Handles validated ICMPv6 messages of one type."""
+
+    def __call__(self, eth_src: bytes, packet: Ipv6Packet, message: Icmpv6Message, now: float,
+                 out: list[bytes]) -> None:
+        """Consume ``message``, appending replies to ``out``."""
 
 
 class UdpHandler(Protocol):
@@ -80,14 +99,21 @@ class GuestEndpoint:
         self.drops: dict[DropReason, int] = dict.fromkeys(DropReason, 0)
         self.arp = ArpResponder(self.resolved)
         self.dhcp = DhcpServer(self.resolved)
+        self.ndp = NdpResponder(self.resolved)
+        #: The frame being handled, for handlers that hand it, unchanged, to another worker.
+        self.frame: memoryview = memoryview(b"")
         self._our_mac = self.resolved.our_mac
         self._ether_handlers: dict[int, EtherHandler] = {}
         self._ip_handlers: dict[int, Ipv4Handler] = {}
         self._udp_handlers: dict[int, UdpHandler] = {}
         self._udp_default: UdpHandler | None = None
+        self._ip6_handlers: dict[int, Ipv6Handler] = {}
+        self._icmpv6_handlers: dict[int, Icmpv6Handler] = dict.fromkeys(NDP_TYPES, self.ndp.handle_icmpv6)
         self.register_ethertype(EtherType.ARP, self.arp.handle)
         self.register_ethertype(EtherType.IPV4, self._handle_ipv4)
+        self.register_ethertype(EtherType.IPV6, self._handle_ipv6)
         self.register_ip_protocol(IpProto.UDP, self._handle_udp)
+        self.register_ip6_protocol(NextHeader.ICMPV6, self._handle_icmpv6)
         self.register_udp_port(SERVER_PORT, self.dhcp.handle_udp)
 
     def register_ethertype(self, ethertype: int, handler: EtherHandler) -> None:
@@ -97,6 +123,14 @@ class GuestEndpoint:
     def register_ip_protocol(self, proto: int, handler: Ipv4Handler) -> None:
         """Route IPv4 packets of protocol ``proto`` to ``handler``."""
         self._ip_handlers[proto] = handler
+
+    def register_ip6_protocol(self, next_header: int, handler: Ipv6Handler) -> None:
+        """Route IPv6 packets whose (final) next header is ``next_header`` to ``handler``."""
+        self._ip6_handlers[next_header] = handler
+
+    def register_icmpv6_type(self, icmp_type: int, handler: Icmpv6Handler) -> None:
+        """Route ICMPv6 messages of ``icmp_type`` to ``handler`` (NDP types go to NDP)."""
+        self._icmpv6_handlers[icmp_type] = handler
 
     def register_udp_port(self, port: int, handler: UdpHandler) -> None:
         """Route UDP datagrams to destination ``port`` to ``handler``."""
@@ -112,6 +146,7 @@ class GuestEndpoint:
         Returns None when the frame was consumed (replies, if any, appended
         to ``out`` as complete Ethernet frames), else the counted drop reason.
         """
+        self.frame = frame
         try:
             self._dispatch(frame, now, out)
         except PacketError as exc:
@@ -129,8 +164,6 @@ class GuestEndpoint:
             raise PacketError(DropReason.NOT_FOR_US, eth.mac_to_str(dst))
         handler = self._ether_handlers.get(ethertype)
         if handler is None:
-            if ethertype == EtherType.IPV6:
-                raise PacketError(DropReason.IPV6_UNHANDLED)
             raise PacketError(DropReason.ETHERTYPE_UNHANDLED, f"{ethertype:#06x}")
         handler(src, frame[eth.ETH_HLEN:], now, out)
 
@@ -142,6 +175,24 @@ class GuestEndpoint:
         if handler is None:
             raise PacketError(DropReason.IP_PROTO_UNHANDLED, f"protocol {packet.proto}")
         handler(eth_src, packet, now, out)
+
+    def _handle_ipv6(self, eth_src: bytes, payload: memoryview, now: float,
+                     out: list[bytes]) -> None:
+        """Validate an IPv6 packet and dispatch it by its final next header."""
+        packet = ipv6.parse(payload)
+        handler = self._ip6_handlers.get(packet.next_header)
+        if handler is None:
+            raise PacketError(DropReason.IPV6_UNHANDLED, f"next header {packet.next_header}")
+        handler(eth_src, packet, now, out)
+
+    def _handle_icmpv6(self, eth_src: bytes, packet: Ipv6Packet, now: float,
+                       out: list[bytes]) -> None:
+        """Validate an ICMPv6 message and dispatch it by type (NDP, echo)."""
+        message = icmpv6.parse(packet)
+        handler = self._icmpv6_handlers.get(message.type)
+        if handler is None:
+            raise PacketError(DropReason.ICMPV6_IGNORED, f"type {message.type}")
+        handler(eth_src, packet, message, now, out)
 
     def _handle_udp(self, eth_src: bytes, packet: Ipv4Packet, now: float,
                     out: list[bytes]) -> None:

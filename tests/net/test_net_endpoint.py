@@ -38,7 +38,7 @@ def ip_frame(proto: int, payload: bytes, **kwargs: object) -> bytes:
 @pytest.mark.parametrize(("frame", "reason"), [
     (b"", DropReason.TRUNCATED),
     (bytes(13), DropReason.TRUNCATED),
-    (eth_frame(b"\x33\x33\0\0\0\x01", GUEST_MAC, 0x86DD, bytes(40)), DropReason.IPV6_UNHANDLED),
+    (eth_frame(b"\x33\x33\0\0\0\x01", GUEST_MAC, 0x86DD, bytes(40)), DropReason.IPV6_MALFORMED),
     (eth_frame(OUR_MAC, GUEST_MAC, 0x8100, bytes(46)), DropReason.ETHERTYPE_UNHANDLED),
     (eth_frame(b"\x01\x80\xc2\0\0\x0e", GUEST_MAC, 0x88CC, bytes(46)),
      DropReason.ETHERTYPE_UNHANDLED),
