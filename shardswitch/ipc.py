@@ -49,8 +49,8 @@ class WorkerSetup(msgspec.Struct, frozen=True, kw_only=True):
     inbox_fd: int = -1
     #: The write ends of every worker's inbox, indexed by queue pair.
     peer_fds: tuple[int, ...] = ()
-    #: Guest traffic to this address goes to the host's loopback ("" = nothing mapped).
-    map_host_loopback: str = ""
+    #: Guest traffic to these addresses (IPv4 and/or IPv6) goes to the host's loopback.
+    map_host_loopback: tuple[str, ...] = ()
 
 
 class MemAdd(msgspec.Struct, tag=True):
@@ -151,6 +151,11 @@ class WorkerStatus(msgspec.Struct, tag=True):
     rx_frames: int
     rx_bytes: int
     drops: dict[str, int]
+    #: Frames handed to the worker owning their flow, and frames handed to this one.
+    handed_out: int = 0
+    handed_in: int = 0
+    #: Flows this worker owns.
+    flows: int = 0
 
 
 ToWorker = Union[MemAdd, MemRemove, MemClear, RingStart, RingStop, StatusQuery, Shutdown]

@@ -70,6 +70,10 @@ class Switch:
         """The switch's status answer."""
         return query(self.control, "status")
 
+    def query(self, command: str) -> dict[str, Any]:
+        """Any control command's answer (``flows``...)."""
+        return query(self.control, command)
+
     def log(self) -> str:
         """Everything the switch printed so far."""
         try:

@@ -114,6 +114,8 @@ def format_status(status: dict[str, Any]) -> str:
             lines.append(line)
         lines.append(f"  from guest: {w.get('tx_frames', 0)} frames, {w.get('tx_bytes', 0)} bytes; "
                      f"to guest: {w.get('rx_frames', 0)} frames, {w.get('rx_bytes', 0)} bytes")
+        lines.append(f"  flows owned: {w.get('flows', 0)}; frames handed to their flow's owner: "
+                     f"{w.get('handed_out', 0)}, taken from other workers: {w.get('handed_in', 0)}")
         drops = w.get("drops") or {}
         if drops:
             lines.append("  dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(drops.items())))

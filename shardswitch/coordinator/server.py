@@ -20,6 +20,8 @@ action in the guest.
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import logging
 import os
 import selectors
@@ -36,9 +38,11 @@ from shardswitch.coordinator.conn import FrontendConnection, PeerGone
 from shardswitch.coordinator.control import serve_client, uptime_since
 from shardswitch.coordinator.device import Device
 from shardswitch.coordinator.handler import Disconnect, RequestHandler
-from shardswitch.coordinator.workers import WorkerPool
+from shardswitch.coordinator.workers import WorkerHandle, WorkerPool
 from shardswitch.ipc import StatusQuery, WorkerStatus
-from shardswitch.net.params import GuestParams
+from shardswitch.net.params import GuestParams, resolve
+from shardswitch.shm.layout import DEFAULT_CAPACITY, Flow, FlowSide, FlowTableError, Pif, ip_of
+from shardswitch.shm.table import FlowTable
 from shardswitch.vhost.wire import VhostProtocolError, VirtioFeature
 
 if TYPE_CHECKING:
@@ -46,10 +50,28 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shardswitch")
 
+#: How long recovery may wait for live workers to step out of the flow table's lock.
+RECOVERY_TIMEOUT = 2.0
 #: Seconds between connection attempts in client mode.
 CONNECT_RETRY = 0.5
 
 Callback = Callable[[], None]
+
+
+def instance_name(socket_path: str) -> str:
+    """The name of this instance's shared objects: stable for a socket path, unique between paths."""
+    digest = hashlib.sha256(os.path.abspath(socket_path).encode()).hexdigest()[:16]
+    return f"i{digest}"
+
+
+def flow_entry(flow: Flow, now: float) -> dict[str, Any]:
+    """One flow as the control socket shows it."""
+    def side(s: FlowSide) -> dict[str, Any]:
+        return {"pif": Pif(s.pif).name.lower(), "ep_addr": str(ip_of(s.ep_addr)), "ep_port": s.ep_port,
+                "our_addr": str(ip_of(s.our_addr)), "our_port": s.our_port}
+    return {"index": flow.entry, "generation": flow.generation, "type": flow.type.name.lower(),
+            "state": flow.state.name.lower(), "owner": flow.owner, "age": max(0.0, now - flow.last_activity),
+            "sides": [side(flow.initiator), side(flow.target)]}
 
 
 class StartError(Exception):
@@ -111,15 +133,20 @@ class Coordinator:
     """All state of the coordinator process."""
 
     def __init__(self, *, workers: int, params: GuestParams, socket_path: str, control_path: str,
-                 connect: bool = False, reflect: bool = False) -> None:
-        """Set up (nothing is bound or forked until :meth:`serve`)."""
+                 connect: bool = False, reflect: bool = False, max_flows: int = DEFAULT_CAPACITY,
+                 map_host_loopback: tuple[str, ...] = ()) -> None:
+        """Set up (nothing is bound, created or forked until :meth:`open`)."""
         self.params = params
+        self.instance = instance_name(socket_path)
+        self.max_flows = max_flows
+        self.table: FlowTable | None = None
         self.socket_path = socket_path
         self.control_path = control_path
         self.client_mode = connect
         self.started = time.monotonic()
         self.sel = selectors.DefaultSelector()
-        self.pool = WorkerPool(workers, params, reflect=reflect)
+        self.pool = WorkerPool(workers, params, reflect=reflect, flow_table=self.instance,
+                               map_host_loopback=map_host_loopback)
         self.device = Device(workers, self.pool)
         self.handler = RequestHandler(self.device)
         self.conn: FrontendConnection | None = None
@@ -133,7 +160,8 @@ class Coordinator:
     # -- set-up and tear-down -------------------------------------------
 
     def open(self) -> None:
-        """Bind sockets, fork workers, install signal handling."""
+        """Create the flow table, bind sockets, fork workers, install signal handling."""
+        # Sockets first: "socket in use" is the clearest message for a second instance.
         self.control = listen_unix(self.control_path)
         self._owned_paths.append(self.control_path)
         self.sel.register(self.control, selectors.EVENT_READ, self._on_control)
@@ -141,6 +169,11 @@ class Coordinator:
             self.listener = listen_unix(self.socket_path)
             self._owned_paths.append(self.socket_path)
             self.sel.register(self.listener, selectors.EVENT_READ, self._on_listener)
+        try:
+            self.table = FlowTable.create(self.instance, capacity=self.max_flows)
+        except FlowTableError as err:
+            raise StartError(f"flow table: {err}") from err
+        log.info("flow table %s: %d flows", self.instance, self.max_flows)
         self.pool.start()
         for handle in self.pool.handles:
             assert handle is not None
@@ -157,6 +190,9 @@ class Coordinator:
         if self.conn is not None:
             self._drop_frontend("shutting down")
         self.pool.stop()
+        if self.table is not None:
+            self.table.unlink()
+            self.table = None
         for sock in (self.listener, self.control):
             if sock is not None:
                 sock.close()
@@ -272,7 +308,7 @@ class Coordinator:
         except BlockingIOError:
             return
         sock.setblocking(True)
-        serve_client(sock, {"status": self.status})
+        serve_client(sock, {"status": self.status, "flows": self.flows})
 
     def _death_callback(self, pidfd: int) -> Callback:
         """The selector callback for a worker's pidfd."""
@@ -284,11 +320,31 @@ class Coordinator:
         self.sel.unregister(pidfd)
         if handle is None or self.stopping:
             return
-        new = self.pool.reap(handle)
+        new = self.pool.reap(handle, self._release_worker)
         self.sel.register(new.pidfd, selectors.EVENT_READ, self._death_callback(new.pidfd))
         self.device.restore_pair(new.pair)
 
+    def _release_worker(self, handle: WorkerHandle) -> None:
+        """Repair what a dead worker held in the flow table and free its flows (their sockets died with it)."""
+        if self.table is None:
+            return
+        try:
+            repaired = self.table.recover(handle.pid, timeout=RECOVERY_TIMEOUT)
+            freed = self.table.remove_owned_by(handle.pair)
+        except FlowTableError as err:
+            log.error("flow table recovery after worker %d: %s", handle.pair, err)
+            return
+        log.info("worker %d: %s; %d flow(s) freed", handle.pair, repaired, freed)
+
     # -- status --------------------------------------------------------------
+
+    def flows(self) -> dict[str, Any]:
+        """Every live flow, read under the read lock (``shardswitch flows``)."""
+        if self.table is None:
+            return {"flows": [], "capacity": 0}
+        now = time.monotonic()
+        return {"capacity": self.max_flows, "instance": self.instance,
+                "flows": [flow_entry(flow, now) for flow in self.table.list_flows()]}
 
     def status(self) -> dict[str, Any]:
         """Everything ``shardswitch status`` shows."""
@@ -316,14 +372,18 @@ class Coordinator:
             "guest": {"address": self.params.address, "prefix_len": self.params.prefix_len,
                       "gateway": self.params.gateway, "mtu": self.params.mtu, "dns": list(self.params.dns)},
             "workers": workers,
+            "flow_table": {"instance": self.instance, "capacity": self.max_flows,
+                           **(self.table.counters() if self.table is not None else {})},
         }
 
 
 def run_coordinator(*, workers: int, params: GuestParams, socket_path: str, control_path: str,
-                    connect: bool = False, reflect: bool = False, print_fragment: bool = True) -> int:
+                    connect: bool = False, reflect: bool = False, print_fragment: bool = True,
+                    max_flows: int = DEFAULT_CAPACITY, map_host_loopback: tuple[str, ...] = ()) -> int:
     """Run shardswitch until SIGTERM/SIGINT; the exit status."""
     coordinator = Coordinator(workers=workers, params=params, socket_path=socket_path,
-                              control_path=control_path, connect=connect, reflect=reflect)
+                              control_path=control_path, connect=connect, reflect=reflect, max_flows=max_flows,
+                              map_host_loopback=map_host_loopback)
     try:
         coordinator.open()
     except StartError as err:
@@ -349,5 +409,14 @@ def run(cfg: "Config") -> int:
     params = guest_params(cfg, host_addressing(cfg))
     path = cfg.connect if cfg.connect is not None else cfg.socket
     assert path is not None and cfg.control is not None
+    if cfg.no_map_gw:
+        mapped: tuple[str, ...] = ()
+    elif cfg.map_host_loopback is not None:
+        mapped = (cfg.map_host_loopback,)
+    else:
+        # The gateway, and the IPv6 router address NDP gives the guest (our link-local by default).
+        mapped = (params.gateway, str(ipaddress.IPv6Address(resolve(params).gateway6)))
+    log.info("guest traffic to %s goes to the host's loopback", ", ".join(mapped) or "no address")
     return run_coordinator(workers=cfg.workers, params=params, socket_path=path, control_path=cfg.control,
-                           connect=cfg.connect is not None, reflect=cfg.reflect, print_fragment=not cfg.quiet)
+                           connect=cfg.connect is not None, reflect=cfg.reflect, print_fragment=not cfg.quiet,
+                           max_flows=cfg.max_flows, map_host_loopback=mapped)

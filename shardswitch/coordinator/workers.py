@@ -19,7 +19,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import multiprocess
 
@@ -71,7 +71,7 @@ class WorkerPool:
     """All worker processes of one shardswitch instance."""
 
     def __init__(self, count: int, params: GuestParams, *, reflect: bool = False, flow_table: str = "",
-                 map_host_loopback: str = "") -> None:
+                 map_host_loopback: tuple[str, ...] = ()) -> None:
         """A pool for ``count`` queue pairs (nothing is forked until :meth:`start`)."""
         self.count = count
         self.params = params
@@ -116,12 +116,14 @@ class WorkerPool:
         """The handle whose pidfd is ``fd``."""
         return next((h for h in self.handles if h is not None and h.pidfd == fd), None)
 
-    def reap(self, handle: WorkerHandle) -> WorkerHandle:
-        """A worker died: log it, fork its replacement, and return the new handle."""
+    def reap(self, handle: WorkerHandle, release: Callable[[WorkerHandle], None] | None = None) -> WorkerHandle:
+        """A worker died: log it, let ``release`` free what it held, fork its replacement, return it."""
         handle.process.join(timeout=1.0)
         how = describe_exit(handle.process.exitcode)
         log.error("worker %d (pid %d) %s; starting a replacement", handle.pair, handle.pid, how)
         self._close(handle)
+        if release is not None:
+            release(handle)
         wait = RESPAWN_INTERVAL - (time.monotonic() - handle.started)
         if wait > 0:
             time.sleep(wait)

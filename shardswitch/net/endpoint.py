@@ -46,6 +46,9 @@ __all__ = ["DropReason", "EtherHandler", "GuestEndpoint", "Icmpv6Handler", "Ipv4
            "PacketError", "UdpHandler"]
 
 
+_NO_FRAME = memoryview(b"")
+
+
 class EtherHandler(Protocol):
     """Handles the payload of frames of one EtherType."""
 
@@ -101,7 +104,7 @@ class GuestEndpoint:
         self.dhcp = DhcpServer(self.resolved)
         self.ndp = NdpResponder(self.resolved)
         #: The frame being handled, for handlers that hand it, unchanged, to another worker.
-        self.frame: memoryview = memoryview(b"")
+        self.frame: memoryview = _NO_FRAME
         self._our_mac = self.resolved.our_mac
         self._ether_handlers: dict[int, EtherHandler] = {}
         self._ip_handlers: dict[int, Ipv4Handler] = {}
@@ -152,6 +155,9 @@ class GuestEndpoint:
         except PacketError as exc:
             self.drops[exc.reason] += 1
             return exc.reason
+        finally:
+            # A view into guest memory must not outlive the frame: it would pin the mapping.
+            self.frame = _NO_FRAME
         return None
 
     def _dispatch(self, frame: memoryview, now: float, out: list[bytes]) -> None:

@@ -62,7 +62,6 @@ def service_tx(w: Worker) -> bool:
     vq = slot.vq
     if vq is None:
         return False
-    endpoint = w.endpoint
     counters = w.counters
     drops = counters.drops
     pending = w.pending
@@ -101,9 +100,7 @@ def service_tx(w: Worker) -> bool:
                 else:
                     drops[RX_NO_BUFFERS] += 1
             else:
-                reason = endpoint.handle_frame(frame, now, replies)
-                if reason is not None:
-                    drops[reason.name] += 1
+                w.handle_frame(frame, now, replies)
             vq.push(head, 0)
         counters.tx_frames += count
         counters.tx_bytes += nbytes
@@ -132,13 +129,9 @@ def service_inbox(w: Worker) -> None:
     if not frames:
         return
     now = time.monotonic()
-    endpoint = w.endpoint
-    drops = w.counters.drops
     replies: list[bytes] = []
     for frame in frames:
-        reason = endpoint.handle_frame(memoryview(frame), now, replies)
-        if reason is not None:
-            drops[reason.name] += 1
+        w.handle_frame(memoryview(frame), now, replies)
     if replies:
         w.pending.extend(replies)
     w.deliver_pending()

@@ -35,13 +35,17 @@ from shardswitch.net.endpoint import GuestEndpoint
 from shardswitch.virtio.memory import GuestMemory, GuestMemoryError
 from shardswitch.virtio.virtqueue import VirtqueueError
 from shardswitch.worker.datapath import Counters, deliver_rx, drop_pending, service_inbox, service_tx
+from shardswitch.shm.table import FlowTable
 from shardswitch.worker.peers import Peers
+from shardswitch.worker.ping import PingFlows
 from shardswitch.worker.rings import NO_FD, RingSlot, SlotState
 
 log = logging.getLogger("shardswitch.worker")
 
 #: Polling period for rings without a kick descriptor.
 POLL_INTERVAL = 0.001
+#: Drop reason of frames whose handling failed inside shardswitch itself.
+INTERNAL_ERROR = "INTERNAL_ERROR"
 #: Period of the deferred handler (flow timers).
 TICK = 1.0
 PR_SET_PDEATHSIG = 1
@@ -66,6 +70,7 @@ class Worker:
         self.epoll = select.epoll()
         self.epoll.register(channel.fileno(), select.EPOLLIN)
         self.peers = Peers(pair, setup.inbox_fd, setup.peer_fds) if setup.inbox_fd >= 0 else None
+        self.table = FlowTable.attach(setup.flow_table) if setup.flow_table else None
         if self.peers is not None:
             self.epoll.register(self.peers.fileno(), select.EPOLLIN)
         self.running = True
@@ -74,6 +79,7 @@ class Worker:
         #: Called once a second with ``now`` (flow expiry and the like).
         self.tick_handlers: list[Callable[[float], None]] = []
         self.next_tick = time.monotonic() + TICK
+        self.ping = PingFlows(self, self.table, setup.map_host_loopback)
         #: TX needs another round without waiting for a kick (batch limit hit, or polling).
         self.tx_again = False
 
@@ -185,7 +191,10 @@ class Worker:
         return WorkerStatus(seq=seq, pair=self.pair, pid=os.getpid(),
                             rings=[self.rx.snapshot(), self.tx.snapshot()],
                             tx_frames=c.tx_frames, tx_bytes=c.tx_bytes, rx_frames=c.rx_frames,
-                            rx_bytes=c.rx_bytes, drops=dict(c.drops))
+                            rx_bytes=c.rx_bytes, drops=dict(c.drops),
+                            handed_out=self.peers.handed_out if self.peers else 0,
+                            handed_in=self.peers.handed_in if self.peers else 0,
+                            flows=len(self.ping.flows))
 
     # -- rings ----------------------------------------------------------------
 
@@ -232,6 +241,24 @@ class Worker:
         return any(s.state is SlotState.RUNNING and s.kick_fd == NO_FD for s in (self.rx, self.tx))
 
     # -- loop -------------------------------------------------------------------
+
+    # -- frames -------------------------------------------------------------------
+
+    def handle_frame(self, frame: memoryview, now: float, replies: list[bytes]) -> None:
+        """One guest frame through the endpoint, counting drops.
+
+        The boundary where a fault in our own protocol code (a bug, an
+        unexpected OSError) is contained: the frame is dropped and counted,
+        the traceback logged, and the worker goes on.
+        """
+        try:
+            reason = self.endpoint.handle_frame(frame, now, replies)
+        except Exception:
+            self.counters.drops[INTERNAL_ERROR] += 1
+            log.exception("worker %d: frame dropped after an internal error", self.pair)
+            return
+        if reason is not None:
+            self.counters.drops[reason.name] += 1
 
     # -- sockets and timers ------------------------------------------------------
 
@@ -299,6 +326,9 @@ class Worker:
                 self._tick(now)
         self._stop_all()
         self._guard_memory(self.mem.clear)
+        self.ping.close()
+        if self.table is not None:
+            self.table.close()
 
 
 def _isolate(keep: set[int]) -> None:
