@@ -1,0 +1,143 @@
+"""Echo flows through a real switch, driven by the Python front-end.
+
+The switch runs in a namespace of its own (tests.switch), where the gateway
+10.0.2.2 and our IPv6 link-local address are mapped to that namespace's
+loopback: the only place these echo requests can go.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shardswitch.frontend.client import VhostUserFrontend
+from shardswitch.net.checksum import checksum
+from tests.switch import Switch
+
+GUEST_MAC = bytes.fromhex("525400123456")
+OUR_MAC = bytes.fromhex("9a559a559a55")
+GUEST4, GATEWAY4 = "10.0.2.15", "10.0.2.2"
+GUEST6 = "fe80::5054:ff:fe12:3456"
+ROUTER6 = "fe80::9855:9aff:fe55:9a55"
+DATA = b"shardswitch-echo-" * 3
+
+
+def echo4(ident: int, seq: int, dst: str = GATEWAY4) -> bytes:
+    """An Ethernet/IPv4/ICMP echo request from the guest."""
+    icmp = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + DATA
+    icmp = icmp[:2] + struct.pack("!H", checksum(icmp)) + icmp[4:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 0, 0, 64, 1, 0,
+                     socket.inet_aton(GUEST4), socket.inet_aton(dst))
+    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
+    return OUR_MAC + GUEST_MAC + b"\x08\x00" + ip + icmp
+
+
+def echo6(ident: int, seq: int, dst: str = ROUTER6) -> bytes:
+    """An Ethernet/IPv6/ICMPv6 echo request from the guest."""
+    src, dst16 = ipaddress.IPv6Address(GUEST6).packed, ipaddress.IPv6Address(dst).packed
+    body = struct.pack("!BBHHH", 128, 0, 0, ident, seq) + DATA
+    pseudo = src + dst16 + struct.pack("!I3xB", len(body), 58)
+    body = body[:2] + struct.pack("!H", checksum(pseudo + body)) + body[4:]
+    ip6 = struct.pack("!IHBB", 6 << 28, len(body), 58, 64) + src + dst16
+    return OUR_MAC + GUEST_MAC + b"\x86\xdd" + ip6 + body
+
+
+def replies(fe: VhostUserFrontend, pair: int, expect: int = 1, timeout: float = 3.0) -> list[tuple[int, int, int]]:
+    """(ICMP type, identifier, sequence) of the echo replies on ``pair``: waits for ``expect`` of them."""
+    frames: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while len(frames) < expect and time.monotonic() < deadline:
+        frames += fe.recv_frames(pair, timeout=max(0.05, deadline - time.monotonic()))
+    found = []
+    for frame in frames:
+        ethertype = frame[12:14]
+        if ethertype == b"\x08\x00":
+            icmp = frame[14 + (frame[14] & 0xF) * 4:]
+            assert checksum(icmp) == 0
+        elif ethertype == b"\x86\xdd":
+            icmp = frame[54:]
+            pseudo = frame[22:54] + struct.pack("!I3xB", len(icmp), 58)
+            assert checksum(pseudo + icmp) == 0
+        else:
+            continue
+        kind, _code, _sum, ident, seq = struct.unpack_from("!BBHHH", icmp)
+        assert icmp[8:] == DATA
+        found.append((kind, ident, seq))
+    return found
+
+
+@pytest.fixture
+def switch(tmp_path: Path) -> Iterator[Switch]:
+    """A 2-worker switch."""
+    with Switch(tmp_path, workers=2) as sw:
+        yield sw
+
+
+@pytest.fixture
+def fe(switch: Switch) -> Iterator[VhostUserFrontend]:
+    """A connected front-end with RX buffers on both pairs."""
+    with VhostUserFrontend.connect(switch.socket, queue_pairs=2) as frontend:
+        frontend.handshake()
+        for pair in (0, 1):
+            frontend.post_rx(pair, 64)
+        yield frontend
+
+
+def test_ping4_to_mapped_gateway(switch: Switch, fe: VhostUserFrontend) -> None:
+    """Echo requests to the gateway come back from the gateway, with the guest's identifier."""
+    for seq in range(3):
+        fe.send_frame(0, echo4(0x1234, seq))
+    got = replies(fe, 0, expect=3)
+    assert got == [(0, 0x1234, 0), (0, 0x1234, 1), (0, 0x1234, 2)]
+    (flow,) = switch.query("flows")["flows"]
+    assert flow["type"] == "ping4" and flow["owner"] == 0
+    assert flow["sides"][0] == {"pif": "guest", "ep_addr": GUEST4, "ep_port": 0x1234, "our_addr": GATEWAY4,
+                                "our_port": 0}
+    assert flow["sides"][1]["ep_addr"] == "127.0.0.1"
+
+
+def test_ping6_to_router_link_local(switch: Switch, fe: VhostUserFrontend) -> None:
+    """ICMPv6 echo to our link-local address is answered by the host's ::1."""
+    fe.send_frame(1, echo6(0x99, 7))
+    assert replies(fe, 1) == [(129, 0x99, 7)]
+    (flow,) = switch.query("flows")["flows"]
+    assert flow["type"] == "ping6" and flow["owner"] == 1 and flow["sides"][1]["ep_addr"] == "::1"
+
+
+def test_frame_on_other_pair_is_handed_to_owner(switch: Switch, fe: VhostUserFrontend) -> None:
+    """Same flow on pair 1 after pair 0 created it: one flow, the owner answers, nothing lost."""
+    fe.send_frame(0, echo4(0x55, 1))
+    assert replies(fe, 0) == [(0, 0x55, 1)]
+    for seq in range(2, 6):
+        fe.send_frame(1, echo4(0x55, seq))
+    assert replies(fe, 0, expect=4) == [(0, 0x55, seq) for seq in range(2, 6)]
+    flows = switch.query("flows")["flows"]
+    assert len(flows) == 1 and flows[0]["owner"] == 0
+    workers = switch.status()["workers"]
+    assert workers[1]["handed_out"] == 4 and workers[0]["handed_in"] == 4
+
+
+def test_distinct_identifiers_are_distinct_flows(switch: Switch, fe: VhostUserFrontend) -> None:
+    """Two identifiers on two pairs: two flows, each owned where it started."""
+    fe.send_frame(0, echo4(1, 1))
+    fe.send_frame(1, echo4(2, 1))
+    assert replies(fe, 0) == [(0, 1, 1)] and replies(fe, 1) == [(0, 2, 1)]
+    owners = sorted((f["sides"][0]["ep_port"], f["owner"]) for f in switch.query("flows")["flows"])
+    assert owners == [(1, 0), (2, 1)]
+
+
+def test_unreachable_destination_is_counted_not_fatal(switch: Switch, fe: VhostUserFrontend) -> None:
+    """The switch's namespace has no route to 192.0.2.1: the request is dropped and counted, the worker lives."""
+    pid = switch.status()["workers"][0]["pid"]
+    fe.send_frame(0, echo4(3, 1, dst="192.0.2.1"))
+    fe.send_frame(0, echo4(4, 1))
+    assert replies(fe, 0) == [(0, 4, 1)]
+    worker = switch.status()["workers"][0]
+    assert worker["pid"] == pid and worker["drops"].get("PING_SEND_ERROR", 0) + \
+        worker["drops"].get("PING_SOCKET_ERROR", 0) == 1
