@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import flowtable
 from bench.frames import BenchError, Case, CaseResult, run_case
 from bench.primitives import Reference, run_references
 
@@ -181,7 +182,7 @@ def _meta(settings: Settings, load: tuple[float, float, float]) -> dict[str, Any
 
 
 def write_results(path: Path, meta: dict[str, Any], refs: list[Reference],
-                  results: list[CaseResult | tuple[Case, str]]) -> None:
+                  results: list[CaseResult | tuple[Case, str]], flow_table: list[dict[str, Any]]) -> None:
     """Write everything measured as JSON."""
     cases: list[dict[str, Any]] = []
     for item in results:
@@ -192,7 +193,7 @@ def write_results(path: Path, meta: dict[str, Any], refs: list[Reference],
         else:
             cases.append(item.as_dict())
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"meta": meta, "references": [r.as_dict() for r in refs], "cases": cases}
+    data = {"meta": meta, "references": [r.as_dict() for r in refs], "cases": cases, "flow_table": flow_table}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
@@ -224,7 +225,10 @@ def main() -> int:
             results.append(item)
             print(format_case(item), flush=True)
     print(CASES_FOOTER)
-    write_results(RESULTS_FILE, _meta(settings, load), refs, results)
+    print("\nflow table (shared memory, semaphore readers-writer lock):", flush=True)
+    table_rows = flowtable.run(settings.seconds)
+    print(flowtable.format_rows(table_rows), flush=True)
+    write_results(RESULTS_FILE, _meta(settings, load), refs, results, table_rows)
     print(f"wrote {RESULTS_FILE} ({time.monotonic() - started:.0f} s in all)")
     return 1 if any(isinstance(item, tuple) for item in results) else 0
 
