@@ -141,3 +141,54 @@ def test_unreachable_destination_is_counted_not_fatal(switch: Switch, fe: VhostU
     worker = switch.status()["workers"][0]
     assert worker["pid"] == pid and worker["drops"].get("PING_SEND_ERROR", 0) + \
         worker["drops"].get("PING_SOCKET_ERROR", 0) == 1
+
+
+def start_with(tmp_path: Path, *args: str) -> tuple[Switch, VhostUserFrontend]:
+    """A 1-worker switch with extra options and a connected front-end."""
+    sw = Switch(tmp_path, args=list(args)).start()
+    frontend = VhostUserFrontend.connect(sw.socket)
+    frontend.handshake()
+    frontend.post_rx(0, 16)
+    return sw, frontend
+
+
+def test_no_map_gw_sends_gateway_pings_to_the_gateway(tmp_path: Path) -> None:
+    """--no-map-gw: the gateway is an ordinary address (unreachable in this namespace), nothing is mapped."""
+    sw, frontend = start_with(tmp_path, "--no-map-gw")
+    try:
+        frontend.send_frame(0, echo4(5, 1))
+        assert replies(frontend, 0, timeout=1.0) == []
+        # No route to 10.0.2.2 here: the ping socket cannot even connect, so no flow is made.
+        assert sw.query("flows")["flows"] == []
+        assert sw.status()["workers"][0]["drops"] == {"PING_SOCKET_ERROR": 1}
+    finally:
+        frontend.close()
+        sw.stop()
+
+
+def test_map_host_loopback_other_address(tmp_path: Path) -> None:
+    """--map-host-loopback 10.0.2.9: that address reaches the loopback, the gateway no longer does."""
+    sw, frontend = start_with(tmp_path, "--map-host-loopback", "10.0.2.9")
+    try:
+        frontend.send_frame(0, echo4(6, 1, dst="10.0.2.9"))
+        assert replies(frontend, 0) == [(0, 6, 1)]
+        frontend.send_frame(0, echo4(7, 1))
+        assert replies(frontend, 0, timeout=1.0) == []
+    finally:
+        frontend.close()
+        sw.stop()
+
+
+def test_flows_command_line(switch: Switch, fe: VhostUserFrontend) -> None:
+    """`shardswitch flows` prints one line per flow; --json the same as data."""
+    import json
+    import subprocess
+    import sys
+
+    fe.send_frame(0, echo4(0x77, 1))
+    assert replies(fe, 0) == [(0, 0x77, 1)]
+    base = [sys.executable, "-m", "shardswitch", "flows", "--control", switch.control]
+    text = subprocess.run(base, capture_output=True, text=True, check=True).stdout
+    assert "1 flow(s)" in text and "ping4" in text and "guest 10.0.2.15:119 > 10.0.2.2:0" in text, text
+    data = json.loads(subprocess.run(base + ["--json"], capture_output=True, text=True, check=True).stdout)
+    assert data["flows"][0]["sides"][1]["ep_addr"] == "127.0.0.1"
