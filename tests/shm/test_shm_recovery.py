@@ -11,46 +11,18 @@ from __future__ import annotations
 import os
 import signal
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import multiprocess
-import posix_ipc
 import pytest
 
 from shardswitch.shm import (FlowRef, FlowSide, FlowTable, FlowTableError, FlowType, HookPoint, Pif,
                              ip16)
-from shardswitch.shm.segment import names_for
 
 #: How long blocked processes get to prove they are blocked, and to finish after recovery.
 BLOCKED_FOR = 0.3
 FINISH_WITHIN = 15.0
-
-
-@pytest.fixture
-def instance() -> Iterator[str]:
-    """A unique instance name; whatever a test leaves behind is unlinked afterwards."""
-    name = f"t{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    yield name
-    names = names_for(name)
-    for unlink, obj in ((posix_ipc.unlink_shared_memory, names.segment),
-                        *((posix_ipc.unlink_semaphore, sem) for sem in names.semaphores)):
-        try:
-            unlink(obj)
-        except posix_ipc.ExistentialError:
-            pass
-
-
-@pytest.fixture
-def children() -> Iterator[list[Any]]:
-    """Processes a test starts; any still running at the end are killed."""
-    started: list[Any] = []
-    yield started
-    for proc in started:
-        if proc.is_alive():
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.join(5)
 
 
 def guest_side(n: int) -> FlowSide:

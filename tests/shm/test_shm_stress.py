@@ -19,36 +19,17 @@ import os
 import random
 import signal
 import time
-import uuid
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import multiprocess
-import posix_ipc
-import pytest
 
 from shardswitch.shm import (FlowSide, FlowTable, FlowType, Pif, TableFullError, ip16, pack_key)
-from shardswitch.shm.segment import names_for
 
 PROCESSES = 4
 SECONDS = 2.0
 KEYS = 64
 CAPACITY = 48
-
-
-@pytest.fixture
-def instance() -> Iterator[str]:
-    """A unique instance name; whatever a test leaves behind is unlinked afterwards."""
-    name = f"t{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    yield name
-    names = names_for(name)
-    for unlink, obj in ((posix_ipc.unlink_shared_memory, names.segment),
-                        *((posix_ipc.unlink_semaphore, sem) for sem in names.semaphores)):
-        try:
-            unlink(obj)
-        except posix_ipc.ExistentialError:
-            pass
 
 
 def guest_side(n: int) -> FlowSide:

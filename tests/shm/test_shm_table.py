@@ -2,31 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 
-import posix_ipc
 import pytest
 
 from shardswitch.shm import (FlowRef, FlowSide, FlowTable, FlowTableError, FlowType, Pif,
                              StaleReferenceError, State, TableFullError, ip16, ip_of, pack_key)
 from shardswitch.shm.layout import Geometry
-from shardswitch.shm.segment import names_for
-
-
-@pytest.fixture
-def instance() -> Iterator[str]:
-    """A unique instance name; whatever a test leaves behind is unlinked afterwards."""
-    name = f"t{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    yield name
-    names = names_for(name)
-    for unlink, obj in ((posix_ipc.unlink_shared_memory, names.segment),
-                        *((posix_ipc.unlink_semaphore, sem) for sem in names.semaphores)):
-        try:
-            unlink(obj)
-        except posix_ipc.ExistentialError:
-            pass
 
 
 @pytest.fixture
