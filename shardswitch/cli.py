@@ -102,6 +102,13 @@ def _add_start_options(parser: argparse.ArgumentParser) -> None:
                          help="guest traffic to ADDR goes to the host's loopback (default: the gateway)")
     mapping.add_argument("--no-map-gw", dest="no_map_gw", action="store_true", default=None,
                          help="map no address to the host's loopback")
+    parser.add_argument("-t", "--tcp-ports", dest="tcp_ports", action="append", metavar="SPEC",
+                        help="forward host TCP ports to the guest: none, all, or "
+                             "[ADDR[%%IF]/]PORT[-PORT][:TO[-TO]] and ~PORT[-PORT], comma-separated (repeatable)")
+    parser.add_argument("-u", "--udp-ports", dest="udp_ports", action="append", metavar="SPEC",
+                        help="forward host UDP ports to the guest, same syntax as -t (repeatable)")
+    parser.add_argument("--dns-forward", dest="dns_forward", metavar="ADDR",
+                        help="guest DNS queries to ADDR (UDP and TCP port 53) go to the host's resolvers")
     parser.add_argument("--reflect", action="store_true", default=None, help=argparse.SUPPRESS)
 
 

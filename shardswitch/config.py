@@ -141,6 +141,11 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     map_host_loopback: str | None = None
     #: Do not map any address to the host's loopback.
     no_map_gw: bool = False
+    #: Inbound port forwarding specs, as passt's -t / -u (validated by shardswitch.portspec).
+    tcp_ports: list[NonEmpty] = []
+    udp_ports: list[NonEmpty] = []
+    #: An address the guest may use as DNS server; its queries go to the host's resolvers.
+    dns_forward: str | None = None
 
 
 class Addressing(msgspec.Struct, frozen=True, kw_only=True):
@@ -182,6 +187,9 @@ OPTION_NAMES: Final = {
     "max_flows": "--max-flows",
     "map_host_loopback": "--map-host-loopback",
     "no_map_gw": "--no-map-gw",
+    "tcp_ports": "-t/--tcp-ports",
+    "udp_ports": "-u/--udp-ports",
+    "dns_forward": "--dns-forward",
 }
 
 _FIELDS: Final = frozenset(Config.__struct_fields__)
@@ -410,6 +418,9 @@ def _check(cfg: Config, label: str) -> Config:
         value = getattr(cfg, field)
         if value is not None:
             changes[field] = _checked(label, field, _check_ipv4, value, f"the guest's {field}")
+    if cfg.dns_forward is not None:
+        changes["dns_forward"] = _checked(label, "dns_forward", _check_ip, cfg.dns_forward,
+                                          "the DNS forwarding address")
     if cfg.map_host_loopback is not None:
         changes["map_host_loopback"] = _checked(label, "map_host_loopback", _check_ip, cfg.map_host_loopback,
                                                 "the address mapped to the host's loopback")

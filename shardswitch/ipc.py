@@ -51,6 +51,12 @@ class WorkerSetup(msgspec.Struct, frozen=True, kw_only=True):
     peer_fds: tuple[int, ...] = ()
     #: Guest traffic to these addresses (IPv4 and/or IPv6) goes to the host's loopback.
     map_host_loopback: tuple[str, ...] = ()
+    #: Inbound forwarding specs (-t / -u), as given; parsed by shardswitch.portspec.
+    tcp_ports: tuple[str, ...] = ()
+    udp_ports: tuple[str, ...] = ()
+    #: The guest-side DNS forwarding address ("" = none) and the host resolvers its queries go to.
+    dns_forward: str = ""
+    dns_upstream: tuple[str, ...] = ()
 
 
 class MemAdd(msgspec.Struct, tag=True):

@@ -39,7 +39,7 @@ from shardswitch.coordinator.control import serve_client, uptime_since
 from shardswitch.coordinator.device import Device
 from shardswitch.coordinator.handler import Disconnect, RequestHandler
 from shardswitch.coordinator.workers import WorkerHandle, WorkerPool
-from shardswitch.ipc import StatusQuery, WorkerStatus
+from shardswitch.ipc import StatusQuery, WorkerSetup, WorkerStatus
 from shardswitch.net.params import GuestParams, resolve
 from shardswitch.shm.layout import DEFAULT_CAPACITY, Flow, FlowSide, FlowTableError, Pif, ip_of
 from shardswitch.shm.table import FlowTable
@@ -132,10 +132,10 @@ def qemu_fragment(path: str, workers: int) -> str:
 class Coordinator:
     """All state of the coordinator process."""
 
-    def __init__(self, *, workers: int, params: GuestParams, socket_path: str, control_path: str,
-                 connect: bool = False, reflect: bool = False, max_flows: int = DEFAULT_CAPACITY,
-                 map_host_loopback: tuple[str, ...] = ()) -> None:
-        """Set up (nothing is bound, created or forked until :meth:`open`)."""
+    def __init__(self, *, workers: int, setup: WorkerSetup, socket_path: str, control_path: str,
+                 connect: bool = False, max_flows: int = DEFAULT_CAPACITY) -> None:
+        """Set up (nothing is bound, created or forked until :meth:`open`); ``setup``: the workers' template."""
+        params = setup.params
         self.params = params
         self.instance = instance_name(socket_path)
         self.max_flows = max_flows
@@ -145,8 +145,7 @@ class Coordinator:
         self.client_mode = connect
         self.started = time.monotonic()
         self.sel = selectors.DefaultSelector()
-        self.pool = WorkerPool(workers, params, reflect=reflect, flow_table=self.instance,
-                               map_host_loopback=map_host_loopback)
+        self.pool = WorkerPool(workers, msgspec.structs.replace(setup, flow_table=self.instance))
         self.device = Device(workers, self.pool)
         self.handler = RequestHandler(self.device)
         self.conn: FrontendConnection | None = None
@@ -377,13 +376,12 @@ class Coordinator:
         }
 
 
-def run_coordinator(*, workers: int, params: GuestParams, socket_path: str, control_path: str,
-                    connect: bool = False, reflect: bool = False, print_fragment: bool = True,
-                    max_flows: int = DEFAULT_CAPACITY, map_host_loopback: tuple[str, ...] = ()) -> int:
+def run_coordinator(*, workers: int, setup: WorkerSetup, socket_path: str, control_path: str,
+                    connect: bool = False, print_fragment: bool = True, max_flows: int = DEFAULT_CAPACITY) -> int:
     """Run shardswitch until SIGTERM/SIGINT; the exit status."""
-    coordinator = Coordinator(workers=workers, params=params, socket_path=socket_path,
-                              control_path=control_path, connect=connect, reflect=reflect, max_flows=max_flows,
-                              map_host_loopback=map_host_loopback)
+    params = setup.params
+    coordinator = Coordinator(workers=workers, setup=setup, socket_path=socket_path, control_path=control_path,
+                              connect=connect, max_flows=max_flows)
     try:
         coordinator.open()
     except StartError as err:
@@ -405,6 +403,7 @@ def run_coordinator(*, workers: int, params: GuestParams, socket_path: str, cont
 def run(cfg: "Config") -> int:
     """``shardswitch start``: resolve addressing (mirroring the host), then run the coordinator."""
     from shardswitch.config import guest_params, host_addressing
+    from shardswitch.hostnet import read_resolv_conf
 
     params = guest_params(cfg, host_addressing(cfg))
     path = cfg.connect if cfg.connect is not None else cfg.socket
@@ -417,6 +416,9 @@ def run(cfg: "Config") -> int:
         # The gateway, and the IPv6 router address NDP gives the guest (our link-local by default).
         mapped = (params.gateway, str(ipaddress.IPv6Address(resolve(params).gateway6)))
     log.info("guest traffic to %s goes to the host's loopback", ", ".join(mapped) or "no address")
-    return run_coordinator(workers=cfg.workers, params=params, socket_path=path, control_path=cfg.control,
-                           connect=cfg.connect is not None, reflect=cfg.reflect, print_fragment=not cfg.quiet,
-                           max_flows=cfg.max_flows, map_host_loopback=mapped)
+    upstream = tuple(read_resolv_conf()[0]) if cfg.dns_forward else ()
+    setup = WorkerSetup(pair=0, params=params, reflect=cfg.reflect, map_host_loopback=mapped,
+                        tcp_ports=tuple(cfg.tcp_ports), udp_ports=tuple(cfg.udp_ports),
+                        dns_forward=cfg.dns_forward or "", dns_upstream=upstream)
+    return run_coordinator(workers=cfg.workers, setup=setup, socket_path=path, control_path=cfg.control,
+                           connect=cfg.connect is not None, print_fragment=not cfg.quiet, max_flows=cfg.max_flows)

@@ -21,11 +21,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import msgspec
 import multiprocess
 
 from shardswitch.ipc import (Channel, FromWorker, IpcError, RingStarted, RingStopped, Shutdown, WorkerSetup,
                              WorkerStatus, channel_pair)
-from shardswitch.net.params import GuestParams
 from shardswitch.worker.main import worker_main
 from shardswitch.worker.peers import inbox_pairs
 
@@ -70,14 +70,10 @@ def describe_exit(exitcode: int | None) -> str:
 class WorkerPool:
     """All worker processes of one shardswitch instance."""
 
-    def __init__(self, count: int, params: GuestParams, *, reflect: bool = False, flow_table: str = "",
-                 map_host_loopback: tuple[str, ...] = ()) -> None:
-        """A pool for ``count`` queue pairs (nothing is forked until :meth:`start`)."""
+    def __init__(self, count: int, template: WorkerSetup) -> None:
+        """A pool for ``count`` queue pairs whose workers start from ``template`` (nothing forked yet)."""
         self.count = count
-        self.params = params
-        self.reflect = reflect
-        self.flow_table = flow_table
-        self.map_host_loopback = map_host_loopback
+        self.template = template
         self.handles: list[WorkerHandle | None] = [None] * count
         #: One inbox per queue pair, kept for the pool's lifetime (see shardswitch.worker.peers).
         self.inboxes = inbox_pairs(count)
@@ -85,10 +81,8 @@ class WorkerPool:
 
     def setup(self, pair: int) -> WorkerSetup:
         """What the worker of ``pair`` is forked with."""
-        return WorkerSetup(pair=pair, params=self.params, reflect=self.reflect, flow_table=self.flow_table,
-                           inbox_fd=self.inboxes[pair][0].fileno(),
-                           peer_fds=tuple(write_end.fileno() for _read, write_end in self.inboxes),
-                           map_host_loopback=self.map_host_loopback)
+        return msgspec.structs.replace(self.template, pair=pair, inbox_fd=self.inboxes[pair][0].fileno(),
+                                       peer_fds=tuple(write_end.fileno() for _read, write_end in self.inboxes))
 
     def start(self) -> None:
         """Fork every worker."""
