@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-Two parts, both configured from the environment:
+Four parts, configured from the environment:
 
 * in-process references (:mod:`bench.primitives`): the raw cost of the ring
   primitives and of the worker's packet path without processes, each for
@@ -11,12 +11,18 @@ Two parts, both configured from the environment:
   size in ``BENCH_RINGS``, 64-byte frames reflected, 64-byte ARP requests
   answered (the normal path), and 1500-byte frames reflected; each in a
   fresh switch, ``BENCH_WARMUP`` seconds of warm-up then ``BENCH_SECONDS``
-  measured.
+  measured;
+* the shared flow table (:mod:`bench.flowtable`): operations per second in one
+  process and contended by 2 and 4, lock costs;
+* a real guest (:mod:`bench.guest`): shardswitch beside QEMU's user networking
+  and, when ``PASST_BIN`` names a vhost-user passt, passt, measured in the same
+  run (iperf3 both ways, connections per second, ping); ``BENCH_GUEST=0`` skips it.
 
 Variables: ``BENCH_SECONDS`` (default 3), ``BENCH_WARMUP`` (default 0.5),
 ``BENCH_RINGS`` (comma-separated ring sizes, default ``256,1024``),
-``BENCH_WORKERS`` (comma-separated worker counts, default ``1,2``).  With the
-defaults the whole run takes about a minute.
+``BENCH_WORKERS`` (comma-separated worker counts, default ``1,2``),
+``BENCH_GUEST``, ``PASST_BIN``.  With the defaults the whole run takes about
+six minutes, most of it the real guests.
 
 A case that fails is reported and the run goes on; the exit status is then 1.
 The machine is usually shared, so the load average at the start is printed
@@ -35,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import flowtable
+from bench import flowtable, guest
 from bench.frames import BenchError, Case, CaseResult, run_case
 from bench.primitives import Reference, run_references
 
@@ -182,7 +188,8 @@ def _meta(settings: Settings, load: tuple[float, float, float]) -> dict[str, Any
 
 
 def write_results(path: Path, meta: dict[str, Any], refs: list[Reference],
-                  results: list[CaseResult | tuple[Case, str]], flow_table: list[dict[str, Any]]) -> None:
+                  results: list[CaseResult | tuple[Case, str]], flow_table: list[dict[str, Any]],
+                  guest_results: dict[str, Any]) -> None:
     """Write everything measured as JSON."""
     cases: list[dict[str, Any]] = []
     for item in results:
@@ -193,7 +200,8 @@ def write_results(path: Path, meta: dict[str, Any], refs: list[Reference],
         else:
             cases.append(item.as_dict())
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"meta": meta, "references": [r.as_dict() for r in refs], "cases": cases, "flow_table": flow_table}
+    data = {"meta": meta, "references": [r.as_dict() for r in refs], "cases": cases, "flow_table": flow_table,
+            "guest": guest_results}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
@@ -228,7 +236,13 @@ def main() -> int:
     print("\nflow table (shared memory, semaphore readers-writer lock):", flush=True)
     table_rows = flowtable.run(settings.seconds)
     print(flowtable.format_rows(table_rows), flush=True)
-    write_results(RESULTS_FILE, _meta(settings, load), refs, results, table_rows)
+    guest_results: dict[str, Any] = {}
+    if os.environ.get("BENCH_GUEST", "1") != "0":
+        print("\nreal guest (TCG), every back-end in this run; PASST_BIN names a vhost-user passt:", flush=True)
+        print(guest.HEADER, flush=True)
+        guest_results = guest.run(max(2, int(settings.seconds)))
+        print("\n".join(guest.ratios(guest_results)), flush=True)
+    write_results(RESULTS_FILE, _meta(settings, load), refs, results, table_rows, guest_results)
     print(f"wrote {RESULTS_FILE} ({time.monotonic() - started:.0f} s in all)")
     return 1 if any(isinstance(item, tuple) for item in results) else 0
 
