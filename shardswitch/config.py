@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Final
 
 import msgspec
 
-from shardswitch import hostnet
+from shardswitch import hostnet, portspec
 
 if TYPE_CHECKING:
     from shardswitch.net.params import GuestParams
@@ -428,6 +428,13 @@ def _check(cfg: Config, label: str) -> Config:
         value = getattr(cfg, field)
         if value is not None:
             _checked(label, field, _check_unix_path, value)
+    for field, option in (("tcp_ports", "-t"), ("udp_ports", "-u")):
+        specs = getattr(cfg, field)
+        if specs:
+            try:
+                portspec.parse_all(specs, option)
+            except portspec.PortSpecError as exc:
+                raise _fail(label, field, str(exc)) from None
     if cfg.dns is not None:
         changes["dns"] = [_checked(label, f"dns[{i}]", _check_ipv4, server, "a DNS server for the guest")
                           for i, server in enumerate(cfg.dns)]
@@ -504,13 +511,16 @@ def _classful_prefix(address: str) -> int:
 
 
 def _pick_dns(cfg: Config, netinfo: hostnet.NetInfo, gateway: str, notes: list[str]) -> list[str]:
-    """Choose the guest's DNS servers: --dns, else the host's non-loopback IPv4 ones.
+    """Choose the guest's DNS servers: --dns, else --dns-forward (IPv4), else the host's non-loopback IPv4 ones.
 
     When the host only has loopback resolvers (systemd-resolved, dnsmasq),
     the gateway address is offered instead, as passt does, and a note says so.
     """
     if cfg.dns is not None:
         return list(cfg.dns)
+    if cfg.dns_forward is not None and ipaddress.ip_address(cfg.dns_forward).version == 4:
+        # As passt: the forwarding address is the guest's resolver; its queries reach the host's.
+        return [cfg.dns_forward]
     ipv4 = [ipaddress.ip_address(s) for s in netinfo.nameservers]
     ipv4_usable = [str(a) for a in ipv4 if a.version == 4 and not a.is_loopback
                    and not a.is_unspecified and not a.is_multicast]

@@ -75,6 +75,12 @@ class DropReason(IntEnum):
     NDP_MALFORMED = 26
     #: Well-formed NDP message we do not answer (advertisements, redirects).
     NDP_IGNORED = 27
+    #: TCP header inconsistent (length, data offset, port 0).
+    TCP_MALFORMED = 28
+    #: TCP checksum wrong.
+    TCP_BAD_CHECKSUM = 29
+    #: Well-formed TCP segment we do not handle (no flow and not a SYN, or refused).
+    TCP_IGNORED = 30
 
 
 class PacketError(Exception):

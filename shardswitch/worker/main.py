@@ -38,7 +38,9 @@ from shardswitch.worker.datapath import Counters, deliver_rx, drop_pending, serv
 from shardswitch.shm.table import FlowTable
 from shardswitch.worker.peers import Peers
 from shardswitch.worker.ping import PingFlows
+from shardswitch.worker.udp import UdpFlows
 from shardswitch.worker.rings import NO_FD, RingSlot, SlotState
+from shardswitch.worker.tcp import TcpFlows
 
 log = logging.getLogger("shardswitch.worker")
 
@@ -80,6 +82,8 @@ class Worker:
         self.tick_handlers: list[Callable[[float], None]] = []
         self.next_tick = time.monotonic() + TICK
         self.ping = PingFlows(self, self.table, setup.map_host_loopback)
+        self.tcp = TcpFlows(self, self.table, setup.map_host_loopback)
+        self.udp = UdpFlows(self, self.table, setup.map_host_loopback, setup.udp_ports, setup.dns_forward, setup.dns_upstream)
         #: TX needs another round without waiting for a kick (batch limit hit, or polling).
         self.tx_again = False
 
