@@ -1,0 +1,366 @@
+"""UDP flows: codecs, timers and -u forwarding in-process; echo, many flows, DNS and hand-over through a switch.
+
+The in-process tests run a real worker (attached to a table of their own)
+in the test's namespace and only ever talk to sockets they bound on
+127.0.0.1.  The switch tests run shardswitch in a test namespace (tests.guest.netns)
+holding a UDP echo server on 127.0.0.1 and ::1: the gateway 10.0.2.2 and our
+IPv6 link-local address are mapped there, and the namespace's resolv.conf
+names 127.0.0.1, so the echo server on port 53 also plays the DNS upstream.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shardswitch.frontend.client import VhostUserFrontend
+from shardswitch.ipc import Channel, ToWorker, WorkerSetup
+from shardswitch.net import ipv4, ipv6, udp
+from shardswitch.net.drop import DropReason
+from shardswitch.net.params import GuestParams
+from shardswitch.shm.table import FlowTable
+from shardswitch.worker.main import Worker
+from shardswitch.worker.udp import UDP_TIMEOUT, UDP_TIMEOUT_BOTH, build_frame6, parse6
+from tests.guest.netns import TestNetns
+from tests.switch import Switch
+
+GUEST_MAC = bytes.fromhex("525400123456")
+OUR_MAC = bytes.fromhex("9a559a559a55")
+GUEST4, GATEWAY4, DNSFWD = "10.0.2.15", "10.0.2.2", "10.0.2.3"
+GUEST6 = "fe80::5054:ff:fe12:3456"
+ROUTER6 = "fe80::9855:9aff:fe55:9a55"
+ECHO_PORT = 7007
+A4 = ipv4.addr_from_str
+
+ECHO_SERVER = r"""
+import socket, select, sys
+socks = []
+for fam, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+    for port in (int(sys.argv[1]), 53):
+        s = socket.socket(fam, socket.SOCK_DGRAM)
+        s.bind((addr, port))
+        socks.append(s)
+open(sys.argv[2], "w").close()
+while True:
+    for s in select.select(socks, [], [])[0]:
+        data, peer = s.recvfrom(65535)
+        s.sendto(b"echo:" + data, peer)
+"""
+
+
+def frame4(sport: int, dport: int, payload: bytes, dst: str = GATEWAY4) -> bytes:
+    """An Ethernet/IPv4/UDP frame from the guest."""
+    return udp.build_frame(OUR_MAC, GUEST_MAC, A4(GUEST4), A4(dst), sport, dport, payload)
+
+
+def frame6(sport: int, dport: int, payload: bytes, dst: str = ROUTER6) -> bytes:
+    """An Ethernet/IPv6/UDP frame from the guest."""
+    return build_frame6(OUR_MAC, GUEST_MAC, ipv6.addr_from_str(GUEST6), ipv6.addr_from_str(dst), sport, dport,
+                        payload)
+
+
+def decode(frame: bytes) -> tuple[str, int, str, int, bytes]:
+    """(source, source port, destination, destination port, payload) of a frame to the guest, checksums verified."""
+    assert frame[:6] == GUEST_MAC and frame[6:12] == OUR_MAC
+    view = memoryview(frame)[14:]
+    if frame[12:14] == b"\x08\x00":
+        p4 = ipv4.parse(view)
+        d = udp.parse(p4)
+        return ipv4.addr_to_str(p4.src), d.src_port, ipv4.addr_to_str(p4.dst), d.dst_port, bytes(d.payload)
+    p6 = ipv6.parse(view)
+    d = parse6(p6)
+    return ipv6.addr_to_str(p6.src), d.src_port, ipv6.addr_to_str(p6.dst), d.dst_port, bytes(d.payload)
+
+
+# -- codecs ----------------------------------------------------------------------------
+
+
+def test_ipv6_codec_round_trip_and_errors() -> None:
+    """build_frame6/parse6 agree; a zero or wrong checksum and bad lengths are refused."""
+    frame = frame6(1234, 53, b"query")
+    packet = ipv6.parse(memoryview(frame)[14:])
+    got = parse6(packet)
+    assert (got.src_port, got.dst_port, bytes(got.payload)) == (1234, 53, b"query")
+    for offset, value, reason in ((60, b"\x00\x00", DropReason.UDP_BAD_CHECKSUM),
+                                  (58, b"\x00\x04", DropReason.UDP_MALFORMED),
+                                  (58, b"\x00\xff", DropReason.UDP_MALFORMED)):
+        bad = bytearray(frame)
+        bad[offset:offset + 2] = value
+        with pytest.raises(Exception) as exc:
+            parse6(ipv6.parse(memoryview(bytes(bad))[14:]))
+        assert getattr(exc.value, "reason", None) == reason
+
+
+# -- in-process worker ----------------------------------------------------------------
+
+
+@pytest.fixture
+def table() -> Iterator[FlowTable]:
+    """A small table of this test's own, unlinked afterwards."""
+    t = FlowTable.create(f"udptest{os.getpid()}", capacity=64)
+    yield t
+    t.unlink()
+
+
+def free_port() -> int:
+    """A UDP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def make_worker(table: FlowTable, udp_ports: tuple[str, ...] = ()) -> tuple[Worker, list[socket.socket]]:
+    """Worker 0 attached to ``table``, mapping the gateway to 127.0.0.1."""
+    peer, ours = socket.socketpair()
+    params = GuestParams(address=GUEST4, prefix_len=24, gateway=GATEWAY4)
+    setup = WorkerSetup(pair=0, params=params, flow_table=table.instance, map_host_loopback=(GATEWAY4,),
+                        udp_ports=udp_ports)
+    return Worker(setup, Channel(ours, ToWorker)), [peer, ours]
+
+
+@pytest.fixture
+def server() -> Iterator[socket.socket]:
+    """A UDP socket on 127.0.0.1 standing for a host server."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    s.settimeout(2.0)
+    yield s
+    s.close()
+
+
+def send(w: Worker, frame: bytes, now: float) -> None:
+    """Feed one guest frame to the worker's endpoint; it must be consumed."""
+    out: list[bytes] = []
+    assert w.endpoint.handle_frame(memoryview(frame), now, out) is None
+
+
+def close_worker(w: Worker, socks: list[socket.socket]) -> None:
+    """Close everything the worker and the fixture opened."""
+    w.udp.close()
+    assert w.table is not None
+    w.table.close()
+    w.epoll.close()
+    for s in socks:
+        s.close()
+
+
+def test_flow_timers(table: FlowTable, server: socket.socket) -> None:
+    """30 s idle one way; 180 s once the host answered; activity published; expiry frees everything."""
+    w, socks = make_worker(table)
+    try:
+        port = server.getsockname()[1]
+        send(w, frame4(40000, port, b"one-way"), now=1000.0)
+        send(w, frame4(40001, port, b"both-ways"), now=1000.0)
+        assert server.recvfrom(100)[0] == b"one-way"
+        data, peer = server.recvfrom(100)
+        assert data == b"both-ways"
+        server.sendto(b"answer", peer)
+        flow = next(f for f in w.udp.flows.values() if f.guest_port == 40001)
+        time.sleep(0.1)
+        w.udp.on_readable(flow.sock.fileno())
+        (reply,) = w.pending
+        assert decode(reply) == (GATEWAY4, port, GUEST4, 40001, b"answer")
+        flow.last = 1000.0
+        w.udp.tick(1000.0 + UDP_TIMEOUT - 1)
+        assert len(table.list_flows()) == 2
+        w.udp.tick(1000.0 + UDP_TIMEOUT + 1)
+        (left,) = table.list_flows()
+        assert left.initiator.ep_port == 40001 and len(w.udp.flows) == 1
+        fd = flow.sock.fileno()
+        flow.last = 1100.0
+        w.udp.tick(1101.0)
+        assert table.list_flows()[0].last_activity == 1100.0
+        w.udp.tick(1100.0 + UDP_TIMEOUT_BOTH + 1)
+        assert table.list_flows() == [] and w.udp.flows == {} and fd not in w.sockets and flow.sock.fileno() == -1
+    finally:
+        close_worker(w, socks)
+
+
+def test_forwarded_port_in_process(table: FlowTable) -> None:
+    """-u PORT:TO: a loopback client reaches the guest's TO port from the gateway; the reply returns."""
+    port = free_port()
+    w, socks = make_worker(table, (f"127.0.0.1/{port}:5000",))
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.settimeout(2.0)
+    try:
+        w.endpoint.guest_mac = GUEST_MAC
+        (fd,) = w.udp.listeners
+        client.sendto(b"ping", ("127.0.0.1", port))
+        time.sleep(0.1)
+        w.udp.on_listener(fd)
+        (frame,) = w.pending
+        cport = client.getsockname()[1]
+        assert decode(frame) == (GATEWAY4, cport, GUEST4, 5000, b"ping")
+        (entry,) = table.list_flows()
+        assert entry.initiator.ep_port == cport and entry.target.ep_port == 5000
+        send(w, frame4(5000, cport, b"pong"), now=time.monotonic())
+        assert client.recvfrom(100) == (b"pong", ("127.0.0.1", port))
+        assert len(table.list_flows()) == 1
+    finally:
+        client.close()
+        close_worker(w, socks)
+
+
+def test_forwarded_ipv6_port_before_the_guest_mac_is_known(table: FlowTable) -> None:
+    """-u [::1]/PORT: a ::1 client reaches the guest from the mapped router; broadcast MAC until the MAC is learnt."""
+    port = free_port()
+    peer, ours = socket.socketpair()
+    params = GuestParams(address=GUEST4, prefix_len=24, gateway=GATEWAY4)
+    setup = WorkerSetup(pair=0, params=params, flow_table=table.instance, map_host_loopback=(GATEWAY4, ROUTER6),
+                        udp_ports=(f"[::1]/{port}:6000",))
+    w = Worker(setup, Channel(ours, ToWorker))
+    client = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    client.settimeout(2.0)
+    try:
+        w.udp.guest6 = ipv6.addr_from_str(GUEST6)
+        (fd,) = w.udp.listeners
+        client.sendto(b"six", ("::1", port))
+        time.sleep(0.1)
+        w.udp.on_listener(fd)
+        (frame,) = w.pending
+        assert frame[:6] == b"\xff" * 6
+        cport = client.getsockname()[1]
+        assert decode(GUEST_MAC + frame[6:]) == (ROUTER6, cport, GUEST6, 6000, b"six")
+        send(w, frame6(6000, cport, b"back", dst=ROUTER6), now=time.monotonic())
+        assert client.recvfrom(100)[:2][0] == b"back"
+    finally:
+        client.close()
+        close_worker(w, [peer, ours])
+
+
+def test_local_and_multicast_destinations_are_dropped(table: FlowTable) -> None:
+    """Broadcast, multicast and loopback destinations never get a socket."""
+    w, socks = make_worker(table)
+    try:
+        for dst in ("255.255.255.255", "224.0.0.251", "127.0.0.1"):
+            out: list[bytes] = []
+            assert w.endpoint.handle_frame(memoryview(frame4(5353, 5353, b"x", dst=dst)), 0.0, out) \
+                == DropReason.UDP_PORT_UNHANDLED
+        out = []
+        assert w.endpoint.handle_frame(memoryview(frame6(5353, 5353, b"x", dst="ff02::fb")), 0.0, out) \
+            == DropReason.UDP_PORT_UNHANDLED
+        assert w.udp.flows == {} and table.list_flows() == []
+    finally:
+        close_worker(w, socks)
+
+
+# -- through a switch -------------------------------------------------------------------
+
+
+@pytest.fixture
+def echo_ns(netns: TestNetns, tmp_path: Path) -> TestNetns:
+    """The test namespace with the UDP echo server running on 127.0.0.1 and ::1 (ports ECHO_PORT and 53)."""
+    ready = tmp_path / "echo.ready"
+    netns.popen([sys.executable, "-c", ECHO_SERVER, str(ECHO_PORT), str(ready)])
+    deadline = time.monotonic() + 10
+    while not ready.exists():
+        assert time.monotonic() < deadline, "echo server did not start"
+        time.sleep(0.05)
+    return netns
+
+
+@pytest.fixture
+def switch(echo_ns: TestNetns, tmp_path: Path) -> Iterator[Switch]:
+    """A 2-worker switch in the echo namespace, with --dns-forward."""
+    with Switch(tmp_path, workers=2, prefix=echo_ns.exec_argv([]), args=["--dns-forward", DNSFWD]) as sw:
+        yield sw
+
+
+@pytest.fixture
+def fe(switch: Switch) -> Iterator[VhostUserFrontend]:
+    """A connected front-end with RX buffers on both pairs."""
+    with VhostUserFrontend.connect(switch.socket, queue_pairs=2) as frontend:
+        frontend.handshake()
+        for pair in (0, 1):
+            frontend.post_rx(pair, 256)
+        yield frontend
+
+
+def received(fe: VhostUserFrontend, pair: int, expect: int, timeout: float = 5.0) -> list[tuple[str, int, str, int,
+                                                                                             bytes]]:
+    """The UDP frames to the guest on ``pair``, decoded; waits for ``expect`` of them."""
+    got: list[tuple[str, int, str, int, bytes]] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < expect and time.monotonic() < deadline:
+        for frame in fe.recv_frames(pair, timeout=max(0.05, deadline - time.monotonic())):
+            if frame[12:14] == b"\x08\x00" and frame[23] == 17 or frame[12:14] == b"\x86\xdd" and frame[20] == 17:
+                got.append(decode(frame))
+    return got
+
+
+def test_echo_v4_and_v6(switch: Switch, fe: VhostUserFrontend) -> None:
+    """Guest -> mapped gateway and router link-local: echoed back from the address the guest used."""
+    fe.send_frame(0, frame4(40000, ECHO_PORT, b"hello4"))
+    assert received(fe, 0, 1) == [(GATEWAY4, ECHO_PORT, GUEST4, 40000, b"echo:hello4")]
+    fe.send_frame(0, frame6(40000, ECHO_PORT, b"hello6"))
+    assert received(fe, 0, 1) == [(ROUTER6, ECHO_PORT, GUEST6, 40000, b"echo:hello6")]
+    flows = switch.query("flows")["flows"]
+    assert len(flows) == 2 and {f["sides"][1]["ep_addr"] for f in flows} == {"127.0.0.1", "::1"}
+    assert all(f["type"] == "udp" and f["owner"] == 0 for f in flows)
+
+
+def test_many_flows(switch: Switch, fe: VhostUserFrontend) -> None:
+    """100 concurrent flows, each answered on its own port."""
+    for i in range(100):
+        fe.send_frame(i % 2, frame4(41000 + i, ECHO_PORT, b"n%d" % i))
+    got = received(fe, 0, 50) + received(fe, 1, 50)
+    assert sorted(g[3] for g in got) == list(range(41000, 41100))
+    assert all(g[4] == b"echo:n%d" % (g[3] - 41000) for g in got)
+    assert len(switch.query("flows")["flows"]) == 100
+
+
+def test_dns_forward(switch: Switch, fe: VhostUserFrontend) -> None:
+    """Port 53 of --dns-forward goes to the namespace's resolver (127.0.0.1); the answer comes from DNSFWD:53."""
+    fe.send_frame(1, frame4(45000, 53, b"query", dst=DNSFWD))
+    assert received(fe, 1, 1) == [(DNSFWD, 53, GUEST4, 45000, b"echo:query")]
+    (flow,) = switch.query("flows")["flows"]
+    assert flow["sides"][1]["ep_addr"] == "127.0.0.1" and flow["sides"][1]["ep_port"] == 53
+
+
+def test_frame_on_other_pair_is_handed_to_owner(switch: Switch, fe: VhostUserFrontend) -> None:
+    """A flow created on pair 0 and continued on pair 1: one flow, pair 0 answers everything."""
+    fe.send_frame(0, frame4(42000, ECHO_PORT, b"first"))
+    assert len(received(fe, 0, 1)) == 1
+    for i in range(4):
+        fe.send_frame(1, frame4(42000, ECHO_PORT, b"more%d" % i))
+    assert [g[4] for g in received(fe, 0, 4)] == [b"echo:more%d" % i for i in range(4)]
+    flows = switch.query("flows")["flows"]
+    assert len(flows) == 1 and flows[0]["owner"] == 0
+    workers = switch.status()["workers"]
+    assert workers[1]["handed_out"] == 4 and workers[0]["handed_in"] == 4
+
+
+def test_forwarded_port_through_switch(echo_ns: TestNetns, tmp_path: Path) -> None:
+    """-u 127.0.0.1/PORT:5000: a host client's datagram reaches the guest; the guest's reply reaches it."""
+    port = 17007
+    with Switch(tmp_path, workers=2, prefix=echo_ns.exec_argv([]), args=["-u", f"127.0.0.1/{port}:5000"]) as sw, \
+            VhostUserFrontend.connect(sw.socket, queue_pairs=2) as fe:
+        fe.handshake()
+        for pair in (0, 1):
+            fe.post_rx(pair, 64)
+        for pair in (0, 1):     # teaches both workers the guest's MAC
+            fe.send_frame(pair, frame4(5001 + pair, ECHO_PORT, b"hi"))
+            assert len(received(fe, pair, 1)) == 1
+        client = (f"import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5); "
+                  f"s.bind(('127.0.0.1', 33333)); s.sendto(b'from-host', ('127.0.0.1', {port})); "
+                  f"print(s.recvfrom(100)[0].decode())")
+        proc = echo_ns.popen([sys.executable, "-c", client], stdout=__import__("subprocess").PIPE, text=True)
+        got: list[tuple[int, tuple[str, int, str, int, bytes]]] = []
+        deadline = time.monotonic() + 5
+        while not got and time.monotonic() < deadline:
+            got = [(pair, g) for pair in (0, 1) for g in received(fe, pair, 1, timeout=0.2)]
+        (pair, frame), = got
+        assert frame == (GATEWAY4, 33333, GUEST4, 5000, b"from-host")
+        fe.send_frame(1 - pair, frame4(5000, 33333, b"from-guest"))    # handed over to the owner
+        out, _ = proc.communicate(timeout=10)
+        assert out.strip() == "from-guest"
+        (flow,) = [f for f in sw.query("flows")["flows"] if f["sides"][0]["pif"] == "host"]
+        assert flow["owner"] == pair and flow["sides"][0]["ep_port"] == 33333
