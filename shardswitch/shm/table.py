@@ -223,6 +223,28 @@ class FlowTable:
             return ref
         return won
 
+    def enter(self, ftype: FlowType, initiator: FlowSide, target: FlowSide, owner: int,
+              now: float | None = None) -> FlowRef | None:
+        """A whole life cycle at once (NEW, INI, TGT, TYPED, ACTIVE): the new flow, or None when a twin won.
+
+        A twin is a flow with one of the same keys that another process
+        activated first; this allocation is then cancelled and the caller
+        finds the twin with :meth:`lookup`.
+        """
+        ref = self.alloc()
+        try:
+            self.set_initiator(ref, initiator)
+            self.set_target(ref, target)
+            self.set_type(ref, ftype, owner)
+            winner = self.activate(ref, now)
+        except BaseException:
+            self.cancel(ref)
+            raise
+        if winner != ref:
+            self.cancel(ref)
+            return None
+        return ref
+
     def cancel(self, ref: FlowRef) -> None:
         """Abandon this process's allocation in progress (back to FREE)."""
         if self._pending is None or tuple(ref) != self._pending:

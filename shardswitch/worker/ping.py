@@ -167,23 +167,6 @@ class PingFlows:
             raise
         return sock, target
 
-    def _enter(self, table: FlowTable, ftype: FlowType, guest_side: FlowSide, host_side: FlowSide,
-               now: float) -> FlowRef | None:
-        """Take the flow through its life cycle (NEW, INI, TGT, TYPED, ACTIVE); None when a twin won."""
-        ref = table.alloc()
-        try:
-            table.set_initiator(ref, guest_side)
-            table.set_target(ref, host_side)
-            table.set_type(ref, ftype, self.w.pair)
-            winner = table.activate(ref, now)
-        except BaseException:
-            table.cancel(ref)
-            raise
-        if winner != ref:
-            table.cancel(ref)
-            return None
-        return ref
-
     def _create(self, ftype: FlowType, key: bytes, guest_side: FlowSide, v6: bool, src: bytes, dst: bytes,
                 ident: int, now: float) -> PingFlow | None:
         """Open the socket, enter the flow in the table (one flow even if two workers race), watch it."""
@@ -201,7 +184,7 @@ class PingFlows:
         table = self.table
         if table is not None:
             try:
-                entered = self._enter(table, ftype, guest_side, host_side, now)
+                entered = table.enter(ftype, guest_side, host_side, self.w.pair, now)
             except FlowTableError as err:
                 sock.close()
                 self.w.counters.drops[PING_TABLE_FULL] += 1

@@ -129,24 +129,6 @@ def build_frame6(eth_dst: bytes, eth_src: bytes, ip_src: bytes, ip_dst: bytes, s
     return b"".join((headers, payload))
 
 
-def enter_flow(table: FlowTable, pair: int, ftype: FlowType, initiator: FlowSide, target: FlowSide,
-               now: float) -> FlowRef | None:
-    """Take a flow through its table life cycle (NEW, INI, TGT, TYPED, ACTIVE); None when a twin won."""
-    ref = table.alloc()
-    try:
-        table.set_initiator(ref, initiator)
-        table.set_target(ref, target)
-        table.set_type(ref, ftype, pair)
-        winner = table.activate(ref, now)
-    except BaseException:
-        table.cancel(ref)
-        raise
-    if winner != ref:
-        table.cancel(ref)
-        return None
-    return ref
-
-
 # -- flows ----------------------------------------------------------------------------
 
 
@@ -334,7 +316,7 @@ class UdpFlows:
         if table is None:
             return FlowRef(-1, 0)
         try:
-            ref = enter_flow(table, self.w.pair, FlowType.UDP, initiator, target, now)
+            ref = table.enter(FlowType.UDP, initiator, target, self.w.pair, now)
         except FlowTableError as err:
             self.w.counters.drops[UDP_TABLE_FULL] += 1
             log.warning("UDP flow not created: %s", err)

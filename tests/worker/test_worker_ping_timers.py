@@ -49,7 +49,7 @@ def add_flow(w: Worker, ident: int, now: float) -> PingFlow:
     guest = FlowSide(Pif.GUEST, ip16("10.0.2.15"), ident, ip16("10.0.2.2"), 0)
     host = FlowSide(Pif.HOST, ip16("127.0.0.1"), 0, bytes(16), 40000 + ident)
     assert w.table is not None
-    ref = w.ping._enter(w.table, FlowType.PING4, guest, host, now)
+    ref = w.table.enter(FlowType.PING4, guest, host, w.pair, now)
     assert ref is not None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     flow = PingFlow(ref, pack_key(FlowType.PING4, guest), sock, False, ident, bytes([10, 0, 2, 15]),

@@ -10,7 +10,6 @@ names 127.0.0.1, so the echo server on port 53 also plays the DNS upstream.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 import sys
