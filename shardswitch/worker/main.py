@@ -82,8 +82,9 @@ class Worker:
         self.tick_handlers: list[Callable[[float], None]] = []
         self.next_tick = time.monotonic() + TICK
         self.ping = PingFlows(self, self.table, setup.map_host_loopback)
-        self.tcp = TcpFlows(self, self.table, setup.map_host_loopback)
-        self.udp = UdpFlows(self, self.table, setup.map_host_loopback, setup.udp_ports, setup.dns_forward, setup.dns_upstream)
+        self.tcp = TcpFlows(self, self.table, setup.map_host_loopback, setup.tcp_ports)
+        self.udp = UdpFlows(self, self.table, setup.map_host_loopback, setup.udp_ports, setup.dns_forward,
+                            setup.dns_upstream)
         #: TX needs another round without waiting for a kick (batch limit hit, or polling).
         self.tx_again = False
 
@@ -198,7 +199,7 @@ class Worker:
                             rx_bytes=c.rx_bytes, drops=dict(c.drops),
                             handed_out=self.peers.handed_out if self.peers else 0,
                             handed_in=self.peers.handed_in if self.peers else 0,
-                            flows=len(self.ping.flows))
+                            flows=sum(len(kind.flows) for kind in (self.ping, self.tcp, self.udp)))
 
     # -- rings ----------------------------------------------------------------
 
@@ -330,7 +331,8 @@ class Worker:
                 self._tick(now)
         self._stop_all()
         self._guard_memory(self.mem.clear)
-        self.ping.close()
+        for kind in (self.ping, self.tcp, self.udp):
+            kind.close()
         if self.table is not None:
             self.table.close()
 

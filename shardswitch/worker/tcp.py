@@ -1,0 +1,643 @@
+"""TCP connections of one worker: the socket side of passt's tcp.c / tcp_vu.c.
+
+Theory of operation.  A guest SYN becomes a non-blocking ``connect()`` of a
+host socket (to the host's loopback when the guest addressed a mapped
+address); the socket is watched edge-triggered.  When the connect completes
+the guest gets its SYN-ACK (our MSS from the MTU, window scale when the
+guest offered it); when it fails, a RST, so the guest's client fails at once.
+
+From then on no data is buffered here (see :mod:`shardswitch.net.tcp` for
+the sequence bookkeeping): guest payload is ``send()``-ed and ACKed as far
+as the socket took it; host data is peeked (``SO_PEEK_OFF`` keeps the peek
+offset at the first byte not yet sent to the guest) straight into frames,
+within the guest's window, and discarded with ``MSG_TRUNC`` once ACKed.  A
+FIN either way is a half-close (``shutdown(SHUT_WR)`` / a FIN to the guest
+after end of stream); a RST either way closes the socket (with a zero linger
+so the host peer sees a reset too).  The flow is removed when both FINs are
+done.
+
+ACKs to the guest are coalesced: a segment from the guest only marks its
+flow as due, and an eventfd written on the first mark wakes the worker's
+loop once the current batch of guest frames is handled, so one ACK answers
+a whole batch.  Segments out of order, duplicates of our FIN and the like
+are answered at once.
+
+Timers run once a second over this worker's own flows: retransmission (a
+rewind to the last guest ACK after :data:`RTO_INIT`, doubling, RST after
+:data:`MAX_RETRIES`), SYN timeout, inactivity.  Flows live in the shared
+flow table (type TCP, guest side and host side) for hand-over between
+workers and for ``shardswitch flows``, and in this worker's local index.
+Connections that host clients open to forwarded ports (``-t``) are accepted
+by :mod:`shardswitch.worker.tcp_forward` and adopted here
+(:meth:`TcpFlows.adopt_client`): our SYN goes to the guest first, the rest
+is the same.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import ipaddress
+import logging
+import mmap
+import os
+import secrets
+import select
+import socket
+import struct
+import termios
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeAlias
+
+from shardswitch.net import tcp
+from shardswitch.net.drop import DropReason, PacketError
+from shardswitch.net.ipv4 import IpProto, Ipv4Packet
+from shardswitch.net.ipv6 import Ipv6Packet, NextHeader
+from shardswitch.net.tcp import Addressing, ConnFlag, TcpConn, TcpFlag, TcpSegment
+from shardswitch.shm.layout import FlowRef, FlowSide, FlowTableError, FlowType, Pif, ip16, pack_key
+from shardswitch.worker.datapath import PENDING_MAX
+from shardswitch.worker.tcp_forward import LINGER_RESET, TCP_TABLE_FULL, TcpForwarder
+
+if TYPE_CHECKING:
+    from shardswitch.shm.table import FlowTable
+    from shardswitch.worker.main import Worker
+
+log = logging.getLogger("shardswitch.worker")
+
+#: Where frames for the guest go: a handler's reply list or the worker's pending queue.
+Frames: TypeAlias = "list[bytes] | deque[bytes]"
+
+#: First retransmission timeout, and retransmissions before giving up with a RST.
+RTO_INIT = 1.0
+MAX_RETRIES = 7
+#: A connect() still in progress after this long is refused to the guest.
+SYN_TIMEOUT = 10.0
+#: Idle connections are reset after this long (as passt).
+IDLE_TIMEOUT = 7200.0
+#: SO_PEEK_OFF (not in Python's socket module).
+SO_PEEK_OFF = 42
+#: Discard area for MSG_TRUNC reads and for peeks without SO_PEEK_OFF (never touched by the former).
+DISCARD_SIZE = 1 << 24
+#: Frames queued for the guest beyond which no more host data is read for now.
+QUEUE_LIMIT = PENDING_MAX // 2
+_INT = struct.Struct("i")
+_EDGE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+_EDGE_OUT = _EDGE | select.EPOLLOUT
+_ACK = int(TcpFlag.ACK)
+_DATA = int(TcpFlag.ACK | TcpFlag.PSH)
+
+#: Drop reasons of this module (shown in ``shardswitch status``).
+TCP_SOCKET_ERROR = "TCP_SOCKET_ERROR"
+TCP_HANDED_OVER_FAILED = "TCP_HANDED_OVER_FAILED"
+
+
+@dataclass(slots=True, eq=False)
+class TcpFlow:
+    """One spliced connection owned by this worker."""
+
+    ref: FlowRef
+    key: bytes
+    sock: socket.socket
+    fd: int
+    conn: TcpConn
+    addr: Addressing
+    isn: int
+    our_mss: int
+    last: float
+    #: Start of the current retransmission period (last progress), and its length.
+    timer: float
+    rto: float = RTO_INIT
+    retries: int = 0
+    published: float = 0.0
+    #: Host data may wait beyond what the guest's window allowed.
+    readable: bool = False
+    #: EPOLLOUT is armed: the socket refused guest data.
+    out_wait: bool = False
+    #: The socket keeps the peek offset (SO_PEEK_OFF).
+    peek_off: bool = True
+    closed: bool = False
+    created: float = 0.0
+    #: A host client opened it (port forwarding): our SYN went to the guest.
+    inbound: bool = False
+
+
+class TcpFlows:
+    """Every TCP connection of one worker."""
+
+    def __init__(self, w: Worker, table: FlowTable | None, mapped: tuple[str, ...],
+                 tcp_ports: tuple[str, ...] = ()) -> None:
+        """Serve TCP for worker ``w``; ``mapped``: addresses that mean the host's loopback; -t SPECs."""
+        self.w = w
+        self.table = table
+        self.mapped4 = {ipaddress.ip_address(a).packed for a in mapped if ":" not in a}
+        self.mapped6 = {ipaddress.ip_address(a).packed for a in mapped if ":" in a}
+        self.mtu = w.endpoint.resolved.mtu
+        self.flows: dict[bytes, TcpFlow] = {}
+        self.by_fd: dict[int, TcpFlow] = {}
+        self.ack_due: dict[int, TcpFlow] = {}
+        self.discard = memoryview(mmap.mmap(-1, DISCARD_SIZE))
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.wake_armed = False
+        w.watch(self.wake_fd, self.flush_acks)
+        w.endpoint.register_ip_protocol(IpProto.TCP, self.handle4)
+        w.endpoint.register_ip6_protocol(NextHeader.TCP, self.handle6)
+        w.tick_handlers.append(self.tick)
+        self.forwarder = TcpForwarder(self, tcp_ports) if tcp_ports else None
+
+    # -- from the guest ------------------------------------------------------
+
+    def handle4(self, eth_src: bytes, packet: Ipv4Packet, now: float, out: Frames) -> None:
+        """A TCP segment from the guest over IPv4 (endpoint handler)."""
+        seg = tcp.parse4(packet)
+        self._segment(False, packet.src.to_bytes(4, "big"), packet.dst.to_bytes(4, "big"), seg, now, out)
+
+    def handle6(self, eth_src: bytes, packet: Ipv6Packet, now: float, out: Frames) -> None:
+        """A TCP segment from the guest over IPv6 (endpoint handler)."""
+        self._segment(True, packet.src, packet.dst, tcp.parse6(packet), now, out)
+
+    def _segment(self, v6: bool, src: bytes, dst: bytes, seg: TcpSegment, now: float, out: Frames) -> None:
+        """Find the segment's flow (or its owner, or create it) and process the segment."""
+        guest_side = FlowSide(Pif.GUEST, ip16(src), seg.src_port, ip16(dst), seg.dst_port)
+        key = pack_key(FlowType.TCP, guest_side)
+        flow = self.flows.get(key)
+        if flow is not None:
+            self._from_guest(flow, seg, now, out)
+            return
+        table = self.table
+        if table is not None:
+            hit = table.lookup(FlowType.TCP, guest_side)
+            if hit is not None:
+                if hit.owner != self.w.pair:
+                    self._hand_over(hit.owner)
+                    return
+                table.remove_many([hit.ref])
+        flags = seg.flags
+        if flags & TcpFlag.RST:
+            raise PacketError(DropReason.TCP_IGNORED, "RST without a flow")
+        addr = self._addressing(v6, src, dst, seg)
+        if flags & TcpFlag.SYN and not flags & TcpFlag.ACK:
+            self._connect(key, guest_side, addr, seg, now, out)
+            return
+        out.append(self._reset_for(addr, seg))
+        raise PacketError(DropReason.TCP_IGNORED, "no flow: reset")
+
+    def _addressing(self, v6: bool, src: bytes, dst: bytes, seg: TcpSegment) -> Addressing:
+        """Frame addressing back to the guest for a segment ``src`` -> ``dst``."""
+        guest_mac = self.w.endpoint.guest_mac or b"\xff" * 6
+        return Addressing(v6, guest_mac, self.w.endpoint.resolved.our_mac, dst, src, seg.dst_port,
+                          seg.src_port)
+
+    @staticmethod
+    def _reset_for(addr: Addressing, seg: TcpSegment) -> bytes:
+        """The RST answering a segment without a connection (RFC 9293 3.10.7.1)."""
+        if seg.flags & TcpFlag.ACK:
+            return tcp.build(addr, seg.ack, 0, int(TcpFlag.RST), 0)
+        length = len(seg.payload) + (1 if seg.flags & TcpFlag.SYN else 0) + (1 if seg.flags & TcpFlag.FIN else 0)
+        return tcp.build(addr, 0, tcp.seq_add(seg.seq, length), int(TcpFlag.RST | TcpFlag.ACK), 0)
+
+    def _hand_over(self, owner: int) -> None:
+        """Give the frame being handled to the worker that owns its flow."""
+        peers = self.w.peers
+        if peers is None or not peers.hand_over(owner, self.w.endpoint.frame):
+            self.w.counters.drops[TCP_HANDED_OVER_FAILED] += 1
+
+    def _target(self, addr: Addressing) -> str:
+        """Where the host socket connects: the loopback for mapped addresses."""
+        if addr.v6:
+            return "::1" if addr.src in self.mapped6 else str(ipaddress.IPv6Address(addr.src))
+        return "127.0.0.1" if addr.src in self.mapped4 else str(ipaddress.IPv4Address(addr.src))
+
+    def _connect(self, key: bytes, guest_side: FlowSide, addr: Addressing, seg: TcpSegment, now: float,
+                 out: Frames) -> None:
+        """A new connection from the guest: connect() a socket, enter the flow; RST when that fails."""
+        target = self._target(addr)
+        sock = socket.socket(socket.AF_INET6 if addr.v6 else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        err = sock.connect_ex((target, addr.src_port))
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            out.append(self._reset_for(addr, seg))
+            log.debug("TCP to %s port %d: %s", target, addr.src_port, os.strerror(err))
+            return
+        try:
+            local = sock.getsockname()
+        except OSError:
+            sock.close()
+            self.w.counters.drops[TCP_SOCKET_ERROR] += 1
+            return
+        ref = FlowRef(-1, 0)
+        table = self.table
+        if table is not None:
+            host_side = FlowSide(Pif.HOST, ip16(target), addr.src_port, ip16(local[0]), local[1])
+            try:
+                entered = table.enter(FlowType.TCP, guest_side, host_side, self.w.pair, now)
+            except FlowTableError as exc:
+                sock.close()
+                self.w.counters.drops[TCP_TABLE_FULL] += 1
+                log.warning("TCP flow not created: %s", exc)
+                out.append(self._reset_for(addr, seg))
+                return
+            if entered is None:
+                sock.close()
+                hit = table.lookup(FlowType.TCP, guest_side)
+                if hit is not None:
+                    self._hand_over(hit.owner)
+                return
+            ref = entered
+        isn = secrets.randbits(32)
+        our_mss = tcp.mss_for(self.mtu, addr.v6)
+        conn = TcpConn.from_syn(seg, isn, our_mss)
+        flow = TcpFlow(ref, key, sock, sock.fileno(), conn, addr, isn, our_mss, now, now, created=now)
+        self.flows[key] = flow
+        self.by_fd[flow.fd] = flow
+        fd = flow.fd
+        self.w.watch(fd, lambda: self.on_socket(fd))
+        self._set_events(flow, _EDGE_OUT)
+        if err == 0:
+            self._connected(flow, now, out)
+
+    def _set_events(self, flow: TcpFlow, mask: int) -> None:
+        """Change the epoll events of a flow's socket."""
+        try:
+            self.w.epoll.modify(flow.fd, mask)
+        except OSError:
+            pass
+
+    def _connected(self, flow: TcpFlow, now: float, out: Frames) -> None:
+        """connect() completed: SYN-ACK to the guest."""
+        conn = flow.conn
+        conn.flags = (conn.flags & ~ConnFlag.CONNECTING) | ConnFlag.SYN_SENT
+        try:
+            flow.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+        except OSError:
+            flow.peek_off = False
+        self._set_events(flow, _EDGE)
+        flow.timer = now
+        # Data may have come with the connection: it is peeked once the guest ACKs our SYN.
+        flow.readable = True
+        out.append(self._syn_ack(flow))
+
+    def _syn_ack(self, flow: TcpFlow) -> bytes:
+        """Our SYN-ACK for the flow's guest SYN."""
+        conn = flow.conn
+        # Our window scale only when the guest offered scaling (from_syn left ws_to_guest 0 otherwise).
+        options = tcp.syn_options(flow.our_mss, conn.ws_to_guest if conn.ws_to_guest else None)
+        # The window of a SYN is never scaled (RFC 7323).
+        window = min(self._space(flow), 0xFFFF)
+        conn.wnd_to_guest = window
+        return tcp.build(flow.addr, flow.isn, conn.seq_from_guest, int(TcpFlag.SYN | TcpFlag.ACK), window,
+                         options)
+
+    def _from_guest(self, flow: TcpFlow, seg: TcpSegment, now: float, out: Frames) -> None:
+        """A segment of a known flow."""
+        conn = flow.conn
+        flags = seg.flags
+        flow.last = now
+        if flags & TcpFlag.RST:
+            self._close(flow, reset_host=True)
+            return
+        if flow.inbound and not conn.flags & ConnFlag.ESTABLISHED:
+            self._guest_syn_ack(flow, seg, now, out)
+            return
+        if flags & TcpFlag.SYN:
+            if conn.flags & ConnFlag.SYN_SENT and not conn.flags & ConnFlag.ESTABLISHED:
+                out.append(self._syn_ack(flow))
+            return
+        if conn.flags & ConnFlag.CONNECTING or not flags & TcpFlag.ACK:
+            return
+        before = conn.seq_to_guest
+        released = conn.on_ack(seg.ack, seg.window, not len(seg.payload) and not flags & TcpFlag.FIN)
+        if conn.seq_to_guest != before:
+            self._rewind_socket(flow)
+        if released:
+            self._consume(flow, released)
+            if not flow.peek_off:
+                # Peeking from 0 shows end of stream only once everything before it is consumed.
+                flow.readable = True
+        if released or conn.seq_ack_from_guest == conn.seq_to_guest:
+            flow.timer = now
+            flow.retries = 0
+            flow.rto = RTO_INIT
+        if len(seg.payload) or flags & TcpFlag.FIN:
+            if not self._guest_data(flow, seg, out):
+                return
+        if conn.done():
+            self._close(flow)
+            return
+        if flow.readable:
+            self._to_guest(flow, now, out)
+
+    def _guest_syn_ack(self, flow: TcpFlow, seg: TcpSegment, now: float, out: Frames) -> None:
+        """The guest's answer to our SYN (a forwarded connection): established, or refused."""
+        if not seg.flags & TcpFlag.SYN or not seg.flags & TcpFlag.ACK or not flow.conn.on_syn_ack(seg):
+            return
+        flow.timer = now
+        flow.retries = 0
+        flow.rto = RTO_INIT
+        flow.readable = True
+        out.append(self._ack(flow))
+        self._to_guest(flow, now, out)
+
+    def _guest_data(self, flow: TcpFlow, seg: TcpSegment, out: Frames) -> bool:
+        """Payload and FIN from the guest: send what is new, ACK what the socket took; False if closed."""
+        conn = flow.conn
+        payload = seg.payload
+        length = len(payload)
+        if conn.flags & ConnFlag.GUEST_FIN_RCVD:
+            out.append(self._ack(flow))
+            return True
+        skip = conn.new_data(seg.seq, length)
+        if skip is None:
+            # A gap: we keep nothing out of order; a duplicate ACK asks for the missing part.
+            out.append(self._ack(flow))
+            return True
+        sent = 0
+        if skip < length:
+            try:
+                sent = flow.sock.send(payload[skip:])
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._reset_guest(flow, out)
+                return False
+            conn.seq_from_guest = tcp.seq_add(conn.seq_from_guest, sent)
+        if skip + sent < length:
+            if not flow.out_wait:
+                flow.out_wait = True
+                self._set_events(flow, _EDGE_OUT)
+        elif seg.flags & TcpFlag.FIN:
+            try:
+                flow.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            conn.flags |= ConnFlag.GUEST_FIN_RCVD
+            conn.seq_from_guest = tcp.seq_add(conn.seq_from_guest, 1)
+            out.append(self._ack(flow))
+            return True
+        elif skip == length and length:
+            # All old (a retransmission): say again where we are.
+            out.append(self._ack(flow))
+            return True
+        self._ack_later(flow)
+        return True
+
+    # -- ACKs ---------------------------------------------------------------------
+
+    def _space(self, flow: TcpFlow) -> int:
+        """Free space in the socket's send buffer: the window we offer."""
+        sock = flow.sock
+        try:
+            sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            queued = _INT.unpack(fcntl.ioctl(flow.fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        except OSError:
+            return 0
+        return max(sndbuf - queued, 0) // 2
+
+    def _ack(self, flow: TcpFlow) -> bytes:
+        """A pure ACK with the current sequence numbers and window."""
+        conn = flow.conn
+        conn.seq_ack_to_guest = conn.seq_from_guest
+        self.ack_due.pop(flow.fd, None)
+        return tcp.build(flow.addr, conn.seq_to_guest, conn.seq_from_guest, _ACK,
+                         conn.window_field(self._space(flow)))
+
+    def _ack_later(self, flow: TcpFlow) -> None:
+        """Mark the flow's ACK as due; it goes out once the current batch of guest frames is handled."""
+        self.ack_due[flow.fd] = flow
+        if not self.wake_armed:
+            self.wake_armed = True
+            os.eventfd_write(self.wake_fd, 1)
+
+    def flush_acks(self) -> None:
+        """The batch is over: one ACK for each flow that is due one."""
+        try:
+            os.eventfd_read(self.wake_fd)
+        except BlockingIOError:
+            pass
+        self.wake_armed = False
+        due = list(self.ack_due.values())
+        self.ack_due.clear()
+        pending = self.w.pending
+        for flow in due:
+            # A data frame to the guest since may have carried this ACK already.
+            if not flow.closed and flow.conn.seq_ack_to_guest != flow.conn.seq_from_guest:
+                pending.append(self._ack(flow))
+        if pending:
+            self.w.deliver_pending()
+
+    # -- from the host ------------------------------------------------------------
+
+    def on_socket(self, fd: int) -> None:
+        """A flow's socket is readable, writable or in error (edge-triggered)."""
+        flow = self.by_fd.get(fd)
+        if flow is None:
+            return
+        now = time.monotonic()
+        pending = self.w.pending
+        conn = flow.conn
+        if conn.flags & ConnFlag.CONNECTING:
+            err = flow.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                log.debug("TCP connect to port %d: %s", flow.addr.src_port, os.strerror(err))
+                self._reset_guest(flow, pending, syn=True)
+            else:
+                self._connected(flow, now, pending)
+        else:
+            if flow.out_wait and self._space(flow) > 0:
+                flow.out_wait = False
+                self._set_events(flow, _EDGE)
+                pending.append(self._ack(flow))
+            flow.readable = True
+            self._to_guest(flow, now, pending)
+        if pending:
+            self.w.deliver_pending()
+
+    def _peek(self, flow: TcpFlow, view: memoryview) -> int:
+        """Peek host data at the flow's offset into ``view``; raises BlockingIOError when none."""
+        if flow.peek_off:
+            return flow.sock.recv_into(view, len(view), socket.MSG_PEEK)
+        offset = flow.conn.in_flight()
+        got = flow.sock.recvmsg_into([self.discard[:offset], view], 0, socket.MSG_PEEK)[0]
+        if got and got <= offset:
+            raise BlockingIOError
+        return max(got - offset, 0)
+
+    def _to_guest(self, flow: TcpFlow, now: float, out: Frames) -> None:
+        """Host data to the guest, as far as its window (and our queue) allows; FIN at end of stream."""
+        conn = flow.conn
+        if not conn.flags & ConnFlag.ESTABLISHED or conn.flags & ConnFlag.FIN_SENT:
+            return
+        pending = self.w.pending
+        hl = flow.addr.headers_len
+        mss = conn.mss
+        while True:
+            queued = len(out) if out is pending else len(out) + len(pending)
+            room = conn.sendable()
+            if not flow.peek_off:
+                room = min(room, DISCARD_SIZE - conn.in_flight())
+            if room <= 0 or queued >= QUEUE_LIMIT:
+                return
+            n = min(room, mss)
+            buf = bytearray(hl + n)
+            view = memoryview(buf)
+            try:
+                got = self._peek(flow, view[hl:])
+            except BlockingIOError:
+                view.release()
+                flow.readable = False
+                return
+            except OSError:
+                view.release()
+                self._reset_guest(flow, out)
+                return
+            view.release()
+            if got == 0:
+                flow.readable = False
+                conn.flags |= ConnFlag.SOCK_FIN_RCVD | ConnFlag.FIN_SENT
+                if conn.seq_to_guest == conn.seq_ack_from_guest:
+                    flow.timer = now
+                out.append(tcp.build(flow.addr, conn.seq_to_guest, conn.seq_from_guest,
+                                     int(TcpFlag.FIN | TcpFlag.ACK), conn.window_field(self._space(flow))))
+                conn.seq_to_guest = tcp.seq_add(conn.seq_to_guest, 1)
+                conn.seq_ack_to_guest = conn.seq_from_guest
+                return
+            if got < n:
+                del buf[hl + got:]
+            if conn.seq_to_guest == conn.seq_ack_from_guest:
+                flow.timer = now
+            tcp.pack_into(buf, flow.addr, conn.seq_to_guest, conn.seq_from_guest, _DATA,
+                          conn.wnd_to_guest >> conn.ws_to_guest)
+            conn.seq_to_guest = tcp.seq_add(conn.seq_to_guest, got)
+            conn.seq_ack_to_guest = conn.seq_from_guest
+            out.append(tcp.as_frame(buf))
+
+    def _consume(self, flow: TcpFlow, count: int) -> None:
+        """Discard ``count`` bytes the guest ACKed from the socket (no copy: MSG_TRUNC)."""
+        sock = flow.sock
+        discard = self.discard
+        while count > 0:
+            chunk = min(count, DISCARD_SIZE)
+            try:
+                got = sock.recv_into(discard[:chunk], chunk, socket.MSG_TRUNC)
+            except OSError:
+                return
+            if got <= 0:
+                return
+            count -= got
+
+    def _reset_guest(self, flow: TcpFlow, out: Frames, syn: bool = False) -> None:
+        """RST to the guest, then close (connect refused, host reset, socket errors)."""
+        conn = flow.conn
+        if syn:
+            frame = tcp.build(flow.addr, 0, conn.seq_from_guest, int(TcpFlag.RST | TcpFlag.ACK), 0)
+        else:
+            frame = tcp.build(flow.addr, conn.seq_to_guest, conn.seq_from_guest, int(TcpFlag.RST | TcpFlag.ACK), 0)
+        out.append(frame)
+        self._close(flow, reset_host=True)
+
+    # -- forwarded ports (-t) --------------------------------------------------------------
+
+    def adopt_client(self, sock: socket.socket, key: bytes, ref: FlowRef, addr: Addressing, now: float) -> None:
+        """Take over an accepted host client's connection (port forwarding) and send the guest our SYN."""
+        sock.setblocking(False)
+        isn = secrets.randbits(32)
+        our_mss = tcp.mss_for(self.mtu, addr.v6)
+        flow = TcpFlow(ref, key, sock, sock.fileno(), TcpConn.for_host_client(isn, our_mss), addr, isn, our_mss,
+                       now, now, created=now, inbound=True)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+        except OSError:
+            flow.peek_off = False
+        self.flows[key] = flow
+        self.by_fd[flow.fd] = flow
+        fd = flow.fd
+        self.w.watch(fd, lambda: self.on_socket(fd))
+        self._set_events(flow, _EDGE)
+        self.w.pending.append(self._syn(flow))
+
+    def _syn(self, flow: TcpFlow) -> bytes:
+        """Our SYN to the guest for a forwarded connection (MSS, window scale offered)."""
+        window = min(self._space(flow), 0xFFFF)
+        flow.conn.wnd_to_guest = window
+        return tcp.build(flow.addr, flow.isn, 0, int(TcpFlag.SYN), window, tcp.syn_options(flow.our_mss, tcp.OUR_WS))
+
+    # -- closing ----------------------------------------------------------------------
+
+    def _close(self, flow: TcpFlow, reset_host: bool = False) -> None:
+        """Forget a flow: unwatch and close its socket (a reset with zero linger), leave the table."""
+        if flow.closed:
+            return
+        flow.closed = True
+        self.w.unwatch(flow.fd)
+        self.by_fd.pop(flow.fd, None)
+        self.flows.pop(flow.key, None)
+        self.ack_due.pop(flow.fd, None)
+        if reset_host:
+            try:
+                flow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+            except OSError:
+                pass
+        flow.sock.close()
+        if self.table is not None and flow.ref.entry >= 0:
+            self.table.remove_many([flow.ref])
+
+    def close(self) -> None:
+        """Close every flow (the worker is stopping)."""
+        for flow in list(self.flows.values()):
+            self._close(flow, reset_host=True)
+
+    # -- timers ---------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Once a second: retransmissions, SYN and idle timeouts, activity published to the table."""
+        pending = self.w.pending
+        for flow in list(self.flows.values()):
+            self._timers(flow, now, pending)
+        table = self.table
+        if table is not None:
+            for flow in self.flows.values():
+                if flow.last != flow.published and flow.ref.entry >= 0:
+                    table.touch(flow.ref.entry, flow.last)
+                    flow.published = flow.last
+
+    def _timers(self, flow: TcpFlow, now: float, out: Frames) -> None:
+        """The timers of one flow."""
+        conn = flow.conn
+        if now - flow.last > IDLE_TIMEOUT:
+            self._reset_guest(flow, out)
+            return
+        if conn.flags & ConnFlag.CONNECTING:
+            if now - flow.created > SYN_TIMEOUT:
+                self._reset_guest(flow, out, syn=True)
+            return
+        waiting = conn.seq_to_guest != conn.seq_ack_from_guest
+        if not waiting:
+            if flow.readable:
+                self._to_guest(flow, now, out)
+            return
+        if now - flow.timer < flow.rto:
+            return
+        flow.retries += 1
+        if flow.retries > MAX_RETRIES:
+            self._reset_guest(flow, out)
+            return
+        flow.timer = now
+        flow.rto *= 2
+        if not conn.flags & ConnFlag.ESTABLISHED:
+            out.append(self._syn(flow) if flow.inbound else self._syn_ack(flow))
+            return
+        flow.conn.rewind()
+        self._rewind_socket(flow)
+        self._to_guest(flow, now, out)
+
+    def _rewind_socket(self, flow: TcpFlow) -> None:
+        """After a rewind of the sequence: the peek offset back to the guest's ACK, data to send again."""
+        flow.readable = True
+        if flow.peek_off:
+            try:
+                flow.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+            except OSError:
+                pass
+
