@@ -15,7 +15,6 @@ guest our SYN and, once the guest's SYN-ACK comes, runs it like any other.
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import logging
 import socket
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from shardswitch import portspec
+from shardswitch.worker.listen import bind_forward
 from shardswitch.net import ipv6
 from shardswitch.net.tcp import Addressing
 from shardswitch.shm.layout import FlowRef, FlowSide, FlowTableError, FlowType, Pif, ip16, pack_key
@@ -34,8 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shardswitch.worker")
 
-#: Backlog of the listening sockets.
-LISTEN_BACKLOG = 128
 #: Drop reasons of this module (shown in ``shardswitch status``).
 TCP_NO_GUEST_ADDRESS = "TCP_NO_GUEST_ADDRESS"
 TCP_TABLE_FULL = "TCP_TABLE_FULL"
@@ -157,32 +155,5 @@ class TcpForwarder:
 
 
 def bind_listener(fwd: portspec.Forward, port: int) -> socket.socket:
-    """A non-blocking SO_REUSEPORT listening socket on ``port`` of ``fwd`` (dual-stack when no address)."""
-    addr = fwd.addr
-    if addr is None:
-        try:
-            return _bind_one(socket.AF_INET6, "::", port, fwd.ifname, dual=True)
-        except OSError as err:
-            if err.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
-                raise
-            addr = "0.0.0.0"
-    return _bind_one(socket.AF_INET6 if ":" in addr else socket.AF_INET, addr, port, fwd.ifname, dual=False)
-
-
-def _bind_one(family: int, addr: str, port: int, ifname: str | None, dual: bool) -> socket.socket:
-    """Create, configure, bind and listen one socket."""
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual else 1)
-        if ifname is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
-        sock.bind((addr, port))
-        sock.listen(LISTEN_BACKLOG)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    """A listening TCP socket of this worker on ``port`` of ``fwd`` (see :mod:`shardswitch.worker.listen`)."""
+    return bind_forward(fwd, port, socket.SOCK_STREAM)

@@ -41,7 +41,6 @@ IPv4 uses :mod:`shardswitch.net.udp`.
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import logging
 import socket
@@ -50,6 +49,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from shardswitch import portspec
+from shardswitch.worker.listen import bind_forward
 from shardswitch.net import checksum, eth, ipv6, udp
 from shardswitch.net.checksum import BytesLike
 from shardswitch.net.drop import DropReason, PacketError
@@ -384,7 +384,7 @@ class UdpFlows:
         for fwd in forwards:
             for port in fwd.ports():
                 try:
-                    sock = self._bind(fwd, port)
+                    sock = bind_forward(fwd, port, socket.SOCK_DGRAM)
                 except OSError as err:
                     log.error("worker %d: -u port %d: %s", self.w.pair, port, err.strerror)
                     continue
@@ -398,37 +398,6 @@ class UdpFlows:
     def _listener_callback(self, fd: int) -> Callable[[], None]:
         """The readable callback of listening socket ``fd``."""
         return lambda: self.on_listener(fd)
-
-    @staticmethod
-    def _bind(fwd: portspec.Forward, port: int) -> socket.socket:
-        """A non-blocking SO_REUSEPORT socket bound to ``port`` of ``fwd`` (dual-stack when no address)."""
-        addr = fwd.addr
-        if addr is None:
-            try:
-                return UdpFlows._bind_one(socket.AF_INET6, "::", port, fwd.ifname, dual=True)
-            except OSError as err:
-                if err.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
-                    raise
-                addr = "0.0.0.0"
-        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-        return UdpFlows._bind_one(family, addr, port, fwd.ifname, dual=False)
-
-    @staticmethod
-    def _bind_one(family: int, addr: str, port: int, ifname: str | None, dual: bool) -> socket.socket:
-        """Create, configure and bind one listening socket."""
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual else 1)
-            if ifname is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
-            sock.bind((addr, port))
-        except OSError:
-            sock.close()
-            raise
-        return sock
 
     def on_listener(self, fd: int) -> None:
         """Datagrams from host clients on a forwarded port: to the guest, on their flows."""
