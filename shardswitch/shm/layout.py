@@ -26,6 +26,8 @@ Header (``HEADER``, u32 word index in brackets, see :class:`HeaderWord`)::
     68  writer_pid [17]          72  mutation pid [18], 76 mutation op [19], 80 mutation entry [20]
     84  free_head [21]           88  n_free [22]   92 n_progress [23]   96 n_active [24]
     100 reserved                 104 u64 statistics [13..18 as u64 words], see :class:`StatWord`
+    152 guest MAC u64 [19 as a u64 word]: the guest's MAC in the low 48 bits, bit 63 set once known;
+        written by any worker that learns it, without the lock (one aligned 8-byte store)
 
 Participant slot (``PARTICIPANT``, 32 bytes): pid u32, phase u32 (:class:`Phase`),
 process start time u64, 16 reserved.  pid 0 = free slot.
@@ -190,6 +192,9 @@ class StatWord(IntEnum):
 
 #: Offset of the creator's start time, as a u64 word index.
 CREATOR_START_QWORD = 4
+#: The guest's MAC address (low 48 bits) with :data:`GUEST_MAC_KNOWN`, as a u64 word index.
+GUEST_MAC_QWORD = 19
+GUEST_MAC_KNOWN = 1 << 63
 
 HEADER = struct.Struct("<8s6IQ16s12I6Q")
 HEADER_SIZE = 256
@@ -245,7 +250,8 @@ def _check_layout() -> None:
     assert struct.calcsize("<8s6IQ16s") == HeaderWord.EPOCH * 4
     assert struct.calcsize("<8s6IQ16s10I") == HeaderWord.N_ACTIVE * 4
     assert struct.calcsize("<8s6IQ16s12I") == StatWord.ALLOCS * 8
-    assert StatWord.RECOVERIES * 8 + 8 == HEADER.size
+    assert StatWord.RECOVERIES * 8 + 8 == HEADER.size == GUEST_MAC_QWORD * 8
+    assert GUEST_MAC_QWORD * 8 + 8 <= HEADER_SIZE
     assert PARTICIPANT.size == PartWord.WORDS * 4 and HEADER_SIZE % PARTICIPANT.size == 0
     assert struct.calcsize("<II") == PART_START_QWORD * 8
     assert SIDE.size == 38

@@ -44,7 +44,8 @@ import time
 from collections.abc import Iterable
 from types import TracebackType
 
-from shardswitch.shm.layout import (DEFAULT_CAPACITY, DEFAULT_PARTICIPANTS, SIDE, Flow, FlowRef,
+from shardswitch.shm.layout import (DEFAULT_CAPACITY, DEFAULT_PARTICIPANTS, GUEST_MAC_KNOWN, GUEST_MAC_QWORD, SIDE,
+                                    Flow, FlowRef,
                                     FlowSide, FlowTableError, FlowType, Geometry, HeaderWord, Hit,
                                     HookPoint,
                                     Phase, StaleReferenceError, State, check_side, pack_key)
@@ -372,6 +373,15 @@ class FlowTable:
         finally:
             lock.release_read()
         return problems
+
+    def publish_guest_mac(self, mac: bytes) -> None:
+        """Record the guest's MAC for every worker (no lock: one aligned 8-byte store)."""
+        self._qwords[GUEST_MAC_QWORD] = GUEST_MAC_KNOWN | int.from_bytes(mac, "big")
+
+    def guest_mac(self) -> bytes | None:
+        """The guest's MAC as some worker learnt it, or None."""
+        value = self._qwords[GUEST_MAC_QWORD]
+        return (value & 0xFFFF_FFFF_FFFF).to_bytes(6, "big") if value & GUEST_MAC_KNOWN else None
 
     def counters(self) -> dict[str, int]:
         """Entry counts and statistics from the header (no lock: a snapshot)."""

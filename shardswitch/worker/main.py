@@ -81,6 +81,8 @@ class Worker:
         #: Called once a second with ``now`` (flow expiry and the like).
         self.tick_handlers: list[Callable[[float], None]] = []
         self.next_tick = time.monotonic() + TICK
+        #: The guest MAC this worker last published in the flow table's header.
+        self.published_mac: bytes | None = None
         self.ping = PingFlows(self, self.table, setup.map_host_loopback)
         self.tcp = TcpFlows(self, self.table, setup.map_host_loopback, setup.tcp_ports)
         self.udp = UdpFlows(self, self.table, setup.map_host_loopback, setup.udp_ports, setup.dns_forward,
@@ -264,6 +266,11 @@ class Worker:
             return
         if reason is not None:
             self.counters.drops[reason.name] += 1
+        mac = self.endpoint.guest_mac
+        if mac is not None and mac != self.published_mac and self.table is not None:
+            # Other workers need it for host-initiated flows before the guest has used their queue.
+            self.table.publish_guest_mac(mac)
+            self.published_mac = mac
 
     # -- sockets and timers ------------------------------------------------------
 
@@ -290,6 +297,8 @@ class Worker:
     def _tick(self, now: float) -> None:
         """The deferred handler, once a second: timers of this worker's own flows only."""
         self.next_tick = now + TICK
+        if self.endpoint.guest_mac is None and self.table is not None:
+            self.endpoint.guest_mac = self.published_mac = self.table.guest_mac()
         for handler in self.tick_handlers:
             handler(now)
         if self.pending:

@@ -545,3 +545,27 @@ def test_host_data_with_and_without_peek_offset(monkeypatch: pytest.MonkeyPatch,
         flows.close()
         listener.close()
         w.epoll.close()
+
+
+def test_forwarded_port_on_worker_that_never_saw_the_guest(tmp_path: Path, netns: TestNetns) -> None:
+    """-t: a connection accepted by a worker whose queue the guest has not used yet still reaches the guest
+    (the guest's MAC is shared through the flow table)."""
+    with Switch(tmp_path, workers=2, prefix=netns.exec_argv([]), args=["-t", str(FORWARDED)]) as sw, \
+            VhostUserFrontend.connect(sw.socket, queue_pairs=2) as fe:
+        fe.handshake()
+        for pair in (0, 1):
+            fe.post_rx(pair, 200)
+        GuestTcp(fe, CLOSED, 40100, pair=0).send(RST)      # the guest is seen on pair 0 only
+        time.sleep(1.5)                                     # a deferred-handler tick on every worker
+        connect_all = ("import socket\n"
+                       f"for _ in range(16): socket.create_connection(('127.0.0.1', {FORWARDED})).close()")
+        netns.run([sys.executable, "-c", connect_all], timeout=30)
+        syns = [0, 0]
+        deadline = time.monotonic() + 5
+        while sum(syns) < 16 and time.monotonic() < deadline:
+            for pair in (0, 1):
+                segs = [parse_frame(f) for f in fe.recv_frames(pair, timeout=0.1)]
+                syns[pair] += sum(1 for s in segs if s is not None and s.flags == SYN)
+        drops = [w["drops"] for w in sw.status()["workers"]]
+        assert syns[1] > 0 and sum(syns) == 16, (syns, drops)
+        assert not any("TCP_NO_GUEST_ADDRESS" in d for d in drops), drops
