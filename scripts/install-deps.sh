@@ -12,7 +12,7 @@ set -euo pipefail
 
 RUNTIME_PACKAGES=(python3-venv)
 TEST_PACKAGES=(
-    python3-venv python3-dev gcc
+    python3-venv python3-dev gcc libc6-dev
     qemu-system-x86 linux-image-cloud-amd64 busybox-static iperf3
     dpdk-dev dnsmasq-base cpio kmod iproute2 procps
 )

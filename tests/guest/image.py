@@ -68,6 +68,7 @@ MODULES: tuple[str, ...] = (
 HERE = Path(__file__).resolve().parent
 INIT_SCRIPT = HERE / "init.sh"
 UDHCPC_SCRIPT = HERE / "udhcpc.script"
+UDPECHO_SOURCE = HERE / "udpecho.c"
 
 #: Guest paths of things other modules need to agree on.
 GUEST_UDHCPC_SCRIPT = "/usr/share/udhcpc/default.script"
@@ -256,8 +257,20 @@ def _add_program_with_libs(layout: _Layout, name: str) -> None:
             layout.file(lib, Path(lib).read_bytes(), 0o755)
 
 
-def _describe_initramfs(version: str) -> _Layout:
-    """Collect every member of the initramfs for kernel ``version`` (no I/O on the cache)."""
+def _udpecho(cache_dir: Path) -> bytes:
+    """The static UDP echo server built from tests/guest/udpecho.c (cached by its source hash)."""
+    source = UDPECHO_SOURCE.read_bytes()
+    binary = cache_dir / f"udpecho-{hashlib.sha256(source).hexdigest()[:16]}"
+    if not binary.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = binary.with_suffix(f".{os.getpid()}.tmp")
+        _run(["gcc", "-static", "-O2", "-o", str(tmp), str(UDPECHO_SOURCE)])
+        os.replace(tmp, binary)
+    return binary.read_bytes()
+
+
+def _describe_initramfs(version: str, cache_dir: Path) -> _Layout:
+    """Collect every member of the initramfs for kernel ``version`` (only udpecho is built in the cache)."""
     layout = _Layout()
     for d in ("/proc", "/sys", "/dev", "/etc", "/root", "/run", "/usr/share/udhcpc"):
         layout.directory(d)
@@ -268,6 +281,7 @@ def _describe_initramfs(version: str) -> _Layout:
         layout.file(f"/lib/modules/{name}.ko", _module_bytes(version, name))
     layout.file(GUEST_MODULE_LIST, "".join(f"{n}\n" for n in MODULES).encode())
     _add_program_with_libs(layout, "iperf3")
+    layout.file("/usr/bin/udpecho", _udpecho(cache_dir), 0o755)
     layout.file("/init", INIT_SCRIPT.read_bytes(), 0o755)
     layout.file(GUEST_UDHCPC_SCRIPT, UDHCPC_SCRIPT.read_bytes(), 0o755)
     layout.file("/usr/bin/dhcp", DHCP_HELPER.encode(), 0o755)
@@ -291,7 +305,7 @@ def build_initramfs(cache_dir: Path) -> GuestImage:
     Raises GuestImageError when an input (kernel, module, busybox, iperf3) is missing.
     """
     version, kernel = find_cloud_kernel()
-    layout = _describe_initramfs(version)
+    layout = _describe_initramfs(version, cache_dir)
     h = hashlib.sha256()
     h.update(version.encode() + b"\0")
     h.update(Path(__file__).read_bytes())

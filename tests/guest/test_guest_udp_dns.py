@@ -24,43 +24,25 @@ pytestmark = pytest.mark.guest
 
 #: The name dnsmasq answers, and its address.
 NAME, ANSWER = "test.example", "10.9.8.7"
-#: shardswitch's default MAC towards the guest.
-OUR_MAC = "9a:55:9a:55:9a:55"
-#: Host port forwarded with -u onto the guest's DHCP server port, and the host client's port (the DHCP client port).
-HOST_PORT, GUEST_PORT, CLIENT_PORT = 16700, 67, 68
+#: Host port forwarded with -u onto the guest's UDP echo server (tests/guest/udpecho.c).
+HOST_PORT, GUEST_PORT = 16700, 7000
 
-#: Busybox has no UDP nc: the guest's UDP service is udhcpd.  The host client sends a DHCPINFORM
-#: whose ciaddr is the guest's gateway (where host-loopback clients appear to come from) and whose
-#: chaddr is our MAC: udhcpd answers with a DHCPACK unicast to ciaddr port 68, which is the flow
-#: of the forwarded port, back to this client.
+#: The host-side client: sends numbered datagrams to the forwarded port until one comes back.
 CLIENT = r"""
-import socket, struct, sys, time
-gateway, our_mac, port = socket.inet_aton(sys.argv[1]), bytes.fromhex(sys.argv[2].replace(":", "")), int(sys.argv[3])
-inform = (struct.pack("!BBBBIHH4s4s4s4s16s64s128sI", 1, 1, 6, 0, 0x5ca1ab1e, 0, 0, gateway, bytes(4), bytes(4),
-                      bytes(4), our_mac + bytes(10), b"", b"", 0x63825363) + bytes((53, 1, 8, 255)))
+import socket, sys, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("127.0.0.1", int(sys.argv[4])))
 s.settimeout(0.5)
-deadline = time.monotonic() + float(sys.argv[5])
+deadline = time.monotonic() + float(sys.argv[2])
+n = 0
 while time.monotonic() < deadline:
-    s.sendto(inform, ("127.0.0.1", port))
+    n += 1
+    s.sendto(b"echo-%d" % n, ("127.0.0.1", int(sys.argv[1])))
     try:
         data, peer = s.recvfrom(1500)
     except socket.timeout:
         continue
-    op, xid = data[0], struct.unpack_from("!I", data, 4)[0]
-    options = data[240:]
-    kind = options[options.index(bytes((53, 1))) + 2] if bytes((53, 1)) in options else 0
-    print(f"REPLY op={op} xid={xid:#x} type={kind} from={peer[0]}:{peer[1]}")
+    print(f"ECHO {data.decode()} from={peer[0]}:{peer[1]}")
     break
-"""
-
-#: The guest's udhcpd configuration (a pool in no particular subnet: INFORM leases nothing).
-UDHCPD_CONF = """start 192.168.77.10
-end 192.168.77.20
-interface eth0
-lease_file /tmp/udhcpd.leases
-pidfile /tmp/udhcpd.pid
 """
 
 
@@ -78,7 +60,7 @@ def start_dnsmasq(netns: TestNetns, tmp_path: Path) -> None:
 
 def test_nslookup_through_dns_forward_and_udp_forwarded_port(tmp_path: Path, netns: TestNetns,
                                                              guest_image: GuestImage) -> None:
-    """nslookup NAME DNSFWD answers ANSWER (DHCP offered DNSFWD); a -u port's guest service answers the host."""
+    """nslookup NAME DNSFWD answers ANSWER (DHCP offered DNSFWD); a -u forwarded port echoes."""
     start_dnsmasq(netns, tmp_path)
     dnsfwd = netns.host_addr.rsplit(".", 1)[0] + ".53"
     script = f"""
@@ -86,24 +68,21 @@ dhcp || exit 1
 echo RESOLV: $(grep nameserver /etc/resolv.conf)
 nslookup {NAME} {dnsfwd} > /tmp/ns 2>&1
 echo ==ns==; cat /tmp/ns; echo ==end==
-printf '{UDHCPD_CONF}' > /tmp/udhcpd.conf
-touch /tmp/udhcpd.leases
-udhcpd -f /tmp/udhcpd.conf &
+udpecho {GUEST_PORT} &
 sleep 1
-echo UDHCPD-READY
+echo ECHO-READY
 sleep 60
 """
     args = ["--dns-forward", dnsfwd, "-u", f"{HOST_PORT}:{GUEST_PORT}"]
     with Switch(tmp_path, workers=1, prefix=netns.exec_argv([]), addressing=[], args=args) as switch, \
             GuestVM(guest_image, script, socket=Path(switch.socket), netns=netns) as vm:
-        vm.wait_for("UDHCPD-READY", timeout=240)
+        vm.wait_for("ECHO-READY", timeout=240)
         output = vm.output()
         assert f"RESOLV: nameserver {dnsfwd}" in output, output
         answer = output.split("==ns==", 1)[1].split("==end==", 1)[0]
         assert ANSWER in answer, output
-        done = netns.run([sys.executable, "-c", CLIENT, netns.upstream_addr, OUR_MAC, str(HOST_PORT),
-                          str(CLIENT_PORT), "20"], timeout=40)
-        reply = f"REPLY op=2 xid=0x5ca1ab1e type=5 from=127.0.0.1:{HOST_PORT}"
-        assert done.stdout.strip() == reply, (done.stdout, done.stderr, vm.output())
+        done = netns.run([sys.executable, "-c", CLIENT, str(HOST_PORT), "20"], timeout=40)
+        assert done.stdout.startswith("ECHO echo-") and done.stdout.strip().endswith(f"from=127.0.0.1:{HOST_PORT}"), \
+            (done.stdout, done.stderr, vm.output())
         flows = switch.query("flows")["flows"]
         assert any(f["type"] == "udp" and f["sides"][0]["pif"] == "host" for f in flows), flows
