@@ -263,7 +263,7 @@ def _udpecho(cache_dir: Path) -> bytes:
     binary = cache_dir / f"udpecho-{hashlib.sha256(source).hexdigest()[:16]}"
     if not binary.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = binary.with_suffix(f".{os.getpid()}.tmp")
+        tmp = binary.with_suffix(f".{os.getpid()}.{secrets.token_hex(4)}.tmp")
         _run(["gcc", "-static", "-O2", "-o", str(tmp), str(UDPECHO_SOURCE)])
         os.replace(tmp, binary)
     return binary.read_bytes()
