@@ -27,7 +27,7 @@ pytestmark = pytest.mark.guest
 GATEWAY = "gw=$(ip route | awk '/default/ {print $3}')"
 HTTP_PORT = 8000
 DOWNLOAD_MB = 50
-UPLOAD_MB = 20
+UPLOAD_MB = 50
 CONNECTIONS = 500
 #: Host port forwarded to the same guest port (-t).
 FORWARDED = 5301
@@ -109,7 +109,7 @@ def tcp_flows(switch: Switch) -> list[dict[str, object]]:
 
 
 def test_bulk_transfers_and_refused(tmp_path: Path, netns: TestNetns, guest_image: GuestImage) -> None:
-    """A 50 MB download and an upload keep their sha256; a refused connection fails at once."""
+    """A 50 MB download and a 50 MB upload keep their sha256; a refused connection fails at once."""
     root = tmp_path / "www"
     root.mkdir()
     blob = os.urandom(DOWNLOAD_MB << 20)
