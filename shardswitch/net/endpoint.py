@@ -22,7 +22,14 @@ Later protocols (ICMP, TCP, UDP flows, IPv6) plug in with
 Handlers append complete Ethernet frames to ``out`` and return None, or
 raise :class:`PacketError`; they must append only once they can no longer
 fail.  The endpoint catches the error at its single entry point, counts the
-reason in :attr:`GuestEndpoint.drops` and returns it.  Nothing here does I/O
+reason in :attr:`GuestEndpoint.drops` and returns it.
+
+Checksum offload: the caller says whether the frame's L4 checksum was left
+to the device (the guest's virtio-net header had NEEDS_CSUM).  The flag is
+kept in :attr:`GuestEndpoint.csum_partial` for the duration of the frame,
+beside :attr:`GuestEndpoint.frame`, so that the UDP parser here and the TCP
+and UDP handlers of the worker skip verifying that checksum - with no
+change to the handler signatures and no per-frame allocation.  Nothing here does I/O
 or reads the clock: ``now`` is passed down for handlers that keep timers.
 """
 
@@ -105,6 +112,8 @@ class GuestEndpoint:
         self.ndp = NdpResponder(self.resolved)
         #: The frame being handled, for handlers that hand it, unchanged, to another worker.
         self.frame: memoryview = _NO_FRAME
+        #: The frame being handled has a partial L4 checksum (NEEDS_CSUM): parsers must not verify it.
+        self.csum_partial = False
         self._our_mac = self.resolved.our_mac
         self._ether_handlers: dict[int, EtherHandler] = {}
         self._ip_handlers: dict[int, Ipv4Handler] = {}
@@ -143,13 +152,17 @@ class GuestEndpoint:
         """Route UDP datagrams to ports without their own handler to ``handler``."""
         self._udp_default = handler
 
-    def handle_frame(self, frame: memoryview, now: float, out: list[bytes]) -> DropReason | None:
+    def handle_frame(self, frame: memoryview, now: float, out: list[bytes],
+                     csum_partial: bool = False) -> DropReason | None:
         """Process one frame from the guest; never raises for any input.
 
-        Returns None when the frame was consumed (replies, if any, appended
-        to ``out`` as complete Ethernet frames), else the counted drop reason.
+        ``csum_partial``: its TCP/UDP checksum holds only the pseudo-header
+        sum (NEEDS_CSUM) and is not verified.  Returns None when the frame was
+        consumed (replies, if any, appended to ``out`` as complete Ethernet
+        frames), else the counted drop reason.
         """
         self.frame = frame
+        self.csum_partial = csum_partial
         try:
             self._dispatch(frame, now, out)
         except PacketError as exc:
@@ -158,6 +171,7 @@ class GuestEndpoint:
         finally:
             # A view into guest memory must not outlive the frame: it would pin the mapping.
             self.frame = _NO_FRAME
+            self.csum_partial = False
         return None
 
     def _dispatch(self, frame: memoryview, now: float, out: list[bytes]) -> None:
@@ -203,7 +217,7 @@ class GuestEndpoint:
     def _handle_udp(self, eth_src: bytes, packet: Ipv4Packet, now: float,
                     out: list[bytes]) -> None:
         """Validate a UDP datagram and dispatch it by destination port."""
-        datagram = udp.parse(packet)
+        datagram = udp.parse(packet, not self.csum_partial)
         handler = self._udp_handlers.get(datagram.dst_port, self._udp_default)
         if handler is None:
             raise PacketError(DropReason.UDP_PORT_UNHANDLED, f"port {datagram.dst_port}")

@@ -24,7 +24,14 @@ offset, checksum over the IPv4 or IPv6 pseudo-header, options MSS and
 window scale; SACK-permitted and the others are ignored) and
 :func:`pack_into` writes Ethernet/IP/TCP headers in front of a payload that
 is already in place, so host data is copied exactly once, from the socket
-into the frame.  Sequence numbers are compared modulo 2**32
+into the frame.
+
+Checksum offload: ``verify=False`` tells :func:`parse4` / :func:`parse6` that
+the guest left the checksum to the device (its virtio-net header had
+NEEDS_CSUM: the field holds only the pseudo-header sum), so it is not
+checked; ``csum=False`` tells :func:`pack_into` to leave the TCP checksum 0
+for a guest that takes our frames as verified (DATA_VALID).  Summing a 64 KiB
+segment is most of the cost of a bulk transfer, so both matter.  Sequence numbers are compared modulo 2**32
 (:func:`seq_lt` and friends).
 """
 
@@ -169,8 +176,8 @@ def parse_options(options: memoryview) -> tuple[int | None, int | None]:
     return mss, wscale
 
 
-def _parse(data: memoryview, start: int) -> TcpSegment:
-    """Decode ``data`` (the whole TCP segment); ``start``: the pseudo-header sum."""
+def _parse(data: memoryview, start: int, verify: bool) -> TcpSegment:
+    """Decode ``data`` (the whole TCP segment); ``start``: the pseudo-header sum; checksum checked if ``verify``."""
     available = len(data)
     if available < TCP_HLEN:
         raise PacketError(DropReason.TCP_MALFORMED, f"{available} bytes, shorter than a header")
@@ -178,7 +185,7 @@ def _parse(data: memoryview, start: int) -> TcpSegment:
     hlen = (offset >> 4) * 4
     if hlen < TCP_HLEN or hlen > available:
         raise PacketError(DropReason.TCP_MALFORMED, f"data offset {hlen} in {available} bytes")
-    if not checksum.is_valid(data, start):
+    if verify and not checksum.is_valid(data, start):
         raise PacketError(DropReason.TCP_BAD_CHECKSUM)
     if not sport or not dport:
         raise PacketError(DropReason.TCP_MALFORMED, "port 0")
@@ -188,16 +195,26 @@ def _parse(data: memoryview, start: int) -> TcpSegment:
     return TcpSegment(sport, dport, seq, ack, flags, window, data[hlen:], mss, wscale)
 
 
-def parse4(packet: Ipv4Packet) -> TcpSegment:
-    """Validate the TCP segment of an IPv4 packet (TCP_MALFORMED, TCP_BAD_CHECKSUM)."""
+def parse4(packet: Ipv4Packet, verify: bool = True) -> TcpSegment:
+    """Validate the TCP segment of an IPv4 packet (TCP_MALFORMED, TCP_BAD_CHECKSUM).
+
+    ``verify=False``: the checksum is partial (NEEDS_CSUM) and not checked.
+    """
     data = packet.payload
-    return _parse(data, checksum.pseudo_header_v4(packet.src, packet.dst, IpProto.TCP, len(data)))
+    if not verify:
+        return _parse(data, 0, False)
+    return _parse(data, checksum.pseudo_header_v4(packet.src, packet.dst, IpProto.TCP, len(data)), True)
 
 
-def parse6(packet: Ipv6Packet) -> TcpSegment:
-    """Validate the TCP segment of an IPv6 packet (TCP_MALFORMED, TCP_BAD_CHECKSUM)."""
+def parse6(packet: Ipv6Packet, verify: bool = True) -> TcpSegment:
+    """Validate the TCP segment of an IPv6 packet (TCP_MALFORMED, TCP_BAD_CHECKSUM).
+
+    ``verify=False``: the checksum is partial (NEEDS_CSUM) and not checked.
+    """
     data = packet.payload
-    return _parse(data, ipv6.pseudo_header(packet.src, packet.dst, IpProto.TCP, len(data)))
+    if not verify:
+        return _parse(data, 0, False)
+    return _parse(data, ipv6.pseudo_header(packet.src, packet.dst, IpProto.TCP, len(data)), True)
 
 
 @dataclass(slots=True)
@@ -220,11 +237,12 @@ class Addressing:
 
 
 def pack_into(buf: bytearray, a: Addressing, seq: int, ack: int, flags: int, window: int,
-              options: bytes = b"") -> None:
+              options: bytes = b"", csum: bool = True) -> None:
     """Write the headers of a frame whose TCP payload already sits at its end of ``buf``.
 
     ``buf`` holds ``headers_len + len(options)`` header bytes then the payload;
-    the IP and TCP checksums are computed here.
+    the IP checksum is computed here, and the TCP checksum unless ``csum`` is
+    False (a guest that accepts DATA_VALID: the field stays 0).
     """
     ip_off = eth.ETH_HLEN
     if a.v6:
@@ -246,7 +264,8 @@ def pack_into(buf: bytearray, a: Addressing, seq: int, ack: int, flags: int, win
                      min(window, 0xFFFF), 0, 0)
     if options:
         buf[tcp_off + TCP_HLEN:tcp_off + hlen] = options
-    _U16.pack_into(buf, tcp_off + CHECKSUM_OFFSET, checksum.checksum(memoryview(buf)[tcp_off:], start))
+    if csum:
+        _U16.pack_into(buf, tcp_off + CHECKSUM_OFFSET, checksum.checksum(memoryview(buf)[tcp_off:], start))
 
 
 def as_frame(buf: bytearray) -> bytes:
@@ -281,6 +300,11 @@ def syn_options(mss: int, wscale: int | None) -> bytes:
 def mss_for(mtu: int, v6: bool) -> int:
     """Our MSS for a link MTU."""
     return min(mtu - (ipv6.IPV6_HLEN if v6 else ipv4.IPV4_HLEN) - TCP_HLEN, 0xFFFF)
+
+
+def max_payload(v6: bool) -> int:
+    """The largest TCP payload one IP packet can carry (a TSO frame to the guest), without options."""
+    return 0xFFFF - TCP_HLEN - (0 if v6 else ipv4.IPV4_HLEN)
 
 
 @dataclass(slots=True)

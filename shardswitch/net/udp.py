@@ -8,14 +8,17 @@ checksum, computed over the IPv4 pseudo-header, header and data, is right
 unless it is 0 (IPv4 allows senders to omit the UDP checksum).  The result
 holds the ports and a zero-copy view of the data.
 
-Checksums are verified in full: this assumes the device does not offer
-VIRTIO_NET_F_CSUM, so the guest never hands us partial (offloaded)
-checksums.
+Checksum offload: a frame whose virtio-net header had NEEDS_CSUM (the
+guest negotiated VIRTIO_NET_F_CSUM and left the checksum to the device: the
+field holds only the pseudo-header sum) is parsed with ``verify=False`` and
+its checksum is not checked; every other one is verified in full.
 
 :func:`build_frame` makes a complete Ethernet + IPv4 + UDP frame around a
 payload: the 42 header bytes are packed into one small buffer and joined
 with the payload, so the payload is copied exactly once.  A computed UDP
-checksum of 0 is sent as 0xFFFF (RFC 768).
+checksum of 0 is sent as 0xFFFF (RFC 768).  With ``csum=False`` (a guest
+that takes our frames as verified, DATA_VALID) the checksum is 0, which
+IPv4 defines as "no checksum", so the frame is valid either way.
 """
 
 from __future__ import annotations
@@ -51,9 +54,10 @@ class UdpDatagram:
     payload: memoryview
 
 
-def parse(packet: Ipv4Packet) -> UdpDatagram:
+def parse(packet: Ipv4Packet, verify: bool = True) -> UdpDatagram:
     """Validate and decode the UDP datagram carried by ``packet``.
 
+    ``verify=False``: the checksum is partial (NEEDS_CSUM) and not checked.
     Raises :class:`PacketError` with ``UDP_MALFORMED`` or ``UDP_BAD_CHECKSUM``.
     """
     data = packet.payload
@@ -63,27 +67,30 @@ def parse(packet: Ipv4Packet) -> UdpDatagram:
     src_port, dst_port, length, csum = HEADER.unpack_from(data)
     if length < UDP_HLEN or length > available:
         raise PacketError(DropReason.UDP_MALFORMED, f"length {length} in {available} bytes")
-    if csum and not checksum.is_valid(
+    if verify and csum and not checksum.is_valid(
             data[:length], checksum.pseudo_header_v4(packet.src, packet.dst, IpProto.UDP, length)):
         raise PacketError(DropReason.UDP_BAD_CHECKSUM)
     return UdpDatagram(src_port, dst_port, data[UDP_HLEN:length])
 
 
 def build_frame(eth_dst: bytes, eth_src: bytes, ip_src: int, ip_dst: int, src_port: int,
-                dst_port: int, payload: BytesLike, *, ttl: int = ipv4.DEFAULT_TTL) -> bytes:
+                dst_port: int, payload: BytesLike, *, ttl: int = ipv4.DEFAULT_TTL, csum: bool = True) -> bytes:
     """Build a complete Ethernet/IPv4/UDP frame carrying ``payload``, checksums set.
 
-    Raises :class:`ValueError` for a payload over :data:`MAX_PAYLOAD` bytes
-    (a caller bug, never guest input).
+    ``csum=False`` leaves the UDP checksum 0 ("none", for a DATA_VALID guest);
+    the IPv4 header checksum is always computed.  Raises :class:`ValueError`
+    for a payload over :data:`MAX_PAYLOAD` bytes (a caller bug, never guest input).
     """
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(f"UDP payload of {len(payload)} bytes is too long")
     length = UDP_HLEN + len(payload)
-    start = (checksum.pseudo_header_v4(ip_src, ip_dst, IpProto.UDP, length)
-             + src_port + dst_port + length)
-    csum = checksum.checksum(payload, start) or 0xFFFF
+    udp_csum = 0
+    if csum:
+        start = (checksum.pseudo_header_v4(ip_src, ip_dst, IpProto.UDP, length)
+                 + src_port + dst_port + length)
+        udp_csum = checksum.checksum(payload, start) or 0xFFFF
     headers = bytearray(FRAME_HEADERS_LEN)
     eth.pack_header_into(headers, 0, eth_dst, eth_src, eth.EtherType.IPV4)
     ipv4.pack_header_into(headers, eth.ETH_HLEN, ip_src, ip_dst, IpProto.UDP, length, ttl=ttl)
-    HEADER.pack_into(headers, eth.ETH_HLEN + ipv4.IPV4_HLEN, src_port, dst_port, length, csum)
+    HEADER.pack_into(headers, eth.ETH_HLEN + ipv4.IPV4_HLEN, src_port, dst_port, length, udp_csum)
     return b"".join((headers, payload))

@@ -15,9 +15,24 @@ points into memory the guest still owns until the chain is pushed back, and
 the guest can change it under us: parsers must re-validate whatever they
 read and must not keep the view after the push.
 
-RX (us -> guest): :class:`RxWriter` writes a zeroed header and the frame into
+The header's ``flags`` byte of a TX chain is read apart with
+:func:`tx_flags`: with VIRTIO_NET_F_CSUM negotiated the guest may set
+NEEDS_CSUM, meaning the L4 checksum field holds only the pseudo-header sum
+(the "device" - us - would complete it).  We never forward the frame as
+such, only its payload, so the caller just has to skip verifying that
+checksum.  The other TX header fields (gso_type, gso_size, csum_start...)
+need nothing from us: a TSO segment (HOST_TSO4/6) is one large TCP segment
+whose payload goes to the host socket whole.
+
+RX (us -> guest): :class:`RxWriter` writes a header and the frame into
 the device-writable buffers of chains the guest posted, then stages them with
-``push`` (the caller flushes and signals once per batch).
+``push`` (the caller flushes and signals once per batch).  The header is zero
+but for ``num_buffers`` and its ``flags``, fixed per writer
+(:meth:`RxWriter.set_flags`): DATA_VALID when the guest negotiated
+VIRTIO_NET_F_GUEST_CSUM, so frames may leave their TCP/UDP checksums
+uncomputed (the guest takes them as verified).  A :class:`GsoFrame` (for a
+guest with GUEST_TSO4/6) also fills the header's gso fields: the guest takes
+the frame, larger than its MTU, as a train of ``gso_size``-byte TCP segments.
 
 * Without MRG_RXBUF one chain must hold header + frame.  If the chain at the
   head of the ring is too small the frame is refused: ``put`` returns False,
@@ -42,6 +57,7 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum, IntFlag
+from typing import TypeAlias
 
 from shardswitch.vhost.wire import VirtioFeature
 from shardswitch.virtio.virtqueue import Virtqueue, VirtqueueError
@@ -73,6 +89,27 @@ VNET_HDR_LEGACY_LEN = 10
 NUM_BUFFERS_OFFSET = 10
 
 _EMPTY = memoryview(b"")
+#: A frame to the guest: bytes, a frame buffer (bytearray, GsoFrame) or a 1-D byte view.
+Frame: TypeAlias = "bytes | bytearray | memoryview"
+
+
+class GsoFrame(bytearray):
+    """A TCP frame to the guest larger than one segment (GUEST_TSO4/6), with its gso header fields.
+
+    A plain ``bytearray`` otherwise: the TCP builder makes one in place of its
+    frame buffer, and :class:`RxWriter` writes these fields in the frame's
+    virtio-net header.  ``gso_type`` stays :attr:`GsoType.NONE` for a frame
+    that turned out to hold no more than one segment.
+    """
+
+    __slots__ = ("gso_type", "gso_size", "hdr_len")
+
+    def __init__(self, size: int, gso_type: int = GsoType.NONE, gso_size: int = 0, hdr_len: int = 0) -> None:
+        """``size`` zero bytes; headers of ``hdr_len`` bytes, segments of ``gso_size`` bytes of payload."""
+        super().__init__(size)
+        self.gso_type = gso_type
+        self.gso_size = gso_size
+        self.hdr_len = hdr_len
 
 
 def vnet_hdr_len(features: int) -> int:
@@ -109,6 +146,19 @@ def tx_frame(readable: list[memoryview], hdr_len: int) -> memoryview:
     if len(pieces) == 1:
         return pieces[0]
     return memoryview(b"".join(pieces))
+
+
+def tx_flags(readable: list[memoryview]) -> int:
+    """The ``flags`` byte of a TX chain's virtio-net header (0 for a chain with no byte at all).
+
+    The header starts the first non-empty device-readable buffer.  Call it
+    only for a chain whose :func:`tx_frame` is non-empty (so the whole header
+    was there).
+    """
+    for buf in readable:
+        if len(buf):
+            return int(buf[0])
+    return 0
 
 
 def _scatter(targets: list[list[memoryview]], sources: tuple[memoryview, memoryview]) -> list[int]:
@@ -152,8 +202,11 @@ def _capacity(head: int, writable: list[memoryview]) -> int:
 class RxWriter:
     """Writes frames into a receive queue's posted buffers."""
 
-    def __init__(self, vq: Virtqueue, hdr_len: int, mrg_rxbuf: bool) -> None:
-        """Write to ``vq`` with a ``hdr_len``-byte header, merging chains if ``mrg_rxbuf``."""
+    def __init__(self, vq: Virtqueue, hdr_len: int, mrg_rxbuf: bool, flags: int = 0) -> None:
+        """Write to ``vq`` with a ``hdr_len``-byte header, merging chains if ``mrg_rxbuf``.
+
+        ``flags`` is the header's flags byte for every frame (see :meth:`set_flags`).
+        """
         if hdr_len not in (VNET_HDR_LEN, VNET_HDR_LEGACY_LEN):
             raise ValueError(f"virtio-net header length {hdr_len} is neither 10 nor 12")
         if mrg_rxbuf and hdr_len != VNET_HDR_LEN:
@@ -161,16 +214,31 @@ class RxWriter:
         self._vq = vq
         self._hdr_len = hdr_len
         self._mrg = mrg_rxbuf
-        # Zeroed header; num_buffers = 1 whenever the field exists.
-        self._hdr_one = VNET_HDR.pack(0, 0, 0, 0, 0, 0, 1)[:hdr_len]
+        self._flags = 0
+        self._hdr_one = b""
+        self.set_flags(flags)
         #: Frames refused because they can never fit (head chain too small without
         #: MRG_RXBUF, or more than a whole ring of chains with it): drop, do not retry.
         self.too_big = 0
 
-    def put(self, frame: bytes | memoryview) -> bool:
+    def set_flags(self, flags: int) -> None:
+        """Write ``flags`` (e.g. :attr:`VnetHdrFlags.DATA_VALID`) in the header of every frame from now on.
+
+        DATA_VALID is only allowed when the guest negotiated GUEST_CSUM (the
+        caller checks); NEEDS_CSUM would need per-frame csum_start/offset and
+        is refused.
+        """
+        if flags & ~int(VnetHdrFlags.DATA_VALID):
+            raise ValueError(f"unsupported RX header flags {flags:#x}")
+        self._flags = flags
+        # num_buffers = 1 whenever the field exists.
+        self._hdr_one = VNET_HDR.pack(flags, 0, 0, 0, 0, 0, 1)[:self._hdr_len]
+
+    def put(self, frame: Frame) -> bool:
         """Write one frame to the guest; False (nothing consumed) when it does not fit now.
 
-        ``frame`` is bytes or a one-dimensional byte-format memoryview.  Raises
+        ``frame`` is bytes, a bytearray (a :class:`GsoFrame` brings its gso fields)
+        or a one-dimensional byte-format memoryview.  Raises
         :class:`VirtqueueError` (after giving back what it took) when the
         guest posted an unusable RX chain.
         """
@@ -181,9 +249,10 @@ class RxWriter:
         if chain is None:
             return False
         head, _readable, writable = chain
+        hdr = self._header(frame, 1) if type(frame) is GsoFrame else self._hdr_one
         if len(writable) == 1 and len(writable[0]) >= need:
             buf = writable[0]
-            buf[:hdr_len] = self._hdr_one
+            buf[:hdr_len] = hdr
             buf[hdr_len:need] = frame
             vq.push(head, need)
             return True
@@ -195,7 +264,7 @@ class RxWriter:
             vq.unpop(1)
             raise
         if capacity >= need:
-            self._write([(head, writable)], self._hdr_one, frame)
+            self._write([(head, writable)], hdr, frame)
             return True
         if not self._mrg:
             vq.unpop(1)
@@ -204,7 +273,7 @@ class RxWriter:
         return self._put_merged(head, writable, capacity, need, frame)
 
     def _put_merged(self, head: int, writable: list[memoryview], capacity: int, need: int,
-                    frame: bytes | memoryview) -> bool:
+                    frame: Frame) -> bool:
         """MRG_RXBUF: take more chains until ``need`` bytes fit, then write and push them all."""
         vq = self._vq
         chains = [(head, writable)]
@@ -223,12 +292,18 @@ class RxWriter:
         except VirtqueueError:
             vq.unpop(len(chains))
             raise
-        hdr = VNET_HDR.pack(0, 0, 0, 0, 0, 0, len(chains))
-        self._write(chains, hdr, frame)
+        self._write(chains, self._header(frame, len(chains)), frame)
         return True
 
+    def _header(self, frame: Frame, num_buffers: int) -> bytes:
+        """The header of ``frame`` spread over ``num_buffers`` chains (gso fields from a GsoFrame)."""
+        if isinstance(frame, GsoFrame) and frame.gso_type != GsoType.NONE:
+            return VNET_HDR.pack(self._flags, frame.gso_type, frame.hdr_len, frame.gso_size, 0, 0,
+                                 num_buffers)[:self._hdr_len]
+        return VNET_HDR.pack(self._flags, 0, 0, 0, 0, 0, num_buffers)[:self._hdr_len]
+
     def _write(self, chains: list[tuple[int, list[memoryview]]], hdr: bytes,
-               frame: bytes | memoryview) -> None:
+               frame: Frame) -> None:
         """Scatter header + frame over ``chains`` and push each with its byte count."""
         written = _scatter([bufs for _head, bufs in chains], (memoryview(hdr), memoryview(frame)))
         push = self._vq.push

@@ -10,6 +10,13 @@ signalled only when EVENT_IDX says it wants to be.  Kicks are then
 re-enabled; if the guest added frames in the meantime (the re-check after
 the fence), the loop drains again, so no kick is ever lost.
 
+Checksum offload: when the TX ring negotiated VIRTIO_NET_F_CSUM
+(``w.tx_partial_csum``), the flags byte of each chain's virtio-net header is
+read beside the frame (:func:`~shardswitch.virtio.netdev.tx_flags`) and
+NEEDS_CSUM goes to :meth:`Worker.handle_frame` as ``csum_partial``: the L4
+parsers then skip verifying that frame's checksum.  Frames from other
+workers' hand-overs carry the flag in their prefix byte.
+
 Replies (ARP, DHCP) go to a bounded per-worker queue of frames for the RX
 ring, which :func:`deliver_rx` writes into the guest's posted RX buffers
 (with MRG_RXBUF a frame may span several).  When the guest has no buffers
@@ -27,7 +34,7 @@ import time
 from collections import Counter, deque
 from typing import TYPE_CHECKING
 
-from shardswitch.virtio.netdev import tx_frame
+from shardswitch.virtio.netdev import VnetHdrFlags, tx_flags, tx_frame
 
 if TYPE_CHECKING:
     from shardswitch.worker.main import Worker
@@ -36,6 +43,7 @@ if TYPE_CHECKING:
 BATCH = 256
 #: Frames waiting for RX buffers before the oldest are dropped.
 PENDING_MAX = 1024
+_NEEDS_CSUM = int(VnetHdrFlags.NEEDS_CSUM)
 
 #: Drop reasons of the worker itself (the endpoint has its own).
 RX_NO_BUFFERS = "RX_NO_BUFFERS"
@@ -66,6 +74,7 @@ def service_tx(w: Worker) -> bool:
     drops = counters.drops
     pending = w.pending
     hdr_len = slot.hdr_len
+    partial_ok = w.tx_partial_csum
     # Diagnostic mode: every frame goes straight back into an RX buffer (one copy).
     mirror = w.rx.writer if w.reflect else None
     # RxWriter.put refuses both a frame that only lacks buffers now and one that can never fit
@@ -100,7 +109,7 @@ def service_tx(w: Worker) -> bool:
                 else:
                     drops[RX_NO_BUFFERS] += 1
             else:
-                w.handle_frame(frame, now, replies)
+                w.handle_frame(frame, now, replies, partial_ok and bool(tx_flags(readable) & _NEEDS_CSUM))
             vq.push(head, 0)
         counters.tx_frames += count
         counters.tx_bytes += nbytes
@@ -130,8 +139,8 @@ def service_inbox(w: Worker) -> None:
         return
     now = time.monotonic()
     replies: list[bytes] = []
-    for frame in frames:
-        w.handle_frame(memoryview(frame), now, replies)
+    for csum_partial, frame in frames:
+        w.handle_frame(frame, now, replies, csum_partial)
     if replies:
         w.pending.extend(replies)
     w.deliver_pending()

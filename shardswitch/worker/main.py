@@ -34,6 +34,8 @@ from shardswitch.ipc import (Channel, IpcError, MemAdd, MemClear, MemRemove, Rin
 from shardswitch.net.endpoint import GuestEndpoint
 from shardswitch.virtio.memory import GuestMemory, GuestMemoryError
 from shardswitch.virtio.virtqueue import VirtqueueError
+from shardswitch.virtio.netdev import VnetHdrFlags
+from shardswitch.vhost.wire import VirtioFeature
 from shardswitch.worker.datapath import Counters, deliver_rx, drop_pending, service_inbox, service_tx
 from shardswitch.shm.table import FlowTable
 from shardswitch.worker.peers import Peers
@@ -68,6 +70,13 @@ class Worker:
         self.tx = RingSlot(2 * pair + 1)
         self.endpoint = GuestEndpoint(params)
         self.counters = Counters()
+        #: The TX ring negotiated CSUM: guest frames may carry partial checksums (NEEDS_CSUM).
+        self.tx_partial_csum = False
+        #: The RX ring negotiated GUEST_CSUM: frames to the guest carry DATA_VALID, TCP/UDP data unsummed.
+        self.rx_data_valid = False
+        #: The RX ring negotiated GUEST_TSO4 / GUEST_TSO6 (with GUEST_CSUM): TCP data goes in 64 KiB GSO frames.
+        self.rx_tso4 = False
+        self.rx_tso6 = False
         self.pending: deque[bytes] = deque()
         self.epoll = select.epoll()
         self.epoll.register(channel.fileno(), select.EPOLLIN)
@@ -167,6 +176,7 @@ class Worker:
             slot.error = str(err)
             self.channel.send(RingStarted(seq=message.seq, index=message.index, error=str(err)))
             return
+        self._offloads(slot, message.features)
         if slot.kick_fd != NO_FD:
             self.epoll.register(slot.kick_fd, select.EPOLLIN)
         self.channel.send(RingStarted(seq=message.seq, index=message.index))
@@ -176,6 +186,22 @@ class Worker:
         else:
             self.tx_again = True
 
+    def _offloads(self, slot: RingSlot, features: int) -> None:
+        """Checksum offloads of a ring that just started, from its negotiated ``features``.
+
+        TX: CSUM lets the guest send partial checksums.  RX: with GUEST_CSUM
+        every frame's header says DATA_VALID and the TCP/UDP builders may
+        skip summing data; GUEST_TSO4/6 on top let TCP send 64 KiB GSO frames.
+        """
+        if slot.is_rx:
+            self.rx_data_valid = bool(features & VirtioFeature.GUEST_CSUM)
+            self.rx_tso4 = self.rx_data_valid and bool(features & VirtioFeature.GUEST_TSO4)
+            self.rx_tso6 = self.rx_data_valid and bool(features & VirtioFeature.GUEST_TSO6)
+            if slot.writer is not None:
+                slot.writer.set_flags(VnetHdrFlags.DATA_VALID if self.rx_data_valid else 0)
+        else:
+            self.tx_partial_csum = bool(features & VirtioFeature.CSUM)
+
     def _stop_slot(self, slot: RingSlot) -> int:
         """Stop a slot, unwatching its kick descriptor."""
         if slot.kick_fd != NO_FD:
@@ -183,8 +209,11 @@ class Worker:
                 self.epoll.unregister(slot.kick_fd)
             except (OSError, ValueError):
                 pass
-        if slot.is_rx and self.pending:
-            drop_pending(self.pending, self.counters)
+        if slot.is_rx:
+            # Frames built while no RX ring runs keep full checksums: the next driver may not take DATA_VALID.
+            self.rx_data_valid = self.rx_tso4 = self.rx_tso6 = False
+            if self.pending:
+                drop_pending(self.pending, self.counters)
         return slot.stop()
 
     def _stop_all(self) -> None:
@@ -251,15 +280,16 @@ class Worker:
 
     # -- frames -------------------------------------------------------------------
 
-    def handle_frame(self, frame: memoryview, now: float, replies: list[bytes]) -> None:
+    def handle_frame(self, frame: memoryview, now: float, replies: list[bytes], csum_partial: bool = False) -> None:
         """One guest frame through the endpoint, counting drops.
 
-        The boundary where a fault in our own protocol code (a bug, an
-        unexpected OSError) is contained: the frame is dropped and counted,
-        the traceback logged, and the worker goes on.
+        ``csum_partial``: its header had NEEDS_CSUM (L4 checksum not to be
+        verified).  The boundary where a fault in our own protocol code (a
+        bug, an unexpected OSError) is contained: the frame is dropped and
+        counted, the traceback logged, and the worker goes on.
         """
         try:
-            reason = self.endpoint.handle_frame(frame, now, replies)
+            reason = self.endpoint.handle_frame(frame, now, replies, csum_partial)
         except Exception:
             self.counters.drops[INTERNAL_ERROR] += 1
             log.exception("worker %d: frame dropped after an internal error", self.pair)

@@ -13,14 +13,34 @@ once per queue pair and keeps for the instance's lifetime: datagrams keep
 frame boundaries, are never lost or reordered, and frames queued for a worker
 that dies wait in its inbox for its replacement, which inherits the same
 descriptors.  Sending never blocks: a full inbox drops the frame, counted.
+
+A handed-over frame has left its virtio-net header behind, so what the owner
+needs of it travels in one prefix byte of the datagram (:class:`HandOverFlag`):
+whether the guest left the frame's L4 checksum partial (NEEDS_CSUM), which
+the owner must not verify.  The byte and the frame go out in one
+``sendmsg`` (no joined copy); the owner gets the frame as a view after it.
 """
 
 from __future__ import annotations
 
 import socket
+from enum import IntFlag
 
 #: Largest frame handed over (a 64 KiB TSO segment plus headers).
 MAX_FRAME = 65536 + 128
+#: Bytes in front of each handed-over frame.
+PREFIX_LEN = 1
+
+
+class HandOverFlag(IntFlag):
+    """The prefix byte of a handed-over frame."""
+
+    NONE = 0
+    #: The frame's TCP/UDP checksum holds only the pseudo-header sum (NEEDS_CSUM): do not verify it.
+    CSUM_PARTIAL = 1
+
+
+_PREFIXES = (bytes([HandOverFlag.NONE]), bytes([HandOverFlag.CSUM_PARTIAL]))
 #: Frames taken from the inbox per wake-up before the loop looks at other events.
 INBOX_BATCH = 256
 
@@ -44,23 +64,28 @@ class Peers:
         """The inbox descriptor, for epoll."""
         return self.inbox.fileno()
 
-    def hand_over(self, owner: int, frame: bytes | memoryview) -> bool:
-        """Queue ``frame`` in the inbox of worker ``owner``; False (counted) when it is full."""
+    def hand_over(self, owner: int, frame: bytes | memoryview, csum_partial: bool) -> bool:
+        """Queue ``frame`` in the inbox of worker ``owner``; False (counted) when it is full.
+
+        ``csum_partial``: the guest left the frame's L4 checksum partial (NEEDS_CSUM).
+        """
         try:
-            self.peers[owner].send(frame)
+            self.peers[owner].sendmsg((_PREFIXES[csum_partial], frame))
         except (BlockingIOError, OSError, IndexError):
             self.refused += 1
             return False
         self.handed_out += 1
         return True
 
-    def receive(self) -> list[bytes]:
-        """Frames waiting in this worker's inbox (at most :data:`INBOX_BATCH`)."""
-        frames: list[bytes] = []
+    def receive(self) -> list[tuple[bool, memoryview]]:
+        """Frames waiting in this worker's inbox (at most :data:`INBOX_BATCH`), each with its csum_partial flag."""
+        frames: list[tuple[bool, memoryview]] = []
         recv = self.inbox.recv
         try:
-            while len(frames) < INBOX_BATCH:
-                frames.append(recv(MAX_FRAME))
+            for _ in range(INBOX_BATCH):
+                data = recv(PREFIX_LEN + MAX_FRAME)
+                if len(data) > PREFIX_LEN:
+                    frames.append((bool(data[0] & HandOverFlag.CSUM_PARTIAL), memoryview(data)[PREFIX_LEN:]))
         except BlockingIOError:
             pass
         self.handed_in += len(frames)

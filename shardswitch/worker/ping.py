@@ -148,7 +148,7 @@ class PingFlows:
     def _hand_over(self, owner: int) -> None:
         """Give the frame being handled to the worker that owns its flow."""
         peers = self.w.peers
-        if peers is None or not peers.hand_over(owner, self.w.endpoint.frame):
+        if peers is None or not peers.hand_over(owner, self.w.endpoint.frame, self.w.endpoint.csum_partial):
             self.w.counters.drops[PING_HANDED_OVER_FAILED] += 1
 
     def _open_socket(self, v6: bool, dst: bytes) -> tuple[socket.socket, str]:

@@ -22,6 +22,16 @@ loop once the current batch of guest frames is handled, so one ACK answers
 a whole batch.  Segments out of order, duplicates of our FIN and the like
 are answered at once.
 
+Checksum offload: a guest segment whose virtio-net header had NEEDS_CSUM
+(``endpoint.csum_partial``; with HOST_TSO4/6 up to 64 KiB, still sent to the
+socket in one ``send()``) is not checksum-verified, and data segments to a
+guest that negotiated GUEST_CSUM (``w.rx_data_valid``) are built without
+their TCP checksum; small control segments keep theirs.  A guest that
+negotiated GUEST_TSO4/6 (``w.rx_tso4`` / ``w.rx_tso6``) gets host data in
+frames of up to 64 KiB whatever its MTU (:class:`GsoFrame`: the guest splits
+them at the connection's MSS), so the per-frame cost is paid once per 64 KiB
+rather than once per MSS.
+
 Timers run once a second over this worker's own flows: retransmission (a
 rewind to the last guest ACK after :data:`RTO_INIT`, doubling, RST after
 :data:`MAX_RETRIES`), SYN timeout, inactivity.  Flows live in the shared
@@ -56,6 +66,7 @@ from shardswitch.net.drop import DropReason, PacketError
 from shardswitch.net.ipv4 import IpProto, Ipv4Packet
 from shardswitch.net.ipv6 import Ipv6Packet, NextHeader
 from shardswitch.net.tcp import Addressing, ConnFlag, TcpConn, TcpFlag, TcpSegment
+from shardswitch.virtio.netdev import GsoFrame, GsoType
 from shardswitch.shm.layout import FlowRef, FlowSide, FlowTableError, FlowType, Pif, ip16, pack_key
 from shardswitch.worker.datapath import PENDING_MAX
 from shardswitch.worker.tcp_forward import LINGER_RESET, TCP_TABLE_FULL, TcpForwarder
@@ -150,12 +161,12 @@ class TcpFlows:
 
     def handle4(self, eth_src: bytes, packet: Ipv4Packet, now: float, out: Frames) -> None:
         """A TCP segment from the guest over IPv4 (endpoint handler)."""
-        seg = tcp.parse4(packet)
+        seg = tcp.parse4(packet, not self.w.endpoint.csum_partial)
         self._segment(False, packet.src.to_bytes(4, "big"), packet.dst.to_bytes(4, "big"), seg, now, out)
 
     def handle6(self, eth_src: bytes, packet: Ipv6Packet, now: float, out: Frames) -> None:
         """A TCP segment from the guest over IPv6 (endpoint handler)."""
-        self._segment(True, packet.src, packet.dst, tcp.parse6(packet), now, out)
+        self._segment(True, packet.src, packet.dst, tcp.parse6(packet, not self.w.endpoint.csum_partial), now, out)
 
     def _segment(self, v6: bool, src: bytes, dst: bytes, seg: TcpSegment, now: float, out: Frames) -> None:
         """Find the segment's flow (or its owner, or create it) and process the segment."""
@@ -200,7 +211,7 @@ class TcpFlows:
     def _hand_over(self, owner: int) -> None:
         """Give the frame being handled to the worker that owns its flow."""
         peers = self.w.peers
-        if peers is None or not peers.hand_over(owner, self.w.endpoint.frame):
+        if peers is None or not peers.hand_over(owner, self.w.endpoint.frame, self.w.endpoint.csum_partial):
             self.w.counters.drops[TCP_HANDED_OVER_FAILED] += 1
 
     def _target(self, addr: Addressing) -> str:
@@ -469,9 +480,17 @@ class TcpFlows:
         conn = flow.conn
         if not conn.flags & ConnFlag.ESTABLISHED or conn.flags & ConnFlag.FIN_SENT:
             return
-        pending = self.w.pending
-        hl = flow.addr.headers_len
+        w = self.w
+        pending = w.pending
+        addr = flow.addr
+        hl = addr.headers_len
         mss = conn.mss
+        # A DATA_VALID guest takes data segments unchecked: skip summing them (control segments stay summed).
+        csum = not w.rx_data_valid
+        # A GUEST_TSO guest takes up to 64 KiB in one frame, which it splits into MSS-sized segments itself.
+        gso = (GsoType.TCPV6 if addr.v6 else GsoType.TCPV4) if (w.rx_tso6 if addr.v6 else w.rx_tso4) else 0
+        # Whole segments only (as a sender's TSO): no runt segment at the end of each frame.
+        chunk = max(tcp.max_payload(addr.v6) // mss, 1) * mss if gso else mss
         while True:
             queued = len(out) if out is pending else len(out) + len(pending)
             room = conn.sendable()
@@ -479,8 +498,8 @@ class TcpFlows:
                 room = min(room, DISCARD_SIZE - conn.in_flight())
             if room <= 0 or queued >= QUEUE_LIMIT:
                 return
-            n = min(room, mss)
-            buf = bytearray(hl + n)
+            n = min(room, chunk)
+            buf = GsoFrame(hl + n, 0, mss, hl) if n > mss else bytearray(hl + n)
             view = memoryview(buf)
             try:
                 got = self._peek(flow, view[hl:])
@@ -505,10 +524,12 @@ class TcpFlows:
                 return
             if got < n:
                 del buf[hl + got:]
+            if got > mss and isinstance(buf, GsoFrame):
+                buf.gso_type = gso
             if conn.seq_to_guest == conn.seq_ack_from_guest:
                 flow.timer = now
             tcp.pack_into(buf, flow.addr, conn.seq_to_guest, conn.seq_from_guest, _DATA,
-                          conn.wnd_to_guest >> conn.ws_to_guest)
+                          conn.wnd_to_guest >> conn.ws_to_guest, csum=csum)
             conn.seq_to_guest = tcp.seq_add(conn.seq_to_guest, got)
             conn.seq_ack_to_guest = conn.seq_from_guest
             out.append(tcp.as_frame(buf))

@@ -34,7 +34,11 @@ worker's own flows only: a flow idle for :data:`UDP_TIMEOUT` seconds is
 closed, or after :data:`UDP_TIMEOUT_BOTH` seconds once traffic went both
 ways; activity times are published to the table once a second.
 
-Frames to the guest carry full checksums (no offload is negotiated).
+Checksum offload: a guest datagram whose virtio-net header had NEEDS_CSUM
+(``endpoint.csum_partial``) is not checksum-verified; frames to a guest that
+negotiated GUEST_CSUM (``w.rx_data_valid``: their header carries DATA_VALID)
+are built without a UDP checksum (0 over IPv4, which means none; a non-zero
+placeholder over IPv6, where 0 is refused even then), others with a full one.
 IPv6 UDP is parsed and built here (:func:`parse6`, :func:`build_frame6`);
 IPv4 uses :mod:`shardswitch.net.udp`.
 """
@@ -73,6 +77,8 @@ UDP_TIMEOUT_BOTH = 180.0
 RECV_BATCH = 64
 #: Receive buffer: the largest UDP payload.
 RECV_SIZE = 0xFFFF
+#: UDP checksum field of IPv6 frames to a DATA_VALID guest: not computed, but not 0 (refused over IPv6).
+UNCOMPUTED_CSUM6 = 0xFFFF
 #: Bytes of Ethernet, IPv6 and UDP headers in front of a payload.
 FRAME6_HEADERS_LEN = eth.ETH_HLEN + ipv6.IPV6_HLEN + UDP_HLEN
 
@@ -92,10 +98,11 @@ BROADCAST_MAC = b"\xff" * 6
 # -- IPv6 codec -------------------------------------------------------------------
 
 
-def parse6(packet: Ipv6Packet) -> UdpDatagram:
+def parse6(packet: Ipv6Packet, verify: bool = True) -> UdpDatagram:
     """Validate and decode the UDP datagram carried by IPv6 ``packet``.
 
     The checksum is mandatory in IPv6 (RFC 8200 section 8.1): 0 is refused.
+    ``verify=False``: it is partial (NEEDS_CSUM) and not checked beyond that.
     Raises :class:`PacketError` with ``UDP_MALFORMED`` or ``UDP_BAD_CHECKSUM``.
     """
     data = packet.payload
@@ -105,27 +112,31 @@ def parse6(packet: Ipv6Packet) -> UdpDatagram:
     src_port, dst_port, length, csum = HEADER.unpack_from(data)
     if length < UDP_HLEN or length > available:
         raise PacketError(DropReason.UDP_MALFORMED, f"length {length} in {available} bytes")
-    if not csum or not checksum.is_valid(
+    if not csum or verify and not checksum.is_valid(
             data[:length], ipv6.pseudo_header(packet.src, packet.dst, NextHeader.UDP, length)):
         raise PacketError(DropReason.UDP_BAD_CHECKSUM)
     return UdpDatagram(src_port, dst_port, data[UDP_HLEN:length])
 
 
 def build_frame6(eth_dst: bytes, eth_src: bytes, ip_src: bytes, ip_dst: bytes, src_port: int,
-                 dst_port: int, payload: BytesLike) -> bytes:
+                 dst_port: int, payload: BytesLike, csum: bool = True) -> bytes:
     """A complete Ethernet/IPv6/UDP frame carrying ``payload``, checksum set.
 
-    Raises ValueError for a payload that does not fit an IPv6 payload length.
+    ``csum=False`` (a DATA_VALID guest) puts :data:`UNCOMPUTED_CSUM6` in the
+    field instead.  Raises ValueError for a payload that does not fit an IPv6
+    payload length.
     """
     length = UDP_HLEN + len(payload)
     if length > ipv6.MAX_PAYLOAD:
         raise ValueError(f"UDP payload of {len(payload)} bytes is too long")
-    start = ipv6.pseudo_header(ip_src, ip_dst, NextHeader.UDP, length) + src_port + dst_port + length
-    csum = checksum.checksum(payload, start) or 0xFFFF
+    udp_csum = UNCOMPUTED_CSUM6
+    if csum:
+        start = ipv6.pseudo_header(ip_src, ip_dst, NextHeader.UDP, length) + src_port + dst_port + length
+        udp_csum = checksum.checksum(payload, start) or 0xFFFF
     headers = bytearray(FRAME6_HEADERS_LEN)
     eth.pack_header_into(headers, 0, eth_dst, eth_src, eth.EtherType.IPV6)
     ipv6.pack_header_into(headers, eth.ETH_HLEN, ip_src, ip_dst, NextHeader.UDP, length)
-    HEADER.pack_into(headers, eth.ETH_HLEN + ipv6.IPV6_HLEN, src_port, dst_port, length, csum)
+    HEADER.pack_into(headers, eth.ETH_HLEN + ipv6.IPV6_HLEN, src_port, dst_port, length, udp_csum)
     return b"".join((headers, payload))
 
 
@@ -218,7 +229,7 @@ class UdpFlows:
 
     def handle6(self, eth_src: bytes, packet: Ipv6Packet, now: float, out: list[bytes]) -> None:
         """A UDP datagram over IPv6 from the guest (endpoint handler for next header 17)."""
-        datagram = parse6(packet)
+        datagram = parse6(packet, not self.w.endpoint.csum_partial)
         dst = packet.dst
         if ipv6.is_multicast(dst) or ipv6.is_unspecified(dst) or dst == ipv6.addr_from_str("::1") \
                 or not datagram.dst_port or ipv6.is_unspecified(packet.src):
@@ -266,7 +277,7 @@ class UdpFlows:
     def _hand_over(self, owner: int) -> None:
         """Give the frame being handled to the worker that owns its flow."""
         peers = self.w.peers
-        if peers is None or not peers.hand_over(owner, self.w.endpoint.frame):
+        if peers is None or not peers.hand_over(owner, self.w.endpoint.frame, self.w.endpoint.csum_partial):
             self.w.counters.drops[UDP_HANDED_OVER_FAILED] += 1
 
     def _target(self, v6: bool, dst: bytes, dport: int) -> tuple[str, int]:
@@ -342,13 +353,14 @@ class UdpFlows:
             w.counters.drops[UDP_TOO_BIG] += 1
             return
         our_mac = w.endpoint.resolved.our_mac
+        csum = not w.rx_data_valid
         if flow.v6:
             frame = build_frame6(guest_mac, our_mac, flow.remote, flow.guest_addr, flow.remote_port,
-                                 flow.guest_port, payload)
+                                 flow.guest_port, payload, csum)
         else:
             frame = udp.build_frame(guest_mac, our_mac, int.from_bytes(flow.remote, "big"),
                                     int.from_bytes(flow.guest_addr, "big"), flow.remote_port, flow.guest_port,
-                                    payload)
+                                    payload, csum=csum)
         w.pending.append(frame)
         flow.last = now
         flow.from_host = True

@@ -134,7 +134,7 @@ def test_new_mem_table_restarts_running_rings(dev: Device) -> None:
 
 def test_unoffered_features_refused(dev: Device) -> None:
     with pytest.raises(DeviceError, match="not offered"):
-        dev.set_features(int(VirtioFeature.HOST_TSO4))
+        dev.set_features(int(VirtioFeature.GUEST_UFO))
 
 
 def test_reset_stops_everything(dev: Device) -> None:

@@ -161,7 +161,7 @@ REFUSALS: dict[str, Refusal] = {
     "SET_MEM_TABLE with 9 regions": Refusal(Request.SET_MEM_TABLE, _nine_regions, fds=1),
     "SET_MEM_TABLE with overlapping regions": Refusal(Request.SET_MEM_TABLE, _overlapping_table, fds=2),
     "SET_FEATURES not offered": Refusal(
-        Request.SET_FEATURES, lambda fe: U64.pack(fe.negotiated_features | VirtioFeature.HOST_TSO4)),
+        Request.SET_FEATURES, lambda fe: U64.pack(fe.negotiated_features | VirtioFeature.GUEST_UFO)),
     "SET_FEATURES with dirty logging": Refusal(
         Request.SET_FEATURES, lambda fe: U64.pack(fe.negotiated_features | VirtioFeature.LOG_ALL)),
     "SET_PROTOCOL_FEATURES not offered": Refusal(

@@ -9,7 +9,8 @@ from ringhelper import DriverRing, SharedMemory
 
 from shardswitch.vhost.wire import VirtioFeature
 from shardswitch.virtio.memory import GuestMemory
-from shardswitch.virtio.netdev import VNET_HDR, RxWriter, tx_frame, vnet_hdr_len
+from shardswitch.virtio.netdev import (VNET_HDR, GsoFrame, GsoType, RxWriter, VnetHdrFlags, tx_flags, tx_frame,
+                                       vnet_hdr_len)
 from shardswitch.virtio.virtqueue import Virtqueue, VirtqueueError
 
 HDR = bytes(range(0xA0, 0xAC))      # a recognisable 12-byte header
@@ -239,4 +240,85 @@ def test_mrg_rxbuf_frame_larger_than_whole_ring_is_too_big(shm: SharedMemory, me
     assert rx.too_big == 1 and vq.last_avail == 4
     vq.flush()
     assert [n for _h, n in ring.collect()] == [600, 600, 600, 212]
+    vq.release()
+
+
+# ---------------------------------------------------------------------- checksum offload flags
+
+
+#: A TX header with NEEDS_CSUM (csum_start 34, csum_offset 16: TCP over IPv4).
+PARTIAL_HDR = VNET_HDR.pack(VnetHdrFlags.NEEDS_CSUM, 0, 0, 0, 34, 16, 0)
+
+
+@pytest.mark.parametrize("parts", [
+    [PARTIAL_HDR + FRAME],
+    [PARTIAL_HDR, FRAME],
+    [b"", PARTIAL_HDR[:1], PARTIAL_HDR[1:], FRAME],     # an empty leading buffer: the flags are in the next
+])
+def test_tx_flags_reads_the_first_header_byte(parts: list[bytes]) -> None:
+    """tx_flags returns the header's flags byte wherever the header starts."""
+    readable = [memoryview(p) for p in parts]
+    assert tx_flags(readable) == VnetHdrFlags.NEEDS_CSUM
+    assert bytes(tx_frame(readable, 12)) == FRAME
+
+
+def test_tx_flags_without_flags_or_bytes() -> None:
+    """A zero header reads 0, and so does a chain without any byte."""
+    assert tx_flags([memoryview(bytes(12) + FRAME)]) == 0
+    assert tx_flags([]) == 0 and tx_flags([memoryview(b"")]) == 0
+
+
+@pytest.mark.parametrize("mrg", [False, True])
+def test_rx_header_carries_data_valid(shm: SharedMemory, mem: GuestMemory, mrg: bool) -> None:
+    """set_flags(DATA_VALID) puts the flag in every header, single-chain and merged alike."""
+    ring, vq, heads = rx_ring(shm, mem, [[2048], [600], [600], [600]])
+    rx = RxWriter(vq, 12, mrg_rxbuf=mrg, flags=VnetHdrFlags.DATA_VALID)
+    assert rx.put(FRAME) is True
+    if mrg:
+        assert rx.put(FRAME) is True          # spans the three 600-byte chains
+    vq.flush()
+    used = ring.collect()
+    first = received(ring, used[:1])
+    assert VNET_HDR.unpack(first[:12]) == (VnetHdrFlags.DATA_VALID, 0, 0, 0, 0, 0, 1)
+    if mrg:
+        merged = received(ring, used[1:])
+        assert VNET_HDR.unpack(merged[:12]) == (VnetHdrFlags.DATA_VALID, 0, 0, 0, 0, 0, 3)
+        assert merged[12:] == FRAME
+    vq.release()
+
+
+def test_rx_set_flags_back_to_zero_and_refuses_needs_csum(shm: SharedMemory, mem: GuestMemory) -> None:
+    """Flags can be cleared again; NEEDS_CSUM (per-frame csum_start) and unknown bits are refused."""
+    ring, vq, heads = rx_ring(shm, mem, [[2048]])
+    rx = RxWriter(vq, 10, mrg_rxbuf=False, flags=VnetHdrFlags.DATA_VALID)
+    rx.set_flags(0)
+    assert rx.put(FRAME) is True
+    vq.flush()
+    assert received(ring, ring.collect())[:10] == bytes(10)
+    for bad in (VnetHdrFlags.NEEDS_CSUM, 4):
+        with pytest.raises(ValueError):
+            rx.set_flags(bad)
+    vq.release()
+
+
+@pytest.mark.parametrize("mrg", [False, True])
+def test_rx_gso_frame_header(shm: SharedMemory, mem: GuestMemory, mrg: bool) -> None:
+    """A GsoFrame's gso fields go in its header, beside the writer's flags; one with gso_type NONE gets none."""
+    ring, vq, heads = rx_ring(shm, mem, [[2048], [2048], [600], [600], [600]])
+    rx = RxWriter(vq, 12, mrg_rxbuf=mrg, flags=VnetHdrFlags.DATA_VALID)
+    gso = GsoFrame(len(FRAME), GsoType.TCPV4, 1400, 54)
+    gso[:] = FRAME
+    plain = GsoFrame(len(FRAME), GsoType.NONE, 1400, 54)
+    plain[:] = FRAME
+    assert rx.put(gso) is True and rx.put(plain) is True
+    if mrg:
+        assert rx.put(gso) is True            # spans the three 600-byte chains
+    vq.flush()
+    used = ring.collect()
+    expected = [(VnetHdrFlags.DATA_VALID, GsoType.TCPV4, 54, 1400, 0, 0, 1),
+                (VnetHdrFlags.DATA_VALID, 0, 0, 0, 0, 0, 1)]
+    if mrg:
+        expected.append((VnetHdrFlags.DATA_VALID, GsoType.TCPV4, 54, 1400, 0, 0, 3))
+        assert received(ring, used[2:])[12:] == FRAME
+    assert [VNET_HDR.unpack(received(ring, [u])[:12]) for u in used[:len(expected)]] == expected
     vq.release()

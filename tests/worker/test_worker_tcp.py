@@ -388,6 +388,7 @@ class StandInWorker:
         self.epoll = select.epoll()
         self.sockets: dict[int, Callable[[], None]] = {}
         self.tick_handlers: list[Callable[[float], None]] = []
+        self.rx_data_valid = self.rx_tso4 = self.rx_tso6 = False
 
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
         """Watch a descriptor like Worker.watch."""
