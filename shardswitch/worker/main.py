@@ -42,6 +42,7 @@ from shardswitch.worker.peers import Peers
 from shardswitch.worker.ping import PingFlows
 from shardswitch.worker.udp import UdpFlows
 from shardswitch.worker.rings import NO_FD, RingSlot, SlotState
+from shardswitch.worker.dns import DnsForward
 from shardswitch.worker.tcp import TcpFlows
 
 log = logging.getLogger("shardswitch.worker")
@@ -93,9 +94,9 @@ class Worker:
         #: The guest MAC this worker last published in the flow table's header.
         self.published_mac: bytes | None = None
         self.ping = PingFlows(self, self.table, setup.map_host_loopback)
-        self.tcp = TcpFlows(self, self.table, setup.map_host_loopback, setup.tcp_ports)
-        self.udp = UdpFlows(self, self.table, setup.map_host_loopback, setup.udp_ports, setup.dns_forward,
-                            setup.dns_upstream)
+        dns = DnsForward(setup.dns_forward, setup.dns_upstream) if setup.dns_forward else None
+        self.tcp = TcpFlows(self, self.table, setup.map_host_loopback, setup.tcp_ports, dns)
+        self.udp = UdpFlows(self, self.table, setup.map_host_loopback, setup.udp_ports, dns)
         #: TX needs another round without waiting for a kick (batch limit hit, or polling).
         self.tx_again = False
 

@@ -69,6 +69,8 @@ from shardswitch.net.tcp import Addressing, ConnFlag, TcpConn, TcpFlag, TcpSegme
 from shardswitch.virtio.netdev import GsoFrame, GsoType
 from shardswitch.shm.layout import FlowRef, FlowSide, FlowTableError, FlowType, Pif, ip16, pack_key
 from shardswitch.worker.datapath import PENDING_MAX
+from shardswitch.worker.dns import DnsForward
+from shardswitch.worker.sockpool import SocketPool
 from shardswitch.worker.tcp_forward import LINGER_RESET, TCP_TABLE_FULL, TcpForwarder
 
 if TYPE_CHECKING:
@@ -138,9 +140,14 @@ class TcpFlows:
     """Every TCP connection of one worker."""
 
     def __init__(self, w: Worker, table: FlowTable | None, mapped: tuple[str, ...],
-                 tcp_ports: tuple[str, ...] = ()) -> None:
-        """Serve TCP for worker ``w``; ``mapped``: addresses that mean the host's loopback; -t SPECs."""
+                 tcp_ports: tuple[str, ...] = (), dns: DnsForward | None = None) -> None:
+        """Serve TCP for worker ``w``; ``mapped``: addresses that mean the host's loopback; -t SPECs;
+        ``dns``: where connections to the DNS-forwarding address's port 53 go."""
         self.w = w
+        self.dns = dns
+        #: Pre-opened sockets for the guest's new connections (refilled by the deferred handler).
+        self.pool = SocketPool()
+        self.pool.refill()
         self.table = table
         self.mapped4 = {ipaddress.ip_address(a).packed for a in mapped if ":" not in a}
         self.mapped6 = {ipaddress.ip_address(a).packed for a in mapped if ":" in a}
@@ -214,23 +221,30 @@ class TcpFlows:
         if peers is None or not peers.hand_over(owner, self.w.endpoint.frame, self.w.endpoint.csum_partial):
             self.w.counters.drops[TCP_HANDED_OVER_FAILED] += 1
 
-    def _target(self, addr: Addressing) -> str:
-        """Where the host socket connects: the loopback for mapped addresses."""
+    def _target(self, addr: Addressing) -> tuple[str, int]:
+        """Where the host socket connects: the host's resolver for the DNS-forwarding address's port 53,
+        the loopback for mapped addresses, else where the guest was going."""
+        if self.dns is not None:
+            forwarded = self.dns.target(addr.src, addr.src_port)
+            if forwarded is not None:
+                return forwarded
         if addr.v6:
-            return "::1" if addr.src in self.mapped6 else str(ipaddress.IPv6Address(addr.src))
-        return "127.0.0.1" if addr.src in self.mapped4 else str(ipaddress.IPv4Address(addr.src))
+            host = "::1" if addr.src in self.mapped6 else str(ipaddress.IPv6Address(addr.src))
+        else:
+            host = "127.0.0.1" if addr.src in self.mapped4 else str(ipaddress.IPv4Address(addr.src))
+        return host, addr.src_port
 
     def _connect(self, key: bytes, guest_side: FlowSide, addr: Addressing, seg: TcpSegment, now: float,
                  out: Frames) -> None:
         """A new connection from the guest: connect() a socket, enter the flow; RST when that fails."""
-        target = self._target(addr)
-        sock = socket.socket(socket.AF_INET6 if addr.v6 else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        err = sock.connect_ex((target, addr.src_port))
+        target, port = self._target(addr)
+        family = socket.AF_INET6 if ":" in target else socket.AF_INET
+        sock = self.pool.take(family)
+        err = sock.connect_ex((target, port))
         if err not in (0, errno.EINPROGRESS):
             sock.close()
             out.append(self._reset_for(addr, seg))
-            log.debug("TCP to %s port %d: %s", target, addr.src_port, os.strerror(err))
+            log.debug("TCP to %s port %d: %s", target, port, os.strerror(err))
             return
         try:
             local = sock.getsockname()
@@ -241,7 +255,7 @@ class TcpFlows:
         ref = FlowRef(-1, 0)
         table = self.table
         if table is not None:
-            host_side = FlowSide(Pif.HOST, ip16(target), addr.src_port, ip16(local[0]), local[1])
+            host_side = FlowSide(Pif.HOST, ip16(target), port, ip16(local[0]), local[1])
             try:
                 entered = table.enter(FlowType.TCP, guest_side, host_side, self.w.pair, now)
             except FlowTableError as exc:
@@ -605,14 +619,16 @@ class TcpFlows:
             self.table.remove_many([flow.ref])
 
     def close(self) -> None:
-        """Close every flow (the worker is stopping)."""
+        """Close every flow and the pre-opened sockets (the worker is stopping)."""
         for flow in list(self.flows.values()):
             self._close(flow, reset_host=True)
+        self.pool.close()
 
     # -- timers ---------------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
-        """Once a second: retransmissions, SYN and idle timeouts, activity published to the table."""
+        """Once a second: retransmissions, SYN and idle timeouts, activity published, socket pool refilled."""
+        self.pool.refill()
         pending = self.w.pending
         for flow in list(self.flows.values()):
             self._timers(flow, now, pending)

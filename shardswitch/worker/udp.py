@@ -187,15 +187,15 @@ class UdpFlows:
     """Every UDP flow and forwarded-port listener of one worker."""
 
     def __init__(self, w: Worker, table: FlowTable | None, mapped: tuple[str, ...],
-                 udp_ports: tuple[str, ...], dns_forward: str, dns_upstream: tuple[str, ...]) -> None:
+                 udp_ports: tuple[str, ...], dns: DnsForward | None) -> None:
         """Serve UDP for worker ``w``.
 
         ``mapped``: addresses meaning the host's loopback; ``udp_ports``: the
-        -u SPECs; ``dns_forward``/``dns_upstream``: see :class:`DnsForward`.
+        -u SPECs; ``dns``: where traffic to the DNS-forwarding address's port 53 goes.
         """
         self.w = w
         self.table = table
-        self.dns = DnsForward(dns_forward, dns_upstream)
+        self.dns = dns
         addrs = [ipaddress.ip_address(a) for a in mapped]
         self.mapped4 = [a.packed for a in addrs if a.version == 4]
         self.mapped6 = [a.packed for a in addrs if a.version == 6]
@@ -282,7 +282,7 @@ class UdpFlows:
 
     def _target(self, v6: bool, dst: bytes, dport: int) -> tuple[str, int]:
         """Where a guest flow to ``dst``:``dport`` goes on the host: DNS forward, loopback, or ``dst``."""
-        redirected = self.dns.target(dst, dport)
+        redirected = self.dns.target(dst, dport) if self.dns is not None else None
         if redirected is not None:
             return redirected
         if v6:

@@ -570,3 +570,24 @@ def test_forwarded_port_on_worker_that_never_saw_the_guest(tmp_path: Path, netns
         drops = [w["drops"] for w in sw.status()["workers"]]
         assert syns[1] > 0 and sum(syns) == 16, (syns, drops)
         assert not any("TCP_NO_GUEST_ADDRESS" in d for d in drops), drops
+
+
+def test_dns_forward_over_tcp(tmp_path: Path, netns: TestNetns) -> None:
+    """--dns-forward: a TCP connection to ADDR port 53 reaches the host's resolver (127.0.0.1:53 here)."""
+    echo53 = ("import socket\n"
+              "s = socket.create_server(('127.0.0.1', 53))\nprint('ready', flush=True)\n"
+              "c, _ = s.accept()\nc.sendall(c.recv(100))\nc.close()")
+    server = netns.popen([sys.executable, "-c", echo53], stdout=subprocess.PIPE)
+    assert server.stdout is not None and server.stdout.readline().strip() == b"ready"
+    with Switch(tmp_path, workers=1, prefix=netns.exec_argv([]), args=["--dns-forward", "10.0.2.53"]) as sw, \
+            VhostUserFrontend.connect(sw.socket) as fe:
+        fe.handshake()
+        fe.post_rx(0, 64)
+        conn = GuestTcp(fe, 53, 40200)
+        conn.addr = Addressing(False, OUR_MAC, GUEST_MAC, socket.inet_aton(GUEST4),
+                               socket.inet_aton("10.0.2.53"), 40200, 53)
+        conn.connect()
+        (flow,) = flows_of(sw)
+        assert flow["sides"][1]["ep_addr"] == "127.0.0.1" and flow["sides"][1]["ep_port"] == 53
+        conn.send(ACK | PSH, b"\x00\x05query")
+        assert conn.read(7) == b"\x00\x05query"
