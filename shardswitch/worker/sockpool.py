@@ -18,9 +18,10 @@ FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
 
 def _new_socket(family: int) -> socket.socket:
-    """A fresh non-blocking TCP socket."""
+    """A fresh non-blocking TCP socket with keepalive (a dead host peer is noticed)."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     return sock
 
 

@@ -89,6 +89,9 @@ MAX_RETRIES = 7
 SYN_TIMEOUT = 10.0
 #: Idle connections are reset after this long (as passt).
 IDLE_TIMEOUT = 7200.0
+#: An established connection quiet for this long gets a keepalive ACK to the guest, again every interval
+#: (as passt); the host side has SO_KEEPALIVE.
+KEEPALIVE_INTERVAL = 30.0
 #: SO_PEEK_OFF (not in Python's socket module).
 SO_PEEK_OFF = 42
 #: Discard area for MSG_TRUNC reads and for peeks without SO_PEEK_OFF (never touched by the former).
@@ -122,6 +125,8 @@ class TcpFlow:
     #: Start of the current retransmission period (last progress), and its length.
     timer: float
     rto: float = RTO_INIT
+    #: When the last keepalive ACK went to the guest.
+    keepalive: float = 0.0
     retries: int = 0
     published: float = 0.0
     #: Host data may wait beyond what the guest's window allowed.
@@ -653,6 +658,10 @@ class TcpFlows:
         if not waiting:
             if flow.readable:
                 self._to_guest(flow, now, out)
+            elif (conn.flags & ConnFlag.ESTABLISHED and now - flow.last >= KEEPALIVE_INTERVAL
+                  and now - flow.keepalive >= KEEPALIVE_INTERVAL):
+                flow.keepalive = now
+                out.append(self._ack(flow))
             return
         if now - flow.timer < flow.rto:
             return

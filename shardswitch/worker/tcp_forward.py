@@ -96,6 +96,7 @@ class TcpForwarder:
             except OSError as err:
                 log.debug("-t port %d: %s", listener.port, err.strerror)
                 break
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             if not self._inbound(listener, sock, peer, now):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
                 sock.close()

@@ -28,7 +28,7 @@ from shardswitch.net.endpoint import GuestEndpoint
 from shardswitch.net.params import GuestParams
 from shardswitch.net.tcp import Addressing, TcpFlag
 from shardswitch.worker.datapath import Counters
-from shardswitch.worker.tcp import IDLE_TIMEOUT, MAX_RETRIES, RTO_INIT, TcpFlows
+from shardswitch.worker.tcp import IDLE_TIMEOUT, KEEPALIVE_INTERVAL, MAX_RETRIES, RTO_INIT, TcpFlows
 from tests.guest.netns import TestNetns
 from tests.switch import Switch
 
@@ -499,10 +499,32 @@ def test_idle_connection_is_reset(stand_in: tuple[StandInWorker, TcpFlows, socke
     w.endpoint.handle_frame(memoryview(tcp.build(guest, 1001, tcp.seq_add(data.seq, 100), int(ACK), 65535)),
                             now, [])
     flows.tick(now + 60)
-    assert w.take() == [] and len(flows.flows) == 1
+    assert all(not seg.flags & RST for seg in w.take()) and len(flows.flows) == 1  # keepalive ACKs only
     flows.tick(now + IDLE_TIMEOUT + 1)
     (rst,) = w.take()
     assert rst.flags & RST and flows.flows == {}
+    server.close()
+
+
+def test_keepalive_acks_a_quiet_connection(stand_in: tuple[StandInWorker, TcpFlows, socket.socket]) -> None:
+    """A quiet established connection gets a pure ACK every KEEPALIVE_INTERVAL, not more often."""
+    w, flows, listener = stand_in
+    server, data = established_with_data(w, listener)
+    now = time.monotonic()
+    port = listener.getsockname()[1]
+    guest = Addressing(False, OUR_MAC, GUEST_MAC, socket.inet_aton(GUEST4), socket.inet_aton(GATEWAY4), 40200, port)
+    w.endpoint.handle_frame(memoryview(tcp.build(guest, 1001, tcp.seq_add(data.seq, 100), int(ACK), 65535)),
+                            now, [])
+    w.take()
+    flows.tick(now + KEEPALIVE_INTERVAL - 1)
+    assert w.take() == []
+    flows.tick(now + KEEPALIVE_INTERVAL + 1)
+    (ka,) = w.take()
+    assert ka.flags == ACK and not ka.payload and ka.ack == 1001
+    flows.tick(now + KEEPALIVE_INTERVAL + 2)
+    assert w.take() == []
+    flows.tick(now + 2 * KEEPALIVE_INTERVAL + 2)
+    assert len(w.take()) == 1
     server.close()
 
 
