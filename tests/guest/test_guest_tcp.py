@@ -195,10 +195,25 @@ def iperf_rate(output: str, tag: str) -> float:
     return float(match[1]) * {"K": 1e-3, "M": 1.0, "G": 1e3}[match[2]]
 
 
+#: A forwarded port for `nc -l` in the guest, and the host-side client: sends a line, half-closes,
+#: prints what the guest sent.
+NC_PORT = 8123
+NC_CLIENT = r"""
+import socket, sys
+c = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=20)
+c.sendall(b"from-host\n")
+c.shutdown(socket.SHUT_WR)
+data = b""
+while chunk := c.recv(4096):
+    data += chunk
+print(data.decode().strip())
+"""
+
+
 def test_iperf3_both_directions_pinned_streams_and_forwarding(tmp_path: Path, netns: TestNetns,
                                                               guest_image: GuestImage) -> None:
-    """iperf3 to and from the host, two streams pinned to two vCPUs (queues=2), then a host client
-    through a forwarded port (-t) to an iperf3 server in the guest: no errors."""
+    """iperf3 to and from the host, two streams pinned to two vCPUs (queues=2), then host clients
+    through forwarded ports (-t) to an iperf3 server and to `nc -l` in the guest: no errors, data both ways."""
     for port in (5201, 5202):
         netns.popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL)
@@ -218,13 +233,22 @@ sleep 1
 echo FWD-READY
 wait
 echo ==fwd==; cat /tmp/fwd
+echo from-guest | nc -l -p {NC_PORT} > /tmp/nc &
+sleep 1
+echo NC-READY
+wait
+echo NC-GOT=$(cat /tmp/nc)
 """
-    with switch_in(tmp_path, netns, args=["-t", str(FORWARDED)]) as switch, \
+    with switch_in(tmp_path, netns, args=["-t", f"{FORWARDED},{NC_PORT}"]) as switch, \
             GuestVM(guest_image, script, socket=Path(switch.socket), queues=2, smp=2, netns=netns) as vm:
         vm.wait_for("FWD-READY", timeout=240)
         client = netns.run(["iperf3", "-c", "127.0.0.1", "-p", str(FORWARDED), "-t", "3"], check=False)
         assert client.returncode == 0, (client.stdout, client.stderr, vm.output())
+        vm.wait_for("NC-READY", timeout=120)
+        nc = netns.run([sys.executable, "-c", NC_CLIENT, str(NC_PORT)], timeout=30)
+        assert nc.stdout.strip() == "from-guest", (nc.stdout, nc.stderr, vm.output())
         assert vm.wait_exit(timeout=300) == 0, vm.output()
+        assert "NC-GOT=from-host" in vm.output(), vm.output()
         output = vm.output()
         rates = {tag: iperf_rate(output, tag) for tag in ("up", "down", "s0", "s1")}
         rates["fwd"] = iperf_rate("==fwd==" + client.stdout, "fwd")
