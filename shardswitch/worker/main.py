@@ -37,6 +37,7 @@ from shardswitch.virtio.virtqueue import VirtqueueError
 from shardswitch.virtio.netdev import VnetHdrFlags
 from shardswitch.vhost.wire import VirtioFeature
 from shardswitch.worker.datapath import Counters, deliver_rx, drop_pending, service_inbox, service_tx
+from shardswitch.shm.layout import FlowSide, FlowType
 from shardswitch.shm.table import FlowTable
 from shardswitch.worker.peers import Peers
 from shardswitch.worker.ping import PingFlows
@@ -49,6 +50,8 @@ log = logging.getLogger("shardswitch.worker")
 
 #: Polling period for rings without a kick descriptor.
 POLL_INTERVAL = 0.001
+#: Drop reason of frames for another worker's flow whose inbox was full.
+HAND_OVER_FAILED = "HAND_OVER_FAILED"
 #: Drop reason of frames whose handling failed inside shardswitch itself.
 INTERNAL_ERROR = "INTERNAL_ERROR"
 #: Period of the deferred handler (flow timers).
@@ -302,6 +305,30 @@ class Worker:
             # Other workers need it for host-initiated flows before the guest has used their queue.
             self.table.publish_guest_mac(mac)
             self.published_mac = mac
+
+    # -- flows owned by other workers ---------------------------------------------
+
+    def hand_over(self, owner: int) -> None:
+        """Give the frame being handled, unchanged, to the worker that owns its flow (counted if refused)."""
+        peers = self.peers
+        if peers is None or not peers.hand_over(owner, self.endpoint.frame, self.endpoint.csum_partial):
+            self.counters.drops[HAND_OVER_FAILED] += 1
+
+    def owned_elsewhere(self, ftype: FlowType, guest_side: FlowSide) -> bool:
+        """For a frame of a flow missing from this worker's index: True when another worker owns the flow
+        (the frame was handed to it); False when this worker creates it (an entry left by this pair's
+        previous process is removed first)."""
+        table = self.table
+        if table is None:
+            return False
+        hit = table.lookup(ftype, guest_side)
+        if hit is None:
+            return False
+        if hit.owner != self.pair:
+            self.hand_over(hit.owner)
+            return True
+        table.remove_many([hit.ref])
+        return False
 
     # -- sockets and timers ------------------------------------------------------
 

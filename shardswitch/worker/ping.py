@@ -57,7 +57,6 @@ ANY16 = bytes(16)
 PING_SOCKET_ERROR = "PING_SOCKET_ERROR"
 PING_SEND_ERROR = "PING_SEND_ERROR"
 PING_TABLE_FULL = "PING_TABLE_FULL"
-PING_HANDED_OVER_FAILED = "PING_HANDED_OVER_FAILED"
 
 
 @dataclass(slots=True)
@@ -134,22 +133,9 @@ class PingFlows:
     def _resolve(self, ftype: FlowType, key: bytes, guest_side: FlowSide, v6: bool, src: bytes, dst: bytes,
                  ident: int, now: float) -> PingFlow | None:
         """A flow this worker does not know: hand the frame to its owner, or create the flow here."""
-        table = self.table
-        if table is not None:
-            hit = table.lookup(ftype, guest_side)
-            if hit is not None:
-                if hit.owner != self.w.pair:
-                    self._hand_over(hit.owner)
-                    return None
-                # Ours in the table but not here: left by this pair's previous worker process.
-                table.remove_many([hit.ref])
+        if self.w.owned_elsewhere(ftype, guest_side):
+            return None
         return self._create(ftype, key, guest_side, v6, src, dst, ident, now)
-
-    def _hand_over(self, owner: int) -> None:
-        """Give the frame being handled to the worker that owns its flow."""
-        peers = self.w.peers
-        if peers is None or not peers.hand_over(owner, self.w.endpoint.frame, self.w.endpoint.csum_partial):
-            self.w.counters.drops[PING_HANDED_OVER_FAILED] += 1
 
     def _open_socket(self, v6: bool, dst: bytes) -> tuple[socket.socket, str]:
         """A ping socket connected to ``dst`` (the loopback when ``dst`` is mapped), and where it points."""
@@ -195,7 +181,7 @@ class PingFlows:
                 sock.close()
                 hit = table.lookup(ftype, guest_side)
                 if hit is not None:
-                    self._hand_over(hit.owner)
+                    self.w.hand_over(hit.owner)
                 return None
             ref = entered
         flow = PingFlow(ref, key, sock, v6, ident, src, dst, now)

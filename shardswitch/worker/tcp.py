@@ -106,7 +106,6 @@ _DATA = int(TcpFlag.ACK | TcpFlag.PSH)
 
 #: Drop reasons of this module (shown in ``shardswitch status``).
 TCP_SOCKET_ERROR = "TCP_SOCKET_ERROR"
-TCP_HANDED_OVER_FAILED = "TCP_HANDED_OVER_FAILED"
 
 
 @dataclass(slots=True, eq=False)
@@ -188,14 +187,8 @@ class TcpFlows:
         if flow is not None:
             self._from_guest(flow, seg, now, out)
             return
-        table = self.table
-        if table is not None:
-            hit = table.lookup(FlowType.TCP, guest_side)
-            if hit is not None:
-                if hit.owner != self.w.pair:
-                    self._hand_over(hit.owner)
-                    return
-                table.remove_many([hit.ref])
+        if self.w.owned_elsewhere(FlowType.TCP, guest_side):
+            return
         flags = seg.flags
         if flags & TcpFlag.RST:
             raise PacketError(DropReason.TCP_IGNORED, "RST without a flow")
@@ -219,12 +212,6 @@ class TcpFlows:
             return tcp.build(addr, seg.ack, 0, int(TcpFlag.RST), 0)
         length = len(seg.payload) + (1 if seg.flags & TcpFlag.SYN else 0) + (1 if seg.flags & TcpFlag.FIN else 0)
         return tcp.build(addr, 0, tcp.seq_add(seg.seq, length), int(TcpFlag.RST | TcpFlag.ACK), 0)
-
-    def _hand_over(self, owner: int) -> None:
-        """Give the frame being handled to the worker that owns its flow."""
-        peers = self.w.peers
-        if peers is None or not peers.hand_over(owner, self.w.endpoint.frame, self.w.endpoint.csum_partial):
-            self.w.counters.drops[TCP_HANDED_OVER_FAILED] += 1
 
     def _target(self, addr: Addressing) -> tuple[str, int]:
         """Where the host socket connects: the host's resolver for the DNS-forwarding address's port 53,
@@ -273,7 +260,7 @@ class TcpFlows:
                 sock.close()
                 hit = table.lookup(FlowType.TCP, guest_side)
                 if hit is not None:
-                    self._hand_over(hit.owner)
+                    self.w.hand_over(hit.owner)
                 return
             ref = entered
         isn = secrets.randbits(32)

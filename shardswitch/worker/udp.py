@@ -86,7 +86,6 @@ FRAME6_HEADERS_LEN = eth.ETH_HLEN + ipv6.IPV6_HLEN + UDP_HLEN
 UDP_SOCKET_ERROR = "UDP_SOCKET_ERROR"
 UDP_SEND_ERROR = "UDP_SEND_ERROR"
 UDP_TABLE_FULL = "UDP_TABLE_FULL"
-UDP_HANDED_OVER_FAILED = "UDP_HANDED_OVER_FAILED"
 UDP_TOO_BIG = "UDP_TOO_BIG"
 UDP_NO_GUEST_ADDRESS = "UDP_NO_GUEST_ADDRESS"
 UDP_FLOW_CONFLICT = "UDP_FLOW_CONFLICT"
@@ -263,22 +262,9 @@ class UdpFlows:
     def _resolve(self, key: bytes, guest_side: FlowSide, v6: bool, src: bytes, sport: int, dst: bytes,
                  dport: int, now: float) -> UdpFlow | None:
         """A flow this worker does not know: hand the frame to its owner, or create the flow here."""
-        table = self.table
-        if table is not None:
-            hit = table.lookup(FlowType.UDP, guest_side)
-            if hit is not None:
-                if hit.owner != self.w.pair:
-                    self._hand_over(hit.owner)
-                    return None
-                # Ours in the table but not here: left by this pair's previous worker process.
-                table.remove_many([hit.ref])
+        if self.w.owned_elsewhere(FlowType.UDP, guest_side):
+            return None
         return self._create(key, guest_side, v6, src, sport, dst, dport, now)
-
-    def _hand_over(self, owner: int) -> None:
-        """Give the frame being handled to the worker that owns its flow."""
-        peers = self.w.peers
-        if peers is None or not peers.hand_over(owner, self.w.endpoint.frame, self.w.endpoint.csum_partial):
-            self.w.counters.drops[UDP_HANDED_OVER_FAILED] += 1
 
     def _target(self, v6: bool, dst: bytes, dport: int) -> tuple[str, int]:
         """Where a guest flow to ``dst``:``dport`` goes on the host: DNS forward, loopback, or ``dst``."""
@@ -336,7 +322,7 @@ class UdpFlows:
             # Another worker entered the same flow first: it is the owner.
             hit = table.lookup(FlowType.UDP, initiator)
             if hit is not None and initiator.pif == Pif.GUEST and hit.owner != self.w.pair:
-                self._hand_over(hit.owner)
+                self.w.hand_over(hit.owner)
             else:
                 self.w.counters.drops[UDP_FLOW_CONFLICT] += 1
         return ref

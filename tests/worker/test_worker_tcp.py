@@ -400,6 +400,14 @@ class StandInWorker:
         if self.sockets.pop(fd, None) is not None:
             self.epoll.unregister(fd)
 
+    def owned_elsewhere(self, ftype: object, guest_side: object) -> bool:
+        """No flow table, no other workers: every flow is this one's."""
+        return False
+
+    def hand_over(self, owner: int) -> None:
+        """Never called without other workers."""
+        raise AssertionError("no other worker to hand a frame to")
+
     def deliver_pending(self) -> None:
         """Frames stay in ``pending`` for the test to read."""
 
