@@ -40,7 +40,7 @@ from shardswitch.coordinator.device import Device
 from shardswitch.coordinator.handler import Disconnect, RequestHandler
 from shardswitch.coordinator.workers import WorkerHandle, WorkerPool
 from shardswitch.ipc import StatusQuery, WorkerSetup, WorkerStatus
-from shardswitch.net.params import GuestParams, resolve
+from shardswitch.net.params import resolve
 from shardswitch.shm.layout import DEFAULT_CAPACITY, Flow, FlowSide, FlowTableError, Pif, ip_of
 from shardswitch.shm.table import FlowTable
 from shardswitch.vhost.wire import VhostProtocolError, VirtioFeature

@@ -26,10 +26,11 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from . import checksum, eth, ipv4
+from . import checksum, eth, ipv4, ipv6
 from .checksum import BytesLike
 from .drop import DropReason, PacketError
 from .ipv4 import IpProto, Ipv4Packet
+from .ipv6 import Ipv6Packet, NextHeader
 
 #: Source port, destination port, length, checksum.
 HEADER = struct.Struct("!HHHH")
@@ -38,6 +39,10 @@ UDP_HLEN = HEADER.size
 assert UDP_HLEN == 8
 #: Bytes of Ethernet, IPv4 and UDP headers in front of a payload we build.
 FRAME_HEADERS_LEN = eth.ETH_HLEN + ipv4.IPV4_HLEN + UDP_HLEN
+#: Bytes of Ethernet, IPv6 and UDP headers in front of a payload.
+FRAME6_HEADERS_LEN = eth.ETH_HLEN + ipv6.IPV6_HLEN + UDP_HLEN
+#: UDP checksum field of IPv6 frames to a DATA_VALID guest: not computed, but not 0 (refused over IPv6).
+UNCOMPUTED_CSUM6 = 0xFFFF
 #: Largest payload :func:`build_frame` accepts (IPv4 total length limit).
 MAX_PAYLOAD = 0xFFFF - ipv4.IPV4_HLEN - UDP_HLEN
 
@@ -54,6 +59,18 @@ class UdpDatagram:
     payload: memoryview
 
 
+def _header(data: memoryview) -> tuple[int, int, int, int]:
+    """Source port, destination port, length and checksum of the UDP header at the start of ``data``,
+    the length checked against the buffer (``UDP_MALFORMED``)."""
+    available = len(data)
+    if available < UDP_HLEN:
+        raise PacketError(DropReason.UDP_MALFORMED, f"{available} bytes, shorter than a header")
+    src_port, dst_port, length, csum = HEADER.unpack_from(data)
+    if length < UDP_HLEN or length > available:
+        raise PacketError(DropReason.UDP_MALFORMED, f"length {length} in {available} bytes")
+    return src_port, dst_port, length, csum
+
+
 def parse(packet: Ipv4Packet, verify: bool = True) -> UdpDatagram:
     """Validate and decode the UDP datagram carried by ``packet``.
 
@@ -61,14 +78,24 @@ def parse(packet: Ipv4Packet, verify: bool = True) -> UdpDatagram:
     Raises :class:`PacketError` with ``UDP_MALFORMED`` or ``UDP_BAD_CHECKSUM``.
     """
     data = packet.payload
-    available = len(data)
-    if available < UDP_HLEN:
-        raise PacketError(DropReason.UDP_MALFORMED, f"{available} bytes, shorter than a header")
-    src_port, dst_port, length, csum = HEADER.unpack_from(data)
-    if length < UDP_HLEN or length > available:
-        raise PacketError(DropReason.UDP_MALFORMED, f"length {length} in {available} bytes")
+    src_port, dst_port, length, csum = _header(data)
     if verify and csum and not checksum.is_valid(
             data[:length], checksum.pseudo_header_v4(packet.src, packet.dst, IpProto.UDP, length)):
+        raise PacketError(DropReason.UDP_BAD_CHECKSUM)
+    return UdpDatagram(src_port, dst_port, data[UDP_HLEN:length])
+
+
+def parse6(packet: Ipv6Packet, verify: bool = True) -> UdpDatagram:
+    """Validate and decode the UDP datagram carried by IPv6 ``packet``.
+
+    The checksum is mandatory in IPv6 (RFC 8200 section 8.1): 0 is refused.
+    ``verify=False``: it is partial (NEEDS_CSUM) and not checked beyond that.
+    Raises :class:`PacketError` with ``UDP_MALFORMED`` or ``UDP_BAD_CHECKSUM``.
+    """
+    data = packet.payload
+    src_port, dst_port, length, csum = _header(data)
+    if not csum or verify and not checksum.is_valid(
+            data[:length], ipv6.pseudo_header(packet.src, packet.dst, NextHeader.UDP, length)):
         raise PacketError(DropReason.UDP_BAD_CHECKSUM)
     return UdpDatagram(src_port, dst_port, data[UDP_HLEN:length])
 
@@ -93,4 +120,26 @@ def build_frame(eth_dst: bytes, eth_src: bytes, ip_src: int, ip_dst: int, src_po
     eth.pack_header_into(headers, 0, eth_dst, eth_src, eth.EtherType.IPV4)
     ipv4.pack_header_into(headers, eth.ETH_HLEN, ip_src, ip_dst, IpProto.UDP, length, ttl=ttl)
     HEADER.pack_into(headers, eth.ETH_HLEN + ipv4.IPV4_HLEN, src_port, dst_port, length, udp_csum)
+    return b"".join((headers, payload))
+
+
+def build_frame6(eth_dst: bytes, eth_src: bytes, ip_src: bytes, ip_dst: bytes, src_port: int,
+                 dst_port: int, payload: BytesLike, csum: bool = True) -> bytes:
+    """A complete Ethernet/IPv6/UDP frame carrying ``payload``, checksum set.
+
+    ``csum=False`` (a DATA_VALID guest) puts :data:`UNCOMPUTED_CSUM6` in the
+    field instead.  Raises ValueError for a payload that does not fit an IPv6
+    payload length.
+    """
+    length = UDP_HLEN + len(payload)
+    if length > ipv6.MAX_PAYLOAD:
+        raise ValueError(f"UDP payload of {len(payload)} bytes is too long")
+    udp_csum = UNCOMPUTED_CSUM6
+    if csum:
+        start = ipv6.pseudo_header(ip_src, ip_dst, NextHeader.UDP, length) + src_port + dst_port + length
+        udp_csum = checksum.checksum(payload, start) or 0xFFFF
+    headers = bytearray(FRAME6_HEADERS_LEN)
+    eth.pack_header_into(headers, 0, eth_dst, eth_src, eth.EtherType.IPV6)
+    ipv6.pack_header_into(headers, eth.ETH_HLEN, ip_src, ip_dst, NextHeader.UDP, length)
+    HEADER.pack_into(headers, eth.ETH_HLEN + ipv6.IPV6_HLEN, src_port, dst_port, length, udp_csum)
     return b"".join((headers, payload))

@@ -39,7 +39,7 @@ Checksum offload: a guest datagram whose virtio-net header had NEEDS_CSUM
 negotiated GUEST_CSUM (``w.rx_data_valid``: their header carries DATA_VALID)
 are built without a UDP checksum (0 over IPv4, which means none; a non-zero
 placeholder over IPv6, where 0 is refused even then), others with a full one.
-IPv6 UDP is parsed and built here (:func:`parse6`, :func:`build_frame6`);
+IPv6 UDP is parsed and built by :mod:`shardswitch.net.udp` (``parse6``, ``build_frame6``);
 IPv4 uses :mod:`shardswitch.net.udp`.
 """
 
@@ -54,12 +54,11 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from shardswitch import portspec
 from shardswitch.worker.listen import bind_forward
-from shardswitch.net import checksum, eth, ipv6, udp
-from shardswitch.net.checksum import BytesLike
+from shardswitch.net import eth, ipv6, udp
 from shardswitch.net.drop import DropReason, PacketError
 from shardswitch.net.ipv4 import Ipv4Packet
 from shardswitch.net.ipv6 import Ipv6Packet, NextHeader
-from shardswitch.net.udp import HEADER, UDP_HLEN, UdpDatagram
+from shardswitch.net.udp import UdpDatagram
 from shardswitch.shm.layout import FlowRef, FlowSide, FlowTableError, FlowType, Pif, ip16, pack_key
 from shardswitch.worker.dns import DnsForward
 
@@ -77,10 +76,6 @@ UDP_TIMEOUT_BOTH = 180.0
 RECV_BATCH = 64
 #: Receive buffer: the largest UDP payload.
 RECV_SIZE = 0xFFFF
-#: UDP checksum field of IPv6 frames to a DATA_VALID guest: not computed, but not 0 (refused over IPv6).
-UNCOMPUTED_CSUM6 = 0xFFFF
-#: Bytes of Ethernet, IPv6 and UDP headers in front of a payload.
-FRAME6_HEADERS_LEN = eth.ETH_HLEN + ipv6.IPV6_HLEN + UDP_HLEN
 
 #: Drop reasons of this module (shown in ``shardswitch status``).
 UDP_SOCKET_ERROR = "UDP_SOCKET_ERROR"
@@ -92,51 +87,6 @@ UDP_FLOW_CONFLICT = "UDP_FLOW_CONFLICT"
 
 #: Destination MAC of frames to a guest whose MAC this worker has not learnt yet.
 BROADCAST_MAC = b"\xff" * 6
-
-
-# -- IPv6 codec -------------------------------------------------------------------
-
-
-def parse6(packet: Ipv6Packet, verify: bool = True) -> UdpDatagram:
-    """Validate and decode the UDP datagram carried by IPv6 ``packet``.
-
-    The checksum is mandatory in IPv6 (RFC 8200 section 8.1): 0 is refused.
-    ``verify=False``: it is partial (NEEDS_CSUM) and not checked beyond that.
-    Raises :class:`PacketError` with ``UDP_MALFORMED`` or ``UDP_BAD_CHECKSUM``.
-    """
-    data = packet.payload
-    available = len(data)
-    if available < UDP_HLEN:
-        raise PacketError(DropReason.UDP_MALFORMED, f"{available} bytes, shorter than a header")
-    src_port, dst_port, length, csum = HEADER.unpack_from(data)
-    if length < UDP_HLEN or length > available:
-        raise PacketError(DropReason.UDP_MALFORMED, f"length {length} in {available} bytes")
-    if not csum or verify and not checksum.is_valid(
-            data[:length], ipv6.pseudo_header(packet.src, packet.dst, NextHeader.UDP, length)):
-        raise PacketError(DropReason.UDP_BAD_CHECKSUM)
-    return UdpDatagram(src_port, dst_port, data[UDP_HLEN:length])
-
-
-def build_frame6(eth_dst: bytes, eth_src: bytes, ip_src: bytes, ip_dst: bytes, src_port: int,
-                 dst_port: int, payload: BytesLike, csum: bool = True) -> bytes:
-    """A complete Ethernet/IPv6/UDP frame carrying ``payload``, checksum set.
-
-    ``csum=False`` (a DATA_VALID guest) puts :data:`UNCOMPUTED_CSUM6` in the
-    field instead.  Raises ValueError for a payload that does not fit an IPv6
-    payload length.
-    """
-    length = UDP_HLEN + len(payload)
-    if length > ipv6.MAX_PAYLOAD:
-        raise ValueError(f"UDP payload of {len(payload)} bytes is too long")
-    udp_csum = UNCOMPUTED_CSUM6
-    if csum:
-        start = ipv6.pseudo_header(ip_src, ip_dst, NextHeader.UDP, length) + src_port + dst_port + length
-        udp_csum = checksum.checksum(payload, start) or 0xFFFF
-    headers = bytearray(FRAME6_HEADERS_LEN)
-    eth.pack_header_into(headers, 0, eth_dst, eth_src, eth.EtherType.IPV6)
-    ipv6.pack_header_into(headers, eth.ETH_HLEN, ip_src, ip_dst, NextHeader.UDP, length)
-    HEADER.pack_into(headers, eth.ETH_HLEN + ipv6.IPV6_HLEN, src_port, dst_port, length, udp_csum)
-    return b"".join((headers, payload))
 
 
 # -- flows ----------------------------------------------------------------------------
@@ -228,7 +178,7 @@ class UdpFlows:
 
     def handle6(self, eth_src: bytes, packet: Ipv6Packet, now: float, out: list[bytes]) -> None:
         """A UDP datagram over IPv6 from the guest (endpoint handler for next header 17)."""
-        datagram = parse6(packet, not self.w.endpoint.csum_partial)
+        datagram = udp.parse6(packet, not self.w.endpoint.csum_partial)
         dst = packet.dst
         if ipv6.is_multicast(dst) or ipv6.is_unspecified(dst) or dst == ipv6.addr_from_str("::1") \
                 or not datagram.dst_port or ipv6.is_unspecified(packet.src):
@@ -334,14 +284,14 @@ class UdpFlows:
         w = self.w
         # A worker that has seen no frame of the guest yet does not know its MAC: broadcast, as passt.
         guest_mac = w.endpoint.guest_mac or BROADCAST_MAC
-        headers = FRAME6_HEADERS_LEN if flow.v6 else udp.FRAME_HEADERS_LEN
+        headers = udp.FRAME6_HEADERS_LEN if flow.v6 else udp.FRAME_HEADERS_LEN
         if len(payload) + headers - eth.ETH_HLEN > w.endpoint.resolved.mtu:
             w.counters.drops[UDP_TOO_BIG] += 1
             return
         our_mac = w.endpoint.resolved.our_mac
         csum = not w.rx_data_valid
         if flow.v6:
-            frame = build_frame6(guest_mac, our_mac, flow.remote, flow.guest_addr, flow.remote_port,
+            frame = udp.build_frame6(guest_mac, our_mac, flow.remote, flow.guest_addr, flow.remote_port,
                                  flow.guest_port, payload, csum)
         else:
             frame = udp.build_frame(guest_mac, our_mac, int.from_bytes(flow.remote, "big"),

@@ -13,7 +13,7 @@ from shardswitch.net.ipv4 import Ipv4Packet
 from shardswitch.net.params import GuestParams
 from shardswitch.net.tcp import Addressing, TcpFlag
 from shardswitch.net.udp import UdpDatagram
-from shardswitch.worker.udp import UNCOMPUTED_CSUM6, build_frame6, parse6
+from shardswitch.net.udp import UNCOMPUTED_CSUM6, build_frame6, parse6
 from tests.net.offload_lib import l4_checksum, make_partial
 
 GUEST_MAC = bytes.fromhex("525400123456")

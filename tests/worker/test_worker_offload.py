@@ -29,7 +29,7 @@ from shardswitch.net.tcp import Addressing, TcpFlag
 from shardswitch.vhost.wire import VirtioFeature
 from shardswitch.virtio.netdev import VNET_HDR, GsoType, VnetHdrFlags
 from shardswitch.worker.peers import Peers, inbox_pairs
-from shardswitch.worker.udp import parse6
+from shardswitch.net.udp import parse6
 from tests.guest.netns import TestNetns
 from tests.net.offload_lib import l4_checksum, l4_offsets, make_partial, needs_csum_header
 from tests.switch import Switch
@@ -277,7 +277,7 @@ def test_handed_over_segment_keeps_csum_partial(switch: Switch, fe: VhostUserFro
 def test_udp_partial_checksum_and_data_valid_reply(switch: Switch, fe: VhostUserFrontend, v6: bool) -> None:
     """A partial-checksum datagram reaches the echo server; the reply is DATA_VALID with no computed checksum."""
     if v6:
-        from shardswitch.worker.udp import build_frame6
+        from shardswitch.net.udp import build_frame6
         frame = build_frame6(OUR_MAC, GUEST_MAC, ipv6.addr_from_str(GUEST6), ipv6.addr_from_str(ROUTER6), 5555,
                              UDP_ECHO, b"partial")
     else:

@@ -26,7 +26,8 @@ from shardswitch.net.drop import DropReason
 from shardswitch.net.params import GuestParams
 from shardswitch.shm.table import FlowTable
 from shardswitch.worker.main import Worker
-from shardswitch.worker.udp import UDP_TIMEOUT, UDP_TIMEOUT_BOTH, build_frame6, parse6
+from shardswitch.net.udp import build_frame6, parse6
+from shardswitch.worker.udp import UDP_TIMEOUT, UDP_TIMEOUT_BOTH
 from tests.guest.netns import TestNetns
 from tests.switch import Switch
 
