@@ -11,12 +11,55 @@ without IPv6; ``ADDR%IF`` binds to the interface too.
 from __future__ import annotations
 
 import errno
+import functools
+import logging
 import socket
+from dataclasses import dataclass
+from typing import Callable
 
 from shardswitch import portspec
+from shardswitch.shm.layout import ip16
+
+log = logging.getLogger("shardswitch.worker")
 
 #: Pending connections per TCP listener.
 LISTEN_BACKLOG = 128
+
+
+@dataclass(slots=True)
+class Listener:
+    """This worker's listening socket of one forwarded port."""
+
+    sock: socket.socket
+    port: int
+    guest_port: int
+    #: The address it is bound to, as 16 bytes (for the flow table).
+    bound: bytes
+
+
+def open_listeners(forwards: list[portspec.Forward], kind: int, option: str, pair: int,
+                   watch: Callable[[int, Callable[[], None]], None],
+                   on_readable: Callable[[int], None]) -> dict[int, Listener]:
+    """Bind this worker's socket for every port of ``forwards`` and watch it; by descriptor.
+
+    A port that cannot be bound is logged (naming ``option``, -t or -u) and
+    skipped: the other ports still work.
+    """
+    listeners: dict[int, Listener] = {}
+    for fwd in forwards:
+        for port in fwd.ports():
+            try:
+                sock = bind_forward(fwd, port, kind)
+            except OSError as err:
+                log.error("worker %d: %s port %d: %s", pair, option, port, err.strerror)
+                continue
+            fd = sock.fileno()
+            address = sock.getsockname()[0]
+            listeners[fd] = Listener(sock, port, fwd.guest_port(port), ip16(address.split("%")[0]))
+            watch(fd, functools.partial(on_readable, fd))
+            log.debug("worker %d: %s port %d (to guest port %d) on %s", pair, option, port, fwd.guest_port(port),
+                      address)
+    return listeners
 
 
 def bind_forward(fwd: portspec.Forward, port: int, kind: int) -> socket.socket:

@@ -29,22 +29,43 @@ import time
 from collections import deque
 from typing import Callable
 
-from shardswitch.ipc import (Channel, IpcError, MemAdd, MemClear, MemRemove, RingStart, RingStarted, RingStop,
-                             RingStopped, Shutdown, StatusQuery, ToWorker, WorkerSetup, WorkerStatus, close_fds)
+from shardswitch.ipc import (
+    Channel,
+    IpcError,
+    MemAdd,
+    MemClear,
+    MemRemove,
+    RingStart,
+    RingStarted,
+    RingStop,
+    RingStopped,
+    Shutdown,
+    StatusQuery,
+    ToWorker,
+    WorkerSetup,
+    WorkerStatus,
+    close_fds,
+)
 from shardswitch.net.endpoint import GuestEndpoint
-from shardswitch.virtio.memory import GuestMemory, GuestMemoryError
-from shardswitch.virtio.virtqueue import VirtqueueError
-from shardswitch.virtio.netdev import VnetHdrFlags
-from shardswitch.vhost.wire import VirtioFeature
-from shardswitch.worker.datapath import Counters, deliver_rx, drop_pending, service_inbox, service_tx
 from shardswitch.shm.layout import FlowSide, FlowType
 from shardswitch.shm.table import FlowTable
+from shardswitch.vhost.wire import VirtioFeature
+from shardswitch.virtio.memory import GuestMemory, GuestMemoryError
+from shardswitch.virtio.netdev import VnetHdrFlags
+from shardswitch.virtio.virtqueue import VirtqueueError
+from shardswitch.worker.datapath import (
+    Counters,
+    deliver_rx,
+    drop_pending,
+    service_inbox,
+    service_tx,
+)
+from shardswitch.worker.dns import DnsForward
 from shardswitch.worker.peers import Peers
 from shardswitch.worker.ping import PingFlows
-from shardswitch.worker.udp import UdpFlows
 from shardswitch.worker.rings import NO_FD, RingSlot, SlotState
-from shardswitch.worker.dns import DnsForward
 from shardswitch.worker.tcp import TcpFlows
+from shardswitch.worker.udp import UdpFlows
 
 log = logging.getLogger("shardswitch.worker")
 
@@ -278,7 +299,9 @@ class Worker:
 
     def _polled(self) -> bool:
         """True when a running ring has no kick descriptor and must be polled."""
-        return any(s.state is SlotState.RUNNING and s.kick_fd == NO_FD for s in (self.rx, self.tx))
+        rx, tx = self.rx, self.tx     # runs twice per loop iteration: no generator
+        return ((rx.kick_fd == NO_FD and rx.state is SlotState.RUNNING)
+                or (tx.kick_fd == NO_FD and tx.state is SlotState.RUNNING))
 
     # -- loop -------------------------------------------------------------------
 

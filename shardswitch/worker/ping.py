@@ -38,7 +38,16 @@ from shardswitch.net.drop import DropReason, PacketError
 from shardswitch.net.icmpv6 import Icmpv6Message, Icmpv6Type
 from shardswitch.net.ipv4 import IpProto, Ipv4Packet
 from shardswitch.net.ipv6 import Ipv6Packet
-from shardswitch.shm.layout import FlowRef, FlowSide, FlowTableError, FlowType, Pif, ip16, pack_key
+from shardswitch.shm.layout import (
+    FlowRef,
+    FlowSide,
+    FlowTableError,
+    FlowType,
+    Pif,
+    ip16,
+    pack_key,
+)
+from shardswitch.worker.activity import sync_table
 
 if TYPE_CHECKING:
     from shardswitch.shm.table import FlowTable
@@ -233,15 +242,7 @@ class PingFlows:
         expired = [f for f in self.flows.values() if now - f.last > PING_TIMEOUT]
         for flow in expired:
             self._close(flow)
-        table = self.table
-        if table is None:
-            return
-        if expired:
-            table.remove_many([f.ref for f in expired])
-        for flow in self.flows.values():
-            if flow.last != flow.published:
-                table.touch(flow.ref.entry, flow.last)
-                flow.published = flow.last
+        sync_table(self.table, self.flows.values(), expired)
 
     def _close(self, flow: PingFlow) -> None:
         """Forget a flow locally and close its socket."""

@@ -14,10 +14,10 @@ import os
 from enum import Enum
 
 from shardswitch.ipc import RingStart, RingState, close_fds
+from shardswitch.vhost.wire import VirtioFeature
 from shardswitch.virtio.memory import GuestMemory
 from shardswitch.virtio.netdev import RxWriter, vnet_hdr_len
 from shardswitch.virtio.virtqueue import Virtqueue
-from shardswitch.vhost.wire import VirtioFeature
 
 log = logging.getLogger("shardswitch.worker")
 

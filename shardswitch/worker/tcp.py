@@ -66,8 +66,17 @@ from shardswitch.net.drop import DropReason, PacketError
 from shardswitch.net.ipv4 import IpProto, Ipv4Packet
 from shardswitch.net.ipv6 import Ipv6Packet, NextHeader
 from shardswitch.net.tcp import Addressing, ConnFlag, TcpConn, TcpFlag, TcpSegment
+from shardswitch.shm.layout import (
+    FlowRef,
+    FlowSide,
+    FlowTableError,
+    FlowType,
+    Pif,
+    ip16,
+    pack_key,
+)
 from shardswitch.virtio.netdev import GsoFrame, GsoType
-from shardswitch.shm.layout import FlowRef, FlowSide, FlowTableError, FlowType, Pif, ip16, pack_key
+from shardswitch.worker.activity import sync_table
 from shardswitch.worker.datapath import PENDING_MAX
 from shardswitch.worker.dns import DnsForward
 from shardswitch.worker.sockpool import SocketPool
@@ -624,12 +633,7 @@ class TcpFlows:
         pending = self.w.pending
         for flow in list(self.flows.values()):
             self._timers(flow, now, pending)
-        table = self.table
-        if table is not None:
-            for flow in self.flows.values():
-                if flow.last != flow.published and flow.ref.entry >= 0:
-                    table.touch(flow.ref.entry, flow.last)
-                    flow.published = flow.last
+        sync_table(self.table, self.flows.values(), [])
 
     def _timers(self, flow: TcpFlow, now: float, out: Frames) -> None:
         """The timers of one flow."""

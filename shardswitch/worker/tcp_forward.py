@@ -20,14 +20,21 @@ import logging
 import socket
 import struct
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from shardswitch import portspec
-from shardswitch.worker.listen import bind_forward
 from shardswitch.net import ipv6
 from shardswitch.net.tcp import Addressing
-from shardswitch.shm.layout import FlowRef, FlowSide, FlowTableError, FlowType, Pif, ip16, pack_key
+from shardswitch.shm.layout import (
+    FlowRef,
+    FlowSide,
+    FlowTableError,
+    FlowType,
+    Pif,
+    ip16,
+    pack_key,
+)
+from shardswitch.worker.listen import Listener, open_listeners
 
 if TYPE_CHECKING:
     from shardswitch.worker.tcp import TcpFlows
@@ -41,17 +48,6 @@ TCP_TABLE_FULL = "TCP_TABLE_FULL"
 LINGER_RESET = struct.pack("ii", 1, 0)
 
 
-@dataclass(slots=True)
-class Listener:
-    """This worker's listening socket of one ``-t`` forwarded port."""
-
-    sock: socket.socket
-    port: int
-    guest_port: int
-    #: The address it is bound to, as 16 bytes (for the flow table).
-    bound: bytes
-
-
 class TcpForwarder:
     """This worker's listening sockets of ``-t`` ports and the flows their clients start."""
 
@@ -61,26 +57,8 @@ class TcpForwarder:
         #: Loopback clients appear to the guest as coming from these (the mapped addresses, sorted).
         self.shown4 = sorted(flows.mapped4)
         self.shown6 = sorted(flows.mapped6)
-        self.listeners: dict[int, Listener] = {}
-        self._listen(portspec.parse_all(tcp_ports, "-t", portspec.read_ephemeral()))
-
-    def _listen(self, forwards: list[portspec.Forward]) -> None:
-        """Open this worker's SO_REUSEPORT listening socket for every forwarded port."""
-        for fwd in forwards:
-            for port in fwd.ports():
-                try:
-                    sock = bind_listener(fwd, port)
-                except OSError as err:
-                    log.error("worker %d: -t port %d: %s", self.flows.w.pair, port, err.strerror)
-                    continue
-                fd = sock.fileno()
-                bound = ip16(sock.getsockname()[0].split("%")[0])
-                self.listeners[fd] = Listener(sock, port, fwd.guest_port(port), bound)
-                self.flows.w.watch(fd, self._listener_callback(fd))
-
-    def _listener_callback(self, fd: int) -> Callable[[], None]:
-        """The readable callback of listening socket ``fd``."""
-        return lambda: self.on_listener(fd)
+        self.listeners = open_listeners(portspec.parse_all(tcp_ports, "-t", portspec.read_ephemeral()),
+                                        socket.SOCK_STREAM, "-t", flows.w.pair, flows.w.watch, self.on_listener)
 
     def on_listener(self, fd: int) -> None:
         """Host clients connected to a forwarded port: each becomes a flow, with our SYN to the guest."""
@@ -153,8 +131,3 @@ class TcpForwarder:
                           listener.guest_port)
         self.flows.adopt_client(sock, key, ref, addr, now)
         return True
-
-
-def bind_listener(fwd: portspec.Forward, port: int) -> socket.socket:
-    """A listening TCP socket of this worker on ``port`` of ``fwd`` (see :mod:`shardswitch.worker.listen`)."""
-    return bind_forward(fwd, port, socket.SOCK_STREAM)

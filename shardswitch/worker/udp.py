@@ -50,17 +50,26 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from shardswitch import portspec
-from shardswitch.worker.listen import bind_forward
 from shardswitch.net import eth, ipv6, udp
 from shardswitch.net.drop import DropReason, PacketError
 from shardswitch.net.ipv4 import Ipv4Packet
 from shardswitch.net.ipv6 import Ipv6Packet, NextHeader
 from shardswitch.net.udp import UdpDatagram
-from shardswitch.shm.layout import FlowRef, FlowSide, FlowTableError, FlowType, Pif, ip16, pack_key
+from shardswitch.shm.layout import (
+    FlowRef,
+    FlowSide,
+    FlowTableError,
+    FlowType,
+    Pif,
+    ip16,
+    pack_key,
+)
+from shardswitch.worker.activity import sync_table
 from shardswitch.worker.dns import DnsForward
+from shardswitch.worker.listen import Listener, open_listeners
 
 if TYPE_CHECKING:
     from shardswitch.shm.table import FlowTable
@@ -121,17 +130,6 @@ class UdpFlow:
         return UDP_TIMEOUT_BOTH if self.from_guest and self.from_host else UDP_TIMEOUT
 
 
-@dataclass(slots=True)
-class Listener:
-    """A listening socket of a ``-u`` forwarded port."""
-
-    sock: socket.socket
-    port: int
-    guest_port: int
-    #: Bound address as stored in flow sides (16 bytes).
-    bound: bytes
-
-
 class UdpFlows:
     """Every UDP flow and forwarded-port listener of one worker."""
 
@@ -163,7 +161,8 @@ class UdpFlows:
         w.endpoint.register_ip6_protocol(NextHeader.UDP, self.handle6)
         w.tick_handlers.append(self.tick)
         if udp_ports:
-            self._listen(portspec.parse_all(udp_ports, "-u", portspec.read_ephemeral()))
+            self.listeners = open_listeners(portspec.parse_all(udp_ports, "-u", portspec.read_ephemeral()),
+                                            socket.SOCK_DGRAM, "-u", w.pair, w.watch, self.on_listener)
 
     # -- from the guest ------------------------------------------------------
 
@@ -327,26 +326,6 @@ class UdpFlows:
 
     # -- forwarded ports ------------------------------------------------------------------
 
-    def _listen(self, forwards: list[portspec.Forward]) -> None:
-        """Open this worker's listening socket for every forwarded port."""
-        for fwd in forwards:
-            for port in fwd.ports():
-                try:
-                    sock = bind_forward(fwd, port, socket.SOCK_DGRAM)
-                except OSError as err:
-                    log.error("worker %d: -u port %d: %s", self.w.pair, port, err.strerror)
-                    continue
-                fd = sock.fileno()
-                bound = ip16(sock.getsockname()[0].split("%")[0])
-                self.listeners[fd] = Listener(sock, port, fwd.guest_port(port), bound)
-                self.w.watch(fd, self._listener_callback(fd))
-                log.debug("worker %d: -u port %d (to guest port %d) on %s", self.w.pair, port,
-                          fwd.guest_port(port), sock.getsockname()[0])
-
-    def _listener_callback(self, fd: int) -> Callable[[], None]:
-        """The readable callback of listening socket ``fd``."""
-        return lambda: self.on_listener(fd)
-
     def on_listener(self, fd: int) -> None:
         """Datagrams from host clients on a forwarded port: to the guest, on their flows."""
         listener = self.listeners.get(fd)
@@ -413,15 +392,7 @@ class UdpFlows:
         expired = [f for f in self.flows.values() if now - f.last > f.timeout]
         for flow in expired:
             self._close(flow)
-        table = self.table
-        if table is None:
-            return
-        if expired:
-            table.remove_many([f.ref for f in expired])
-        for flow in self.flows.values():
-            if flow.last != flow.published:
-                table.touch(flow.ref.entry, flow.last)
-                flow.published = flow.last
+        sync_table(self.table, self.flows.values(), expired)
 
     def _close(self, flow: UdpFlow) -> None:
         """Forget a flow locally and close its socket (not a shared listening socket)."""
