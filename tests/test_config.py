@@ -7,6 +7,7 @@ test (needs root and iproute2; skipped otherwise) and deleted afterwards.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -486,3 +487,27 @@ def test_no_default_route_in_namespace(cfg_netns: str) -> None:
         assert host_default_route_in(cfg_netns, None) is None
     finally:
         _ip("-n", cfg_netns, "route", "add", "default", "via", "10.99.0.1", "dev", "v0")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--max-flows", "3"], "--max-flows: Expected `int` >= 16"),
+    (["--max-flows", "2000000"], "--max-flows: Expected `int` <= 1048575"),
+    (["--map-host-loopback", "127.0.0.1"], "--map-host-loopback: 127.0.0.1 is not a unicast, non-loopback"),
+    (["--map-host-loopback", "gateway"], "--map-host-loopback: 'gateway' is not an IP address"),
+    (["--dns-forward", "224.0.0.1"], "--dns-forward: 224.0.0.1 is not a unicast"),
+    (["-t", "80-70"], "-t/--tcp-ports"),
+    (["-u", "99999"], "-u/--udp-ports"),
+])
+def test_flow_and_forwarding_options_refuse_bad_values(argv: list[str], message: str) -> None:
+    """The options of the flow table, loopback mapping, forwarding and DNS name the option and the problem."""
+    from shardswitch.cli import build_parser
+
+    with pytest.raises(ConfigError, match="^command line: " + re.escape(message)):
+        load_config(build_parser().parse_args(["start", *argv]))
+
+
+def test_map_host_loopback_and_no_map_gw_exclude_each_other() -> None:
+    """argparse refuses both at once (exit status 2, a usage message)."""
+    from shardswitch.cli import main
+
+    assert main(["start", "--map-host-loopback", "10.0.2.9", "--no-map-gw"]) == 2
