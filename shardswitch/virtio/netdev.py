@@ -51,6 +51,20 @@ the frame, larger than its MTU, as a train of ``gso_size``-byte TCP segments.
 
 A posted RX chain without any device-writable buffer, or whose first chain is
 too small for the header, is a driver bug: :class:`VirtqueueError`.
+
+Writing in place (zero copy).  :meth:`RxWriter.take` pops chains for one
+frame whose headers the caller will write after its payload: it returns an
+:class:`RxSpan` whose :meth:`~RxSpan.views` are the guest's own buffers past
+a head room (virtio-net header plus the frame's headers, which must fit in
+the first buffer).  TCP peeks host data straight into them; then
+:meth:`RxSpan.commit` writes the virtio-net header, pushes the chains that
+received bytes and gives back (``unpop``) those that did not - a span holds
+the chains popped last, so giving back its tail is always possible - or
+:meth:`RxSpan.cancel` gives them all back.  A span may cover less than was
+asked when the guest has not posted enough buffers: the frame is then
+shorter.  A ring whose first buffers cannot hold the head room (a driver
+posting the virtio-net header alone) clears :attr:`RxWriter.in_place` and the
+caller goes back to building frames and :meth:`RxWriter.put`.
 """
 
 from __future__ import annotations
@@ -217,9 +231,16 @@ class RxWriter:
         self._flags = 0
         self._hdr_one = b""
         self.set_flags(flags)
+        #: Chains come with a first buffer large enough for :meth:`take` (cleared when one does not).
+        self.in_place = True
         #: Frames refused because they can never fit (head chain too small without
         #: MRG_RXBUF, or more than a whole ring of chains with it): drop, do not retry.
         self.too_big = 0
+
+    @property
+    def hdr_len(self) -> int:
+        """Length of the virtio-net header in front of every frame (10 or 12)."""
+        return self._hdr_len
 
     def set_flags(self, flags: int) -> None:
         """Write ``flags`` (e.g. :attr:`VnetHdrFlags.DATA_VALID`) in the header of every frame from now on.
@@ -309,3 +330,108 @@ class RxWriter:
         push = self._vq.push
         for (head, _bufs), count in zip(chains, written):
             push(head, count)
+
+    def take(self, need: int, head_room: int) -> RxSpan | None:
+        """Chains for a frame of up to ``need`` bytes (virtio-net header included) written in place.
+
+        The first buffer must hold ``head_room`` bytes and more; without
+        MRG_RXBUF the span is one chain.  Returns None when the ring has no
+        chain, or when its head chain is unsuitable (then :attr:`in_place`
+        is cleared and nothing is consumed).  Raises :class:`VirtqueueError`
+        (after giving back what it took) for a chain without writable buffers.
+        """
+        vq = self._vq
+        chain = vq.pop()
+        if chain is None:
+            return None
+        writable = chain[2]
+        if not writable or len(writable[0]) <= head_room:
+            vq.unpop(1)
+            if not writable:
+                raise VirtqueueError(f"RX chain {chain[0]} has no device-writable buffer")
+            self.in_place = False
+            return None
+        heads = [chain[0]]
+        bufs = [writable]
+        capacity = sum(len(b) for b in writable) if len(writable) > 1 else len(writable[0])
+        if self._mrg:
+            try:
+                while capacity < need and len(heads) < vq.num:
+                    chain = vq.pop()
+                    if chain is None:
+                        break
+                    heads.append(chain[0])
+                    bufs.append(chain[2])
+                    capacity += _capacity(chain[0], chain[2])
+            except VirtqueueError:
+                vq.unpop(len(heads))
+                raise
+        return RxSpan(self, heads, bufs, capacity)
+
+    def _commit(self, span: RxSpan, length: int, gso_type: int, gso_size: int, hdr_len: int) -> int:
+        """Header, pushes and give-backs of :meth:`RxSpan.commit`; returns the chains used."""
+        vq = self._vq
+        hdr_size = self._hdr_len
+        remaining = hdr_size + length
+        used = 0
+        push = vq.push
+        for head, bufs in zip(span.heads, span.bufs):
+            if remaining <= 0:
+                break
+            size = len(bufs[0]) if len(bufs) == 1 else sum(len(b) for b in bufs)
+            count = size if size < remaining else remaining
+            push(head, count)
+            remaining -= count
+            used += 1
+        unused = len(span.heads) - used
+        if unused:
+            vq.unpop(unused)
+        if hdr_size == VNET_HDR_LEN:
+            VNET_HDR.pack_into(span.bufs[0][0], 0, self._flags, gso_type, hdr_len, gso_size, 0, 0, used)
+        else:
+            span.bufs[0][0][:hdr_size] = VNET_HDR.pack(self._flags, gso_type, hdr_len, gso_size, 0, 0,
+                                                       1)[:hdr_size]
+        return used
+
+
+class RxSpan:
+    """RX chains taken by :meth:`RxWriter.take` for one frame written in place."""
+
+    __slots__ = ("_writer", "heads", "bufs", "capacity")
+
+    def __init__(self, writer: RxWriter, heads: list[int], bufs: list[list[memoryview]], capacity: int) -> None:
+        """Chains ``heads`` with their writable buffers ``bufs``, ``capacity`` bytes in all."""
+        self._writer = writer
+        self.heads = heads
+        self.bufs = bufs
+        self.capacity = capacity
+
+    def head(self) -> memoryview:
+        """The first buffer: virtio-net header, then the frame's headers."""
+        return self.bufs[0][0]
+
+    def views(self, skip: int, limit: int) -> list[memoryview]:
+        """The span's buffers from byte ``skip`` of the first one, ``limit`` bytes at most in all."""
+        views: list[memoryview] = []
+        for bufs in self.bufs:
+            for buf in bufs:
+                if skip:
+                    buf = buf[skip:]
+                    skip = 0
+                size = len(buf)
+                if size >= limit:
+                    views.append(buf[:limit] if size > limit else buf)
+                    return views
+                views.append(buf)
+                limit -= size
+        return views
+
+    def commit(self, length: int, gso_type: int = GsoType.NONE, gso_size: int = 0, hdr_len: int = 0) -> int:
+        """The frame is written: ``length`` bytes after the virtio-net header, which is filled in here
+        (gso fields for a GSO frame).  Pushes the chains that hold bytes, gives back the others;
+        returns the number pushed.  The caller flushes the ring."""
+        return self._writer._commit(self, length, gso_type, gso_size, hdr_len)
+
+    def cancel(self) -> None:
+        """Nothing was written: give every chain back."""
+        self._writer._vq.unpop(len(self.heads))

@@ -148,6 +148,12 @@ def service_inbox(w: Worker) -> None:
 
 def _mirrored(w: Worker, frames: int, nbytes: int) -> None:
     """Account for and publish frames that reflect mode wrote into the RX ring."""
+    publish_rx(w, frames, nbytes)
+
+
+def publish_rx(w: Worker, frames: int, nbytes: int) -> None:
+    """Count ``frames`` written into the RX ring outside :func:`deliver_rx`, publish them and signal
+    the guest if it wants it."""
     w.counters.rx_frames += frames
     w.counters.rx_bytes += nbytes
     vq = w.rx.vq

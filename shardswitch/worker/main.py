@@ -264,14 +264,18 @@ class Worker:
         try:
             return bool(action())
         except (VirtqueueError, GuestMemoryError) as err:
-            if slot.kick_fd != NO_FD:
-                try:
-                    self.epoll.unregister(slot.kick_fd)
-                except (OSError, ValueError):
-                    pass
-            self.counters.drops["BROKEN_RING"] += 1
-            slot.break_(str(err))
+            self.break_ring(slot, err)
             return False
+
+    def break_ring(self, slot: RingSlot, err: Exception) -> None:
+        """The guest broke ``slot``'s virtqueue: stop watching it and mark it broken (counted)."""
+        if slot.kick_fd != NO_FD:
+            try:
+                self.epoll.unregister(slot.kick_fd)
+            except (OSError, ValueError):
+                pass
+        self.counters.drops["BROKEN_RING"] += 1
+        slot.break_(str(err))
 
     def deliver_pending(self) -> None:
         """Write queued frames into the RX ring, under the RX ring's own guard.
@@ -294,6 +298,9 @@ class Worker:
             return
         if slot.is_rx:
             self._guard_ring(slot, lambda: deliver_rx(self))
+            if not self.pending and self.tcp.rx_blocked:
+                # Flows that ran out of RX buffers writing in place go on now.
+                self.tcp.on_rx_buffers()
         else:
             self.tx_again = self._guard_ring(slot, lambda: service_tx(self))
 

@@ -1,4 +1,4 @@
-"""TCP connections of one worker: the socket side of passt's tcp.c / tcp_vu.c.
+"""TCP connections of one worker: the socket side of passt's tcp.c.
 
 Theory of operation.  A guest SYN becomes a non-blocking ``connect()`` of a
 host socket (to the host's loopback when the guest addressed a mapped
@@ -9,18 +9,23 @@ guest offered it); when it fails, a RST, so the guest's client fails at once.
 From then on no data is buffered here (see :mod:`shardswitch.net.tcp` for
 the sequence bookkeeping): guest payload is ``send()``-ed and ACKed as far
 as the socket took it; host data is peeked (``SO_PEEK_OFF`` keeps the peek
-offset at the first byte not yet sent to the guest) straight into frames,
-within the guest's window, and discarded with ``MSG_TRUNC`` once ACKed.  A
-FIN either way is a half-close (``shutdown(SHUT_WR)`` / a FIN to the guest
-after end of stream); a RST either way closes the socket (with a zero linger
-so the host peer sees a reset too).  The flow is removed when both FINs are
-done.
+offset at the first byte not yet sent to the guest), within the guest's
+window, straight into the guest's RX buffers (:mod:`~shardswitch.worker.tcp_vu`)
+or, when that cannot be, into frames of ours (:mod:`~shardswitch.worker.tcp_buf`),
+and discarded with ``MSG_TRUNC`` once ACKed.  A FIN either way is a
+half-close (``shutdown(SHUT_WR)`` / a FIN to the guest after end of
+stream); a RST either way closes the socket (with a zero linger so the host
+peer sees a reset too).  The flow is removed when both FINs are done.
 
-ACKs to the guest are coalesced: a segment from the guest only marks its
-flow as due, and an eventfd written on the first mark wakes the worker's
-loop once the current batch of guest frames is handled, so one ACK answers
-a whole batch.  Segments out of order, duplicates of our FIN and the like
-are answered at once.
+Work caused by guest segments is done once per batch: a segment from the
+guest only marks its flow as due, and an eventfd written on the first mark
+wakes the worker's loop once the current batch of guest frames is handled
+(:meth:`TcpFlows.flush_due`).  Then each due flow discards everything the
+batch ACKed in one ``MSG_TRUNC`` read (``unconsumed``: ACKed bytes still in
+the socket, which the peek offset accounts for), sends the host data the
+window now allows, and ACKs the guest's data unless a data frame already
+did.  Segments out of order, duplicates of our FIN and the like are
+answered at once.
 
 Checksum offload: a guest segment whose virtio-net header had NEEDS_CSUM
 (``endpoint.csum_partial``; with HOST_TSO4/6 up to 64 KiB, still sent to the
@@ -28,19 +33,18 @@ socket in one ``send()``) is not checksum-verified, and data segments to a
 guest that negotiated GUEST_CSUM (``w.rx_data_valid``) are built without
 their TCP checksum; small control segments keep theirs.  A guest that
 negotiated GUEST_TSO4/6 (``w.rx_tso4`` / ``w.rx_tso6``) gets host data in
-frames of up to 64 KiB whatever its MTU (:class:`GsoFrame`: the guest splits
-them at the connection's MSS), so the per-frame cost is paid once per 64 KiB
+frames of up to 64 KiB whatever its MTU (GSO frames: the guest splits them
+at the connection's MSS), so the per-frame cost is paid once per 64 KiB
 rather than once per MSS.
 
-Timers run once a second over this worker's own flows: retransmission (a
-rewind to the last guest ACK after :data:`RTO_INIT`, doubling, RST after
-:data:`MAX_RETRIES`), SYN timeout, inactivity.  Flows live in the shared
-flow table (type TCP, guest side and host side) for hand-over between
-workers and for ``shardswitch flows``, and in this worker's local index.
-Connections that host clients open to forwarded ports (``-t``) are accepted
-by :mod:`shardswitch.worker.tcp_forward` and adopted here
-(:meth:`TcpFlows.adopt_client`): our SYN goes to the guest first, the rest
-is the same.
+Timers (:mod:`~shardswitch.worker.tcp_timers`) run once a second over this
+worker's own flows: retransmission, SYN timeout, keepalive, inactivity.
+Flows live in the shared flow table (type TCP, guest side and host side)
+for hand-over between workers and for ``shardswitch flows``, and in this
+worker's local index.  Connections that host clients open to forwarded
+ports (``-t``) are accepted by :mod:`shardswitch.worker.tcp_forward` and
+adopted here (:meth:`TcpFlows.adopt_client`): our SYN goes to the guest
+first, the rest is the same.
 """
 
 from __future__ import annotations
@@ -75,11 +79,12 @@ from shardswitch.shm.layout import (
     ip16,
     pack_key,
 )
-from shardswitch.virtio.netdev import GsoFrame, GsoType
+from shardswitch.virtio.netdev import GsoType
+from shardswitch.worker import tcp_buf, tcp_timers, tcp_vu
 from shardswitch.worker.activity import sync_table
-from shardswitch.worker.datapath import PENDING_MAX
 from shardswitch.worker.dns import DnsForward
 from shardswitch.worker.sockpool import SocketPool
+from shardswitch.worker.tcp_timers import RTO_INIT
 from shardswitch.worker.tcp_forward import LINGER_RESET, TCP_TABLE_FULL, TcpForwarder
 
 if TYPE_CHECKING:
@@ -91,22 +96,10 @@ log = logging.getLogger("shardswitch.worker")
 #: Where frames for the guest go: a handler's reply list or the worker's pending queue.
 Frames: TypeAlias = "list[bytes] | deque[bytes]"
 
-#: First retransmission timeout, and retransmissions before giving up with a RST.
-RTO_INIT = 1.0
-MAX_RETRIES = 7
-#: A connect() still in progress after this long is refused to the guest.
-SYN_TIMEOUT = 10.0
-#: Idle connections are reset after this long (as passt).
-IDLE_TIMEOUT = 7200.0
-#: An established connection quiet for this long gets a keepalive ACK to the guest, again every interval
-#: (as passt); the host side has SO_KEEPALIVE.
-KEEPALIVE_INTERVAL = 30.0
 #: SO_PEEK_OFF (not in Python's socket module).
 SO_PEEK_OFF = 42
 #: Discard area for MSG_TRUNC reads and for peeks without SO_PEEK_OFF (never touched by the former).
 DISCARD_SIZE = 1 << 24
-#: Frames queued for the guest beyond which no more host data is read for now.
-QUEUE_LIMIT = PENDING_MAX // 2
 _INT = struct.Struct("i")
 _EDGE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 _EDGE_OUT = _EDGE | select.EPOLLOUT
@@ -143,6 +136,8 @@ class TcpFlow:
     out_wait: bool = False
     #: The socket keeps the peek offset (SO_PEEK_OFF).
     peek_off: bool = True
+    #: Bytes the guest ACKed that are still in the socket (discarded once per batch).
+    unconsumed: int = 0
     closed: bool = False
     created: float = 0.0
     #: A host client opened it (port forwarding): our SYN went to the guest.
@@ -167,11 +162,14 @@ class TcpFlows:
         self.mtu = w.endpoint.resolved.mtu
         self.flows: dict[bytes, TcpFlow] = {}
         self.by_fd: dict[int, TcpFlow] = {}
-        self.ack_due: dict[int, TcpFlow] = {}
+        #: Flows with work left for the end of the current batch of guest frames (ACK, consume, send).
+        self.due: dict[int, TcpFlow] = {}
+        #: Flows that stopped writing in place for lack of RX buffers (resumed on the guest's refill).
+        self.rx_blocked: dict[int, TcpFlow] = {}
         self.discard = memoryview(mmap.mmap(-1, DISCARD_SIZE))
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.wake_armed = False
-        w.watch(self.wake_fd, self.flush_acks)
+        w.watch(self.wake_fd, self.flush_due)
         w.endpoint.register_ip_protocol(IpProto.TCP, self.handle4)
         w.endpoint.register_ip6_protocol(NextHeader.TCP, self.handle6)
         w.tick_handlers.append(self.tick)
@@ -303,15 +301,15 @@ class TcpFlows:
         flow.timer = now
         # Data may have come with the connection: it is peeked once the guest ACKs our SYN.
         flow.readable = True
-        out.append(self._syn_ack(flow))
+        out.append(self.syn_ack(flow))
 
-    def _syn_ack(self, flow: TcpFlow) -> bytes:
+    def syn_ack(self, flow: TcpFlow) -> bytes:
         """Our SYN-ACK for the flow's guest SYN."""
         conn = flow.conn
         # Our window scale only when the guest offered scaling (from_syn left ws_to_guest 0 otherwise).
         options = tcp.syn_options(flow.our_mss, conn.ws_to_guest if conn.ws_to_guest else None)
         # The window of a SYN is never scaled (RFC 7323).
-        window = min(self._space(flow), 0xFFFF)
+        window = min(self.space(flow), 0xFFFF)
         conn.wnd_to_guest = window
         return tcp.build(flow.addr, flow.isn, conn.seq_from_guest, int(TcpFlag.SYN | TcpFlag.ACK), window,
                          options)
@@ -329,19 +327,18 @@ class TcpFlows:
             return
         if flags & TcpFlag.SYN:
             if conn.flags & ConnFlag.SYN_SENT and not conn.flags & ConnFlag.ESTABLISHED:
-                out.append(self._syn_ack(flow))
+                out.append(self.syn_ack(flow))
             return
         if conn.flags & ConnFlag.CONNECTING or not flags & TcpFlag.ACK:
             return
         before = conn.seq_to_guest
         released = conn.on_ack(seg.ack, seg.window, not len(seg.payload) and not flags & TcpFlag.FIN)
         if conn.seq_to_guest != before:
-            self._rewind_socket(flow)
+            self.rewind_socket(flow)
         if released:
-            self._consume(flow, released)
-            if not flow.peek_off:
-                # Peeking from 0 shows end of stream only once everything before it is consumed.
-                flow.readable = True
+            # Discarded from the socket once per batch (flush_due): one syscall for many ACKs.
+            flow.unconsumed += released
+            self._later(flow)
         if released or conn.seq_ack_from_guest == conn.seq_to_guest:
             flow.timer = now
             flow.retries = 0
@@ -353,7 +350,7 @@ class TcpFlows:
             self._close(flow)
             return
         if flow.readable:
-            self._to_guest(flow, now, out)
+            self._later(flow)
 
     def _guest_syn_ack(self, flow: TcpFlow, seg: TcpSegment, now: float, out: Frames) -> None:
         """The guest's answer to our SYN (a forwarded connection): established, or refused."""
@@ -363,8 +360,8 @@ class TcpFlows:
         flow.retries = 0
         flow.rto = RTO_INIT
         flow.readable = True
-        out.append(self._ack(flow))
-        self._to_guest(flow, now, out)
+        out.append(self.ack(flow))
+        self._later(flow)
 
     def _guest_data(self, flow: TcpFlow, seg: TcpSegment, out: Frames) -> bool:
         """Payload and FIN from the guest: send what is new, ACK what the socket took; False if closed."""
@@ -372,12 +369,12 @@ class TcpFlows:
         payload = seg.payload
         length = len(payload)
         if conn.flags & ConnFlag.GUEST_FIN_RCVD:
-            out.append(self._ack(flow))
+            out.append(self.ack(flow))
             return True
         skip = conn.new_data(seg.seq, length)
         if skip is None:
             # A gap: we keep nothing out of order; a duplicate ACK asks for the missing part.
-            out.append(self._ack(flow))
+            out.append(self.ack(flow))
             return True
         sent = 0
         if skip < length:
@@ -386,7 +383,7 @@ class TcpFlows:
             except BlockingIOError:
                 sent = 0
             except OSError:
-                self._reset_guest(flow, out)
+                self.reset_guest(flow, out)
                 return False
             conn.seq_from_guest = tcp.seq_add(conn.seq_from_guest, sent)
         if skip + sent < length:
@@ -400,18 +397,18 @@ class TcpFlows:
                 pass
             conn.flags |= ConnFlag.GUEST_FIN_RCVD
             conn.seq_from_guest = tcp.seq_add(conn.seq_from_guest, 1)
-            out.append(self._ack(flow))
+            out.append(self.ack(flow))
             return True
         elif skip == length and length:
             # All old (a retransmission): say again where we are.
-            out.append(self._ack(flow))
+            out.append(self.ack(flow))
             return True
-        self._ack_later(flow)
+        self._later(flow)
         return True
 
     # -- ACKs ---------------------------------------------------------------------
 
-    def _space(self, flow: TcpFlow) -> int:
+    def space(self, flow: TcpFlow) -> int:
         """Free space in the socket's send buffer: the window we offer."""
         sock = flow.sock
         try:
@@ -421,35 +418,43 @@ class TcpFlows:
             return 0
         return max(sndbuf - queued, 0) // 2
 
-    def _ack(self, flow: TcpFlow) -> bytes:
+    def ack(self, flow: TcpFlow) -> bytes:
         """A pure ACK with the current sequence numbers and window."""
         conn = flow.conn
         conn.seq_ack_to_guest = conn.seq_from_guest
-        self.ack_due.pop(flow.fd, None)
         return tcp.build(flow.addr, conn.seq_to_guest, conn.seq_from_guest, _ACK,
-                         conn.window_field(self._space(flow)))
+                         conn.window_field(self.space(flow)))
 
-    def _ack_later(self, flow: TcpFlow) -> None:
-        """Mark the flow's ACK as due; it goes out once the current batch of guest frames is handled."""
-        self.ack_due[flow.fd] = flow
+    def _later(self, flow: TcpFlow) -> None:
+        """Mark the flow as due: once the current batch of guest frames is handled it discards what the
+        guest ACKed, sends host data the window allows and ACKs the guest if no data frame did."""
+        self.due[flow.fd] = flow
         if not self.wake_armed:
             self.wake_armed = True
             os.eventfd_write(self.wake_fd, 1)
 
-    def flush_acks(self) -> None:
-        """The batch is over: one ACK for each flow that is due one."""
+    def flush_due(self) -> None:
+        """The batch is over: for each flow due, one discard, data within the window, and an ACK if
+        still owed."""
         try:
             os.eventfd_read(self.wake_fd)
         except BlockingIOError:
             pass
         self.wake_armed = False
-        due = list(self.ack_due.values())
-        self.ack_due.clear()
+        due = list(self.due.values())
+        self.due.clear()
         pending = self.w.pending
+        now = time.monotonic()
         for flow in due:
-            # A data frame to the guest since may have carried this ACK already.
+            if flow.closed:
+                continue
+            if flow.unconsumed:
+                self._consume(flow)
+            if flow.readable:
+                self.to_guest(flow, now, pending)
+            # A data frame to the guest may have carried this ACK already.
             if not flow.closed and flow.conn.seq_ack_to_guest != flow.conn.seq_from_guest:
-                pending.append(self._ack(flow))
+                pending.append(self.ack(flow))
         if pending:
             self.w.deliver_pending()
 
@@ -467,90 +472,106 @@ class TcpFlows:
             err = flow.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 log.debug("TCP connect to port %d: %s", flow.addr.src_port, os.strerror(err))
-                self._reset_guest(flow, pending, syn=True)
+                self.reset_guest(flow, pending, syn=True)
             else:
                 self._connected(flow, now, pending)
         else:
-            if flow.out_wait and self._space(flow) > 0:
+            if flow.out_wait and self.space(flow) > 0:
                 flow.out_wait = False
                 self._set_events(flow, _EDGE)
-                pending.append(self._ack(flow))
+                pending.append(self.ack(flow))
             flow.readable = True
-            self._to_guest(flow, now, pending)
+            self.to_guest(flow, now, pending)
         if pending:
             self.w.deliver_pending()
 
-    def _peek(self, flow: TcpFlow, view: memoryview) -> int:
-        """Peek host data at the flow's offset into ``view``; raises BlockingIOError when none."""
+    def peek(self, flow: TcpFlow, views: list[memoryview]) -> int:
+        """Peek host data at the flow's offset into ``views``; raises BlockingIOError when none."""
         if flow.peek_off:
-            return flow.sock.recv_into(view, len(view), socket.MSG_PEEK)
-        offset = flow.conn.in_flight()
-        got = flow.sock.recvmsg_into([self.discard[:offset], view], 0, socket.MSG_PEEK)[0]
+            if len(views) == 1:
+                return flow.sock.recv_into(views[0], len(views[0]), socket.MSG_PEEK)
+            return flow.sock.recvmsg_into(views, 0, socket.MSG_PEEK)[0]
+        offset = flow.unconsumed + flow.conn.in_flight()
+        got = flow.sock.recvmsg_into([self.discard[:offset], *views], 0, socket.MSG_PEEK)[0]
         if got and got <= offset:
             raise BlockingIOError
         return max(got - offset, 0)
 
-    def _to_guest(self, flow: TcpFlow, now: float, out: Frames) -> None:
-        """Host data to the guest, as far as its window (and our queue) allows; FIN at end of stream."""
+    def room(self, flow: TcpFlow) -> int:
+        """Bytes of host data the guest may be sent now (its window; the discard area without SO_PEEK_OFF)."""
+        room = flow.conn.sendable()
+        if not flow.peek_off:
+            room = min(room, DISCARD_SIZE - flow.unconsumed - flow.conn.in_flight())
+        return room
+
+    def framing(self, flow: TcpFlow) -> tuple[int, int]:
+        """(gso type, payload bytes per frame) for the flow's data frames to the guest.
+
+        A GUEST_TSO guest takes up to 64 KiB in one frame, which it splits into
+        MSS-sized segments itself: whole segments only (as a sender's TSO), so no
+        runt segment ends each frame.  Others get one MSS per frame.
+        """
+        w = self.w
+        v6 = flow.addr.v6
+        mss = flow.conn.mss
+        if w.rx_tso6 if v6 else w.rx_tso4:
+            return (GsoType.TCPV6 if v6 else GsoType.TCPV4), max(tcp.max_payload(v6) // mss, 1) * mss
+        return 0, mss
+
+    def sent(self, flow: TcpFlow, count: int, now: float) -> None:
+        """``count`` bytes of host data went to the guest (with our ACK): advance the sequence."""
+        conn = flow.conn
+        if conn.seq_to_guest == conn.seq_ack_from_guest:
+            flow.timer = now
+        conn.seq_to_guest = tcp.seq_add(conn.seq_to_guest, count)
+        conn.seq_ack_to_guest = conn.seq_from_guest
+
+    def fin_to_guest(self, flow: TcpFlow, now: float, out: Frames) -> None:
+        """End of stream from the host: our FIN to the guest."""
+        conn = flow.conn
+        flow.readable = False
+        conn.flags |= ConnFlag.SOCK_FIN_RCVD | ConnFlag.FIN_SENT
+        if conn.seq_to_guest == conn.seq_ack_from_guest:
+            flow.timer = now
+        out.append(tcp.build(flow.addr, conn.seq_to_guest, conn.seq_from_guest,
+                             int(TcpFlag.FIN | TcpFlag.ACK), conn.window_field(self.space(flow))))
+        conn.seq_to_guest = tcp.seq_add(conn.seq_to_guest, 1)
+        conn.seq_ack_to_guest = conn.seq_from_guest
+
+    def to_guest(self, flow: TcpFlow, now: float, out: Frames) -> None:
+        """Host data to the guest, as far as its window (and our queue) allows; FIN at end of stream.
+
+        Written in place into the guest's RX buffers (:mod:`~shardswitch.worker.tcp_vu`) when no
+        frame waits before it in the worker's queue and the guest takes DATA_VALID; otherwise built
+        as frames (one copy more) and queued.
+        """
         conn = flow.conn
         if not conn.flags & ConnFlag.ESTABLISHED or conn.flags & ConnFlag.FIN_SENT:
             return
         w = self.w
         pending = w.pending
-        addr = flow.addr
-        hl = addr.headers_len
-        mss = conn.mss
-        # A DATA_VALID guest takes data segments unchecked: skip summing them (control segments stay summed).
-        csum = not w.rx_data_valid
-        # A GUEST_TSO guest takes up to 64 KiB in one frame, which it splits into MSS-sized segments itself.
-        gso = (GsoType.TCPV6 if addr.v6 else GsoType.TCPV4) if (w.rx_tso6 if addr.v6 else w.rx_tso4) else 0
-        # Whole segments only (as a sender's TSO): no runt segment at the end of each frame.
-        chunk = max(tcp.max_payload(addr.v6) // mss, 1) * mss if gso else mss
-        while True:
-            queued = len(out) if out is pending else len(out) + len(pending)
-            room = conn.sendable()
-            if not flow.peek_off:
-                room = min(room, DISCARD_SIZE - conn.in_flight())
-            if room <= 0 or queued >= QUEUE_LIMIT:
-                return
-            n = min(room, chunk)
-            buf = GsoFrame(hl + n, 0, mss, hl) if n > mss else bytearray(hl + n)
-            view = memoryview(buf)
-            try:
-                got = self._peek(flow, view[hl:])
-            except BlockingIOError:
-                view.release()
-                flow.readable = False
-                return
-            except OSError:
-                view.release()
-                self._reset_guest(flow, out)
-                return
-            view.release()
-            if got == 0:
-                flow.readable = False
-                conn.flags |= ConnFlag.SOCK_FIN_RCVD | ConnFlag.FIN_SENT
-                if conn.seq_to_guest == conn.seq_ack_from_guest:
-                    flow.timer = now
-                out.append(tcp.build(flow.addr, conn.seq_to_guest, conn.seq_from_guest,
-                                     int(TcpFlag.FIN | TcpFlag.ACK), conn.window_field(self._space(flow))))
-                conn.seq_to_guest = tcp.seq_add(conn.seq_to_guest, 1)
-                conn.seq_ack_to_guest = conn.seq_from_guest
-                return
-            if got < n:
-                del buf[hl + got:]
-            if got > mss and isinstance(buf, GsoFrame):
-                buf.gso_type = gso
-            if conn.seq_to_guest == conn.seq_ack_from_guest:
-                flow.timer = now
-            tcp.pack_into(buf, flow.addr, conn.seq_to_guest, conn.seq_from_guest, _DATA,
-                          conn.wnd_to_guest >> conn.ws_to_guest, csum=csum)
-            conn.seq_to_guest = tcp.seq_add(conn.seq_to_guest, got)
-            conn.seq_ack_to_guest = conn.seq_from_guest
-            out.append(tcp.as_frame(buf))
+        writer = w.rx.writer
+        if (out is pending and not pending and w.rx_data_valid and writer is not None and writer.in_place
+                and tcp_vu.to_guest(self, flow, now, writer)):
+            return
+        tcp_buf.to_guest(self, flow, now, out)
 
-    def _consume(self, flow: TcpFlow, count: int) -> None:
-        """Discard ``count`` bytes the guest ACKed from the socket (no copy: MSG_TRUNC)."""
+    def on_rx_buffers(self) -> None:
+        """The guest posted RX buffers: flows that ran out of them while writing in place go on."""
+        blocked = list(self.rx_blocked.values())
+        self.rx_blocked.clear()
+        now = time.monotonic()
+        pending = self.w.pending
+        for flow in blocked:
+            if not flow.closed and flow.readable:
+                self.to_guest(flow, now, pending)
+        if pending:
+            self.w.deliver_pending()
+
+    def _consume(self, flow: TcpFlow) -> None:
+        """Discard the bytes the guest ACKed from the socket (no copy: MSG_TRUNC)."""
+        count = flow.unconsumed
+        flow.unconsumed = 0
         sock = flow.sock
         discard = self.discard
         while count > 0:
@@ -562,8 +583,11 @@ class TcpFlows:
             if got <= 0:
                 return
             count -= got
+        if not flow.peek_off:
+            # Peeking from 0 shows end of stream only once everything before it is consumed.
+            flow.readable = True
 
-    def _reset_guest(self, flow: TcpFlow, out: Frames, syn: bool = False) -> None:
+    def reset_guest(self, flow: TcpFlow, out: Frames, syn: bool = False) -> None:
         """RST to the guest, then close (connect refused, host reset, socket errors)."""
         conn = flow.conn
         if syn:
@@ -591,11 +615,11 @@ class TcpFlows:
         fd = flow.fd
         self.w.watch(fd, lambda: self.on_socket(fd))
         self._set_events(flow, _EDGE)
-        self.w.pending.append(self._syn(flow))
+        self.w.pending.append(self.syn(flow))
 
-    def _syn(self, flow: TcpFlow) -> bytes:
+    def syn(self, flow: TcpFlow) -> bytes:
         """Our SYN to the guest for a forwarded connection (MSS, window scale offered)."""
-        window = min(self._space(flow), 0xFFFF)
+        window = min(self.space(flow), 0xFFFF)
         flow.conn.wnd_to_guest = window
         return tcp.build(flow.addr, flow.isn, 0, int(TcpFlag.SYN), window, tcp.syn_options(flow.our_mss, tcp.OUR_WS))
 
@@ -609,7 +633,8 @@ class TcpFlows:
         self.w.unwatch(flow.fd)
         self.by_fd.pop(flow.fd, None)
         self.flows.pop(flow.key, None)
-        self.ack_due.pop(flow.fd, None)
+        self.due.pop(flow.fd, None)
+        self.rx_blocked.pop(flow.fd, None)
         if reset_host:
             try:
                 flow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
@@ -632,49 +657,16 @@ class TcpFlows:
         self.pool.refill()
         pending = self.w.pending
         for flow in list(self.flows.values()):
-            self._timers(flow, now, pending)
+            tcp_timers.run(self, flow, now, pending)
         sync_table(self.table, self.flows.values(), [])
 
-    def _timers(self, flow: TcpFlow, now: float, out: Frames) -> None:
-        """The timers of one flow."""
-        conn = flow.conn
-        if now - flow.last > IDLE_TIMEOUT:
-            self._reset_guest(flow, out)
-            return
-        if conn.flags & ConnFlag.CONNECTING:
-            if now - flow.created > SYN_TIMEOUT:
-                self._reset_guest(flow, out, syn=True)
-            return
-        waiting = conn.seq_to_guest != conn.seq_ack_from_guest
-        if not waiting:
-            if flow.readable:
-                self._to_guest(flow, now, out)
-            elif (conn.flags & ConnFlag.ESTABLISHED and now - flow.last >= KEEPALIVE_INTERVAL
-                  and now - flow.keepalive >= KEEPALIVE_INTERVAL):
-                flow.keepalive = now
-                out.append(self._ack(flow))
-            return
-        if now - flow.timer < flow.rto:
-            return
-        flow.retries += 1
-        if flow.retries > MAX_RETRIES:
-            self._reset_guest(flow, out)
-            return
-        flow.timer = now
-        flow.rto *= 2
-        if not conn.flags & ConnFlag.ESTABLISHED:
-            out.append(self._syn(flow) if flow.inbound else self._syn_ack(flow))
-            return
-        flow.conn.rewind()
-        self._rewind_socket(flow)
-        self._to_guest(flow, now, out)
-
-    def _rewind_socket(self, flow: TcpFlow) -> None:
+    def rewind_socket(self, flow: TcpFlow) -> None:
         """After a rewind of the sequence: the peek offset back to the guest's ACK, data to send again."""
         flow.readable = True
         if flow.peek_off:
             try:
-                flow.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+                # Bytes the guest ACKed may still be in the socket, before the rewound position.
+                flow.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, flow.unconsumed)
             except OSError:
                 pass
 

@@ -322,3 +322,97 @@ def test_rx_gso_frame_header(shm: SharedMemory, mem: GuestMemory, mrg: bool) -> 
         assert received(ring, used[2:])[12:] == FRAME
     assert [VNET_HDR.unpack(received(ring, [u])[:12]) for u in used[:len(expected)]] == expected
     vq.release()
+
+
+# ------------------------------------------------------------- in place (take / commit)
+
+
+def _fill(views: list[memoryview], data: bytes) -> int:
+    """Write ``data`` across ``views`` as recvmsg_into would; returns the bytes written."""
+    at = 0
+    for view in views:
+        n = min(len(view), len(data) - at)
+        view[:n] = data[at:at + n]
+        at += n
+    return at
+
+
+def test_take_spans_chains_and_commit_gives_back_the_unused(shm: SharedMemory, mem: GuestMemory) -> None:
+    """A span over four 600-byte chains, filled with 1100 bytes after a 66-byte head room: three chains
+    pushed (num_buffers 3, gso fields), the fourth popped again next."""
+    ring, vq, heads = rx_ring(shm, mem, [[600], [600], [600], [600], [600]])
+    rx = RxWriter(vq, 12, mrg_rxbuf=True, flags=VnetHdrFlags.DATA_VALID)
+    span = rx.take(66 + 2000, 66)
+    assert span is not None and span.capacity == 2400 and len(span.heads) == 4
+    views = span.views(66, 1100)
+    assert [len(v) for v in views] == [534, 566]
+    assert _fill(views, FRAME[:1100]) == 1100
+    span.head()[12:66] = b"h" * 54
+    assert span.commit(54 + 1100, GsoType.TCPV4, 1000, 54) == 2
+    vq.flush()
+    used = ring.collect()
+    assert used == [(heads[0], 600), (heads[1], 66 + 1100 - 600)]
+    data = received(ring, used)
+    assert VNET_HDR.unpack(data[:12]) == (VnetHdrFlags.DATA_VALID, GsoType.TCPV4, 54, 1000, 0, 0, 2)
+    assert data[12:66] == b"h" * 54 and data[66:] == FRAME[:1100]
+    chain = vq.pop()
+    assert chain is not None and chain[0] == heads[2]      # the unused chains went back in order
+    vq.release()
+
+
+def test_take_partial_when_buffers_run_short(shm: SharedMemory, mem: GuestMemory) -> None:
+    """Fewer buffers than asked: the span holds what there is; cancel gives everything back."""
+    ring, vq, heads = rx_ring(shm, mem, [[600], [600]])
+    rx = RxWriter(vq, 12, mrg_rxbuf=True)
+    span = rx.take(66 + 5000, 66)
+    assert span is not None and span.capacity == 1200
+    assert sum(len(v) for v in span.views(66, 5000)) == 1200 - 66
+    span.cancel()
+    assert vq.last_avail == 0 and vq.avail_pending() == 2
+    assert vq.flush() is False
+    vq.release()
+
+
+def test_take_without_mrg_is_one_chain(shm: SharedMemory, mem: GuestMemory) -> None:
+    """Without MRG_RXBUF a span is the head chain alone, even a multi-buffer one (big packets)."""
+    ring, vq, heads = rx_ring(shm, mem, [[1024, 4096, 4096], [4096]])
+    rx = RxWriter(vq, 12, mrg_rxbuf=False)
+    span = rx.take(12 + 20000, 66)
+    assert span is not None and span.heads == [heads[0]] and span.capacity == 1024 + 8192
+    views = span.views(66, 9000)
+    assert [len(v) for v in views] == [1024 - 66, 4096, 9000 - 958 - 4096]
+    _fill(views, bytes(9000))
+    assert span.commit(54 + 9000) == 1
+    vq.flush()
+    assert ring.collect() == [(heads[0], 66 + 9000)]
+    vq.release()
+
+
+def test_take_on_empty_ring_and_unsuitable_head(shm: SharedMemory, mem: GuestMemory) -> None:
+    """No chain: None, ``in_place`` kept.  A first buffer too small for the head room (header alone):
+    None, nothing consumed, ``in_place`` cleared so that the caller builds frames instead."""
+    ring, vq, _heads = rx_ring(shm, mem, [])
+    rx = RxWriter(vq, 12, mrg_rxbuf=True)
+    assert rx.take(2000, 66) is None and rx.in_place
+    vq.release()
+    ring, vq, heads = rx_ring(shm, mem, [[12, 1500]])
+    rx = RxWriter(vq, 12, mrg_rxbuf=False)
+    assert rx.take(2000, 66) is None and not rx.in_place
+    assert vq.last_avail == 0
+    assert rx.put(FRAME[:1000]) is True        # put still handles such chains
+    vq.release()
+
+
+def test_take_chain_without_writable_buffer_is_a_driver_error(shm: SharedMemory, mem: GuestMemory) -> None:
+    """A later chain of the span with nothing writable: VirtqueueError, every chain given back."""
+    ring = DriverRing(shm, 8)
+    first = ring.chain([(600, True)])
+    bad = ring.chain([(600, False)])
+    ring.post(first)
+    ring.post(bad)
+    vq = ring.device(mem)
+    rx = RxWriter(vq, 12, mrg_rxbuf=True)
+    with pytest.raises(VirtqueueError):
+        rx.take(2000, 66)
+    assert vq.last_avail == 0
+    vq.release()

@@ -341,3 +341,30 @@ def test_guest_tso_gets_64k_gso_frames(switch: Switch, v6: bool) -> None:
         else:
             assert gso_type == GsoType.NONE
     assert big >= 2 and len([h for h, _f in conn.frames]) < BLOB_SIZE // 1400
+
+
+class StingyGuest(Guest):
+    """A guest that keeps only a few RX buffers posted: a handful more after each receive."""
+
+    def recv(self, pair: int = 0, timeout: float = 3.0) -> list[tcp.TcpSegment]:
+        """Like Guest.recv, then a few buffers more, whatever the frames took."""
+        got = super().recv(pair, timeout)
+        self.fe.post_rx(pair, 6)
+        return got
+
+
+def test_host_data_in_place_waits_for_rx_buffers(switch: Switch) -> None:
+    """Host data written in place into RX buffers: when the guest posts few, frames shrink to what is
+    posted, the flow waits for the guest's refill (its RX kick) and the data arrives whole, in order."""
+    tso = FEATURES | VirtioFeature.GUEST_TSO4 | VirtioFeature.GUEST_TSO6
+    fe = VhostUserFrontend.connect(switch.socket, queue_pairs=2, features=tso)
+    with fe:
+        fe.handshake()
+        fe.post_rx(0, 6)
+        fe.post_rx(1, 6)
+        conn = StingyGuest(fe, BLOB, 41020)
+        conn.connect()
+        assert conn.read_until_fin(timeout=20.0) == blob(BLOB_SIZE)
+    # Frames as large as the buffers posted at the time, far below 64 KiB: many more than 200 KB / 64 KiB.
+    assert len([f for _hdr, f in conn.frames if len(f) > 54]) >= 10
+    assert "RX_NO_BUFFERS" not in drops(switch)

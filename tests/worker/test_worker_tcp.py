@@ -28,7 +28,9 @@ from shardswitch.net.endpoint import GuestEndpoint
 from shardswitch.net.params import GuestParams
 from shardswitch.net.tcp import Addressing, TcpFlag
 from shardswitch.worker.datapath import Counters
-from shardswitch.worker.tcp import IDLE_TIMEOUT, KEEPALIVE_INTERVAL, MAX_RETRIES, RTO_INIT, TcpFlows
+from shardswitch.worker.rings import RingSlot
+from shardswitch.worker.tcp import TcpFlows
+from shardswitch.worker.tcp_timers import IDLE_TIMEOUT, KEEPALIVE_INTERVAL, MAX_RETRIES, RTO_INIT
 from tests.guest.netns import TestNetns
 from tests.switch import Switch
 
@@ -389,6 +391,8 @@ class StandInWorker:
         self.sockets: dict[int, Callable[[], None]] = {}
         self.tick_handlers: list[Callable[[float], None]] = []
         self.rx_data_valid = self.rx_tso4 = self.rx_tso6 = False
+        #: No RX ring: data frames are built and queued (the in-place path has its own tests).
+        self.rx = RingSlot(0)
 
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
         """Watch a descriptor like Worker.watch."""
