@@ -114,6 +114,16 @@ class ConnFlag(IntFlag):
     GUEST_FIN_RCVD = 0x40
 
 
+#: The flags as plain ints for the per-segment path: ``int & IntFlag`` goes through the enum's
+#: ``__rand__`` and builds a member (about a microsecond each), ``int & int`` is one operation.
+#: :attr:`TcpSegment.flags` and :attr:`TcpConn.flags` are plain ints holding these bits.
+FIN, SYN, RST, PSH, ACK = (int(TcpFlag.FIN), int(TcpFlag.SYN), int(TcpFlag.RST), int(TcpFlag.PSH),
+                           int(TcpFlag.ACK))
+CONNECTING, SYN_SENT, ESTABLISHED = int(ConnFlag.CONNECTING), int(ConnFlag.SYN_SENT), int(ConnFlag.ESTABLISHED)
+SOCK_FIN_RCVD, FIN_SENT, FIN_ACKED = int(ConnFlag.SOCK_FIN_RCVD), int(ConnFlag.FIN_SENT), int(ConnFlag.FIN_ACKED)
+GUEST_FIN_RCVD = int(ConnFlag.GUEST_FIN_RCVD)
+
+
 def seq_lt(a: int, b: int) -> bool:
     """``a`` before ``b`` modulo 2**32."""
     return 0 < ((b - a) & _MASK) < 0x80000000
@@ -190,7 +200,7 @@ def _parse(data: memoryview, start: int, verify: bool) -> TcpSegment:
     if not sport or not dport:
         raise PacketError(DropReason.TCP_MALFORMED, "port 0")
     mss = wscale = None
-    if flags & TcpFlag.SYN and hlen > TCP_HLEN:
+    if flags & SYN and hlen > TCP_HLEN:
         mss, wscale = parse_options(data[TCP_HLEN:hlen])
     return TcpSegment(sport, dport, seq, ack, flags, window, data[hlen:], mss, wscale)
 
@@ -337,7 +347,7 @@ class TcpConn:
     wnd_from_guest: int = 0
     #: The window we last advertised, in bytes.
     wnd_to_guest: int = 0
-    flags: ConnFlag = ConnFlag.NONE
+    flags: int = 0
     #: Duplicate ACKs in a row (fast retransmit at 3).
     dup_acks: int = 0
 
@@ -349,12 +359,12 @@ class TcpConn:
         mss = min(syn.mss if syn.mss else DEFAULT_MSS, our_mss)
         nxt = seq_add(syn.seq, 1)
         return cls(seq_add(isn, 1), isn, nxt, nxt, max(mss, 64), ws_guest, ws_ours,
-                   wnd_from_guest=syn.window, flags=ConnFlag.CONNECTING)
+                   wnd_from_guest=syn.window, flags=CONNECTING)
 
     @classmethod
     def for_host_client(cls, isn: int, our_mss: int) -> TcpConn:
         """State for a connection a host client opened (port forwarding): our SYN (``isn``) goes first."""
-        return cls(seq_add(isn, 1), isn, 0, 0, our_mss, 0, OUR_WS, flags=ConnFlag.SYN_SENT)
+        return cls(seq_add(isn, 1), isn, 0, 0, our_mss, 0, OUR_WS, flags=SYN_SENT)
 
     def on_syn_ack(self, seg: TcpSegment) -> bool:
         """The guest's SYN-ACK to our SYN: take its sequence, MSS and scaling; False if it ACKs something else.
@@ -378,7 +388,7 @@ class TcpConn:
     def in_flight(self) -> int:
         """Data bytes sent to the guest and not ACKed yet (the socket's peek offset)."""
         sent = seq_diff(self.seq_to_guest, self.seq_ack_from_guest)
-        if self.flags & ConnFlag.FIN_SENT and not self.flags & ConnFlag.FIN_ACKED:
+        if self.flags & FIN_SENT and not self.flags & FIN_ACKED:
             sent -= 1
         return max(sent, 0)
 
@@ -406,23 +416,23 @@ class TcpConn:
             return 0
         self.dup_acks = 0
         released = seq_diff(ack, old)
-        if not self.flags & ConnFlag.ESTABLISHED:
+        if not self.flags & ESTABLISHED:
             # The first ACK covers our SYN, which is no data.
-            self.flags |= ConnFlag.ESTABLISHED
+            self.flags |= ESTABLISHED
             released -= 1
-        if self.flags & ConnFlag.FIN_SENT and ack == self.seq_to_guest:
-            self.flags |= ConnFlag.FIN_ACKED
+        if self.flags & FIN_SENT and ack == self.seq_to_guest:
+            self.flags |= FIN_ACKED
             released -= 1
         self.seq_ack_from_guest = ack
         return max(released, 0)
 
     def rewind(self) -> None:
         """Retransmit: everything not ACKed is sent again (the peek offset goes back to 0)."""
-        if not self.flags & ConnFlag.ESTABLISHED:
+        if not self.flags & ESTABLISHED:
             return
         self.seq_to_guest = self.seq_ack_from_guest
-        if not self.flags & ConnFlag.FIN_ACKED:
-            self.flags &= ~ConnFlag.FIN_SENT
+        if not self.flags & FIN_ACKED:
+            self.flags &= ~FIN_SENT
 
     def new_data(self, seq: int, length: int) -> int | None:
         """Where a guest payload's new bytes start (bytes to skip); None when it leaves a gap."""
@@ -439,4 +449,4 @@ class TcpConn:
 
     def done(self) -> bool:
         """Both directions closed: our FIN ACKed and the guest's FIN taken."""
-        return bool(self.flags & ConnFlag.FIN_ACKED and self.flags & ConnFlag.GUEST_FIN_RCVD)
+        return bool(self.flags & FIN_ACKED and self.flags & GUEST_FIN_RCVD)

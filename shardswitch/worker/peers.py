@@ -41,6 +41,7 @@ class HandOverFlag(IntFlag):
 
 
 _PREFIXES = (bytes([HandOverFlag.NONE]), bytes([HandOverFlag.CSUM_PARTIAL]))
+_CSUM_PARTIAL = int(HandOverFlag.CSUM_PARTIAL)     # a plain int for the per-frame test
 #: Frames taken from the inbox per wake-up before the loop looks at other events.
 INBOX_BATCH = 256
 
@@ -85,7 +86,7 @@ class Peers:
             for _ in range(INBOX_BATCH):
                 data = recv(PREFIX_LEN + MAX_FRAME)
                 if len(data) > PREFIX_LEN:
-                    frames.append((bool(data[0] & HandOverFlag.CSUM_PARTIAL), memoryview(data)[PREFIX_LEN:]))
+                    frames.append((bool(data[0] & _CSUM_PARTIAL), memoryview(data)[PREFIX_LEN:]))
         except BlockingIOError:
             pass
         self.handed_in += len(frames)

@@ -69,7 +69,22 @@ from shardswitch.net import tcp
 from shardswitch.net.drop import DropReason, PacketError
 from shardswitch.net.ipv4 import IpProto, Ipv4Packet
 from shardswitch.net.ipv6 import Ipv6Packet, NextHeader
-from shardswitch.net.tcp import Addressing, ConnFlag, TcpConn, TcpFlag, TcpSegment
+from shardswitch.net.tcp import (
+    ACK,
+    CONNECTING,
+    ESTABLISHED,
+    FIN,
+    FIN_SENT,
+    GUEST_FIN_RCVD,
+    PSH,
+    RST,
+    SOCK_FIN_RCVD,
+    SYN,
+    SYN_SENT,
+    Addressing,
+    TcpConn,
+    TcpSegment,
+)
 from shardswitch.shm.layout import (
     FlowRef,
     FlowSide,
@@ -103,8 +118,7 @@ DISCARD_SIZE = 1 << 24
 _INT = struct.Struct("i")
 _EDGE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 _EDGE_OUT = _EDGE | select.EPOLLOUT
-_ACK = int(TcpFlag.ACK)
-_DATA = int(TcpFlag.ACK | TcpFlag.PSH)
+_DATA = ACK | PSH
 
 #: Drop reasons of this module (shown in ``shardswitch status``).
 TCP_SOCKET_ERROR = "TCP_SOCKET_ERROR"
@@ -197,10 +211,10 @@ class TcpFlows:
         if self.w.owned_elsewhere(FlowType.TCP, guest_side):
             return
         flags = seg.flags
-        if flags & TcpFlag.RST:
+        if flags & RST:
             raise PacketError(DropReason.TCP_IGNORED, "RST without a flow")
         addr = self._addressing(v6, src, dst, seg)
-        if flags & TcpFlag.SYN and not flags & TcpFlag.ACK:
+        if flags & SYN and not flags & ACK:
             self._connect(key, guest_side, addr, seg, now, out)
             return
         out.append(self._reset_for(addr, seg))
@@ -215,10 +229,10 @@ class TcpFlows:
     @staticmethod
     def _reset_for(addr: Addressing, seg: TcpSegment) -> bytes:
         """The RST answering a segment without a connection (RFC 9293 3.10.7.1)."""
-        if seg.flags & TcpFlag.ACK:
-            return tcp.build(addr, seg.ack, 0, int(TcpFlag.RST), 0)
-        length = len(seg.payload) + (1 if seg.flags & TcpFlag.SYN else 0) + (1 if seg.flags & TcpFlag.FIN else 0)
-        return tcp.build(addr, 0, tcp.seq_add(seg.seq, length), int(TcpFlag.RST | TcpFlag.ACK), 0)
+        if seg.flags & ACK:
+            return tcp.build(addr, seg.ack, 0, RST, 0)
+        length = len(seg.payload) + (1 if seg.flags & SYN else 0) + (1 if seg.flags & FIN else 0)
+        return tcp.build(addr, 0, tcp.seq_add(seg.seq, length), RST | ACK, 0)
 
     def _target(self, addr: Addressing) -> tuple[str, int]:
         """Where the host socket connects: the host's resolver for the DNS-forwarding address's port 53,
@@ -292,7 +306,7 @@ class TcpFlows:
     def _connected(self, flow: TcpFlow, now: float, out: Frames) -> None:
         """connect() completed: SYN-ACK to the guest."""
         conn = flow.conn
-        conn.flags = (conn.flags & ~ConnFlag.CONNECTING) | ConnFlag.SYN_SENT
+        conn.flags = (conn.flags & ~CONNECTING) | SYN_SENT
         try:
             flow.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
         except OSError:
@@ -311,7 +325,7 @@ class TcpFlows:
         # The window of a SYN is never scaled (RFC 7323).
         window = min(self.space(flow), 0xFFFF)
         conn.wnd_to_guest = window
-        return tcp.build(flow.addr, flow.isn, conn.seq_from_guest, int(TcpFlag.SYN | TcpFlag.ACK), window,
+        return tcp.build(flow.addr, flow.isn, conn.seq_from_guest, SYN | ACK, window,
                          options)
 
     def _from_guest(self, flow: TcpFlow, seg: TcpSegment, now: float, out: Frames) -> None:
@@ -319,20 +333,20 @@ class TcpFlows:
         conn = flow.conn
         flags = seg.flags
         flow.last = now
-        if flags & TcpFlag.RST:
+        if flags & RST:
             self._close(flow, reset_host=True)
             return
-        if flow.inbound and not conn.flags & ConnFlag.ESTABLISHED:
+        if flow.inbound and not conn.flags & ESTABLISHED:
             self._guest_syn_ack(flow, seg, now, out)
             return
-        if flags & TcpFlag.SYN:
-            if conn.flags & ConnFlag.SYN_SENT and not conn.flags & ConnFlag.ESTABLISHED:
+        if flags & SYN:
+            if conn.flags & SYN_SENT and not conn.flags & ESTABLISHED:
                 out.append(self.syn_ack(flow))
             return
-        if conn.flags & ConnFlag.CONNECTING or not flags & TcpFlag.ACK:
+        if conn.flags & CONNECTING or not flags & ACK:
             return
         before = conn.seq_to_guest
-        released = conn.on_ack(seg.ack, seg.window, not len(seg.payload) and not flags & TcpFlag.FIN)
+        released = conn.on_ack(seg.ack, seg.window, not len(seg.payload) and not flags & FIN)
         if conn.seq_to_guest != before:
             self.rewind_socket(flow)
         if released:
@@ -343,7 +357,7 @@ class TcpFlows:
             flow.timer = now
             flow.retries = 0
             flow.rto = RTO_INIT
-        if len(seg.payload) or flags & TcpFlag.FIN:
+        if len(seg.payload) or flags & FIN:
             if not self._guest_data(flow, seg, out):
                 return
         if conn.done():
@@ -354,7 +368,7 @@ class TcpFlows:
 
     def _guest_syn_ack(self, flow: TcpFlow, seg: TcpSegment, now: float, out: Frames) -> None:
         """The guest's answer to our SYN (a forwarded connection): established, or refused."""
-        if not seg.flags & TcpFlag.SYN or not seg.flags & TcpFlag.ACK or not flow.conn.on_syn_ack(seg):
+        if not seg.flags & SYN or not seg.flags & ACK or not flow.conn.on_syn_ack(seg):
             return
         flow.timer = now
         flow.retries = 0
@@ -368,7 +382,7 @@ class TcpFlows:
         conn = flow.conn
         payload = seg.payload
         length = len(payload)
-        if conn.flags & ConnFlag.GUEST_FIN_RCVD:
+        if conn.flags & GUEST_FIN_RCVD:
             out.append(self.ack(flow))
             return True
         skip = conn.new_data(seg.seq, length)
@@ -390,12 +404,12 @@ class TcpFlows:
             if not flow.out_wait:
                 flow.out_wait = True
                 self._set_events(flow, _EDGE_OUT)
-        elif seg.flags & TcpFlag.FIN:
+        elif seg.flags & FIN:
             try:
                 flow.sock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
-            conn.flags |= ConnFlag.GUEST_FIN_RCVD
+            conn.flags |= GUEST_FIN_RCVD
             conn.seq_from_guest = tcp.seq_add(conn.seq_from_guest, 1)
             out.append(self.ack(flow))
             return True
@@ -422,7 +436,7 @@ class TcpFlows:
         """A pure ACK with the current sequence numbers and window."""
         conn = flow.conn
         conn.seq_ack_to_guest = conn.seq_from_guest
-        return tcp.build(flow.addr, conn.seq_to_guest, conn.seq_from_guest, _ACK,
+        return tcp.build(flow.addr, conn.seq_to_guest, conn.seq_from_guest, ACK,
                          conn.window_field(self.space(flow)))
 
     def _later(self, flow: TcpFlow) -> None:
@@ -468,7 +482,7 @@ class TcpFlows:
         now = time.monotonic()
         pending = self.w.pending
         conn = flow.conn
-        if conn.flags & ConnFlag.CONNECTING:
+        if conn.flags & CONNECTING:
             err = flow.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 log.debug("TCP connect to port %d: %s", flow.addr.src_port, os.strerror(err))
@@ -530,11 +544,11 @@ class TcpFlows:
         """End of stream from the host: our FIN to the guest."""
         conn = flow.conn
         flow.readable = False
-        conn.flags |= ConnFlag.SOCK_FIN_RCVD | ConnFlag.FIN_SENT
+        conn.flags |= SOCK_FIN_RCVD | FIN_SENT
         if conn.seq_to_guest == conn.seq_ack_from_guest:
             flow.timer = now
         out.append(tcp.build(flow.addr, conn.seq_to_guest, conn.seq_from_guest,
-                             int(TcpFlag.FIN | TcpFlag.ACK), conn.window_field(self.space(flow))))
+                             FIN | ACK, conn.window_field(self.space(flow))))
         conn.seq_to_guest = tcp.seq_add(conn.seq_to_guest, 1)
         conn.seq_ack_to_guest = conn.seq_from_guest
 
@@ -546,7 +560,7 @@ class TcpFlows:
         as frames (one copy more) and queued.
         """
         conn = flow.conn
-        if not conn.flags & ConnFlag.ESTABLISHED or conn.flags & ConnFlag.FIN_SENT:
+        if not conn.flags & ESTABLISHED or conn.flags & FIN_SENT:
             return
         w = self.w
         pending = w.pending
@@ -591,9 +605,9 @@ class TcpFlows:
         """RST to the guest, then close (connect refused, host reset, socket errors)."""
         conn = flow.conn
         if syn:
-            frame = tcp.build(flow.addr, 0, conn.seq_from_guest, int(TcpFlag.RST | TcpFlag.ACK), 0)
+            frame = tcp.build(flow.addr, 0, conn.seq_from_guest, RST | ACK, 0)
         else:
-            frame = tcp.build(flow.addr, conn.seq_to_guest, conn.seq_from_guest, int(TcpFlag.RST | TcpFlag.ACK), 0)
+            frame = tcp.build(flow.addr, conn.seq_to_guest, conn.seq_from_guest, RST | ACK, 0)
         out.append(frame)
         self._close(flow, reset_host=True)
 
@@ -621,7 +635,7 @@ class TcpFlows:
         """Our SYN to the guest for a forwarded connection (MSS, window scale offered)."""
         window = min(self.space(flow), 0xFFFF)
         flow.conn.wnd_to_guest = window
-        return tcp.build(flow.addr, flow.isn, 0, int(TcpFlag.SYN), window, tcp.syn_options(flow.our_mss, tcp.OUR_WS))
+        return tcp.build(flow.addr, flow.isn, 0, SYN, window, tcp.syn_options(flow.our_mss, tcp.OUR_WS))
 
     # -- closing ----------------------------------------------------------------------
 

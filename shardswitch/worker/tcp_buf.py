@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from shardswitch.net import tcp
-from shardswitch.net.tcp import TcpFlag
+from shardswitch.net.tcp import ACK, PSH
 from shardswitch.virtio.netdev import GsoFrame
 from shardswitch.worker.datapath import PENDING_MAX
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 #: Frames queued for the guest beyond which no more host data is read for now.
 QUEUE_LIMIT = PENDING_MAX // 2
-_DATA = int(TcpFlag.ACK | TcpFlag.PSH)
+_DATA = ACK | PSH
 
 
 def to_guest(flows: TcpFlows, flow: TcpFlow, now: float, out: Frames) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from shardswitch.net.tcp import ConnFlag
+from shardswitch.net.tcp import CONNECTING, ESTABLISHED
 
 if TYPE_CHECKING:
     from shardswitch.worker.tcp import Frames, TcpFlow, TcpFlows
@@ -42,7 +42,7 @@ def run(flows: TcpFlows, flow: TcpFlow, now: float, out: Frames) -> None:
     if now - flow.last > IDLE_TIMEOUT:
         flows.reset_guest(flow, out)
         return
-    if conn.flags & ConnFlag.CONNECTING:
+    if conn.flags & CONNECTING:
         if now - flow.created > SYN_TIMEOUT:
             flows.reset_guest(flow, out, syn=True)
         return
@@ -50,7 +50,7 @@ def run(flows: TcpFlows, flow: TcpFlow, now: float, out: Frames) -> None:
     if not waiting:
         if flow.readable:
             flows.to_guest(flow, now, out)
-        elif (conn.flags & ConnFlag.ESTABLISHED and now - flow.last >= KEEPALIVE_INTERVAL
+        elif (conn.flags & ESTABLISHED and now - flow.last >= KEEPALIVE_INTERVAL
               and now - flow.keepalive >= KEEPALIVE_INTERVAL):
             flow.keepalive = now
             out.append(flows.ack(flow))
@@ -63,7 +63,7 @@ def run(flows: TcpFlows, flow: TcpFlow, now: float, out: Frames) -> None:
         return
     flow.timer = now
     flow.rto *= 2
-    if not conn.flags & ConnFlag.ESTABLISHED:
+    if not conn.flags & ESTABLISHED:
         out.append(flows.syn(flow) if flow.inbound else flows.syn_ack(flow))
         return
     conn.rewind()

@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from shardswitch.net import tcp
-from shardswitch.net.tcp import TcpFlag
+from shardswitch.net.tcp import ACK, PSH
 from shardswitch.virtio.virtqueue import VirtqueueError
 from shardswitch.worker.datapath import publish_rx
 
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from shardswitch.virtio.netdev import RxWriter
     from shardswitch.worker.tcp import TcpFlow, TcpFlows
 
-_DATA = int(TcpFlag.ACK | TcpFlag.PSH)
+_DATA = ACK | PSH
 
 
 def to_guest(flows: TcpFlows, flow: TcpFlow, now: float, writer: RxWriter) -> bool:
