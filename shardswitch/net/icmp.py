@@ -172,3 +172,29 @@ def parse_ping_reply(data: BytesLike) -> PingReply | None:
         return None
     kind, code, _csum, _ident, seq = ECHO_HEADER.unpack_from(data)
     return PingReply(kind, code, seq, memoryview(data)[ICMP_HLEN:])
+
+
+#: Most bytes of the offending datagram an ICMP error quotes (576-byte messages, RFC 1812 4.3.2.3).
+MAX_QUOTE = 576 - ipv4.IPV4_HLEN - ICMP_HLEN
+#: An error message's header: type, code, checksum, then 32 bits that depend on the type.
+ERROR_HEADER = struct.Struct("!BBHI")
+
+
+def build_error_frame(eth_dst: bytes, eth_src: bytes, src_ip: int, dst_ip: int, icmp_type: int, code: int,
+                      info: int, quoted: BytesLike) -> bytes:
+    """A complete Ethernet/IPv4/ICMP error frame (destination unreachable, time exceeded...).
+
+    ``quoted`` is the start of the datagram the error is about, IP header
+    first; it is cut at :data:`MAX_QUOTE` bytes.  ``info`` fills the 32
+    bits after the checksum (the next-hop MTU of "fragmentation needed" in
+    its low 16 bits, 0 otherwise).
+    """
+    quoted = quoted[:MAX_QUOTE]
+    message = bytearray(ICMP_HLEN + len(quoted))
+    message[ICMP_HLEN:] = quoted
+    ERROR_HEADER.pack_into(message, 0, icmp_type, code, 0, info)
+    ERROR_HEADER.pack_into(message, 0, icmp_type, code, checksum.checksum(message), info)
+    headers = bytearray(eth.ETH_HLEN + ipv4.IPV4_HLEN)
+    eth.pack_header_into(headers, 0, eth_dst, eth_src, eth.EtherType.IPV4)
+    ipv4.pack_header_into(headers, eth.ETH_HLEN, src_ip, dst_ip, IpProto.ICMP, len(message))
+    return bytes(headers + message)

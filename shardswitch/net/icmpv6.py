@@ -170,3 +170,20 @@ def build_ping_request(ident: int, seq: int, data: BytesLike) -> bytes:
 def parse_ping_reply(data: BytesLike) -> PingReply | None:
     """Decode what ``recv()`` returned on an ICMPv6 ping socket (same layout as ICMP)."""
     return icmp.parse_ping_reply(data)
+
+
+#: Most bytes of the offending packet an ICMPv6 error quotes (the message fits the minimum MTU, RFC 4443 2.4).
+MAX_QUOTE = ipv6.MIN_MTU - ipv6.IPV6_HLEN - ICMP_HLEN
+_ERROR_HEAD = struct.Struct("!BBHI")
+
+
+def build_error_frame(eth_dst: bytes, eth_src: bytes, src: bytes, dst: bytes, icmp_type: int, code: int,
+                      info: int, quoted: BytesLike) -> bytes:
+    """A complete Ethernet/IPv6/ICMPv6 error frame (destination unreachable, packet too big...).
+
+    ``quoted`` is the start of the packet the error is about, IPv6 header
+    first, cut at :data:`MAX_QUOTE` bytes; ``info`` fills the 32 bits after
+    the checksum (the MTU of "packet too big", 0 otherwise).
+    """
+    return build_frame(eth_dst, eth_src, src, dst, _ERROR_HEAD.pack(icmp_type, code, 0, info),
+                       quoted[:MAX_QUOTE])

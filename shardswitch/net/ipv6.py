@@ -57,10 +57,14 @@ IPV6_ALEN = 16
 MAX_EXTENSION_HEADERS = 8
 #: Hop limit of the packets we originate (NDP uses 255, see ndp.py).
 DEFAULT_HOP_LIMIT = 64
+#: The minimum link MTU of IPv6 (RFC 8200 5).
+MIN_MTU = 1280
 #: Largest payload length field.
 MAX_PAYLOAD = 0xFFFF
 #: The unspecified address ::.
 UNSPECIFIED = bytes(IPV6_ALEN)
+#: ::1
+LOOPBACK = bytes(IPV6_ALEN - 1) + b"\x01"
 #: The link-local all-nodes multicast address ff02::1.
 ALL_NODES = bytes.fromhex("ff020000000000000000000000000001")
 #: The link-local all-routers multicast address ff02::2.

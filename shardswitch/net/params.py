@@ -31,7 +31,7 @@ MAX_LABEL_LEN = 63
 MIN_MTU = 68
 MAX_MTU = 65535
 #: Smallest MTU of a link carrying IPv6 (RFC 8200 section 5).
-MIN_MTU6 = 1280
+MIN_MTU6 = ipv6.MIN_MTU
 
 
 class ParamsError(ValueError):

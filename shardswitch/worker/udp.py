@@ -27,6 +27,15 @@ this worker's local index, keyed by its guest side.  A guest datagram for a
 flow another worker owns is handed, unchanged, to the owner
 (:mod:`shardswitch.worker.peers`), as for echo flows.
 
+ICMP errors: guest flows' sockets have ``IP_RECVERR`` / ``IPV6_RECVERR``
+set, so an ICMP error about a datagram the guest sent (port unreachable from
+the host's loopback, unreachable or too big from a router) is read from the
+socket's error queue (:mod:`shardswitch.worker.sockerr`) and relayed to the
+guest as the same ICMP or ICMPv6 error about the datagram as the guest sent
+it, from the address the guest sent to (or from the router's address): the
+guest's client fails at once instead of waiting for a reply, as on a real
+network.
+
 Sockets are read in batches of up to :data:`RECV_BATCH` datagrams per
 readiness event into one reused buffer; the frame builder copies the
 payload once.  Timers run in the worker's deferred handler, over this
@@ -53,7 +62,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from shardswitch import portspec
-from shardswitch.net import eth, ipv6, udp
+from shardswitch.net import eth, icmp, icmpv6, ipv6, udp
 from shardswitch.net.drop import DropReason, PacketError
 from shardswitch.net.ipv4 import Ipv4Packet
 from shardswitch.net.ipv6 import Ipv6Packet, NextHeader
@@ -67,6 +76,7 @@ from shardswitch.shm.layout import (
     ip16,
     pack_key,
 )
+from shardswitch.worker import sockerr
 from shardswitch.worker.activity import sync_table
 from shardswitch.worker.dns import DnsForward
 from shardswitch.worker.listen import Listener, open_listeners
@@ -93,12 +103,19 @@ UDP_TABLE_FULL = "UDP_TABLE_FULL"
 UDP_TOO_BIG = "UDP_TOO_BIG"
 UDP_NO_GUEST_ADDRESS = "UDP_NO_GUEST_ADDRESS"
 UDP_FLOW_CONFLICT = "UDP_FLOW_CONFLICT"
+#: Guest datagrams that drew an ICMP error (port unreachable...) on the host side, relayed to the guest.
+UDP_HOST_ICMP_ERROR = "UDP_HOST_ICMP_ERROR"
 
 #: Destination MAC of frames to a guest whose MAC this worker has not learnt yet.
 BROADCAST_MAC = b"\xff" * 6
 
 
 # -- flows ----------------------------------------------------------------------------
+
+
+def _is_loopback(addr: bytes) -> bool:
+    """True for 127.0.0.0/8 and ::1."""
+    return addr[0] == 127 if len(addr) == 4 else addr == ipv6.LOOPBACK
 
 
 @dataclass(slots=True)
@@ -120,6 +137,8 @@ class UdpFlow:
     #: Where the guest's datagrams go on a shared listening socket; None: ``sock`` is connected.
     peer: tuple[Any, ...] | None
     last: float
+    #: The host address ``sock`` is connected to (4 or 16 bytes; empty for forwarded flows).
+    target: bytes = b""
     from_guest: bool = False
     from_host: bool = False
     published: float = 0.0
@@ -179,7 +198,7 @@ class UdpFlows:
         """A UDP datagram over IPv6 from the guest (endpoint handler for next header 17)."""
         datagram = udp.parse6(packet, not self.w.endpoint.csum_partial)
         dst = packet.dst
-        if ipv6.is_multicast(dst) or ipv6.is_unspecified(dst) or dst == ipv6.addr_from_str("::1") \
+        if ipv6.is_multicast(dst) or ipv6.is_unspecified(dst) or dst == ipv6.LOOPBACK \
                 or not datagram.dst_port or ipv6.is_unspecified(packet.src):
             raise PacketError(DropReason.UDP_PORT_UNHANDLED, "multicast or local destination")
         if not ipv6.is_link_local(packet.src) or self.guest6 is None:
@@ -237,6 +256,7 @@ class UdpFlows:
             return None
         try:
             sock.setblocking(False)
+            sockerr.enable(sock, family == socket.AF_INET6)
             sock.connect((target, tport))
             local = sock.getsockname()
         except OSError as err:
@@ -249,7 +269,8 @@ class UdpFlows:
         if ref is None:
             sock.close()
             return None
-        flow = UdpFlow(ref, key, sock, v6, src, sport, dst, dport, None, now)
+        flow = UdpFlow(ref, key, sock, v6, src, sport, dst, dport, None, now,
+                       target=ipaddress.ip_address(target).packed)
         self.flows[key] = flow
         fd = sock.fileno()
         self.by_fd[fd] = flow
@@ -307,17 +328,56 @@ class UdpFlows:
             return
         now = self._now()
         view = self.view
+        errors = False
+        received = 0
         for _ in range(RECV_BATCH):
             try:
                 n = flow.sock.recv_into(self.buf)
             except BlockingIOError:
                 break
             except OSError as err:
-                # ICMP errors (port unreachable...) surface here: nothing to relay.
+                # An ICMP error (port unreachable...): its details wait on the error queue.
                 log.debug("UDP flow %s: %s", flow.ref, err.strerror)
+                errors = True
                 continue
+            received += 1
             self._to_guest(flow, view[:n], now)
+        if errors or not received:
+            # Woken without data: EPOLLERR, an error queued without a pending socket error.
+            self._relay_errors(flow, now)
         self.w.deliver_pending()
+
+    def _relay_errors(self, flow: UdpFlow, now: float) -> None:
+        """ICMP errors about the flow's datagrams, to the guest as ICMP errors about what it sent."""
+        w = self.w
+        quote_max = icmpv6.MAX_QUOTE if flow.v6 else icmp.MAX_QUOTE
+        for error in sockerr.read_errors(flow.sock, quote_max):
+            if error.origin != (sockerr.EeOrigin.ICMP6 if flow.v6 else sockerr.EeOrigin.ICMP):
+                continue
+            guest_mac = w.endpoint.guest_mac or BROADCAST_MAC
+            our_mac = w.endpoint.resolved.our_mac
+            # From what the guest addressed when the destination itself answered (or stands for the
+            # host's loopback), else from the router that did.
+            source = flow.remote
+            offender = error.offender
+            if offender is not None and offender != flow.target and not _is_loopback(offender):
+                source = offender
+            payload = error.payload
+            if flow.v6:
+                quoted = udp.build_frame6(our_mac, guest_mac, flow.guest_addr, flow.remote, flow.guest_port,
+                                          flow.remote_port, payload)[eth.ETH_HLEN:]
+                frame = icmpv6.build_error_frame(guest_mac, our_mac, source, flow.guest_addr, error.icmp_type,
+                                                 error.code, error.info, quoted)
+            else:
+                quoted = udp.build_frame(our_mac, guest_mac, int.from_bytes(flow.guest_addr, "big"),
+                                         int.from_bytes(flow.remote, "big"), flow.guest_port, flow.remote_port,
+                                         payload)[eth.ETH_HLEN:]
+                frame = icmp.build_error_frame(guest_mac, our_mac, int.from_bytes(source, "big"),
+                                               int.from_bytes(flow.guest_addr, "big"), error.icmp_type,
+                                               error.code, error.info & 0xFFFF, quoted)
+            w.pending.append(frame)
+            w.counters.drops[UDP_HOST_ICMP_ERROR] += 1
+            flow.last = now
 
     @staticmethod
     def _now() -> float:

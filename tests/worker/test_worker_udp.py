@@ -21,7 +21,7 @@ import pytest
 
 from shardswitch.frontend.client import VhostUserFrontend
 from shardswitch.ipc import Channel, ToWorker, WorkerSetup
-from shardswitch.net import ipv4, ipv6, udp
+from shardswitch.net import checksum, icmpv6, ipv4, ipv6, udp
 from shardswitch.net.drop import DropReason
 from shardswitch.net.params import GuestParams
 from shardswitch.shm.table import FlowTable
@@ -336,6 +336,44 @@ def test_frame_on_other_pair_is_handed_to_owner(switch: Switch, fe: VhostUserFro
     assert len(flows) == 1 and flows[0]["owner"] == 0
     workers = switch.status()["workers"]
     assert workers[1]["handed_out"] == 4 and workers[0]["handed_in"] == 4
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_port_unreachable_relayed(switch: Switch, fe: VhostUserFrontend, v6: bool) -> None:
+    """A datagram to a closed port on the host: the guest gets port unreachable (ICMP 3/3, ICMPv6 1/4) from
+    the address it sent to, quoting its own datagram, so its client fails at once."""
+    closed = 7999
+    if v6:
+        sent = frame6(46000, closed, b"anyone?")
+    else:
+        sent = frame4(46000, closed, b"anyone?")
+    fe.send_frame(0, sent)
+    deadline = time.monotonic() + 5
+    errors: list[bytes] = []
+    while not errors and time.monotonic() < deadline:
+        for frame in fe.recv_frames(0, timeout=0.5):
+            if not v6 and frame[12:14] == b"\x08\x00" and frame[23] == 1:
+                errors.append(frame)
+            elif v6 and frame[12:14] == b"\x86\xdd" and frame[20] == 58 and frame[54] == 1:
+                errors.append(frame)
+    assert len(errors) == 1
+    frame = errors[0]
+    assert frame[:6] == GUEST_MAC and frame[6:12] == OUR_MAC
+    view = memoryview(frame)[14:]
+    if v6:
+        p6 = ipv6.parse(view)
+        message = icmpv6.parse(p6)           # checksum verified
+        assert (ipv6.addr_to_str(p6.src), ipv6.addr_to_str(p6.dst)) == (ROUTER6, GUEST6)
+        assert (message.type, message.code) == (1, 4)
+        assert bytes(p6.payload[8:]) == sent[14:]
+    else:
+        p4 = ipv4.parse(view)
+        assert (ipv4.addr_to_str(p4.src), ipv4.addr_to_str(p4.dst)) == (GATEWAY4, GUEST4)
+        assert (p4.payload[0], p4.payload[1]) == (3, 3)
+        assert checksum.checksum(p4.payload) == 0
+        assert bytes(p4.payload[8:]) == sent[14:]
+    drops = switch.status()["workers"][0]["drops"]
+    assert drops.get("UDP_HOST_ICMP_ERROR") == 1
 
 
 def test_forwarded_port_through_switch(echo_ns: TestNetns, tmp_path: Path) -> None:
