@@ -268,27 +268,19 @@ def parse_prefix(text: str) -> int:
     raise ValueError(f"{text!r} is not a prefix length (0..32) or a contiguous netmask")
 
 
-def _check_ipv4(value: str, what: str) -> str:
-    """Return ``value`` normalised if it is a usable unicast IPv4 address, else raise ValueError."""
-    try:
-        addr = ipaddress.IPv4Address(value)
-    except ValueError:
-        raise ValueError(f"{value!r} is not an IPv4 address") from None
-    if addr.is_unspecified or addr.is_multicast or addr.is_reserved:
-        raise ValueError(f"{value} is not a unicast address, unusable as {what}")
-    if addr.is_loopback:
-        raise ValueError(f"{value} is a loopback address, unusable as {what}")
-    return str(addr)
-
-
-def _check_ip(value: str, what: str) -> str:
-    """Return ``value`` normalised if it is a usable unicast IPv4 or IPv6 address, else raise ValueError."""
+def _check_ip(value: str, what: str, family: str = "IP") -> str:
+    """Return ``value`` normalised if it is a usable unicast address of ``family`` ("IP" for either
+    version, "IPv4"), else raise ValueError."""
     try:
         addr = ipaddress.ip_address(value)
     except ValueError:
-        raise ValueError(f"{value!r} is not an IP address") from None
-    if addr.is_unspecified or addr.is_multicast or addr.is_loopback:
-        raise ValueError(f"{value} is not a unicast, non-loopback address, unusable as {what}")
+        addr = None
+    if addr is None or (family == "IPv4" and addr.version != 4):
+        raise ValueError(f"{value!r} is not an {family} address")
+    if addr.is_loopback:
+        raise ValueError(f"{value} is a loopback address, unusable as {what}")
+    if addr.is_unspecified or addr.is_multicast or addr.is_reserved:
+        raise ValueError(f"{value} is not a unicast address, unusable as {what}")
     return str(addr)
 
 
@@ -417,7 +409,7 @@ def _check(cfg: Config, label: str) -> Config:
     for field in ("address", "gateway"):
         value = getattr(cfg, field)
         if value is not None:
-            changes[field] = _checked(label, field, _check_ipv4, value, f"the guest's {field}")
+            changes[field] = _checked(label, field, _check_ip, value, f"the guest's {field}", "IPv4")
     if cfg.dns_forward is not None:
         changes["dns_forward"] = _checked(label, "dns_forward", _check_ip, cfg.dns_forward,
                                           "the DNS forwarding address")
@@ -436,7 +428,7 @@ def _check(cfg: Config, label: str) -> Config:
             except portspec.PortSpecError as exc:
                 raise _fail(label, field, str(exc)) from None
     if cfg.dns is not None:
-        changes["dns"] = [_checked(label, f"dns[{i}]", _check_ipv4, server, "a DNS server for the guest")
+        changes["dns"] = [_checked(label, f"dns[{i}]", _check_ip, server, "a DNS server for the guest", "IPv4")
                           for i, server in enumerate(cfg.dns)]
     if cfg.control is not None and cfg.control in (cfg.socket, cfg.connect):
         raise _fail(label, "control", "must differ from the vhost-user socket path")

@@ -20,12 +20,15 @@ reply crosses the RX ring.  Frames are built by the independent helpers of
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 from shardswitch.frontend.client import VhostUserFrontend
+from tests.guest.netns import TestNetns
 from tests.net.net_testlib import GUEST_MAC, arp_frame, decode_arp_frame, ip
 from tests.switch import Switch
 
@@ -174,3 +177,29 @@ def assert_recovered(switch: Switch, before: Baseline, *, replaced: frozenset[in
                f"the coordinator to hold its {before.fds} idle descriptors again", timeout=2.0)
     for pid in [before.pid, *pids]:
         wait_until(lambda: not maps_guest_ram(pid), f"process {pid} to unmap guest memory", timeout=2.0)
+
+
+def ready_frontend(switch: Switch, *, pairs: int = 2, rx: int = 64, features: int | None = None) -> VhostUserFrontend:
+    """A front-end that completed the handshake (with exactly ``features`` when given) and posted ``rx``
+    RX buffers on each of its ``pairs`` queue pairs; the caller closes it (``with``)."""
+    kw: dict[str, Any] = {"queue_pairs": pairs}
+    if features is not None:
+        kw["features"] = features
+    fe = VhostUserFrontend.connect(switch.socket, **kw)
+    try:
+        fe.handshake()
+        if features is not None:
+            assert fe.negotiated_features == features
+        for pair in range(pairs):
+            fe.post_rx(pair, rx)
+    except BaseException:
+        fe.close()
+        raise
+    return fe
+
+
+def start_server(netns: TestNetns, script: str, *args: str) -> subprocess.Popen[bytes]:
+    """Run a Python server ``script`` in ``netns``; returns once it printed its ``ready`` line."""
+    server = netns.popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE)
+    assert server.stdout is not None and server.stdout.readline().strip() == b"ready", "server did not start"
+    return server

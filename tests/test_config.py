@@ -492,7 +492,7 @@ def test_no_default_route_in_namespace(cfg_netns: str) -> None:
 @pytest.mark.parametrize(("argv", "message"), [
     (["--max-flows", "3"], "--max-flows: Expected `int` >= 16"),
     (["--max-flows", "2000000"], "--max-flows: Expected `int` <= 1048575"),
-    (["--map-host-loopback", "127.0.0.1"], "--map-host-loopback: 127.0.0.1 is not a unicast, non-loopback"),
+    (["--map-host-loopback", "127.0.0.1"], "--map-host-loopback: 127.0.0.1 is a loopback address"),
     (["--map-host-loopback", "gateway"], "--map-host-loopback: 'gateway' is not an IP address"),
     (["--dns-forward", "224.0.0.1"], "--dns-forward: 224.0.0.1 is not a unicast"),
     (["-t", "80-70"], "-t/--tcp-ports"),

@@ -255,39 +255,40 @@ def pack_into(buf: bytearray, a: Addressing, seq: int, ack: int, flags: int, win
     False (a guest that accepts DATA_VALID: the field stays 0).
     """
     tcp_off = eth.ETH_HLEN + (ipv6.IPV6_HLEN if a.v6 else ipv4.IPV4_HLEN)
-    start = pack_headers_into(buf, 0, a, len(buf) - tcp_off, seq, ack, flags, window, options)
+    tcp_len = len(buf) - tcp_off
+    pack_headers_into(buf, 0, a, tcp_len, seq, ack, flags, window, options)
     if csum:
+        if a.v6:
+            start = ipv6.pseudo_header(a.src, a.dst, IpProto.TCP, tcp_len)
+        else:
+            start = checksum.pseudo_header_v4(int.from_bytes(a.src, "big"), int.from_bytes(a.dst, "big"),
+                                              IpProto.TCP, tcp_len)
         _U16.pack_into(buf, tcp_off + CHECKSUM_OFFSET, checksum.checksum(memoryview(buf)[tcp_off:], start))
 
 
 def pack_headers_into(buf: bytearray | memoryview, base: int, a: Addressing, tcp_len: int, seq: int, ack: int,
-                      flags: int, window: int, options: bytes = b"") -> int:
+                      flags: int, window: int, options: bytes = b"") -> None:
     """Write Ethernet, IP and TCP headers at ``buf[base:]`` for a TCP segment of ``tcp_len`` bytes
     (header and options included), the TCP checksum field 0.
 
     The payload may be anywhere (in place in guest buffers, for a guest that
-    takes DATA_VALID).  Returns the pseudo-header sum, for a caller that
-    computes the TCP checksum.
+    takes DATA_VALID); :func:`pack_into` sums it when the guest needs the checksum.
     """
     ip_off = base + eth.ETH_HLEN
     if a.v6:
         tcp_off = ip_off + ipv6.IPV6_HLEN
         eth.pack_header_into(buf, base, a.eth_dst, a.eth_src, eth.EtherType.IPV6)
         ipv6.pack_header_into(buf, ip_off, a.src, a.dst, IpProto.TCP, tcp_len)
-        start = ipv6.pseudo_header(a.src, a.dst, IpProto.TCP, tcp_len)
     else:
         tcp_off = ip_off + ipv4.IPV4_HLEN
-        src = int.from_bytes(a.src, "big")
-        dst = int.from_bytes(a.dst, "big")
         eth.pack_header_into(buf, base, a.eth_dst, a.eth_src, eth.EtherType.IPV4)
-        ipv4.pack_header_into(buf, ip_off, src, dst, IpProto.TCP, tcp_len, flags=ipv4.FragmentFlags.DF)
-        start = checksum.pseudo_header_v4(src, dst, IpProto.TCP, tcp_len)
+        ipv4.pack_header_into(buf, ip_off, int.from_bytes(a.src, "big"), int.from_bytes(a.dst, "big"),
+                              IpProto.TCP, tcp_len, flags=ipv4.FragmentFlags.DF)
     hlen = TCP_HLEN + len(options)
     HEADER.pack_into(buf, tcp_off, a.src_port, a.dst_port, seq, ack, (hlen // 4) << 4, flags,
                      min(window, 0xFFFF), 0, 0)
     if options:
         buf[tcp_off + TCP_HLEN:tcp_off + hlen] = options
-    return start
 
 
 def as_frame(buf: bytearray) -> bytes:

@@ -353,7 +353,8 @@ class RxWriter:
             return None
         heads = [chain[0]]
         bufs = [writable]
-        capacity = sum(len(b) for b in writable) if len(writable) > 1 else len(writable[0])
+        sizes = [len(writable[0]) if len(writable) == 1 else _capacity(chain[0], writable)]
+        capacity = sizes[0]
         if self._mrg:
             try:
                 while capacity < need and len(heads) < vq.num:
@@ -361,12 +362,14 @@ class RxWriter:
                     if chain is None:
                         break
                     heads.append(chain[0])
+                    size = _capacity(chain[0], chain[2])
                     bufs.append(chain[2])
-                    capacity += _capacity(chain[0], chain[2])
+                    sizes.append(size)
+                    capacity += size
             except VirtqueueError:
                 vq.unpop(len(heads))
                 raise
-        return RxSpan(self, heads, bufs, capacity)
+        return RxSpan(self, heads, bufs, sizes)
 
     def _commit(self, span: RxSpan, length: int, gso_type: int, gso_size: int, hdr_len: int) -> int:
         """Header, pushes and give-backs of :meth:`RxSpan.commit`; returns the chains used."""
@@ -375,10 +378,9 @@ class RxWriter:
         remaining = hdr_size + length
         used = 0
         push = vq.push
-        for head, bufs in zip(span.heads, span.bufs):
+        for head, size in zip(span.heads, span.sizes):
             if remaining <= 0:
                 break
-            size = len(bufs[0]) if len(bufs) == 1 else sum(len(b) for b in bufs)
             count = size if size < remaining else remaining
             push(head, count)
             remaining -= count
@@ -397,14 +399,19 @@ class RxWriter:
 class RxSpan:
     """RX chains taken by :meth:`RxWriter.take` for one frame written in place."""
 
-    __slots__ = ("_writer", "heads", "bufs", "capacity")
+    __slots__ = ("_writer", "heads", "bufs", "sizes")
 
-    def __init__(self, writer: RxWriter, heads: list[int], bufs: list[list[memoryview]], capacity: int) -> None:
-        """Chains ``heads`` with their writable buffers ``bufs``, ``capacity`` bytes in all."""
+    def __init__(self, writer: RxWriter, heads: list[int], bufs: list[list[memoryview]], sizes: list[int]) -> None:
+        """Chains ``heads`` with their writable buffers ``bufs``, of ``sizes`` bytes each."""
         self._writer = writer
         self.heads = heads
         self.bufs = bufs
-        self.capacity = capacity
+        self.sizes = sizes
+
+    @property
+    def capacity(self) -> int:
+        """Bytes the span can hold, virtio-net header included."""
+        return sum(self.sizes)
 
     def head(self) -> memoryview:
         """The first buffer: virtio-net header, then the frame's headers."""

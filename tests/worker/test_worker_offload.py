@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +31,7 @@ from shardswitch.net.udp import parse6
 from tests.guest.netns import TestNetns
 from tests.net.offload_lib import l4_checksum, l4_offsets, make_partial, needs_csum_header
 from tests.switch import Switch
+from tests.switchkit import ready_frontend, start_server
 
 GUEST_MAC = bytes.fromhex("525400123456")
 OUR_MAC = bytes.fromhex("9a559a559a55")
@@ -168,26 +167,15 @@ def drops(switch: Switch) -> dict[str, int]:
 @pytest.fixture
 def switch(tmp_path: Path, netns: TestNetns) -> Iterator[Switch]:
     """A 2-worker switch in the test namespace, with the servers on its loopback."""
-    server = netns.popen([sys.executable, "-c", SERVERS], stdout=subprocess.PIPE)
-    assert server.stdout is not None and server.stdout.readline().strip() == b"ready"
+    start_server(netns, SERVERS)
     with Switch(tmp_path, workers=2, prefix=netns.exec_argv([])) as sw:
         yield sw
-
-
-def frontend(switch: Switch, features: int) -> VhostUserFrontend:
-    """A front-end with exactly ``features`` and RX buffers on both pairs (the caller closes it)."""
-    fe = VhostUserFrontend.connect(switch.socket, queue_pairs=2, features=features)
-    fe.handshake()
-    assert fe.negotiated_features == features
-    for pair in (0, 1):
-        fe.post_rx(pair, 200)
-    return fe
 
 
 @pytest.fixture
 def fe(switch: Switch) -> Iterator[VhostUserFrontend]:
     """A front-end that negotiated the offloads."""
-    with frontend(switch, FEATURES) as f:
+    with ready_frontend(switch, features=FEATURES, rx=200) as f:
         yield f
 
 
@@ -246,7 +234,7 @@ def test_frames_to_guest_are_data_valid_without_checksum(switch: Switch, fe: Vho
 
 def test_partial_checksum_refused_without_csum(switch: Switch) -> None:
     """Without CSUM negotiated a NEEDS_CSUM header is not trusted: the partial SYN is a bad checksum."""
-    with frontend(switch, PLAIN) as plain:
+    with ready_frontend(switch, features=PLAIN, rx=200) as plain:
         conn = Guest(plain, SINK, 41002)
         conn.send(SYN, options=tcp.syn_options(1400, 7))
         assert conn.recv(timeout=0.5) == []
@@ -307,7 +295,7 @@ def test_offloads_follow_each_driver(switch: Switch) -> None:
     frame = udp.build_frame(OUR_MAC, GUEST_MAC, ipv4.addr_from_str(GUEST4), ipv4.addr_from_str(GATEWAY4), 5556,
                             UDP_ECHO, b"again")
     for features, flags in ((FEATURES, VnetHdrFlags.DATA_VALID), (PLAIN, 0), (FEATURES, VnetHdrFlags.DATA_VALID)):
-        with frontend(switch, features) as f:
+        with ready_frontend(switch, features=features, rx=200) as f:
             f.send_frame(0, frame)
             replies: list[tuple[bytes, bytes]] = []
             deadline = time.monotonic() + 3
@@ -324,7 +312,7 @@ def test_offloads_follow_each_driver(switch: Switch) -> None:
 def test_guest_tso_gets_64k_gso_frames(switch: Switch, v6: bool) -> None:
     """GUEST_TSO4/6: host data comes in frames far over the MSS, gso fields set (size = the MSS), data intact."""
     tso = FEATURES | VirtioFeature.GUEST_TSO4 | VirtioFeature.GUEST_TSO6
-    with frontend(switch, tso) as f:
+    with ready_frontend(switch, features=tso, rx=200) as f:
         conn = Guest(f, BLOB, 41010, v6=v6)
         conn.connect()
         assert conn.read_until_fin(timeout=20.0) == blob(BLOB_SIZE)
@@ -357,11 +345,7 @@ def test_host_data_in_place_waits_for_rx_buffers(switch: Switch) -> None:
     """Host data written in place into RX buffers: when the guest posts few, frames shrink to what is
     posted, the flow waits for the guest's refill (its RX kick) and the data arrives whole, in order."""
     tso = FEATURES | VirtioFeature.GUEST_TSO4 | VirtioFeature.GUEST_TSO6
-    fe = VhostUserFrontend.connect(switch.socket, queue_pairs=2, features=tso)
-    with fe:
-        fe.handshake()
-        fe.post_rx(0, 6)
-        fe.post_rx(1, 6)
+    with ready_frontend(switch, features=tso, rx=6) as fe:
         conn = StingyGuest(fe, BLOB, 41020)
         conn.connect()
         assert conn.read_until_fin(timeout=20.0) == blob(BLOB_SIZE)

@@ -19,6 +19,7 @@ import pytest
 from shardswitch.frontend.client import VhostUserFrontend
 from shardswitch.net.checksum import checksum
 from tests.switch import Switch
+from tests.switchkit import ready_frontend
 
 GUEST_MAC = bytes.fromhex("525400123456")
 OUR_MAC = bytes.fromhex("9a559a559a55")
@@ -82,10 +83,7 @@ def switch(tmp_path: Path) -> Iterator[Switch]:
 @pytest.fixture
 def fe(switch: Switch) -> Iterator[VhostUserFrontend]:
     """A connected front-end with RX buffers on both pairs."""
-    with VhostUserFrontend.connect(switch.socket, queue_pairs=2) as frontend:
-        frontend.handshake()
-        for pair in (0, 1):
-            frontend.post_rx(pair, 64)
+    with ready_frontend(switch, rx=64) as frontend:
         yield frontend
 
 

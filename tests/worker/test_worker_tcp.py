@@ -33,6 +33,7 @@ from shardswitch.worker.tcp import TcpFlows
 from shardswitch.worker.tcp_timers import IDLE_TIMEOUT, KEEPALIVE_INTERVAL, MAX_RETRIES, RTO_INIT
 from tests.guest.netns import TestNetns
 from tests.switch import Switch
+from tests.switchkit import ready_frontend, start_server
 
 GUEST_MAC = bytes.fromhex("525400123456")
 OUR_MAC = bytes.fromhex("9a559a559a55")
@@ -197,8 +198,7 @@ def flows_of(switch: Switch) -> list[dict[str, Any]]:
 @pytest.fixture
 def switch(tmp_path: Path, netns: TestNetns) -> Iterator[Switch]:
     """A 2-worker switch in the test namespace, with the servers listening on its loopback."""
-    server = netns.popen([sys.executable, "-c", SERVERS], stdout=subprocess.PIPE)
-    assert server.stdout is not None and server.stdout.readline().strip() == b"ready"
+    start_server(netns, SERVERS)
     with Switch(tmp_path, workers=2, prefix=netns.exec_argv([])) as sw:
         yield sw
 
@@ -206,10 +206,7 @@ def switch(tmp_path: Path, netns: TestNetns) -> Iterator[Switch]:
 @pytest.fixture
 def fe(switch: Switch) -> Iterator[VhostUserFrontend]:
     """A connected front-end with RX buffers on both pairs."""
-    with VhostUserFrontend.connect(switch.socket, queue_pairs=2) as frontend:
-        frontend.handshake()
-        for pair in (0, 1):
-            frontend.post_rx(pair, 200)
+    with ready_frontend(switch, rx=200) as frontend:
         yield frontend
 
 
@@ -339,10 +336,7 @@ def test_forwarded_port_reaches_the_guest(tmp_path: Path, netns: TestNetns, v6: 
     """-t: a loopback client's connection arrives as our SYN from the gateway (IPv6: from our link-local
     address, to the guest's link-local address); data both ways; FIN both ways."""
     with Switch(tmp_path, workers=2, prefix=netns.exec_argv([]), args=["-t", str(FORWARDED)]) as sw, \
-            VhostUserFrontend.connect(sw.socket, queue_pairs=2) as fe:
-        fe.handshake()
-        for pair in (0, 1):
-            fe.post_rx(pair, 200)
+            ready_frontend(sw, rx=200) as fe:
         # Each worker learns the guest's MAC from the first frame on its own queue pair.
         for pair in (0, 1):
             GuestTcp(fe, CLOSED, 40100, pair=pair).send(RST)
@@ -500,16 +494,19 @@ def test_retransmission_backs_off_then_resets(stand_in: tuple[StandInWorker, Tcp
     server.close()
 
 
+def guest_acks_all(w: StandInWorker, listener: socket.socket, data: Seg, now: float) -> None:
+    """The guest ACKs the 100 bytes of ``data`` (from established_with_data): nothing left to retransmit."""
+    port = listener.getsockname()[1]
+    guest = Addressing(False, OUR_MAC, GUEST_MAC, socket.inet_aton(GUEST4), socket.inet_aton(GATEWAY4), 40200, port)
+    w.endpoint.handle_frame(memoryview(tcp.build(guest, 1001, tcp.seq_add(data.seq, 100), ACK, 65535)), now, [])
+
+
 def test_idle_connection_is_reset(stand_in: tuple[StandInWorker, TcpFlows, socket.socket]) -> None:
     """No segment from the guest for IDLE_TIMEOUT seconds: RST, flow gone."""
     w, flows, listener = stand_in
     server, data = established_with_data(w, listener)
     now = time.monotonic()
-    # The guest ACKs the data: nothing left to retransmit.
-    port = listener.getsockname()[1]
-    guest = Addressing(False, OUR_MAC, GUEST_MAC, socket.inet_aton(GUEST4), socket.inet_aton(GATEWAY4), 40200, port)
-    w.endpoint.handle_frame(memoryview(tcp.build(guest, 1001, tcp.seq_add(data.seq, 100), int(ACK), 65535)),
-                            now, [])
+    guest_acks_all(w, listener, data, now)
     flows.tick(now + 60)
     assert all(not seg.flags & RST for seg in w.take()) and len(flows.flows) == 1  # keepalive ACKs only
     flows.tick(now + IDLE_TIMEOUT + 1)
@@ -523,10 +520,7 @@ def test_keepalive_acks_a_quiet_connection(stand_in: tuple[StandInWorker, TcpFlo
     w, flows, listener = stand_in
     server, data = established_with_data(w, listener)
     now = time.monotonic()
-    port = listener.getsockname()[1]
-    guest = Addressing(False, OUR_MAC, GUEST_MAC, socket.inet_aton(GUEST4), socket.inet_aton(GATEWAY4), 40200, port)
-    w.endpoint.handle_frame(memoryview(tcp.build(guest, 1001, tcp.seq_add(data.seq, 100), int(ACK), 65535)),
-                            now, [])
+    guest_acks_all(w, listener, data, now)
     w.take()
     flows.tick(now + KEEPALIVE_INTERVAL - 1)
     assert w.take() == []
@@ -586,10 +580,7 @@ def test_forwarded_port_on_worker_that_never_saw_the_guest(tmp_path: Path, netns
     """-t: a connection accepted by a worker whose queue the guest has not used yet still reaches the guest
     (the guest's MAC is shared through the flow table)."""
     with Switch(tmp_path, workers=2, prefix=netns.exec_argv([]), args=["-t", str(FORWARDED)]) as sw, \
-            VhostUserFrontend.connect(sw.socket, queue_pairs=2) as fe:
-        fe.handshake()
-        for pair in (0, 1):
-            fe.post_rx(pair, 200)
+            ready_frontend(sw, rx=200) as fe:
         GuestTcp(fe, CLOSED, 40100, pair=0).send(RST)      # the guest is seen on pair 0 only
         time.sleep(1.5)                                     # a deferred-handler tick on every worker
         connect_all = ("import socket\n"
@@ -611,12 +602,9 @@ def test_dns_forward_over_tcp(tmp_path: Path, netns: TestNetns) -> None:
     echo53 = ("import socket\n"
               "s = socket.create_server(('127.0.0.1', 53))\nprint('ready', flush=True)\n"
               "c, _ = s.accept()\nc.sendall(c.recv(100))\nc.close()")
-    server = netns.popen([sys.executable, "-c", echo53], stdout=subprocess.PIPE)
-    assert server.stdout is not None and server.stdout.readline().strip() == b"ready"
+    start_server(netns, echo53)
     with Switch(tmp_path, workers=1, prefix=netns.exec_argv([]), args=["--dns-forward", "10.0.2.53"]) as sw, \
-            VhostUserFrontend.connect(sw.socket) as fe:
-        fe.handshake()
-        fe.post_rx(0, 64)
+            ready_frontend(sw, pairs=1) as fe:
         conn = GuestTcp(fe, 53, 40200)
         conn.addr = Addressing(False, OUR_MAC, GUEST_MAC, socket.inet_aton(GUEST4),
                                socket.inet_aton("10.0.2.53"), 40200, 53)

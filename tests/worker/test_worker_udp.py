@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from shardswitch.net.udp import build_frame6, parse6
 from shardswitch.worker.udp import UDP_TIMEOUT, UDP_TIMEOUT_BOTH
 from tests.guest.netns import TestNetns
 from tests.switch import Switch
+from tests.switchkit import ready_frontend
 
 GUEST_MAC = bytes.fromhex("525400123456")
 OUR_MAC = bytes.fromhex("9a559a559a55")
@@ -277,10 +279,7 @@ def switch(echo_ns: TestNetns, tmp_path: Path) -> Iterator[Switch]:
 @pytest.fixture
 def fe(switch: Switch) -> Iterator[VhostUserFrontend]:
     """A connected front-end with RX buffers on both pairs."""
-    with VhostUserFrontend.connect(switch.socket, queue_pairs=2) as frontend:
-        frontend.handshake()
-        for pair in (0, 1):
-            frontend.post_rx(pair, 256)
+    with ready_frontend(switch, rx=256) as frontend:
         yield frontend
 
 
@@ -380,17 +379,14 @@ def test_forwarded_port_through_switch(echo_ns: TestNetns, tmp_path: Path) -> No
     """-u 127.0.0.1/PORT:5000: a host client's datagram reaches the guest; the guest's reply reaches it."""
     port = 17007
     with Switch(tmp_path, workers=2, prefix=echo_ns.exec_argv([]), args=["-u", f"127.0.0.1/{port}:5000"]) as sw, \
-            VhostUserFrontend.connect(sw.socket, queue_pairs=2) as fe:
-        fe.handshake()
-        for pair in (0, 1):
-            fe.post_rx(pair, 64)
+            ready_frontend(sw) as fe:
         for pair in (0, 1):     # teaches both workers the guest's MAC
             fe.send_frame(pair, frame4(5001 + pair, ECHO_PORT, b"hi"))
             assert len(received(fe, pair, 1)) == 1
         client = (f"import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5); "
                   f"s.bind(('127.0.0.1', 33333)); s.sendto(b'from-host', ('127.0.0.1', {port})); "
                   f"print(s.recvfrom(100)[0].decode())")
-        proc = echo_ns.popen([sys.executable, "-c", client], stdout=__import__("subprocess").PIPE, text=True)
+        proc = echo_ns.popen([sys.executable, "-c", client], stdout=subprocess.PIPE, text=True)
         got: list[tuple[int, tuple[str, int, str, int, bytes]]] = []
         deadline = time.monotonic() + 5
         while not got and time.monotonic() < deadline:
