@@ -15,7 +15,7 @@ of the Python code alone, the ceiling for what one worker-CPU-second can do.
   :meth:`~shardswitch.virtio.virtqueue.Virtqueue.pop` and
   :meth:`~shardswitch.virtio.virtqueue.Virtqueue.push` per chain and one
   :meth:`~shardswitch.virtio.virtqueue.Virtqueue.flush` per ring-full.
-* ``worker service_tx``: a real :class:`~shardswitch.worker.main.Worker`
+* ``worker service_tx``: a real :class:`~shardswitch.worker.worker.Worker`
   whose two ring slots are started with the same ``RingStart`` messages the
   coordinator would send (without kick/call descriptors); timed are only
   the :func:`~shardswitch.worker.datapath.service_tx` calls, i.e. the whole
@@ -48,7 +48,7 @@ from shardswitch.vhost.wire import VirtioFeature
 from shardswitch.virtio.memory import GuestMemory
 from shardswitch.virtio.virtqueue import Virtqueue
 from shardswitch.worker.datapath import service_tx
-from shardswitch.worker.main import Worker
+from shardswitch.worker.worker import Worker
 
 from bench.driver import RecyclingRing
 from bench.frames import (GATEWAY_IP, GUEST_IP, RX_BUF_LEN, Workload, arp_workload,

@@ -156,7 +156,10 @@ class WorkerStatus(msgspec.Struct, tag=True):
     tx_bytes: int
     rx_frames: int
     rx_bytes: int
+    #: Frames lost, by drop reason (DropReason names).
     drops: dict[str, int]
+    #: Events that lost no frame (a broken ring, an ICMP error relayed), by Event name.
+    events: dict[str, int] = {}
     #: Frames handed to the worker owning their flow, and frames handed to this one.
     handed_out: int = 0
     handed_in: int = 0

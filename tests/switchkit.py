@@ -92,6 +92,11 @@ def drops(status: dict[str, Any], pair: int) -> Counter[str]:
     return Counter(status["workers"][pair].get("drops") or {})
 
 
+def events(status: dict[str, Any], pair: int) -> Counter[str]:
+    """The event counters of ``pair``'s worker (what lost no frame: a broken ring, an ICMP error relayed)."""
+    return Counter(status["workers"][pair].get("events") or {})
+
+
 def open_fds(pid: int) -> int:
     """How many descriptors process ``pid`` holds."""
     return len(os.listdir(f"/proc/{pid}/fd"))

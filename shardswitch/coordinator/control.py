@@ -116,9 +116,10 @@ def format_status(status: dict[str, Any]) -> str:
                      f"to guest: {w.get('rx_frames', 0)} frames, {w.get('rx_bytes', 0)} bytes")
         lines.append(f"  flows owned: {w.get('flows', 0)}; frames handed to their flow's owner: "
                      f"{w.get('handed_out', 0)}, taken from other workers: {w.get('handed_in', 0)}")
-        drops = w.get("drops") or {}
-        if drops:
-            lines.append("  dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(drops.items())))
+        for label, key in (("dropped", "drops"), ("events", "events")):
+            counts = w.get(key) or {}
+            if counts:
+                lines.append(f"  {label}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return "\n".join(lines)
 
 

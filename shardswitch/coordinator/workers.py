@@ -26,7 +26,7 @@ import multiprocess
 
 from shardswitch.ipc import (Channel, FromWorker, IpcError, RingStarted, RingStopped, Shutdown, WorkerSetup,
                              WorkerStatus, channel_pair)
-from shardswitch.worker.main import worker_main
+from shardswitch.worker.worker import worker_main
 from shardswitch.worker.peers import inbox_pairs
 
 log = logging.getLogger("shardswitch.workers")

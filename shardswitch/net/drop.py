@@ -1,4 +1,4 @@
-"""Why a guest frame was dropped: the one error type of the packet layer.
+"""Why a frame was dropped: the drop vocabulary, and the one error type of the packet layer.
 
 Theory of operation: every parser and handler in :mod:`shardswitch.net`
 checks lengths and fields before it touches guest bytes and, when a frame
@@ -8,8 +8,13 @@ cannot or should not be processed, raises :class:`PacketError` carrying a
 the single entry point, counts the reason and reports it to its caller, so a
 malformed frame costs one counter increment and never a crash.
 
-The reason names are stable: they are shown to users (``shardswitch
-status``), so rename none of them; add new ones at the end.
+:class:`DropReason` is the one vocabulary of drops: the packet layer's
+reasons (a guest frame it refused) and, after them, the worker's own (a
+frame either way that could not be passed on: no RX buffers, no host socket,
+a full flow table).  What happens without losing a frame is an event, not a
+drop (:class:`shardswitch.worker.counters.Event`).  The reason names are
+stable: they are shown to users (``shardswitch status``), so rename none of
+them; add new ones at the end.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ class DropReason(IntEnum):
     NOT_FOR_US = 3
     #: EtherType without a handler (VLAN tags, LLDP, ...).
     ETHERTYPE_UNHANDLED = 4
-    #: IPv6 (not implemented yet).
+    #: IPv6 next header without a handler (after extension headers).
     IPV6_UNHANDLED = 5
     #: ARP packet too short or not Ethernet/IPv4 ARP.
     ARP_MALFORMED = 6
@@ -40,7 +45,7 @@ class DropReason(IntEnum):
     IPV4_BAD_CHECKSUM = 9
     #: IPv4 fragment (fragments are not reassembled).
     IPV4_FRAGMENT = 10
-    #: IPv4 payload protocol without a handler (ICMP, TCP, ... for now).
+    #: IPv4 payload protocol without a handler (anything but ICMP, TCP and UDP).
     IP_PROTO_UNHANDLED = 11
     #: UDP header inconsistent with the IPv4 payload.
     UDP_MALFORMED = 12
@@ -81,6 +86,43 @@ class DropReason(IntEnum):
     TCP_BAD_CHECKSUM = 29
     #: Well-formed TCP segment we do not handle (no flow and not a SYN, or refused).
     TCP_IGNORED = 30
+    # -- the worker's own reasons: frames either way that the packet layer handled but could not pass on --
+    #: A frame for the guest waited too long for RX buffers (queue full) and was dropped.
+    RX_NO_BUFFERS = 31
+    #: Frames queued for the guest when its RX ring stopped.
+    RX_RING_DOWN = 32
+    #: A frame for the guest larger than any RX chain the guest posts.
+    RX_TOO_BIG = 33
+    #: A TX chain with no frame after the virtio-net header.
+    TX_EMPTY_FRAME = 34
+    #: A frame of another worker's flow whose hand-over inbox was full.
+    HAND_OVER_FAILED = 35
+    #: Handling the frame failed inside shardswitch itself (a bug; the traceback is logged).
+    INTERNAL_ERROR = 36
+    #: No host ping socket could be opened for a new echo flow.
+    PING_SOCKET_ERROR = 37
+    #: The host refused an echo request on its ping socket.
+    PING_SEND_ERROR = 38
+    #: The flow table is full: no new echo flow.
+    PING_TABLE_FULL = 39
+    #: No host socket could be opened or connected for a new UDP flow.
+    UDP_SOCKET_ERROR = 40
+    #: The host socket refused a guest datagram.
+    UDP_SEND_ERROR = 41
+    #: The flow table is full: no new UDP flow.
+    UDP_TABLE_FULL = 42
+    #: A host datagram too large for the guest's MTU.
+    UDP_TOO_BIG = 43
+    #: A forwarded (-u) datagram for a guest whose address is not known.
+    UDP_NO_GUEST_ADDRESS = 44
+    #: A forwarded (-u) datagram whose flow another worker entered at the same moment.
+    UDP_FLOW_CONFLICT = 45
+    #: No host socket could be used for a new TCP connection.
+    TCP_SOCKET_ERROR = 46
+    #: The flow table is full: no new TCP connection (the guest gets a RST).
+    TCP_TABLE_FULL = 47
+    #: A forwarded (-t) connection for a guest whose address or MAC is not known.
+    TCP_NO_GUEST_ADDRESS = 48
 
 
 class PacketError(Exception):

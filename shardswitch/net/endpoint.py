@@ -25,12 +25,14 @@ fail.  The endpoint catches the error at its single entry point, counts the
 reason in :attr:`GuestEndpoint.drops` and returns it.
 
 Checksum offload: the caller says whether the frame's L4 checksum was left
-to the device (the guest's virtio-net header had NEEDS_CSUM).  The flag is
-kept in :attr:`GuestEndpoint.csum_partial` for the duration of the frame,
-beside :attr:`GuestEndpoint.frame`, so that the UDP parser here and the TCP
-and UDP handlers of the worker skip verifying that checksum - with no
-change to the handler signatures and no per-frame allocation.  Nothing here does I/O
-or reads the clock: ``now`` is passed down for handlers that keep timers.
+to the device (the guest's virtio-net header had NEEDS_CSUM).  The flag
+travels with the parsed packet (``csum_partial`` of
+:class:`~shardswitch.net.ipv4.Ipv4Packet` / :class:`~shardswitch.net.ipv6.Ipv6Packet`),
+so that the UDP parser here and the TCP and UDP handlers of the worker skip
+verifying that checksum.  Nothing here does I/O or reads the clock: ``now``
+is passed down for handlers that keep timers.  Exceptions other than
+:class:`PacketError` (a worker's hand-over of a frame to another worker, a
+bug) pass through to the caller.
 """
 
 from __future__ import annotations
@@ -51,9 +53,6 @@ from .udp import UdpDatagram
 
 __all__ = ["DropReason", "EtherHandler", "GuestEndpoint", "Icmpv6Handler", "Ipv4Handler", "Ipv6Handler",
            "PacketError", "UdpHandler"]
-
-
-_NO_FRAME = memoryview(b"")
 
 
 class EtherHandler(Protocol):
@@ -110,10 +109,8 @@ class GuestEndpoint:
         self.arp = ArpResponder(self.resolved)
         self.dhcp = DhcpServer(self.resolved)
         self.ndp = NdpResponder(self.resolved)
-        #: The frame being handled, for handlers that hand it, unchanged, to another worker.
-        self.frame: memoryview = _NO_FRAME
-        #: The frame being handled has a partial L4 checksum (NEEDS_CSUM): parsers must not verify it.
-        self.csum_partial = False
+        #: The frame being handled has a partial L4 checksum (NEEDS_CSUM); copied into its IP packet.
+        self._csum_partial = False
         self._our_mac = self.resolved.our_mac
         self._ether_handlers: dict[int, EtherHandler] = {}
         self._ip_handlers: dict[int, Ipv4Handler] = {}
@@ -154,24 +151,19 @@ class GuestEndpoint:
 
     def handle_frame(self, frame: memoryview, now: float, out: list[bytes],
                      csum_partial: bool = False) -> DropReason | None:
-        """Process one frame from the guest; never raises for any input.
+        """Process one frame from the guest; no input makes it raise (a handler may, beyond PacketError).
 
         ``csum_partial``: its TCP/UDP checksum holds only the pseudo-header
         sum (NEEDS_CSUM) and is not verified.  Returns None when the frame was
         consumed (replies, if any, appended to ``out`` as complete Ethernet
         frames), else the counted drop reason.
         """
-        self.frame = frame
-        self.csum_partial = csum_partial
+        self._csum_partial = csum_partial
         try:
             self._dispatch(frame, now, out)
         except PacketError as exc:
             self.drops[exc.reason] += 1
             return exc.reason
-        finally:
-            # A view into guest memory must not outlive the frame: it would pin the mapping.
-            self.frame = _NO_FRAME
-            self.csum_partial = False
         return None
 
     def _dispatch(self, frame: memoryview, now: float, out: list[bytes]) -> None:
@@ -191,6 +183,7 @@ class GuestEndpoint:
                      out: list[bytes]) -> None:
         """Validate an IPv4 packet and dispatch it by protocol."""
         packet = ipv4.parse(payload)
+        packet.csum_partial = self._csum_partial
         handler = self._ip_handlers.get(packet.proto)
         if handler is None:
             raise PacketError(DropReason.IP_PROTO_UNHANDLED, f"protocol {packet.proto}")
@@ -200,6 +193,7 @@ class GuestEndpoint:
                      out: list[bytes]) -> None:
         """Validate an IPv6 packet and dispatch it by its final next header."""
         packet = ipv6.parse(payload)
+        packet.csum_partial = self._csum_partial
         handler = self._ip6_handlers.get(packet.next_header)
         if handler is None:
             raise PacketError(DropReason.IPV6_UNHANDLED, f"next header {packet.next_header}")
@@ -217,7 +211,7 @@ class GuestEndpoint:
     def _handle_udp(self, eth_src: bytes, packet: Ipv4Packet, now: float,
                     out: list[bytes]) -> None:
         """Validate a UDP datagram and dispatch it by destination port."""
-        datagram = udp.parse(packet, not self.csum_partial)
+        datagram = udp.parse(packet, not packet.csum_partial)
         handler = self._udp_handlers.get(datagram.dst_port, self._udp_default)
         if handler is None:
             raise PacketError(DropReason.UDP_PORT_UNHANDLED, f"port {datagram.dst_port}")

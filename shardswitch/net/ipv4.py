@@ -78,6 +78,8 @@ class Ipv4Packet:
     datagram: memoryview
     #: The payload (after header and options).
     payload: memoryview
+    #: The guest left the TCP/UDP checksum partial (NEEDS_CSUM): L4 parsers must not verify it.
+    csum_partial: bool = False
 
 
 def parse(data: memoryview) -> Ipv4Packet:

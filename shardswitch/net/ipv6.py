@@ -116,6 +116,8 @@ class Ipv6Packet:
     datagram: memoryview
     #: The upper-layer payload (after all extension headers).
     payload: memoryview
+    #: The guest left the TCP/UDP checksum partial (NEEDS_CSUM): L4 parsers must not verify it.
+    csum_partial: bool = False
 
 
 def parse(data: memoryview) -> Ipv6Packet:

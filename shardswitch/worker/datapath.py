@@ -17,12 +17,13 @@ NEEDS_CSUM goes to :meth:`Worker.handle_frame` as ``csum_partial``: the L4
 parsers then skip verifying that frame's checksum.  Frames from other
 workers' hand-overs carry the flag in their prefix byte.
 
-Replies (ARP, DHCP) go to a bounded per-worker queue of frames for the RX
-ring, which :func:`deliver_rx` writes into the guest's posted RX buffers
-(with MRG_RXBUF a frame may span several).  When the guest has no buffers
-left, the frames wait and RX kicks are enabled, so the guest's next buffer
-refill wakes us; beyond :data:`PENDING_MAX` frames the oldest are dropped and
-counted.  RX kicks stay disabled otherwise: the guest refills its RX ring
+Replies (ARP, DHCP) and everything the flows send go to a bounded
+per-worker queue of frames for the RX ring (``w.queue``), which
+:func:`deliver_rx` writes into the guest's posted RX buffers (with MRG_RXBUF
+a frame may span several).  When the guest has no buffers left, the frames
+wait and RX kicks are enabled, so the guest's next buffer refill wakes us;
+beyond :data:`~shardswitch.worker.port.QUEUE_MAX` frames the oldest are
+dropped and counted.  RX kicks stay disabled otherwise: the guest refills its RX ring
 constantly and we do not want a wake-up for each refill.
 
 Everything here is private to the worker process: no lock, no shared state.
@@ -31,37 +32,24 @@ Everything here is private to the worker process: no lock, no shared state.
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import deque
 from typing import TYPE_CHECKING
 
+from shardswitch.net.drop import DropReason
 from shardswitch.virtio.netdev import VnetHdrFlags, tx_flags, tx_frame
+from shardswitch.worker.counters import Counters
+from shardswitch.worker.port import QUEUE_MAX
 
 if TYPE_CHECKING:
-    from shardswitch.worker.main import Worker
+    from shardswitch.worker.worker import Worker
 
 #: Chains taken from the TX ring before the worker looks at its other events.
 BATCH = 256
-#: Frames waiting for RX buffers before the oldest are dropped.
-PENDING_MAX = 1024
 _NEEDS_CSUM = int(VnetHdrFlags.NEEDS_CSUM)
-
-#: Drop reasons of the worker itself (the endpoint has its own).
-RX_NO_BUFFERS = "RX_NO_BUFFERS"
-RX_RING_DOWN = "RX_RING_DOWN"
-RX_TOO_BIG = "RX_TOO_BIG"
-TX_EMPTY_FRAME = "TX_EMPTY_FRAME"
-
-
-class Counters:
-    """Traffic counters of one worker (TX = from the guest, RX = to the guest)."""
-
-    def __init__(self) -> None:
-        """All zero."""
-        self.tx_frames = 0
-        self.tx_bytes = 0
-        self.rx_frames = 0
-        self.rx_bytes = 0
-        self.drops: Counter[str] = Counter()
+RX_NO_BUFFERS = DropReason.RX_NO_BUFFERS
+RX_RING_DOWN = DropReason.RX_RING_DOWN
+RX_TOO_BIG = DropReason.RX_TOO_BIG
+TX_EMPTY_FRAME = DropReason.TX_EMPTY_FRAME
 
 
 def service_tx(w: Worker) -> bool:
@@ -72,7 +60,7 @@ def service_tx(w: Worker) -> bool:
         return False
     counters = w.counters
     drops = counters.drops
-    pending = w.pending
+    pending = w.queue
     hdr_len = slot.hdr_len
     partial_ok = w.tx_partial_csum
     # Diagnostic mode: every frame goes straight back into an RX buffer (one copy).
@@ -116,13 +104,13 @@ def service_tx(w: Worker) -> bool:
         if vq.flush():
             slot.notify()
         if mirrored:
-            _mirrored(w, mirrored, mirrored_bytes)
+            publish_rx(w, mirrored, mirrored_bytes)
         if replies:
             pending.extend(replies)
             replies.clear()
         if pending:
             # Through the worker so that a bad RX chain breaks the RX ring, not this TX ring.
-            w.deliver_pending()
+            w.flush()
         if count >= BATCH:
             return True
         if not vq.enable_kicks():
@@ -142,13 +130,8 @@ def service_inbox(w: Worker) -> None:
     for csum_partial, frame in frames:
         w.handle_frame(frame, now, replies, csum_partial)
     if replies:
-        w.pending.extend(replies)
-    w.deliver_pending()
-
-
-def _mirrored(w: Worker, frames: int, nbytes: int) -> None:
-    """Account for and publish frames that reflect mode wrote into the RX ring."""
-    publish_rx(w, frames, nbytes)
+        w.queue.extend(replies)
+    w.flush()
 
 
 def publish_rx(w: Worker, frames: int, nbytes: int) -> None:
@@ -163,9 +146,9 @@ def publish_rx(w: Worker, frames: int, nbytes: int) -> None:
 
 def deliver_rx(w: Worker) -> None:
     """Write queued frames into the guest's RX buffers, as many as fit."""
-    pending = w.pending
+    pending = w.queue
     drops = w.counters.drops
-    while len(pending) > PENDING_MAX:
+    while len(pending) > QUEUE_MAX:
         pending.popleft()
         drops[RX_NO_BUFFERS] += 1
     slot = w.rx

@@ -28,20 +28,23 @@ did.  Segments out of order, duplicates of our FIN and the like are
 answered at once.
 
 Checksum offload: a guest segment whose virtio-net header had NEEDS_CSUM
-(``endpoint.csum_partial``; with HOST_TSO4/6 up to 64 KiB, still sent to the
-socket in one ``send()``) is not checksum-verified, and data segments to a
-guest that negotiated GUEST_CSUM (``w.rx_data_valid``) are built without
-their TCP checksum; small control segments keep theirs.  A guest that
-negotiated GUEST_TSO4/6 (``w.rx_tso4`` / ``w.rx_tso6``) gets host data in
+(``csum_partial`` of its IP packet; with HOST_TSO4/6 up to 64 KiB, still
+sent to the socket in one ``send()``) is not checksum-verified, and data
+segments to a guest that negotiated GUEST_CSUM (``offloads.data_valid``) are
+built without their TCP checksum; small control segments keep theirs.  A
+guest that negotiated GUEST_TSO4/6 (``offloads.tso4`` / ``tso6``) gets host data in
 frames of up to 64 KiB whatever its MTU (GSO frames: the guest splits them
 at the connection's MSS), so the per-frame cost is paid once per 64 KiB
 rather than once per MSS.
 
 Timers (:mod:`~shardswitch.worker.tcp_timers`) run once a second over this
 worker's own flows: retransmission, SYN timeout, keepalive, inactivity.
-Flows live in the shared flow table (type TCP, guest side and host side)
-for hand-over between workers and for ``shardswitch flows``, and in this
-worker's local index.  Connections that host clients open to forwarded
+The life of a flow - the shared table (type TCP, guest side and host side),
+the local index, hand-over of a segment of a flow another worker owns, the
+once-a-second pass - is the flow layer's (:mod:`shardswitch.worker.flow`);
+where a connection goes on the host is
+:class:`~shardswitch.worker.fwd.Forwarding`'s.  :class:`TcpFlows` plugs in
+its hooks.  Connections that host clients open to forwarded
 ports (``-t``) are accepted by :mod:`shardswitch.worker.tcp_forward` and
 adopted here (:meth:`TcpFlows.adopt_client`): our SYN goes to the guest
 first, the rest is the same.
@@ -51,7 +54,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import ipaddress
 import logging
 import mmap
 import os
@@ -63,10 +65,12 @@ import termios
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TypeAlias
 
-from shardswitch.net import tcp
+from shardswitch.net import inany, tcp
 from shardswitch.net.drop import DropReason, PacketError
+from shardswitch.net.endpoint import GuestEndpoint
+from shardswitch.net.inany import InAny
 from shardswitch.net.ipv4 import IpProto, Ipv4Packet
 from shardswitch.net.ipv6 import Ipv6Packet, NextHeader
 from shardswitch.net.tcp import (
@@ -85,26 +89,14 @@ from shardswitch.net.tcp import (
     TcpConn,
     TcpSegment,
 )
-from shardswitch.shm.layout import (
-    FlowRef,
-    FlowSide,
-    FlowTableError,
-    FlowType,
-    Pif,
-    ip16,
-    pack_key,
-)
+from shardswitch.shm.layout import FlowRef, FlowSide, FlowType, Pif
 from shardswitch.virtio.netdev import GsoType
 from shardswitch.worker import tcp_buf, tcp_timers, tcp_vu
-from shardswitch.worker.activity import sync_table
-from shardswitch.worker.dns import DnsForward
+from shardswitch.worker.flow import FlowBase, FlowLayer
+from shardswitch.worker.port import WorkerPort
 from shardswitch.worker.sockpool import SocketPool
+from shardswitch.worker.tcp_forward import LINGER_RESET, TcpForwarder
 from shardswitch.worker.tcp_timers import RTO_INIT
-from shardswitch.worker.tcp_forward import LINGER_RESET, TCP_TABLE_FULL, TcpForwarder
-
-if TYPE_CHECKING:
-    from shardswitch.shm.table import FlowTable
-    from shardswitch.worker.main import Worker
 
 log = logging.getLogger("shardswitch.worker")
 
@@ -120,30 +112,23 @@ _EDGE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 _EDGE_OUT = _EDGE | select.EPOLLOUT
 _DATA = ACK | PSH
 
-#: Drop reasons of this module (shown in ``shardswitch status``).
-TCP_SOCKET_ERROR = "TCP_SOCKET_ERROR"
 
 
-@dataclass(slots=True, eq=False)
-class TcpFlow:
+@dataclass(slots=True, eq=False, kw_only=True)
+class TcpFlow(FlowBase):
     """One spliced connection owned by this worker."""
 
-    ref: FlowRef
-    key: bytes
     sock: socket.socket
-    fd: int
     conn: TcpConn
     addr: Addressing
     isn: int
     our_mss: int
-    last: float
     #: Start of the current retransmission period (last progress), and its length.
     timer: float
     rto: float = RTO_INIT
     #: When the last keepalive ACK went to the guest.
     keepalive: float = 0.0
     retries: int = 0
-    published: float = 0.0
     #: Host data may wait beyond what the guest's window allowed.
     readable: bool = False
     #: EPOLLOUT is armed: the socket refused guest data.
@@ -152,30 +137,24 @@ class TcpFlow:
     peek_off: bool = True
     #: Bytes the guest ACKed that are still in the socket (discarded once per batch).
     unconsumed: int = 0
-    closed: bool = False
     created: float = 0.0
     #: A host client opened it (port forwarding): our SYN went to the guest.
     inbound: bool = False
 
 
 class TcpFlows:
-    """Every TCP connection of one worker."""
+    """Every TCP connection of one worker: the flow layer's hooks for TCP."""
 
-    def __init__(self, w: Worker, table: FlowTable | None, mapped: tuple[str, ...],
-                 tcp_ports: tuple[str, ...] = (), dns: DnsForward | None = None) -> None:
-        """Serve TCP for worker ``w``; ``mapped``: addresses that mean the host's loopback; -t SPECs;
-        ``dns``: where connections to the DNS-forwarding address's port 53 go."""
-        self.w = w
-        self.dns = dns
+    table_full = DropReason.TCP_TABLE_FULL
+
+    def __init__(self, port: WorkerPort, layer: FlowLayer, tcp_ports: tuple[str, ...] = ()) -> None:
+        """Serve TCP for ``port``'s worker through ``layer``; ``tcp_ports``: the -t SPECs."""
+        self.port = port
+        self.layer = layer
         #: Pre-opened sockets for the guest's new connections (refilled by the deferred handler).
         self.pool = SocketPool()
         self.pool.refill()
-        self.table = table
-        self.mapped4 = {ipaddress.ip_address(a).packed for a in mapped if ":" not in a}
-        self.mapped6 = {ipaddress.ip_address(a).packed for a in mapped if ":" in a}
-        self.mtu = w.endpoint.resolved.mtu
-        self.flows: dict[bytes, TcpFlow] = {}
-        self.by_fd: dict[int, TcpFlow] = {}
+        self.mtu = port.params.mtu
         #: Flows with work left for the end of the current batch of guest frames (ACK, consume, send).
         self.due: dict[int, TcpFlow] = {}
         #: Flows that stopped writing in place for lack of RX buffers (resumed on the guest's refill).
@@ -183,48 +162,49 @@ class TcpFlows:
         self.discard = memoryview(mmap.mmap(-1, DISCARD_SIZE))
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.wake_armed = False
-        w.watch(self.wake_fd, self.flush_due)
-        w.endpoint.register_ip_protocol(IpProto.TCP, self.handle4)
-        w.endpoint.register_ip6_protocol(NextHeader.TCP, self.handle6)
-        w.tick_handlers.append(self.tick)
+        port.watch(self.wake_fd, self.flush_due)
+        layer.register((FlowType.TCP,), self)
         self.forwarder = TcpForwarder(self, tcp_ports) if tcp_ports else None
+
+    def plug_into(self, endpoint: GuestEndpoint) -> None:
+        """Route the guest's TCP segments (IPv4 and IPv6) here."""
+        endpoint.register_ip_protocol(IpProto.TCP, self.handle4)
+        endpoint.register_ip6_protocol(NextHeader.TCP, self.handle6)
 
     # -- from the guest ------------------------------------------------------
 
     def handle4(self, eth_src: bytes, packet: Ipv4Packet, now: float, out: Frames) -> None:
         """A TCP segment from the guest over IPv4 (endpoint handler)."""
-        seg = tcp.parse4(packet, not self.w.endpoint.csum_partial)
-        self._segment(False, packet.src.to_bytes(4, "big"), packet.dst.to_bytes(4, "big"), seg, now, out)
+        seg = tcp.parse4(packet, not packet.csum_partial)
+        self._segment(inany.from_v4(packet.src), inany.from_v4(packet.dst), seg, now, out)
 
     def handle6(self, eth_src: bytes, packet: Ipv6Packet, now: float, out: Frames) -> None:
         """A TCP segment from the guest over IPv6 (endpoint handler)."""
-        self._segment(True, packet.src, packet.dst, tcp.parse6(packet, not self.w.endpoint.csum_partial), now, out)
+        self._segment(packet.src, packet.dst, tcp.parse6(packet, not packet.csum_partial), now, out)
 
-    def _segment(self, v6: bool, src: bytes, dst: bytes, seg: TcpSegment, now: float, out: Frames) -> None:
+    def _segment(self, src: InAny, dst: InAny, seg: TcpSegment, now: float, out: Frames) -> None:
         """Find the segment's flow (or its owner, or create it) and process the segment."""
-        guest_side = FlowSide(Pif.GUEST, ip16(src), seg.src_port, ip16(dst), seg.dst_port)
-        key = pack_key(FlowType.TCP, guest_side)
-        flow = self.flows.get(key)
+        guest_side = FlowSide(Pif.GUEST, src, seg.src_port, dst, seg.dst_port)
+        key, flow = self.layer.find(FlowType.TCP, guest_side)
         if flow is not None:
+            assert isinstance(flow, TcpFlow)
             self._from_guest(flow, seg, now, out)
-            return
-        if self.w.owned_elsewhere(FlowType.TCP, guest_side):
             return
         flags = seg.flags
         if flags & RST:
             raise PacketError(DropReason.TCP_IGNORED, "RST without a flow")
-        addr = self._addressing(v6, src, dst, seg)
+        addr = self._addressing(src, dst, seg)
         if flags & SYN and not flags & ACK:
             self._connect(key, guest_side, addr, seg, now, out)
             return
         out.append(self._reset_for(addr, seg))
         raise PacketError(DropReason.TCP_IGNORED, "no flow: reset")
 
-    def _addressing(self, v6: bool, src: bytes, dst: bytes, seg: TcpSegment) -> Addressing:
+    def _addressing(self, src: InAny, dst: InAny, seg: TcpSegment) -> Addressing:
         """Frame addressing back to the guest for a segment ``src`` -> ``dst``."""
-        guest_mac = self.w.endpoint.guest_mac or b"\xff" * 6
-        return Addressing(v6, guest_mac, self.w.endpoint.resolved.our_mac, dst, src, seg.dst_port,
-                          seg.src_port)
+        port = self.port
+        return Addressing(not inany.is_v4(src), port.guest_mac or b"\xff" * 6, port.params.our_mac,
+                          inany.packed(dst), inany.packed(src), seg.dst_port, seg.src_port)
 
     @staticmethod
     def _reset_for(addr: Addressing, seg: TcpSegment) -> bytes:
@@ -234,74 +214,43 @@ class TcpFlows:
         length = len(seg.payload) + (1 if seg.flags & SYN else 0) + (1 if seg.flags & FIN else 0)
         return tcp.build(addr, 0, tcp.seq_add(seg.seq, length), RST | ACK, 0)
 
-    def _target(self, addr: Addressing) -> tuple[str, int]:
-        """Where the host socket connects: the host's resolver for the DNS-forwarding address's port 53,
-        the loopback for mapped addresses, else where the guest was going."""
-        if self.dns is not None:
-            forwarded = self.dns.target(addr.src, addr.src_port)
-            if forwarded is not None:
-                return forwarded
-        if addr.v6:
-            host = "::1" if addr.src in self.mapped6 else str(ipaddress.IPv6Address(addr.src))
-        else:
-            host = "127.0.0.1" if addr.src in self.mapped4 else str(ipaddress.IPv4Address(addr.src))
-        return host, addr.src_port
-
     def _connect(self, key: bytes, guest_side: FlowSide, addr: Addressing, seg: TcpSegment, now: float,
                  out: Frames) -> None:
         """A new connection from the guest: connect() a socket, enter the flow; RST when that fails."""
-        target, port = self._target(addr)
-        family = socket.AF_INET6 if ":" in target else socket.AF_INET
-        sock = self.pool.take(family)
-        err = sock.connect_ex((target, port))
+        target, port = self.layer.fwd.to_host(guest_side.our_addr, guest_side.our_port)
+        sock = self.pool.take(inany.family(target))
+        err = sock.connect_ex(inany.sockaddr(target, port))
         if err not in (0, errno.EINPROGRESS):
             sock.close()
             out.append(self._reset_for(addr, seg))
-            log.debug("TCP to %s port %d: %s", target, port, os.strerror(err))
+            log.debug("TCP to %s port %d: %s", inany.to_str(target), port, os.strerror(err))
             return
         try:
             local = sock.getsockname()
+            ref = self.layer.enter(FlowType.TCP, guest_side,
+                                   FlowSide(Pif.HOST, target, port, inany.from_str(local[0]), local[1]), now)
         except OSError:
             sock.close()
-            self.w.counters.drops[TCP_SOCKET_ERROR] += 1
-            return
-        ref = FlowRef(-1, 0)
-        table = self.table
-        if table is not None:
-            host_side = FlowSide(Pif.HOST, ip16(target), port, ip16(local[0]), local[1])
-            try:
-                entered = table.enter(FlowType.TCP, guest_side, host_side, self.w.pair, now)
-            except FlowTableError as exc:
-                sock.close()
-                self.w.counters.drops[TCP_TABLE_FULL] += 1
-                log.warning("TCP flow not created: %s", exc)
-                out.append(self._reset_for(addr, seg))
-                return
-            if entered is None:
-                sock.close()
-                hit = table.lookup(FlowType.TCP, guest_side)
-                if hit is not None:
-                    self.w.hand_over(hit.owner)
-                return
-            ref = entered
+            raise PacketError(DropReason.TCP_SOCKET_ERROR) from None
+        except PacketError:
+            sock.close()
+            out.append(self._reset_for(addr, seg))
+            raise
+        except BaseException:
+            sock.close()
+            raise
         isn = secrets.randbits(32)
         our_mss = tcp.mss_for(self.mtu, addr.v6)
         conn = TcpConn.from_syn(seg, isn, our_mss)
-        flow = TcpFlow(ref, key, sock, sock.fileno(), conn, addr, isn, our_mss, now, now, created=now)
-        self.flows[key] = flow
-        self.by_fd[flow.fd] = flow
-        fd = flow.fd
-        self.w.watch(fd, lambda: self.on_socket(fd))
-        self._set_events(flow, _EDGE_OUT)
+        flow = TcpFlow(ref=ref, ftype=FlowType.TCP, key=key, last=now, sock=sock, conn=conn, addr=addr, isn=isn,
+                       our_mss=our_mss, timer=now, created=now)
+        self.layer.add(flow, sock.fileno(), _EDGE_OUT)
         if err == 0:
             self._connected(flow, now, out)
 
     def _set_events(self, flow: TcpFlow, mask: int) -> None:
         """Change the epoll events of a flow's socket."""
-        try:
-            self.w.epoll.modify(flow.fd, mask)
-        except OSError:
-            pass
+        self.port.modify(flow.fd, mask)
 
     def _connected(self, flow: TcpFlow, now: float, out: Frames) -> None:
         """connect() completed: SYN-ACK to the guest."""
@@ -457,7 +406,7 @@ class TcpFlows:
         self.wake_armed = False
         due = list(self.due.values())
         self.due.clear()
-        pending = self.w.pending
+        pending = self.port.queue
         now = time.monotonic()
         for flow in due:
             if flow.closed:
@@ -470,17 +419,14 @@ class TcpFlows:
             if not flow.closed and flow.conn.seq_ack_to_guest != flow.conn.seq_from_guest:
                 pending.append(self.ack(flow))
         if pending:
-            self.w.deliver_pending()
+            self.port.flush()
 
     # -- from the host ------------------------------------------------------------
 
-    def on_socket(self, fd: int) -> None:
-        """A flow's socket is readable, writable or in error (edge-triggered)."""
-        flow = self.by_fd.get(fd)
-        if flow is None:
-            return
+    def on_socket(self, flow: TcpFlow) -> None:
+        """A flow's socket is readable, writable or in error (edge-triggered): flow layer hook."""
         now = time.monotonic()
-        pending = self.w.pending
+        pending = self.port.queue
         conn = flow.conn
         if conn.flags & CONNECTING:
             err = flow.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -497,7 +443,7 @@ class TcpFlows:
             flow.readable = True
             self.to_guest(flow, now, pending)
         if pending:
-            self.w.deliver_pending()
+            self.port.flush()
 
     def peek(self, flow: TcpFlow, views: list[memoryview]) -> int:
         """Peek host data at the flow's offset into ``views``; raises BlockingIOError when none."""
@@ -525,10 +471,10 @@ class TcpFlows:
         MSS-sized segments itself: whole segments only (as a sender's TSO), so no
         runt segment ends each frame.  Others get one MSS per frame.
         """
-        w = self.w
+        offloads = self.port.offloads
         v6 = flow.addr.v6
         mss = flow.conn.mss
-        if w.rx_tso6 if v6 else w.rx_tso4:
+        if offloads.tso6 if v6 else offloads.tso4:
             return (GsoType.TCPV6 if v6 else GsoType.TCPV4), max(tcp.max_payload(v6) // mss, 1) * mss
         return 0, mss
 
@@ -562,12 +508,12 @@ class TcpFlows:
         conn = flow.conn
         if not conn.flags & ESTABLISHED or conn.flags & FIN_SENT:
             return
-        w = self.w
-        pending = w.pending
-        writer = w.rx.writer
-        if (out is pending and not pending and w.rx_data_valid and writer is not None and writer.in_place
-                and tcp_vu.to_guest(self, flow, now, writer)):
-            return
+        port = self.port
+        pending = port.queue
+        if out is pending and not pending and port.offloads.data_valid:
+            writer = port.rx_writer
+            if writer is not None and writer.in_place and tcp_vu.to_guest(self, flow, now, writer):
+                return
         tcp_buf.to_guest(self, flow, now, out)
 
     def on_rx_buffers(self) -> None:
@@ -575,12 +521,12 @@ class TcpFlows:
         blocked = list(self.rx_blocked.values())
         self.rx_blocked.clear()
         now = time.monotonic()
-        pending = self.w.pending
+        pending = self.port.queue
         for flow in blocked:
             if not flow.closed and flow.readable:
                 self.to_guest(flow, now, pending)
         if pending:
-            self.w.deliver_pending()
+            self.port.flush()
 
     def _consume(self, flow: TcpFlow) -> None:
         """Discard the bytes the guest ACKed from the socket (no copy: MSG_TRUNC)."""
@@ -618,18 +564,15 @@ class TcpFlows:
         sock.setblocking(False)
         isn = secrets.randbits(32)
         our_mss = tcp.mss_for(self.mtu, addr.v6)
-        flow = TcpFlow(ref, key, sock, sock.fileno(), TcpConn.for_host_client(isn, our_mss), addr, isn, our_mss,
-                       now, now, created=now, inbound=True)
+        flow = TcpFlow(ref=ref, ftype=FlowType.TCP, key=key, last=now, sock=sock,
+                       conn=TcpConn.for_host_client(isn, our_mss), addr=addr, isn=isn, our_mss=our_mss, timer=now,
+                       created=now, inbound=True)
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
         except OSError:
             flow.peek_off = False
-        self.flows[key] = flow
-        self.by_fd[flow.fd] = flow
-        fd = flow.fd
-        self.w.watch(fd, lambda: self.on_socket(fd))
-        self._set_events(flow, _EDGE)
-        self.w.pending.append(self.syn(flow))
+        self.layer.add(flow, sock.fileno(), _EDGE)
+        self.port.queue.append(self.syn(flow))
 
     def syn(self, flow: TcpFlow) -> bytes:
         """Our SYN to the guest for a forwarded connection (MSS, window scale offered)."""
@@ -637,42 +580,41 @@ class TcpFlows:
         flow.conn.wnd_to_guest = window
         return tcp.build(flow.addr, flow.isn, 0, SYN, window, tcp.syn_options(flow.our_mss, tcp.OUR_WS))
 
-    # -- closing ----------------------------------------------------------------------
+    # -- closing and timers: flow layer hooks -------------------------------------------
 
     def _close(self, flow: TcpFlow, reset_host: bool = False) -> None:
-        """Forget a flow: unwatch and close its socket (a reset with zero linger), leave the table."""
-        if flow.closed:
-            return
-        flow.closed = True
-        self.w.unwatch(flow.fd)
-        self.by_fd.pop(flow.fd, None)
-        self.flows.pop(flow.key, None)
-        self.due.pop(flow.fd, None)
-        self.rx_blocked.pop(flow.fd, None)
-        if reset_host:
+        """Close a flow now (a reset with zero linger when ``reset_host``): through the flow layer."""
+        if reset_host and not flow.closed:
             try:
                 flow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
             except OSError:
                 pass
+        self.layer.close(flow)
+
+    def release(self, flow: TcpFlow) -> None:
+        """The flow layer forgot the flow: drop it from the batch lists, close its socket."""
+        self.due.pop(flow.fd, None)
+        self.rx_blocked.pop(flow.fd, None)
         flow.sock.close()
-        if self.table is not None and flow.ref.entry >= 0:
-            self.table.remove_many([flow.ref])
 
     def close(self) -> None:
-        """Close every flow and the pre-opened sockets (the worker is stopping)."""
-        for flow in list(self.flows.values()):
-            self._close(flow, reset_host=True)
+        """The worker is stopping: every connection's socket set to reset on close, the pool closed."""
+        for flow in list(self.layer.flows.values()):
+            if isinstance(flow, TcpFlow):
+                try:
+                    flow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+                except OSError:
+                    pass
         self.pool.close()
 
-    # -- timers ---------------------------------------------------------------------------
+    def timer(self, flow: TcpFlow, now: float) -> bool:
+        """Once a second: retransmission, SYN and idle timeouts (they close the flow themselves)."""
+        tcp_timers.run(self, flow, now, self.port.queue)
+        return False
 
-    def tick(self, now: float) -> None:
-        """Once a second: retransmissions, SYN and idle timeouts, activity published, socket pool refilled."""
+    def deferred(self, now: float) -> None:
+        """Once a second, after the flows: the socket pool refilled."""
         self.pool.refill()
-        pending = self.w.pending
-        for flow in list(self.flows.values()):
-            tcp_timers.run(self, flow, now, pending)
-        sync_table(self.table, self.flows.values(), [])
 
     def rewind_socket(self, flow: TcpFlow) -> None:
         """After a rewind of the sequence: the peek offset back to the guest's ACK, data to send again."""

@@ -17,25 +17,25 @@ from typing import TYPE_CHECKING
 from shardswitch.net import tcp
 from shardswitch.net.tcp import ACK, PSH
 from shardswitch.virtio.netdev import GsoFrame
-from shardswitch.worker.datapath import PENDING_MAX
+from shardswitch.worker.port import QUEUE_MAX
 
 if TYPE_CHECKING:
     from shardswitch.worker.tcp import Frames, TcpFlow, TcpFlows
 
 #: Frames queued for the guest beyond which no more host data is read for now.
-QUEUE_LIMIT = PENDING_MAX // 2
+QUEUE_LIMIT = QUEUE_MAX // 2
 _DATA = ACK | PSH
 
 
 def to_guest(flows: TcpFlows, flow: TcpFlow, now: float, out: Frames) -> None:
     """Frames of the flow's host data into ``out``, as far as the window and the queue limit allow."""
-    w = flows.w
+    port = flows.port
     conn = flow.conn
-    pending = w.pending
+    pending = port.queue
     hl = flow.addr.headers_len
     mss = conn.mss
     # A DATA_VALID guest takes data segments unchecked: skip summing them (control segments stay summed).
-    csum = not w.rx_data_valid
+    csum = not port.offloads.data_valid
     gso, chunk = flows.framing(flow)
     while True:
         queued = len(out) if out is pending else len(out) + len(pending)

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 from shardswitch.net import tcp
 from shardswitch.net.tcp import ACK, PSH
 from shardswitch.virtio.virtqueue import VirtqueueError
-from shardswitch.worker.datapath import publish_rx
 
 if TYPE_CHECKING:
     from shardswitch.virtio.netdev import RxWriter
@@ -43,7 +42,7 @@ def to_guest(flows: TcpFlows, flow: TcpFlow, now: float, writer: RxWriter) -> bo
     unsuitable (the caller builds frames instead); True otherwise.  A broken
     RX chain breaks the RX ring.
     """
-    w = flows.w
+    port = flows.port
     conn = flow.conn
     addr = flow.addr
     hl = addr.headers_len
@@ -64,8 +63,7 @@ def to_guest(flows: TcpFlows, flow: TcpFlow, now: float, writer: RxWriter) -> bo
                 if not writer.in_place:
                     done = frames > 0
                     break
-                vq = w.rx.vq
-                if vq is not None and vq.enable_kicks():
+                if port.rx_wait():
                     continue            # buffers came meanwhile
                 flows.rx_blocked[flow.fd] = flow
                 break
@@ -77,11 +75,11 @@ def to_guest(flows: TcpFlows, flow: TcpFlow, now: float, writer: RxWriter) -> bo
                 break
             except OSError:
                 span.cancel()
-                flows.reset_guest(flow, w.pending)
+                flows.reset_guest(flow, port.queue)
                 break
             if got == 0:
                 span.cancel()
-                flows.fin_to_guest(flow, now, w.pending)
+                flows.fin_to_guest(flow, now, port.queue)
                 break
             tcp.pack_headers_into(span.head(), writer.hdr_len, addr, tcp.TCP_HLEN + got, conn.seq_to_guest,
                                   conn.seq_from_guest, _DATA, conn.wnd_to_guest >> conn.ws_to_guest)
@@ -90,7 +88,7 @@ def to_guest(flows: TcpFlows, flow: TcpFlow, now: float, writer: RxWriter) -> bo
             frames += 1
             nbytes += hl + got
     except VirtqueueError as err:
-        w.break_ring(w.rx, err)
+        port.rx_broken(err)
     if frames:
-        publish_rx(w, frames, nbytes)
+        port.rx_written(frames, nbytes)
     return done

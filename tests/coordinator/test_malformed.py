@@ -11,7 +11,7 @@ misbehaves in one way.  Each misbehaviour must be refused or contained, visibly:
   counted in the status' ``refused`` map;
 * a ring the guest broke (looping chain, nested indirect table, buffer
   outside memory...) shows ``broken`` with an error in the status and a
-  ``BROKEN_RING`` drop, while every other ring keeps working;
+  ``BROKEN_RING`` event, while every other ring keeps working;
 * a malformed guest frame on a healthy ring is dropped and counted.
 
 Afterwards :func:`tests.switchkit.assert_recovered` checks that the same
@@ -40,7 +40,7 @@ from tests.net.net_testlib import (BROADCAST_MAC, GUEST_MAC, OUR_MAC, eth_frame,
                                    udp_datagram)
 from tests.switch import Switch
 from tests.switchkit import (GATEWAY_IP, GUEST_IP, Baseline, arp_request, arp_roundtrip, assert_recovered,
-                             baseline, drops, ring_status, wait_status)
+                             baseline, drops, events, ring_status, wait_status)
 
 PAIRS = 2
 NEXT, WRITE, INDIRECT = int(DescFlags.NEXT), int(DescFlags.WRITE), int(DescFlags.INDIRECT)
@@ -428,11 +428,11 @@ def _only_ring_broken(switch: Switch, fe: VhostUserFrontend, index: int, error: 
                       misbehave: Callable[[], None]) -> None:
     """After ``misbehave``, ring ``index`` is broken with ``error``; its partner and the other pair work."""
     pair = index // 2
-    broken_before = drops(switch.status(), pair)["BROKEN_RING"]
+    broken_before = events(switch.status(), pair)["BROKEN_RING"]
     misbehave()
     status = wait_status(switch, lambda s: ring_status(s, index)["state"] == "broken", f"vring {index} to break")
     assert error in ring_status(status, index)["error"]
-    assert drops(status, pair)["BROKEN_RING"] == broken_before + 1
+    assert events(status, pair)["BROKEN_RING"] == broken_before + 1
     assert ring_status(status, index ^ 1)["state"] == "running"
     assert not fe.peer_closed(0.0)
     arp_roundtrip(fe, 1 - pair)

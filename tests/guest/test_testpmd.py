@@ -108,7 +108,7 @@ def check_healthy(switch: Switch, pids: list[int], status: Status) -> None:
     assert worker_pids(status) == pids, status
     for worker in status["workers"]:
         assert worker["restarts"] == 0 and not worker["last_exit"], worker
-        assert "BROKEN_RING" not in worker["drops"], worker
+        assert "BROKEN_RING" not in worker["events"], worker
         for ring in worker["rings"]:
             assert ring["state"] != "broken" and not ring["error"], worker
 

@@ -1,6 +1,6 @@
 """The worker's reflect mode (TX frames written straight back to RX): drop reasons and byte counts.
 
-A real :class:`~shardswitch.worker.main.Worker` (its control channel is one end
+A real :class:`~shardswitch.worker.worker.Worker` (its control channel is one end
 of a socketpair nobody writes to) gets an RX and a TX ring laid out by the
 driver-side helper of tests/virtio in one memfd, as a worker receives guest
 memory; :func:`~shardswitch.worker.datapath.service_tx` then runs on frames
@@ -20,7 +20,7 @@ from shardswitch.ipc import Channel, RingStart, ToWorker, WorkerSetup
 from shardswitch.net.params import GuestParams
 from shardswitch.vhost.wire import VirtioFeature
 from shardswitch.worker.datapath import RX_NO_BUFFERS, RX_TOO_BIG, service_tx
-from shardswitch.worker.main import Worker
+from shardswitch.worker.worker import Worker
 from shardswitch.worker.rings import RingSlot
 from tests.virtio.ringhelper import DriverRing, SharedMemory
 

@@ -9,31 +9,27 @@ TCP by hand: SYN, ACKs, data, FIN, RST, and checks what the switch answers.
 from __future__ import annotations
 
 import hashlib
-import select
 import socket
 import subprocess
 import sys
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
 from shardswitch.frontend.client import VhostUserFrontend
 from shardswitch.net import ipv4, ipv6, tcp
-from shardswitch.net.endpoint import GuestEndpoint
 from shardswitch.net.params import GuestParams
 from shardswitch.net.tcp import Addressing, TcpFlag
-from shardswitch.worker.datapath import Counters
-from shardswitch.worker.rings import RingSlot
 from shardswitch.worker.tcp import TcpFlows
 from shardswitch.worker.tcp_timers import IDLE_TIMEOUT, KEEPALIVE_INTERVAL, MAX_RETRIES, RTO_INIT
 from tests.guest.netns import TestNetns
 from tests.switch import Switch
 from tests.switchkit import ready_frontend, start_server
+from tests.worker.standin import StandInWorker
 
 GUEST_MAC = bytes.fromhex("525400123456")
 OUR_MAC = bytes.fromhex("9a559a559a55")
@@ -371,73 +367,38 @@ def test_forwarded_port_reaches_the_guest(tmp_path: Path, netns: TestNetns, v6: 
 # -- timers, driven with a synthetic clock (no switch: TcpFlows on a stand-in worker) -------------------
 
 
-class StandInWorker:
-    """The parts of a Worker that TcpFlows uses, with frames for the guest left in ``pending``."""
-
-    def __init__(self) -> None:
-        """An endpoint for 10.0.2.15 behind 10.0.2.2, no flow table, no peers."""
-        self.pair = 0
-        self.endpoint = GuestEndpoint(GuestParams(address=GUEST4, prefix_len=24, gateway=GATEWAY4))
-        self.peers = None
-        self.pending: deque[bytes] = deque()
-        self.counters = Counters()
-        self.epoll = select.epoll()
-        self.sockets: dict[int, Callable[[], None]] = {}
-        self.tick_handlers: list[Callable[[float], None]] = []
-        self.rx_data_valid = self.rx_tso4 = self.rx_tso6 = False
-        #: No RX ring: data frames are built and queued (the in-place path has its own tests).
-        self.rx = RingSlot(0)
-
-    def watch(self, fd: int, callback: Callable[[], None]) -> None:
-        """Watch a descriptor like Worker.watch."""
-        self.epoll.register(fd, select.EPOLLIN)
-        self.sockets[fd] = callback
-
-    def unwatch(self, fd: int) -> None:
-        """Stop watching like Worker.unwatch."""
-        if self.sockets.pop(fd, None) is not None:
-            self.epoll.unregister(fd)
-
-    def owned_elsewhere(self, ftype: object, guest_side: object) -> bool:
-        """No flow table, no other workers: every flow is this one's."""
-        return False
-
-    def hand_over(self, owner: int) -> None:
-        """Never called without other workers."""
-        raise AssertionError("no other worker to hand a frame to")
-
-    def deliver_pending(self) -> None:
-        """Frames stay in ``pending`` for the test to read."""
-
-    def poll(self, timeout: float = 0.2) -> None:
-        """Run the callbacks of ready descriptors once."""
-        for fd, _mask in self.epoll.poll(timeout):
-            callback = self.sockets.get(fd)
-            if callback is not None:
-                callback()
+class TcpStandIn(StandInWorker):
+    """A stand-in worker whose queued frames the tests read as TCP segments."""
 
     def take(self) -> list[Seg]:
         """The TCP segments queued for the guest so far."""
-        segs = [parse_frame(bytes(frame)) for frame in self.pending]
-        self.pending.clear()
+        segs = [parse_frame(bytes(frame)) for frame in self.queue]
+        self.queue.clear()
         return [s for s in segs if s is not None]
 
 
+def stand_in_flows() -> tuple[TcpStandIn, TcpFlows]:
+    """TcpFlows on a stand-in worker for 10.0.2.15 behind 10.0.2.2 (mapped to the loopback), no table."""
+    w = TcpStandIn(GuestParams(address=GUEST4, prefix_len=24, gateway=GATEWAY4), (GATEWAY4,))
+    flows = TcpFlows(w, w.flows)
+    flows.plug_into(w.endpoint)
+    return w, flows
+
+
 @pytest.fixture
-def stand_in() -> Iterator[tuple[StandInWorker, TcpFlows, socket.socket]]:
+def stand_in() -> Iterator[tuple[TcpStandIn, TcpFlows, socket.socket]]:
     """TcpFlows on a stand-in worker, and a listener on this namespace's loopback (10.0.2.2 maps there)."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
-    w = StandInWorker()
-    flows = TcpFlows(cast(Any, w), None, (GATEWAY4,))
+    w, flows = stand_in_flows()
     yield w, flows, listener
     flows.close()
+    w.close()
     listener.close()
-    w.epoll.close()
 
 
-def established_with_data(w: StandInWorker, listener: socket.socket) -> tuple[socket.socket, Seg]:
+def established_with_data(w: TcpStandIn, listener: socket.socket) -> tuple[socket.socket, Seg]:
     """Guest connects through ``w``; the host side sends 100 bytes; returns (server socket, the data segment).
 
     Socket callbacks read the real monotonic clock, so the synthetic times of the tests start from it.
@@ -448,7 +409,7 @@ def established_with_data(w: StandInWorker, listener: socket.socket) -> tuple[so
     out: list[bytes] = []
     w.endpoint.handle_frame(memoryview(tcp.build(guest, 1000, 0, int(SYN), 65535, tcp.syn_options(1400, 7))),
                             now, out)
-    w.pending.extend(out)
+    w.queue.extend(out)
     out.clear()
     segs: list[Seg] = []
     deadline = time.monotonic() + 3
@@ -459,7 +420,7 @@ def established_with_data(w: StandInWorker, listener: socket.socket) -> tuple[so
     assert synack.flags == SYN | ACK
     server, _ = listener.accept()
     w.endpoint.handle_frame(memoryview(tcp.build(guest, 1001, synack.seq + 1, int(ACK), 65535)), now, out)
-    w.pending.extend(out)
+    w.queue.extend(out)
     server.sendall(b"d" * 100)
     data: list[Seg] = []
     deadline = time.monotonic() + 3
@@ -470,66 +431,66 @@ def established_with_data(w: StandInWorker, listener: socket.socket) -> tuple[so
     return server, data[0]
 
 
-def test_retransmission_backs_off_then_resets(stand_in: tuple[StandInWorker, TcpFlows, socket.socket]) -> None:
+def test_retransmission_backs_off_then_resets(stand_in: tuple[TcpStandIn, TcpFlows, socket.socket]) -> None:
     """Unacknowledged data: resent after 1, 2, 4 ... s from the same sequence; after 7 tries a RST both ways."""
     w, flows, listener = stand_in
     server, data = established_with_data(w, listener)
     t = time.monotonic()
-    flows.tick(t + 0.5)
+    w.flows.tick(t + 0.5)
     assert w.take() == []
     for attempt in range(MAX_RETRIES):
         t += RTO_INIT * 2 ** attempt
-        flows.tick(t)
+        w.flows.tick(t)
         (again,) = w.take()
         assert again.seq == data.seq and again.payload == data.payload, attempt
-        flows.tick(t + RTO_INIT * 2 ** (attempt + 1) - 0.01)
+        w.flows.tick(t + RTO_INIT * 2 ** (attempt + 1) - 0.01)
         assert w.take() == [], attempt
     t += RTO_INIT * 2 ** MAX_RETRIES
-    flows.tick(t)
+    w.flows.tick(t)
     (rst,) = w.take()
-    assert rst.flags & RST and flows.flows == {}
+    assert rst.flags & RST and w.flows.flows == {}
     server.settimeout(2)
     with pytest.raises(ConnectionResetError):
         server.recv(10)
     server.close()
 
 
-def guest_acks_all(w: StandInWorker, listener: socket.socket, data: Seg, now: float) -> None:
+def guest_acks_all(w: TcpStandIn, listener: socket.socket, data: Seg, now: float) -> None:
     """The guest ACKs the 100 bytes of ``data`` (from established_with_data): nothing left to retransmit."""
     port = listener.getsockname()[1]
     guest = Addressing(False, OUR_MAC, GUEST_MAC, socket.inet_aton(GUEST4), socket.inet_aton(GATEWAY4), 40200, port)
     w.endpoint.handle_frame(memoryview(tcp.build(guest, 1001, tcp.seq_add(data.seq, 100), ACK, 65535)), now, [])
 
 
-def test_idle_connection_is_reset(stand_in: tuple[StandInWorker, TcpFlows, socket.socket]) -> None:
+def test_idle_connection_is_reset(stand_in: tuple[TcpStandIn, TcpFlows, socket.socket]) -> None:
     """No segment from the guest for IDLE_TIMEOUT seconds: RST, flow gone."""
     w, flows, listener = stand_in
     server, data = established_with_data(w, listener)
     now = time.monotonic()
     guest_acks_all(w, listener, data, now)
-    flows.tick(now + 60)
-    assert all(not seg.flags & RST for seg in w.take()) and len(flows.flows) == 1  # keepalive ACKs only
-    flows.tick(now + IDLE_TIMEOUT + 1)
+    w.flows.tick(now + 60)
+    assert all(not seg.flags & RST for seg in w.take()) and len(w.flows.flows) == 1  # keepalive ACKs only
+    w.flows.tick(now + IDLE_TIMEOUT + 1)
     (rst,) = w.take()
-    assert rst.flags & RST and flows.flows == {}
+    assert rst.flags & RST and w.flows.flows == {}
     server.close()
 
 
-def test_keepalive_acks_a_quiet_connection(stand_in: tuple[StandInWorker, TcpFlows, socket.socket]) -> None:
+def test_keepalive_acks_a_quiet_connection(stand_in: tuple[TcpStandIn, TcpFlows, socket.socket]) -> None:
     """A quiet established connection gets a pure ACK every KEEPALIVE_INTERVAL, not more often."""
     w, flows, listener = stand_in
     server, data = established_with_data(w, listener)
     now = time.monotonic()
     guest_acks_all(w, listener, data, now)
     w.take()
-    flows.tick(now + KEEPALIVE_INTERVAL - 1)
+    w.flows.tick(now + KEEPALIVE_INTERVAL - 1)
     assert w.take() == []
-    flows.tick(now + KEEPALIVE_INTERVAL + 1)
+    w.flows.tick(now + KEEPALIVE_INTERVAL + 1)
     (ka,) = w.take()
     assert ka.flags == ACK and not ka.payload and ka.ack == 1001
-    flows.tick(now + KEEPALIVE_INTERVAL + 2)
+    w.flows.tick(now + KEEPALIVE_INTERVAL + 2)
     assert w.take() == []
-    flows.tick(now + 2 * KEEPALIVE_INTERVAL + 2)
+    w.flows.tick(now + 2 * KEEPALIVE_INTERVAL + 2)
     assert len(w.take()) == 1
     server.close()
 
@@ -543,11 +504,10 @@ def test_host_data_with_and_without_peek_offset(monkeypatch: pytest.MonkeyPatch,
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
-    w = StandInWorker()
-    flows = TcpFlows(cast(Any, w), None, (GATEWAY4,))
+    w, flows = stand_in_flows()
     try:
         server, first = established_with_data(w, listener)
-        (flow,) = flows.flows.values()
+        (flow,) = w.flows.flows.values()
         assert flow.peek_off is peek_off
         payload = blob(200_000)
         server.sendall(payload)
@@ -561,7 +521,7 @@ def test_host_data_with_and_without_peek_offset(monkeypatch: pytest.MonkeyPatch,
         while not fin and time.monotonic() < deadline:
             out: list[bytes] = []
             w.endpoint.handle_frame(memoryview(tcp.build(guest, 1001, ack, int(ACK), 1000)), time.monotonic(), out)
-            w.pending.extend(out)
+            w.queue.extend(out)
             w.poll(0.05)
             for seg in w.take():
                 if seg.payload and seg.seq == ack:
@@ -572,8 +532,8 @@ def test_host_data_with_and_without_peek_offset(monkeypatch: pytest.MonkeyPatch,
         assert fin and bytes(received) == b"d" * 100 + payload
     finally:
         flows.close()
+        w.close()
         listener.close()
-        w.epoll.close()
 
 
 def test_forwarded_port_on_worker_that_never_saw_the_guest(tmp_path: Path, netns: TestNetns) -> None:

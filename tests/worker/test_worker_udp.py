@@ -26,7 +26,7 @@ from shardswitch.net import checksum, icmpv6, ipv4, ipv6, udp
 from shardswitch.net.drop import DropReason
 from shardswitch.net.params import GuestParams
 from shardswitch.shm.table import FlowTable
-from shardswitch.worker.main import Worker
+from shardswitch.worker.worker import Worker
 from shardswitch.net.udp import build_frame6, parse6
 from shardswitch.worker.udp import UDP_TIMEOUT, UDP_TIMEOUT_BOTH
 from tests.guest.netns import TestNetns
@@ -146,6 +146,7 @@ def send(w: Worker, frame: bytes, now: float) -> None:
 
 def close_worker(w: Worker, socks: list[socket.socket]) -> None:
     """Close everything the worker and the fixture opened."""
+    w.flows.close_all()
     w.udp.close()
     assert w.table is not None
     w.table.close()
@@ -165,23 +166,23 @@ def test_flow_timers(table: FlowTable, server: socket.socket) -> None:
         data, peer = server.recvfrom(100)
         assert data == b"both-ways"
         server.sendto(b"answer", peer)
-        flow = next(f for f in w.udp.flows.values() if f.guest_port == 40001)
+        flow = next(f for f in w.flows.flows.values() if f.guest_port == 40001)
         time.sleep(0.1)
-        w.udp.on_readable(flow.sock.fileno())
-        (reply,) = w.pending
+        w.udp.on_socket(flow)
+        (reply,) = w.queue
         assert decode(reply) == (GATEWAY4, port, GUEST4, 40001, b"answer")
         flow.last = 1000.0
-        w.udp.tick(1000.0 + UDP_TIMEOUT - 1)
+        w.flows.tick(1000.0 + UDP_TIMEOUT - 1)
         assert len(table.list_flows()) == 2
-        w.udp.tick(1000.0 + UDP_TIMEOUT + 1)
+        w.flows.tick(1000.0 + UDP_TIMEOUT + 1)
         (left,) = table.list_flows()
-        assert left.initiator.ep_port == 40001 and len(w.udp.flows) == 1
+        assert left.initiator.ep_port == 40001 and len(w.flows.flows) == 1
         fd = flow.sock.fileno()
         flow.last = 1100.0
-        w.udp.tick(1101.0)
+        w.flows.tick(1101.0)
         assert table.list_flows()[0].last_activity == 1100.0
-        w.udp.tick(1100.0 + UDP_TIMEOUT_BOTH + 1)
-        assert table.list_flows() == [] and w.udp.flows == {} and fd not in w.sockets and flow.sock.fileno() == -1
+        w.flows.tick(1100.0 + UDP_TIMEOUT_BOTH + 1)
+        assert table.list_flows() == [] and w.flows.flows == {} and fd not in w.sockets and flow.sock.fileno() == -1
     finally:
         close_worker(w, socks)
 
@@ -198,7 +199,7 @@ def test_forwarded_port_in_process(table: FlowTable) -> None:
         client.sendto(b"ping", ("127.0.0.1", port))
         time.sleep(0.1)
         w.udp.on_listener(fd)
-        (frame,) = w.pending
+        (frame,) = w.queue
         cport = client.getsockname()[1]
         assert decode(frame) == (GATEWAY4, cport, GUEST4, 5000, b"ping")
         (entry,) = table.list_flows()
@@ -222,12 +223,12 @@ def test_forwarded_ipv6_port_before_the_guest_mac_is_known(table: FlowTable) -> 
     client = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
     client.settimeout(2.0)
     try:
-        w.udp.guest6 = ipv6.addr_from_str(GUEST6)
+        w.flows.fwd.guest6 = ipv6.addr_from_str(GUEST6)
         (fd,) = w.udp.listeners
         client.sendto(b"six", ("::1", port))
         time.sleep(0.1)
         w.udp.on_listener(fd)
-        (frame,) = w.pending
+        (frame,) = w.queue
         assert frame[:6] == b"\xff" * 6
         cport = client.getsockname()[1]
         assert decode(GUEST_MAC + frame[6:]) == (ROUTER6, cport, GUEST6, 6000, b"six")
@@ -249,7 +250,7 @@ def test_local_and_multicast_destinations_are_dropped(table: FlowTable) -> None:
         out = []
         assert w.endpoint.handle_frame(memoryview(frame6(5353, 5353, b"x", dst="ff02::fb")), 0.0, out) \
             == DropReason.UDP_PORT_UNHANDLED
-        assert w.udp.flows == {} and table.list_flows() == []
+        assert w.flows.flows == {} and table.list_flows() == []
     finally:
         close_worker(w, socks)
 
@@ -371,8 +372,8 @@ def test_port_unreachable_relayed(switch: Switch, fe: VhostUserFrontend, v6: boo
         assert (p4.payload[0], p4.payload[1]) == (3, 3)
         assert checksum.checksum(p4.payload) == 0
         assert bytes(p4.payload[8:]) == sent[14:]
-    drops = switch.status()["workers"][0]["drops"]
-    assert drops.get("UDP_HOST_ICMP_ERROR") == 1
+    events = switch.status()["workers"][0]["events"]
+    assert events.get("UDP_HOST_ICMP_ERROR") == 1
 
 
 def test_forwarded_port_through_switch(echo_ns: TestNetns, tmp_path: Path) -> None:

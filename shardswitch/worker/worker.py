@@ -2,20 +2,33 @@
 
 The coordinator forks one worker per queue pair.  A worker owns everything
 on its packet path - its mapping of guest memory, its RX and TX virtqueues,
-its protocol endpoint, its pending-frame queue and its counters - in one
-:class:`Worker` object; nothing per-packet is shared with another process.
+its protocol endpoint, its flow layer and protocol modules, its queue of
+frames for the guest and its counters - in one :class:`Worker` object;
+nothing per-packet is shared with another process.
 
-Its loop waits (epoll, no busy polling) on three kinds of descriptors:
+The worker is the :class:`~shardswitch.worker.port.WorkerPort` of its
+protocol modules: they reach it through that written interface only, and
+it wires them up (endpoint handlers, the flow layer's hooks).
+
+Its loop waits (epoll, no busy polling) on:
 
 * the control channel to the coordinator (:mod:`shardswitch.ipc`): memory
   regions, ring start/stop, status queries, shutdown;
 * the TX ring's kick eventfd: the guest posted frames;
-* the RX ring's kick eventfd, enabled only while frames wait for buffers.
+* the RX ring's kick eventfd, enabled only while frames wait for buffers;
+* its hand-over inbox: frames of its flows that arrived on other queue pairs;
+* every host socket of its flows and forwarded ports, each with its callback.
 
-A ring the front-end gave no kick descriptor (the NOFD bit) is polled every
-:data:`POLL_INTERVAL` seconds instead.  Errors in a ring (the guest broke
-the virtqueue) break that ring only; a control channel that closes means the
-coordinator is gone, and the worker exits.
+After each wake-up, once a second, the deferred handler runs the flow
+layer's timers.  A ring the front-end gave no kick descriptor (the NOFD
+bit) is polled every :data:`POLL_INTERVAL` seconds instead.  Errors in a
+ring (the guest broke the virtqueue) break that ring only; a control channel
+that closes means the coordinator is gone, and the worker exits.
+
+Errors meet one boundary, :meth:`Worker.handle_frame`: a guest frame the
+packet layer refuses (PacketError) is a counted drop, a frame of a flow
+another worker owns (:class:`~shardswitch.worker.flow.HandOver`) goes to
+that worker's inbox, and anything else is a bug contained to that frame.
 """
 
 from __future__ import annotations
@@ -28,6 +41,9 @@ import socket
 import time
 from collections import deque
 from typing import Callable
+
+from shardswitch.net.drop import DropReason
+from shardswitch.net.params import ResolvedParams
 
 from shardswitch.ipc import (
     Channel,
@@ -47,22 +63,18 @@ from shardswitch.ipc import (
     close_fds,
 )
 from shardswitch.net.endpoint import GuestEndpoint
-from shardswitch.shm.layout import FlowSide, FlowType
 from shardswitch.shm.table import FlowTable
 from shardswitch.vhost.wire import VirtioFeature
 from shardswitch.virtio.memory import GuestMemory, GuestMemoryError
-from shardswitch.virtio.netdev import VnetHdrFlags
+from shardswitch.virtio.netdev import RxWriter, VnetHdrFlags
 from shardswitch.virtio.virtqueue import VirtqueueError
-from shardswitch.worker.datapath import (
-    Counters,
-    deliver_rx,
-    drop_pending,
-    service_inbox,
-    service_tx,
-)
-from shardswitch.worker.dns import DnsForward
+from shardswitch.worker.counters import Counters, Event
+from shardswitch.worker.datapath import deliver_rx, drop_pending, publish_rx, service_inbox, service_tx
+from shardswitch.worker.flow import FlowLayer, HandOver
+from shardswitch.worker.fwd import Forwarding
 from shardswitch.worker.peers import Peers
 from shardswitch.worker.ping import PingFlows
+from shardswitch.worker.port import READABLE, RxOffloads
 from shardswitch.worker.rings import NO_FD, RingSlot, SlotState
 from shardswitch.worker.tcp import TcpFlows
 from shardswitch.worker.udp import UdpFlows
@@ -71,17 +83,13 @@ log = logging.getLogger("shardswitch.worker")
 
 #: Polling period for rings without a kick descriptor.
 POLL_INTERVAL = 0.001
-#: Drop reason of frames for another worker's flow whose inbox was full.
-HAND_OVER_FAILED = "HAND_OVER_FAILED"
-#: Drop reason of frames whose handling failed inside shardswitch itself.
-INTERNAL_ERROR = "INTERNAL_ERROR"
 #: Period of the deferred handler (flow timers).
 TICK = 1.0
 PR_SET_PDEATHSIG = 1
 
 
 class Worker:
-    """All state of one worker process."""
+    """All state of one worker process; the WorkerPort of its protocol modules."""
 
     def __init__(self, setup: WorkerSetup, channel: Channel) -> None:
         """A worker for the queue pair of ``setup``, talking to the coordinator over ``channel``."""
@@ -94,15 +102,14 @@ class Worker:
         self.rx = RingSlot(2 * pair)
         self.tx = RingSlot(2 * pair + 1)
         self.endpoint = GuestEndpoint(params)
+        self.params: ResolvedParams = self.endpoint.resolved
         self.counters = Counters()
         #: The TX ring negotiated CSUM: guest frames may carry partial checksums (NEEDS_CSUM).
         self.tx_partial_csum = False
-        #: The RX ring negotiated GUEST_CSUM: frames to the guest carry DATA_VALID, TCP/UDP data unsummed.
-        self.rx_data_valid = False
-        #: The RX ring negotiated GUEST_TSO4 / GUEST_TSO6 (with GUEST_CSUM): TCP data goes in 64 KiB GSO frames.
-        self.rx_tso4 = False
-        self.rx_tso6 = False
-        self.pending: deque[bytes] = deque()
+        #: What the running RX ring negotiated (DATA_VALID, TSO).
+        self.offloads = RxOffloads()
+        #: Frames for the guest, waiting for RX buffers.
+        self.queue: deque[bytes] = deque()
         self.epoll = select.epoll()
         self.epoll.register(channel.fileno(), select.EPOLLIN)
         self.peers = Peers(pair, setup.inbox_fd, setup.peer_fds) if setup.inbox_fd >= 0 else None
@@ -110,19 +117,21 @@ class Worker:
         if self.peers is not None:
             self.epoll.register(self.peers.fileno(), select.EPOLLIN)
         self.running = True
-        #: Host sockets of this worker's flows: descriptor -> readable callback.
+        #: Host descriptors watched for this worker's flows and listeners: descriptor -> callback.
         self.sockets: dict[int, Callable[[], None]] = {}
-        #: Called once a second with ``now`` (flow expiry and the like).
-        self.tick_handlers: list[Callable[[float], None]] = []
         self.next_tick = time.monotonic() + TICK
         #: The guest MAC this worker last published in the flow table's header.
         self.published_mac: bytes | None = None
-        self.ping = PingFlows(self, self.table, setup.map_host_loopback)
-        dns = DnsForward(setup.dns_forward, setup.dns_upstream) if setup.dns_forward else None
-        self.tcp = TcpFlows(self, self.table, setup.map_host_loopback, setup.tcp_ports, dns)
-        self.udp = UdpFlows(self, self.table, setup.map_host_loopback, setup.udp_ports, dns)
+        fwd = Forwarding(self, setup.map_host_loopback, setup.dns_forward, setup.dns_upstream)
+        self.flows = FlowLayer(self, self.table, fwd)
+        self.ping = PingFlows(self, self.flows)
+        self.tcp = TcpFlows(self, self.flows, setup.tcp_ports)
+        self.udp = UdpFlows(self, self.flows, setup.udp_ports)
+        for protocol in (self.ping, self.tcp, self.udp):
+            protocol.plug_into(self.endpoint)
         #: TX needs another round without waiting for a kick (batch limit hit, or polling).
         self.tx_again = False
+
 
     # -- control channel ---------------------------------------------------
 
@@ -219,11 +228,12 @@ class Worker:
         skip summing data; GUEST_TSO4/6 on top let TCP send 64 KiB GSO frames.
         """
         if slot.is_rx:
-            self.rx_data_valid = bool(features & VirtioFeature.GUEST_CSUM)
-            self.rx_tso4 = self.rx_data_valid and bool(features & VirtioFeature.GUEST_TSO4)
-            self.rx_tso6 = self.rx_data_valid and bool(features & VirtioFeature.GUEST_TSO6)
+            offloads = self.offloads
+            offloads.data_valid = bool(features & VirtioFeature.GUEST_CSUM)
+            offloads.tso4 = offloads.data_valid and bool(features & VirtioFeature.GUEST_TSO4)
+            offloads.tso6 = offloads.data_valid and bool(features & VirtioFeature.GUEST_TSO6)
             if slot.writer is not None:
-                slot.writer.set_flags(VnetHdrFlags.DATA_VALID if self.rx_data_valid else 0)
+                slot.writer.set_flags(VnetHdrFlags.DATA_VALID if offloads.data_valid else 0)
         else:
             self.tx_partial_csum = bool(features & VirtioFeature.CSUM)
 
@@ -236,9 +246,9 @@ class Worker:
                 pass
         if slot.is_rx:
             # Frames built while no RX ring runs keep full checksums: the next driver may not take DATA_VALID.
-            self.rx_data_valid = self.rx_tso4 = self.rx_tso6 = False
-            if self.pending:
-                drop_pending(self.pending, self.counters)
+            self.offloads.data_valid = self.offloads.tso4 = self.offloads.tso6 = False
+            if self.queue:
+                drop_pending(self.queue, self.counters)
         return slot.stop()
 
     def _stop_all(self) -> None:
@@ -252,10 +262,10 @@ class Worker:
         return WorkerStatus(seq=seq, pair=self.pair, pid=os.getpid(),
                             rings=[self.rx.snapshot(), self.tx.snapshot()],
                             tx_frames=c.tx_frames, tx_bytes=c.tx_bytes, rx_frames=c.rx_frames,
-                            rx_bytes=c.rx_bytes, drops=dict(c.drops),
+                            rx_bytes=c.rx_bytes, drops=Counters.by_name(c.drops), events=Counters.by_name(c.events),
                             handed_out=self.peers.handed_out if self.peers else 0,
                             handed_in=self.peers.handed_in if self.peers else 0,
-                            flows=sum(len(kind.flows) for kind in (self.ping, self.tcp, self.udp)))
+                            flows=self.flows.count())
 
     # -- rings ----------------------------------------------------------------
 
@@ -274,18 +284,51 @@ class Worker:
                 self.epoll.unregister(slot.kick_fd)
             except (OSError, ValueError):
                 pass
-        self.counters.drops["BROKEN_RING"] += 1
+        self.counters.events[Event.BROKEN_RING] += 1
         slot.break_(str(err))
 
-    def deliver_pending(self) -> None:
+    # -- the WorkerPort of the protocol modules -------------------------------------
+
+    def flush(self) -> None:
         """Write queued frames into the RX ring, under the RX ring's own guard.
 
         The TX path calls this after each batch: were :func:`deliver_rx` called
         directly there, a malformed RX chain would raise inside the TX ring's
         guard and break the TX ring instead of the RX ring.
         """
-        if self.pending:
+        if self.queue:
             self._guard_ring(self.rx, lambda: deliver_rx(self))
+
+    @property
+    def guest_mac(self) -> bytes | None:
+        """The guest's MAC address, once learnt."""
+        return self.endpoint.guest_mac
+
+    def drop(self, reason: DropReason) -> None:
+        """Count one frame lost for ``reason``."""
+        self.counters.drops[reason] += 1
+
+    def count(self, event: Event) -> None:
+        """Count one ``event``."""
+        self.counters.events[event] += 1
+
+    @property
+    def rx_writer(self) -> RxWriter | None:
+        """The running RX ring's writer (None: no RX ring)."""
+        return self.rx.writer
+
+    def rx_wait(self) -> bool:
+        """Ask for a kick when the guest posts RX buffers; True if some were posted meanwhile."""
+        vq = self.rx.vq
+        return vq is not None and vq.enable_kicks()
+
+    def rx_written(self, frames: int, nbytes: int) -> None:
+        """Frames written in place into the RX ring: count, publish, signal the guest."""
+        publish_rx(self, frames, nbytes)
+
+    def rx_broken(self, err: Exception) -> None:
+        """The guest broke the RX ring while we wrote in place."""
+        self.break_ring(self.rx, err)
 
     def on_kick(self, slot: RingSlot) -> None:
         """A kick eventfd fired."""
@@ -298,7 +341,7 @@ class Worker:
             return
         if slot.is_rx:
             self._guard_ring(slot, lambda: deliver_rx(self))
-            if not self.pending and self.tcp.rx_blocked:
+            if not self.queue and self.tcp.rx_blocked:
                 # Flows that ran out of RX buffers writing in place go on now.
                 self.tcp.on_rx_buffers()
         else:
@@ -310,62 +353,50 @@ class Worker:
         return ((rx.kick_fd == NO_FD and rx.state is SlotState.RUNNING)
                 or (tx.kick_fd == NO_FD and tx.state is SlotState.RUNNING))
 
-    # -- loop -------------------------------------------------------------------
-
     # -- frames -------------------------------------------------------------------
 
     def handle_frame(self, frame: memoryview, now: float, replies: list[bytes], csum_partial: bool = False) -> None:
-        """One guest frame through the endpoint, counting drops.
+        """One guest frame through the endpoint: the one boundary where its errors are translated.
 
         ``csum_partial``: its header had NEEDS_CSUM (L4 checksum not to be
-        verified).  The boundary where a fault in our own protocol code (a
-        bug, an unexpected OSError) is contained: the frame is dropped and
-        counted, the traceback logged, and the worker goes on.
+        verified).  A refused frame is counted under its drop reason; a frame
+        of a flow another worker owns is handed to it, unchanged (counted if
+        its inbox is full); a fault in our own protocol code (a bug, an
+        unexpected OSError) drops the frame, counted, with the traceback
+        logged, and the worker goes on.
         """
         try:
             reason = self.endpoint.handle_frame(frame, now, replies, csum_partial)
+        except HandOver as handed:
+            peers = self.peers
+            if peers is None or not peers.hand_over(handed.owner, frame, csum_partial):
+                self.counters.drops[DropReason.HAND_OVER_FAILED] += 1
+            return
         except Exception:
-            self.counters.drops[INTERNAL_ERROR] += 1
+            self.counters.drops[DropReason.INTERNAL_ERROR] += 1
             log.exception("worker %d: frame dropped after an internal error", self.pair)
             return
         if reason is not None:
-            self.counters.drops[reason.name] += 1
+            self.counters.drops[reason] += 1
         mac = self.endpoint.guest_mac
         if mac is not None and mac != self.published_mac and self.table is not None:
             # Other workers need it for host-initiated flows before the guest has used their queue.
             self.table.publish_guest_mac(mac)
             self.published_mac = mac
 
-    # -- flows owned by other workers ---------------------------------------------
+    # -- descriptors and timers ------------------------------------------------------
 
-    def hand_over(self, owner: int) -> None:
-        """Give the frame being handled, unchanged, to the worker that owns its flow (counted if refused)."""
-        peers = self.peers
-        if peers is None or not peers.hand_over(owner, self.endpoint.frame, self.endpoint.csum_partial):
-            self.counters.drops[HAND_OVER_FAILED] += 1
-
-    def owned_elsewhere(self, ftype: FlowType, guest_side: FlowSide) -> bool:
-        """For a frame of a flow missing from this worker's index: True when another worker owns the flow
-        (the frame was handed to it); False when this worker creates it (an entry left by this pair's
-        previous process is removed first)."""
-        table = self.table
-        if table is None:
-            return False
-        hit = table.lookup(ftype, guest_side)
-        if hit is None:
-            return False
-        if hit.owner != self.pair:
-            self.hand_over(hit.owner)
-            return True
-        table.remove_many([hit.ref])
-        return False
-
-    # -- sockets and timers ------------------------------------------------------
-
-    def watch(self, fd: int, callback: Callable[[], None]) -> None:
-        """Call ``callback`` whenever ``fd`` (a host socket of a flow) is readable."""
-        self.epoll.register(fd, select.EPOLLIN)
+    def watch(self, fd: int, callback: Callable[[], None], events: int = READABLE) -> None:
+        """Call ``callback`` whenever ``fd`` (a host socket of a flow, a listener) reports ``events``."""
+        self.epoll.register(fd, events)
         self.sockets[fd] = callback
+
+    def modify(self, fd: int, events: int) -> None:
+        """Change the events a watched ``fd`` reports."""
+        try:
+            self.epoll.modify(fd, events)
+        except OSError:
+            pass
 
     def unwatch(self, fd: int) -> None:
         """Stop watching ``fd`` (before it is closed)."""
@@ -387,10 +418,9 @@ class Worker:
         self.next_tick = now + TICK
         if self.endpoint.guest_mac is None and self.table is not None:
             self.endpoint.guest_mac = self.published_mac = self.table.guest_mac()
-        for handler in self.tick_handlers:
-            handler(now)
-        if self.pending:
-            self.deliver_pending()
+        self.flows.tick(now)
+        if self.queue:
+            self.flush()
 
     # -- loop -------------------------------------------------------------------
 
@@ -408,7 +438,7 @@ class Worker:
                 self.tx_again = False
                 if self.tx.state is SlotState.RUNNING:
                     self.tx_again = self._guard_ring(self.tx, lambda: service_tx(self))
-                if self.rx.state is SlotState.RUNNING and self.pending:
+                if self.rx.state is SlotState.RUNNING and self.queue:
                     self._guard_ring(self.rx, lambda: deliver_rx(self))
             for fd, _mask in events:
                 if fd == channel_fd:
@@ -428,8 +458,9 @@ class Worker:
                 self._tick(now)
         self._stop_all()
         self._guard_memory(self.mem.clear)
-        for kind in (self.ping, self.tcp, self.udp):
-            kind.close()
+        self.tcp.close()
+        self.flows.close_all()
+        self.udp.close()
         if self.table is not None:
             self.table.close()
 

@@ -1,0 +1,49 @@
+"""What a worker counts: traffic, drops by reason, and events.
+
+Theory of operation.  One vocabulary for every module of the worker:
+
+* a **drop** is a frame (either way) that was not passed on, counted under a
+  :class:`~shardswitch.net.drop.DropReason` - the packet layer's reasons for a
+  guest frame it refused, then the worker's own (no RX buffers, no host
+  socket, a full flow table...);
+* an **event** (:class:`Event`) is something worth counting that loses no
+  frame: a ring the guest broke, an ICMP error relayed to the guest.
+
+Both are plain ``Counter``\\ s keyed by the enum members (one dictionary
+update each, no string building on the packet path); ``shardswitch status``
+shows them by name, drops and events apart (:meth:`Counters.by_name`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from enum import IntEnum
+
+from shardswitch.net.drop import DropReason
+
+
+class Event(IntEnum):
+    """Things a worker counts that are not drops (stable, user-visible names; add at the end)."""
+
+    #: The guest broke a virtqueue (a bad index or descriptor): that ring stopped.
+    BROKEN_RING = 1
+    #: An ICMP error about a guest datagram (port unreachable...) was relayed to the guest.
+    UDP_HOST_ICMP_ERROR = 2
+
+
+class Counters:
+    """Traffic counters of one worker (TX = from the guest, RX = to the guest), drops and events."""
+
+    def __init__(self) -> None:
+        """All zero."""
+        self.tx_frames = 0
+        self.tx_bytes = 0
+        self.rx_frames = 0
+        self.rx_bytes = 0
+        self.drops: Counter[DropReason] = Counter()
+        self.events: Counter[Event] = Counter()
+
+    @staticmethod
+    def by_name(counts: Counter[DropReason] | Counter[Event]) -> dict[str, int]:
+        """Non-zero counts by member name (for the status answer)."""
+        return {member.name: count for member, count in counts.items() if count}

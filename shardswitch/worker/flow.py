@@ -1,0 +1,243 @@
+"""The worker's generic flow layer: passt's flow.c, on the shared flow table.
+
+Theory of operation
+-------------------
+Every flow - an echo flow, a UDP flow, a TCP connection - has the same life
+around its protocol: it is looked up by the guest side of its addresses,
+entered in the shared flow table (:mod:`shardswitch.shm`) so that every
+worker and ``shardswitch flows`` can see it, kept in this worker's local
+index, given a host socket whose readiness reaches it, timed once a second,
+and finally removed.  This module does all of that once; a protocol plugs in
+with a small table of hooks (:class:`FlowHooks`) and does only what is its
+own.
+
+* **Local index.**  :attr:`FlowLayer.flows` maps a flow's guest-side key
+  (:func:`~shardswitch.shm.layout.pack_key`: type, addresses and ports) to
+  the flow.  The per-packet path of a flow this worker owns is one dictionary
+  lookup: no lock, no shared write.
+* **Enter or hand over.**  A guest frame whose flow is not in the index
+  (:meth:`FlowLayer.find`) may belong to a flow another worker owns (the
+  guest's sender moved to another CPU, so to another TX queue): the table
+  says so, and :class:`HandOver` is raised with the owner's queue pair.  The
+  worker catches it at one place - where it handles frames - and hands the
+  frame, unchanged, to the owner's inbox.  An entry this queue pair's
+  previous process left is removed, and the flow is created anew here.  Two
+  workers creating the same flow at once end with one flow: the table refuses
+  the second activation (:meth:`FlowLayer.enter`), and the loser hands over.
+* **Descriptors.**  A flow's host socket is watched through the worker
+  (:meth:`FlowLayer.attach`); readiness reaches the protocol's
+  :meth:`FlowHooks.on_socket` with the flow itself, through the layer's
+  descriptor-to-flow map.
+* **Deferred handling.**  Once a second (:meth:`FlowLayer.tick`) every flow's
+  timer hook runs; the flows it says are over are closed and leave the table
+  in one batch (one write lock), the activity times that changed are
+  published (one unlocked store each: only the owner writes its entries'
+  times), and each protocol's deferred hook runs (e.g. refilling pools).
+* **Address translation** is :class:`~shardswitch.worker.fwd.Forwarding`'s,
+  reached as :attr:`FlowLayer.fwd`.
+
+Without a table (unit tests of one worker) every flow is this worker's and
+gets a dummy reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+from shardswitch.net.drop import DropReason, PacketError
+from shardswitch.shm.layout import FlowRef, FlowSide, FlowTableError, FlowType, Pif, pack_key
+from shardswitch.shm.table import FlowTable
+from shardswitch.worker.fwd import Forwarding
+from shardswitch.worker.port import READABLE, WorkerPort
+
+log = logging.getLogger("shardswitch.worker")
+
+#: The reference of a flow that is in no table.
+NO_REF = FlowRef(-1, 0)
+
+
+class HandOver(Exception):
+    """The frame being handled belongs to a flow another worker owns: give it to that worker, unchanged."""
+
+    def __init__(self, owner: int) -> None:
+        """``owner``: the queue pair whose worker owns the flow."""
+        super().__init__(f"flow owned by queue pair {owner}")
+        self.owner = owner
+
+
+@dataclass(slots=True, eq=False, kw_only=True)
+class FlowBase:
+    """What the flow layer keeps of every flow; each protocol's flow class extends it."""
+
+    #: The flow's entry in the shared table (:data:`NO_REF` without a table).
+    ref: FlowRef
+    #: Its type, which selects its protocol's hooks.
+    ftype: FlowType
+    #: Key of its guest side in the local index.
+    key: bytes
+    #: Last activity (monotonic seconds), and the value last written to the table.
+    last: float
+    published: float = 0.0
+    #: The host socket watched for it (-1: none of its own, e.g. a shared listening socket).
+    fd: int = -1
+    #: Closed: no longer in the index (events still queued for it are ignored).
+    closed: bool = field(default=False)
+
+
+F = TypeVar("F", bound=FlowBase)
+F_contra = TypeVar("F_contra", bound=FlowBase, contravariant=True)
+
+
+class FlowHooks(Protocol, Generic[F_contra]):
+    """What a protocol plugs into the flow layer for its flow types."""
+
+    #: The drop reason of a new flow refused because the table is full.
+    table_full: DropReason
+
+    def on_socket(self, flow: F_contra) -> None:
+        """The flow's host socket is ready (readable, writable or in error)."""
+
+    def timer(self, flow: F_contra, now: float) -> bool:
+        """The flow's once-a-second timers; True when it is over (the layer then closes it)."""
+
+    def release(self, flow: F_contra) -> None:
+        """Free what the protocol holds for the flow (its socket); the layer has forgotten it."""
+
+    def deferred(self, now: float) -> None:
+        """Once a second, after the flows' timers (pools, caches)."""
+
+
+class FlowLayer:
+    """Every flow this worker owns, whatever its protocol."""
+
+    def __init__(self, port: WorkerPort, table: FlowTable | None, fwd: Forwarding) -> None:
+        """The flows of ``port``'s worker, entered in ``table`` (None: no table), mapped by ``fwd``."""
+        self.port = port
+        self.table = table
+        self.fwd = fwd
+        #: The local index: guest-side key -> flow.
+        self.flows: dict[bytes, FlowBase] = {}
+        #: Host sockets of flows: descriptor -> flow.
+        self.by_fd: dict[int, FlowBase] = {}
+        self._hooks: dict[int, FlowHooks[Any]] = {}
+        self._kinds: list[FlowHooks[Any]] = []
+
+    def register(self, ftypes: tuple[FlowType, ...], hooks: FlowHooks[Any]) -> None:
+        """Plug a protocol in for its flow types."""
+        for ftype in ftypes:
+            self._hooks[ftype] = hooks
+        self._kinds.append(hooks)
+
+    # -- finding and entering ---------------------------------------------------
+
+    def find(self, ftype: FlowType, guest_side: FlowSide) -> tuple[bytes, FlowBase | None]:
+        """The key of a guest frame's flow and the flow, if this worker has it.
+
+        Raises :class:`HandOver` when another worker owns it.  None: the flow
+        is new here (an entry left by this pair's previous process is removed
+        first) and the caller may create it.
+        """
+        key = pack_key(ftype, guest_side)
+        flow = self.flows.get(key)
+        if flow is not None:
+            return key, flow
+        table = self.table
+        if table is not None:
+            hit = table.lookup_key(key)
+            if hit is not None:
+                if hit.owner != self.port.pair:
+                    raise HandOver(hit.owner)
+                table.remove_many([hit.ref])
+        return key, None
+
+    def enter(self, ftype: FlowType, initiator: FlowSide, target: FlowSide, now: float) -> FlowRef:
+        """Enter a new flow in the table (the whole life cycle at once).
+
+        Raises PacketError with the protocol's ``table_full`` reason when the
+        table is full; :class:`HandOver` when another worker entered the same
+        guest-initiated flow first; PacketError(``conflict``) for a host-initiated
+        one (no frame to hand over).
+        """
+        table = self.table
+        if table is None:
+            return NO_REF
+        try:
+            ref = table.enter(ftype, initiator, target, self.port.pair, now)
+        except FlowTableError as err:
+            log.warning("%s flow not created: %s", ftype.name, err)
+            raise PacketError(self._hooks[ftype].table_full, str(err)) from None
+        if ref is not None:
+            return ref
+        hit = table.lookup(ftype, initiator)
+        if initiator.pif == Pif.GUEST and hit is not None and hit.owner != self.port.pair:
+            raise HandOver(hit.owner)
+        raise PacketError(DropReason.UDP_FLOW_CONFLICT if ftype == FlowType.UDP else DropReason.TCP_IGNORED,
+                          "another worker entered the same flow")
+
+    def add(self, flow: FlowBase, sock_fd: int = -1, events: int = READABLE) -> None:
+        """Index a flow just entered; watch its own socket ``sock_fd`` (if any) for ``events``."""
+        self.flows[flow.key] = flow
+        if sock_fd >= 0:
+            flow.fd = sock_fd
+            self.by_fd[sock_fd] = flow
+            self.port.watch(sock_fd, functools.partial(self._on_fd, sock_fd), events)
+
+    def _on_fd(self, fd: int) -> None:
+        """A flow's socket is ready: its protocol's hook, with the flow."""
+        flow = self.by_fd.get(fd)
+        if flow is not None:
+            self._hooks[flow.ftype].on_socket(flow)
+
+    # -- closing ----------------------------------------------------------------------
+
+    def _forget(self, flow: FlowBase) -> bool:
+        """Take a flow out of the index and its socket out of the watch list; False if already closed."""
+        if flow.closed:
+            return False
+        flow.closed = True
+        if self.flows.get(flow.key) is flow:
+            del self.flows[flow.key]
+        if flow.fd >= 0:
+            self.port.unwatch(flow.fd)
+            self.by_fd.pop(flow.fd, None)
+        self._hooks[flow.ftype].release(flow)
+        return True
+
+    def close(self, flow: FlowBase) -> None:
+        """Close one flow now: forget it, let its protocol release it, remove it from the table."""
+        if self._forget(flow) and self.table is not None and flow.ref.entry >= 0:
+            self.table.remove_many([flow.ref])
+
+    def close_all(self) -> None:
+        """Close every flow (the worker is stopping; the coordinator frees the table entries)."""
+        for flow in list(self.flows.values()):
+            self._forget(flow)
+
+    # -- deferred handling ------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Once a second: every flow's timers, the finished ones removed in one batch, activity published."""
+        hooks = self._hooks
+        over = [flow for flow in list(self.flows.values())
+                if hooks[flow.ftype].timer(flow, now) and not flow.closed]
+        for flow in over:
+            self._forget(flow)
+        table = self.table
+        if table is not None:
+            if over:
+                table.remove_many([flow.ref for flow in over if flow.ref.entry >= 0])
+            for flow in self.flows.values():
+                if flow.last != flow.published and flow.ref.entry >= 0:
+                    table.touch(flow.ref.entry, flow.last)
+                    flow.published = flow.last
+        for kind in self._kinds:
+            kind.deferred(now)
+
+    def count(self, ftypes: tuple[FlowType, ...] | None = None) -> int:
+        """Flows this worker owns (of ``ftypes`` if given)."""
+        if ftypes is None:
+            return len(self.flows)
+        return sum(1 for flow in self.flows.values() if flow.ftype in ftypes)
