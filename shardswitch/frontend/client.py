@@ -49,10 +49,10 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from shardswitch.frontend.memory import GuestRam, GuestRamError
 from shardswitch.frontend.vring import DEFAULT_BUF_SIZE, DriverRing, RingError, RingFullError
@@ -92,6 +92,8 @@ CONNECT_RETRY = 0.02
 class FrontendError(Exception):
     """The back-end misbehaved, timed out or hung up, or the front-end was misused."""
 
+
+_T = TypeVar("_T")
 
 @dataclass(slots=True)
 class _Queue:
@@ -493,19 +495,23 @@ class VhostUserFrontend:
         """Queue as many frames as fit (after reclaiming used TX chains), one kick; return the count."""
         queue = self._queue(2 * pair + 1)
         self.reclaim_tx(pair)
-        sent = 0
+        return self._add_chains(queue, frames, lambda frame: queue.ring.add_out(self._tx_buffer(frame, hdr)))
+
+    def _add_chains(self, queue: _Queue, items: Iterable[_T], add: Callable[[_T], object]) -> int:
+        """``add`` one chain per item until the ring is full; publish once; return how many went in."""
+        added = 0
         try:
-            for frame in frames:
-                queue.ring.add_out(self._tx_buffer(frame, hdr))
-                sent += 1
+            for item in items:
+                add(item)
+                added += 1
         except RingFullError:
             pass
         except RingError as exc:
-            raise FrontendError(f"TX ring {queue.index}: {exc}") from exc
+            raise FrontendError(f"{'RX' if queue.index % 2 == 0 else 'TX'} ring {queue.index}: {exc}") from exc
         finally:
-            if sent:
+            if added:
                 self._publish(queue)
-        return sent
+        return added
 
     def reclaim_tx(self, pair: int) -> int:
         """Collect TX chains the back-end has used; return how many."""
@@ -521,19 +527,7 @@ class VhostUserFrontend:
     def post_rx(self, pair: int, count: int, size: int = 1536) -> int:
         """Offer up to ``count`` writable buffers of ``size`` bytes on RX ring 2*pair; return how many."""
         queue = self._queue(2 * pair)
-        posted = 0
-        try:
-            for _ in range(count):
-                queue.ring.add_in([size])
-                posted += 1
-        except RingFullError:
-            pass
-        except RingError as exc:
-            raise FrontendError(f"RX ring {queue.index}: {exc}") from exc
-        finally:
-            if posted:
-                self._publish(queue)
-        return posted
+        return self._add_chains(queue, range(count), lambda _: queue.ring.add_in([size]))
 
     def recv_frames(self, pair: int, timeout: float = 1.0) -> list[bytes]:
         """Wait up to ``timeout`` for received frames on pair ``pair``; return them without headers."""

@@ -37,6 +37,7 @@ bug) pass through to the caller.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from . import eth, icmpv6, ipv4, ipv6, udp
@@ -184,19 +185,24 @@ class GuestEndpoint:
         """Validate an IPv4 packet and dispatch it by protocol."""
         packet = ipv4.parse(payload)
         packet.csum_partial = self._csum_partial
-        handler = self._ip_handlers.get(packet.proto)
-        if handler is None:
-            raise PacketError(DropReason.IP_PROTO_UNHANDLED, f"protocol {packet.proto}")
-        handler(eth_src, packet, now, out)
+        self._dispatch_ip(self._ip_handlers, packet.proto, DropReason.IP_PROTO_UNHANDLED, eth_src, packet, now,
+                          out)
 
     def _handle_ipv6(self, eth_src: bytes, payload: memoryview, now: float,
                      out: list[bytes]) -> None:
         """Validate an IPv6 packet and dispatch it by its final next header."""
         packet = ipv6.parse(payload)
         packet.csum_partial = self._csum_partial
-        handler = self._ip6_handlers.get(packet.next_header)
+        self._dispatch_ip(self._ip6_handlers, packet.next_header, DropReason.IPV6_UNHANDLED, eth_src, packet, now,
+                          out)
+
+    @staticmethod
+    def _dispatch_ip(handlers: Mapping[int, Callable[..., None]], proto: int, unhandled: DropReason,
+                     eth_src: bytes, packet: Ipv4Packet | Ipv6Packet, now: float, out: list[bytes]) -> None:
+        """Hand a validated IP packet to the handler of its (final) protocol number, or refuse it."""
+        handler = handlers.get(proto)
         if handler is None:
-            raise PacketError(DropReason.IPV6_UNHANDLED, f"next header {packet.next_header}")
+            raise PacketError(unhandled, f"protocol {proto}")
         handler(eth_src, packet, now, out)
 
     def _handle_icmpv6(self, eth_src: bytes, packet: Ipv6Packet, now: float,

@@ -57,6 +57,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple, TypeVar
 
+from shardswitch.net import inany
+
 
 class FlowTableError(Exception):
     """Any failure of the shared flow table (the one exception type of this layer)."""
@@ -346,33 +348,26 @@ class Flow:
         return FlowRef(self.entry, self.generation)
 
 
-_V4_PREFIX = b"\x00" * 10 + b"\xff\xff"
 _E = TypeVar("_E", State, FlowType, Pif)
 
 
 def ip16(addr: bytes | str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
-    """An address as the 16 bytes stored in a side (IPv4 as ``::ffff:a.b.c.d``)."""
-    if isinstance(addr, str):
-        try:
-            addr = ipaddress.ip_address(addr)
-        except ValueError:
-            raise FlowTableError(f"not an IPv4/IPv6 address: {addr!r}") from None
-    if isinstance(addr, ipaddress.IPv4Address):
-        return _V4_PREFIX + addr.packed
-    if isinstance(addr, ipaddress.IPv6Address):
-        return addr.packed
-    if isinstance(addr, (bytes, bytearray, memoryview)):
-        raw = bytes(addr)
-        if len(raw) == 4:
-            return _V4_PREFIX + raw
-        if len(raw) == 16:
-            return raw
+    """An address as the 16 bytes stored in a side: an inany value (IPv4 as ``::ffff:a.b.c.d``)."""
+    try:
+        if isinstance(addr, str):
+            return inany.from_str(addr)
+        if isinstance(addr, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+            return inany.from_packed(addr.packed)
+        if isinstance(addr, (bytes, bytearray, memoryview)):
+            return inany.from_packed(bytes(addr))
+    except inany.AddressError:
+        pass
     raise FlowTableError(f"not an IPv4/IPv6 address: {addr!r}")
 
 
 def ip_of(addr16: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """The address object for 16 stored bytes (IPv4-mapped addresses as IPv4)."""
-    if addr16[:12] == _V4_PREFIX:
+    if inany.is_v4(addr16):
         return ipaddress.IPv4Address(addr16[12:])
     return ipaddress.IPv6Address(addr16)
 

@@ -1,0 +1,43 @@
+"""The worker's layering: protocol modules depend on the WorkerPort interface, never on the Worker class.
+
+Read from the source (imports at any level, TYPE_CHECKING blocks included), so
+that a shortcut through the Worker object cannot creep back in.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+WORKER_DIR = Path(__file__).resolve().parents[2] / "shardswitch" / "worker"
+#: The worker itself and its own packet engine may know the Worker class; nothing else in worker/ may.
+WORKER_SIDE = {"worker.py", "datapath.py", "__init__.py"}
+PROTOCOL_MODULES = sorted(p.name for p in WORKER_DIR.glob("*.py") if p.name not in WORKER_SIDE)
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports, at any level of its code."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module is not None:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_protocol_modules_are_listed() -> None:
+    """The check below covers the protocol modules and the flow layer."""
+    assert {"ping.py", "udp.py", "tcp.py", "tcp_forward.py", "tcp_vu.py", "tcp_buf.py", "tcp_timers.py", "flow.py",
+            "fwd.py", "port.py"} <= set(PROTOCOL_MODULES)
+
+
+@pytest.mark.parametrize("name", PROTOCOL_MODULES)
+def test_no_protocol_module_imports_the_worker(name: str) -> None:
+    """No module but the worker's own imports shardswitch.worker.worker (or its datapath), even under TYPE_CHECKING."""
+    imports = imported_modules(WORKER_DIR / name)
+    assert not {m for m in imports if m == "shardswitch.worker.worker" or m.startswith("shardswitch.worker.worker.")}
+    assert "shardswitch.worker.datapath" not in imports
