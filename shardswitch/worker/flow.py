@@ -96,6 +96,9 @@ class FlowHooks(Protocol, Generic[F_contra]):
 
     #: The drop reason of a new flow refused because the table is full.
     table_full: DropReason
+    #: The drop reason of a new flow whose twin another worker entered first, when there is no frame of the
+    #: guest to hand over (a host-initiated flow, or a twin gone again by the time it was looked up).
+    conflict: DropReason
 
     def on_socket(self, flow: F_contra) -> None:
         """The flow's host socket is ready (readable, writable or in error)."""
@@ -158,8 +161,8 @@ class FlowLayer:
 
         Raises PacketError with the protocol's ``table_full`` reason when the
         table is full; :class:`HandOver` when another worker entered the same
-        guest-initiated flow first; PacketError(``conflict``) for a host-initiated
-        one (no frame to hand over).
+        guest-initiated flow first; PacketError with the protocol's
+        ``conflict`` reason when there is no frame to hand over.
         """
         table = self.table
         if table is None:
@@ -174,8 +177,7 @@ class FlowLayer:
         hit = table.lookup(ftype, initiator)
         if initiator.pif == Pif.GUEST and hit is not None and hit.owner != self.port.pair:
             raise HandOver(hit.owner)
-        raise PacketError(DropReason.UDP_FLOW_CONFLICT if ftype == FlowType.UDP else DropReason.TCP_IGNORED,
-                          "another worker entered the same flow")
+        raise PacketError(self._hooks[ftype].conflict, "another worker entered the same flow")
 
     def add(self, flow: FlowBase, sock_fd: int = -1, events: int = READABLE) -> None:
         """Index a flow just entered; watch its own socket ``sock_fd`` (if any) for ``events``."""

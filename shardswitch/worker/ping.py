@@ -59,6 +59,7 @@ class PingFlows:
     """Every echo flow of one worker: the flow layer's hooks for PING4 and PING6."""
 
     table_full = DropReason.PING_TABLE_FULL
+    conflict = DropReason.ICMP_IGNORED
 
     def __init__(self, port: WorkerPort, layer: FlowLayer) -> None:
         """Serve echo for ``port``'s worker through ``layer``."""

@@ -146,6 +146,7 @@ class TcpFlows:
     """Every TCP connection of one worker: the flow layer's hooks for TCP."""
 
     table_full = DropReason.TCP_TABLE_FULL
+    conflict = DropReason.TCP_IGNORED
 
     def __init__(self, port: WorkerPort, layer: FlowLayer, tcp_ports: tuple[str, ...] = ()) -> None:
         """Serve TCP for ``port``'s worker through ``layer``; ``tcp_ports``: the -t SPECs."""

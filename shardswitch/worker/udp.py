@@ -120,6 +120,7 @@ class UdpFlows:
     """Every UDP flow and forwarded-port listener of one worker: the flow layer's hooks for UDP."""
 
     table_full = DropReason.UDP_TABLE_FULL
+    conflict = DropReason.UDP_FLOW_CONFLICT
 
     def __init__(self, port: WorkerPort, layer: FlowLayer, udp_ports: tuple[str, ...] = ()) -> None:
         """Serve UDP for ``port``'s worker through ``layer``; ``udp_ports``: the -u SPECs."""
