@@ -42,8 +42,9 @@ from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import cast
 
-from . import checksum, eth, ipv4, ipv6
+from . import checksum, eth, inany, ipv4, ipv6
 from .drop import DropReason, PacketError
+from .inany import InAny
 from .ipv4 import IpProto, Ipv4Packet
 from .ipv6 import Ipv6Packet
 
@@ -239,6 +240,12 @@ class Addressing:
     dst: bytes
     src_port: int
     dst_port: int
+
+    @classmethod
+    def between(cls, eth_dst: bytes, eth_src: bytes, src: InAny, dst: InAny, src_port: int,
+                dst_port: int) -> Addressing:
+        """The addressing of frames ``src``:``src_port`` -> ``dst``:``dst_port`` given as 16-byte addresses."""
+        return cls(not inany.is_v4(src), eth_dst, eth_src, inany.packed(src), inany.packed(dst), src_port, dst_port)
 
     @property
     def headers_len(self) -> int:

@@ -87,7 +87,6 @@ class FlowBase:
     closed: bool = field(default=False)
 
 
-F = TypeVar("F", bound=FlowBase)
 F_contra = TypeVar("F_contra", bound=FlowBase, contravariant=True)
 
 

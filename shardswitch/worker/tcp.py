@@ -204,8 +204,8 @@ class TcpFlows:
     def _addressing(self, src: InAny, dst: InAny, seg: TcpSegment) -> Addressing:
         """Frame addressing back to the guest for a segment ``src`` -> ``dst``."""
         port = self.port
-        return Addressing(not inany.is_v4(src), port.guest_mac or b"\xff" * 6, port.params.our_mac,
-                          inany.packed(dst), inany.packed(src), seg.dst_port, seg.src_port)
+        return Addressing.between(port.guest_mac or b"\xff" * 6, port.params.our_mac, dst, src, seg.dst_port,
+                                  seg.src_port)
 
     @staticmethod
     def _reset_for(addr: Addressing, seg: TcpSegment) -> bytes:

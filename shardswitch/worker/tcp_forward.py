@@ -88,6 +88,5 @@ class TcpForwarder:
             raise PacketError(DropReason.TCP_IGNORED, "the guest side is taken")
         host_side = FlowSide(Pif.HOST, client, cport, listener.bound, listener.port)
         ref = self.flows.layer.enter(FlowType.TCP, host_side, guest_side, now)
-        addr = Addressing(not inany.is_v4(client), mac, self.port.params.our_mac, inany.packed(remote),
-                          inany.packed(guest), cport, listener.guest_port)
+        addr = Addressing.between(mac, self.port.params.our_mac, remote, guest, cport, listener.guest_port)
         self.flows.adopt_client(sock, key, ref, addr, now)
