@@ -60,6 +60,10 @@ class FragmentFlags(IntFlag):
     MF = 0x2000
 
 
+#: More fragments or a fragment offset, as a plain int (IntFlag arithmetic builds enum members per packet).
+_FRAGMENTED = int(FragmentFlags.MF) | FRAGMENT_OFFSET_MASK
+
+
 @dataclass(slots=True)
 class Ipv4Packet:
     """A validated IPv4 packet; views point into the guest's frame."""
@@ -103,7 +107,7 @@ def parse(data: memoryview) -> Ipv4Packet:
                           f"total length {total_len}, header {hlen}, {available} bytes")
     if not checksum.is_valid(data[:hlen]):
         raise PacketError(DropReason.IPV4_BAD_CHECKSUM)
-    if frag & (FragmentFlags.MF | FRAGMENT_OFFSET_MASK):
+    if frag & _FRAGMENTED:
         raise PacketError(DropReason.IPV4_FRAGMENT, f"flags/offset {frag:#06x}")
     datagram = data[:total_len]
     return Ipv4Packet(src, dst, proto, ttl, tos, datagram, datagram[hlen:])
