@@ -25,7 +25,7 @@ own.
   workers creating the same flow at once end with one flow: the table refuses
   the second activation (:meth:`FlowLayer.enter`), and the loser hands over.
 * **Descriptors.**  A flow's host socket is watched through the worker
-  (:meth:`FlowLayer.attach`); readiness reaches the protocol's
+  (:meth:`FlowLayer.add`); readiness reaches the protocol's
   :meth:`FlowHooks.on_socket` with the flow itself, through the layer's
   descriptor-to-flow map.
 * **Deferred handling.**  Once a second (:meth:`FlowLayer.tick`) every flow's
@@ -44,8 +44,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 from shardswitch.net.drop import DropReason, PacketError
 from shardswitch.shm.layout import FlowRef, FlowSide, FlowTableError, FlowType, Pif, pack_key
@@ -84,13 +84,13 @@ class FlowBase:
     #: The host socket watched for it (-1: none of its own, e.g. a shared listening socket).
     fd: int = -1
     #: Closed: no longer in the index (events still queued for it are ignored).
-    closed: bool = field(default=False)
+    closed: bool = False
 
 
 F_contra = TypeVar("F_contra", bound=FlowBase, contravariant=True)
 
 
-class FlowHooks(Protocol, Generic[F_contra]):
+class FlowHooks(Protocol[F_contra]):
     """What a protocol plugs into the flow layer for its flow types."""
 
     #: The drop reason of a new flow refused because the table is full.
