@@ -20,7 +20,7 @@ tests, and :meth:`VhostUserFrontend.peer_closed` tells whether the back-end
 hung up.
 
 :meth:`VhostUserFrontend.handshake` reproduces QEMU 7.2's order (see
-/work/shared/notes/vhost-user.md): per pair GET_FEATURES, GET_PROTOCOL_FEATURES,
+docs/vhost-user.md): per pair GET_FEATURES, GET_PROTOCOL_FEATURES,
 SET_PROTOCOL_FEATURES (SET_OWNER and GET_QUEUE_NUM on pair 0 only); then per
 pair SET_FEATURES, the memory table (SET_MEM_TABLE once, or ADD_MEM_REG per
 region repeated for every pair when CONFIGURE_MEM_SLOTS is used), and per ring

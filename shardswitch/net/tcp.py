@@ -1,6 +1,6 @@
 """TCP segments and the per-connection sequence state, without a TCP stack.
 
-Theory of operation (passt's model, see /work/shared/notes/passt-design.md).
+Theory of operation (passt's model, see docs/passt-model.md).
 We never run a TCP state machine with buffers of our own: a connection from
 the guest is spliced onto a host kernel socket, and all reliability towards
 the host is the kernel's.  Towards the guest we keep only sequence numbers:

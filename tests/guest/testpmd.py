@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 :class:`Testpmd` runs ``dpdk-testpmd`` (Debian's dpdk-dev, DPDK 22.11) inside a
 :class:`~.netns.TestNetns` with a virtio-user port connected to the back-end's
-vhost-user socket, in the shape known to work (/work/shared/notes/vhost-user.md):
+vhost-user socket, in the shape known to work (docs/vhost-user.md):
 no PCI, no hugepages (memory from a memfd), two lcores, ``-i`` (interactive).
 
 Its stdin and stdout are pipes.  testpmd's command-line library writes the

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 :class:`GuestVM` boots the cloud kernel + our initramfs (:mod:`.image`) with
 the command-line shape known to work on the test machines (see
-/work/shared/notes/test-guest.md): TCG (``SHARDSWITCH_ACCEL=kvm`` overrides),
+docs/test-guest.md): TCG (``SHARDSWITCH_ACCEL=kvm`` overrides),
 q35 with all guest RAM in a shared memfd (vhost-user needs to map it), no
 default devices, no reboot, the serial port written to a log file.  With a
 ``socket`` it adds one virtio-net-pci device backed by vhost-user over that
