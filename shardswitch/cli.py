@@ -11,8 +11,8 @@ Three entry points, parsed with argparse::
     shardswitch --print-capabilities        (libvirt's probe: prints {"type": "net"})
 
 Options of ``start`` default to None ("not given") so that
-:func:`shardswitch.config.load_config` can layer them over the TOML file;
-their argparse ``dest`` names are the :class:`~shardswitch.config.Config`
+:func:`shardswitch.settings.load_config` can layer them over the TOML file;
+their argparse ``dest`` names are the :class:`~shardswitch.settings.Config`
 field names.  ``start`` then sets up logging, creates the socket directories
 and hands the Config to ``shardswitch.coordinator.server.run`` (imported
 late: it pulls in the whole data path).  ``status`` asks the running
@@ -36,8 +36,8 @@ from enum import IntEnum
 from typing import Any, Final
 
 from shardswitch import __version__
-from shardswitch.config import (DEFAULT_MAC, DEFAULT_MTU, Config, ConfigError, Limit,
-                                default_control_path, load_config)
+from shardswitch.settings import (DEFAULT_MAC, DEFAULT_MTU, Config, ConfigError, Limit,
+                                  default_control_path, load_config)
 
 PROG: Final = "shardswitch"
 CAPABILITIES: Final = '{"type": "net"}'

@@ -5,7 +5,7 @@ Theory of operation
 By default shardswitch mirrors the host to the guest, as passt does: the
 guest gets the address, prefix length and gateway of the host interface that
 holds the IPv4 default route, and the host's DNS servers and search list.
-This module gathers those facts; ``shardswitch.config.resolve_addressing``
+This module gathers those facts; ``shardswitch.guest_addressing.resolve_addressing``
 decides what the guest gets.
 
 Netlink is read with pyroute2's ``IPRoute`` in three dumps (IPv4 routes,

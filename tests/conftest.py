@@ -61,3 +61,9 @@ def netns() -> Iterator[TestNetns]:
     """A host + upstream namespace pair for one test, removed afterwards."""
     with TestNetns() as ns:
         yield ns
+
+
+@pytest.fixture
+def runtime_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Make the default socket path predictable: $XDG_RUNTIME_DIR under tmp_path."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from shardswitch import cli
-from shardswitch.config import Config, ConfigError
+from shardswitch.settings import Config, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

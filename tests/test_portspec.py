@@ -113,7 +113,7 @@ def test_read_ephemeral(tmp_path: object) -> None:
 
 def test_config_validates_specs_at_load_time() -> None:
     """A bad -t/-u SPEC is a ConfigError naming the option and the problem; good ones load."""
-    from shardswitch.config import ConfigError, load_config
+    from shardswitch.settings import ConfigError, load_config
 
     cfg = load_config({"udp_ports": ["5000:6000"], "tcp_ports": ["~22"]})
     assert cfg.udp_ports == ["5000:6000"]
@@ -125,7 +125,8 @@ def test_config_validates_specs_at_load_time() -> None:
 
 def test_dns_forward_is_offered_to_the_guest() -> None:
     """With --dns-forward and no --dns, DHCP offers the forwarding address (as passt); --dns wins."""
-    from shardswitch.config import load_config, resolve_addressing
+    from shardswitch.guest_addressing import resolve_addressing
+    from shardswitch.settings import load_config
     from shardswitch.hostnet import HostNet, NetInfo
 
     info = NetInfo(route=HostNet(ifname="eth0", address="10.99.0.2", prefix_len=24, gateway="10.99.0.1"),

@@ -46,7 +46,7 @@ from shardswitch.shm.table import FlowTable
 from shardswitch.vhost.wire import VhostProtocolError, VirtioFeature
 
 if TYPE_CHECKING:
-    from shardswitch.config import Config
+    from shardswitch.settings import Config
 
 log = logging.getLogger("shardswitch")
 
@@ -402,7 +402,7 @@ def run_coordinator(*, workers: int, setup: WorkerSetup, socket_path: str, contr
 
 def run(cfg: "Config") -> int:
     """``shardswitch start``: resolve addressing (mirroring the host), then run the coordinator."""
-    from shardswitch.config import guest_params, host_addressing
+    from shardswitch.guest_addressing import guest_params, host_addressing
     from shardswitch.hostnet import read_resolv_conf
 
     params = guest_params(cfg, host_addressing(cfg))

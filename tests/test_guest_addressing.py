@@ -1,0 +1,152 @@
+"""Tests of shardswitch.guest_addressing: the guest's addressing mirrored from a host snapshot, GuestParams."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shardswitch import guest_addressing, hostnet
+from shardswitch.guest_addressing import GuestAddressing, resolve_addressing
+from shardswitch.hostnet import HostNet, NetInfo
+from shardswitch.settings import ConfigError, load_config
+
+pytestmark = pytest.mark.usefixtures("runtime_dir")
+
+
+# ------------------------------------------------------------------ resolve_addressing
+
+HOST = HostNet(ifname="eth0", address="10.99.0.2", prefix_len=24, gateway="10.99.0.1")
+
+
+def netinfo(route: HostNet | None = HOST, nameservers: list[str] | None = None,
+            search: list[str] | None = None) -> NetInfo:
+    """Build a host snapshot for resolve_addressing."""
+    return NetInfo(route=route, nameservers=["192.0.2.53"] if nameservers is None else nameservers,
+                   search=["corp.example"] if search is None else search)
+
+
+def resolve(info: NetInfo, **options: Any) -> GuestAddressing:
+    """Load options and resolve them against ``info``."""
+    return resolve_addressing(load_config(options), info)
+
+
+def test_mirrors_the_host() -> None:
+    """By default the guest gets the host's address, prefix, gateway, DNS and search list."""
+    got = resolve(netinfo())
+    assert got == GuestAddressing(address="10.99.0.2", prefix_len=24, gateway="10.99.0.1", mtu=65520,
+                             dns=["192.0.2.53"], search=["corp.example"], mac="9a:55:9a:55:9a:55",
+                             interface="eth0", notes=[])
+
+
+def test_options_override_the_host() -> None:
+    """-a/-n/-g/--dns/--search/-m/-M replace the host's values."""
+    got = resolve(netinfo(), address="172.16.5.9", prefix_len="255.255.0.0", gateway="172.16.0.1",
+                  dns=["198.51.100.7"], search=["lab.example"], mtu=1500, mac="02:00:00:00:00:01")
+    assert (got.address, got.prefix_len, got.gateway) == ("172.16.5.9", 16, "172.16.0.1")
+    assert (got.dns, got.search, got.mtu, got.mac) == (["198.51.100.7"], ["lab.example"], 1500,
+                                                       "02:00:00:00:00:01")
+
+
+def test_explicit_address_gets_classful_prefix_not_the_hosts() -> None:
+    """-a without -n: classful length (as passt), with a note."""
+    got = resolve(netinfo(), address="172.16.5.9")
+    assert (got.prefix_len, got.gateway) == (16, "10.99.0.1")
+    assert any("classful /16" in n for n in got.notes)
+    assert any("outside the guest's network" in n for n in got.notes)
+
+
+def test_empty_lists_mean_none() -> None:
+    """dns = [] / search = [] give the guest none, without looking at the host."""
+    got = resolve(netinfo(), dns=[], search=[])
+    assert (got.dns, got.search, got.notes) == ([], [], [])
+
+
+def test_dns_keeps_non_loopback_ipv4_only() -> None:
+    """IPv6 and loopback resolvers are dropped when a usable IPv4 one exists."""
+    got = resolve(netinfo(nameservers=["127.0.0.53", "2001:db8::1", "192.0.2.9", "192.0.2.10"]))
+    assert got.dns == ["192.0.2.9", "192.0.2.10"]
+
+
+def test_loopback_only_resolvers_give_the_gateway() -> None:
+    """systemd-resolved style hosts: the gateway is offered, with a note."""
+    got = resolve(netinfo(nameservers=["127.0.0.53", "::1"]))
+    assert got.dns == ["10.99.0.1"]
+    assert any("loopback only (127.0.0.53)" in n for n in got.notes)
+
+
+def test_no_resolvers() -> None:
+    """No usable DNS server: none offered, with a note."""
+    got = resolve(netinfo(nameservers=["fe80::1%eth0"]))
+    assert got.dns == []
+    assert any("no IPv4 DNS server" in n for n in got.notes)
+
+
+def test_no_default_route_needs_address_and_gateway() -> None:
+    """Without a default route, -a and -g are both required; the message says which is missing."""
+    with pytest.raises(ConfigError, match=r"no IPv4 default route; give an address \(-a\) "
+                                          r"and a gateway \(-g\)"):
+        resolve(netinfo(route=None))
+    with pytest.raises(ConfigError, match=r"give a gateway \(-g\)$"):
+        resolve(netinfo(route=None), address="10.0.0.2")
+    got = resolve(netinfo(route=None), address="10.0.0.2", prefix_len="24", gateway="10.0.0.1")
+    assert (got.address, got.prefix_len, got.gateway, got.interface) == ("10.0.0.2", 24, "10.0.0.1", None)
+
+
+def test_interface_without_address_or_route() -> None:
+    """-i naming an interface with no address / no default route explains it."""
+    bare = HostNet(ifname="v1")
+    with pytest.raises(ConfigError, match="host interface v1 has no IPv4 address"):
+        resolve(netinfo(route=bare), interface="v1")
+    no_gw = HostNet(ifname="v1", address="10.5.0.2", prefix_len=24)
+    with pytest.raises(ConfigError, match="no IPv4 default route via interface v1"):
+        resolve(netinfo(route=no_gw), interface="v1")
+    assert resolve(netinfo(route=no_gw), interface="v1", gateway="10.5.0.1").interface == "v1"
+
+
+def test_inconsistent_addressing() -> None:
+    """Address equal to gateway, or a network/broadcast address, are refused."""
+    with pytest.raises(ConfigError, match="address and gateway are both 10.99.0.1"):
+        resolve(netinfo(), address="10.99.0.1", prefix_len="24")
+    with pytest.raises(ConfigError, match="network or broadcast address of 10.99.0.0/24"):
+        resolve(netinfo(), address="10.99.0.255", prefix_len="24")
+    assert resolve(netinfo(), address="10.99.0.255", prefix_len="31", gateway="10.99.0.254").prefix_len == 31
+
+
+def test_host_addressing_reads_resolv_conf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """host_addressing glues read_netinfo and resolve_addressing; netlink errors become ConfigError."""
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 192.0.2.77\nsearch a.example\n")
+    monkeypatch.setattr(hostnet, "host_default_route", lambda ifname: HOST)
+    got = guest_addressing.host_addressing(load_config({}), str(resolv))
+    assert (got.address, got.dns, got.search) == ("10.99.0.2", ["192.0.2.77"], ["a.example"])
+
+    def broken(ifname: str | None) -> HostNet | None:
+        """Stand-in for a failing netlink read."""
+        raise hostnet.HostNetError("there is no network interface named 'x'")
+
+    monkeypatch.setattr(hostnet, "host_default_route", broken)
+    with pytest.raises(ConfigError, match="no network interface named 'x'"):
+        guest_addressing.host_addressing(load_config({"interface": "x"}), str(resolv))
+
+
+# ------------------------------------------------------------------ guest_params
+
+
+def test_guest_params() -> None:
+    """guest_params builds the net layer's GuestParams from Config + GuestAddressing."""
+    from shardswitch.net.params import GuestParams
+
+    cfg = load_config({"mtu": 9000, "mac": "02:11:22:33:44:55"})
+    params = guest_addressing.guest_params(cfg, resolve_addressing(cfg, netinfo()))
+    assert params == GuestParams(address="10.99.0.2", prefix_len=24, gateway="10.99.0.1", mtu=9000,
+                                 dns=["192.0.2.53"], search=["corp.example"],
+                                 our_mac="02:11:22:33:44:55")
+
+
+def test_guest_params_rejected_by_net_layer() -> None:
+    """What the network layer refuses (prefix length 0) surfaces as a ConfigError."""
+    cfg = load_config({"prefix_len": "0", "address": "10.0.0.2", "gateway": "10.0.0.1"})
+    with pytest.raises(ConfigError, match="guest parameters: prefix length 0"):
+        guest_addressing.guest_params(cfg, resolve_addressing(cfg, netinfo()))

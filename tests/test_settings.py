@@ -1,0 +1,212 @@
+"""Tests of shardswitch.settings: default paths, prefix parsing, loading and validation of every layer."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shardswitch import settings
+from shardswitch.settings import Config, ConfigError, load_config
+
+pytestmark = pytest.mark.usefixtures("runtime_dir")
+
+
+def write_toml(tmp_path: Path, text: str, name: str = "ss.toml") -> str:
+    """Write a TOML file and return its path."""
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def error_of(values: dict[str, Any]) -> str:
+    """Return the ConfigError message load_config raises for ``values``."""
+    with pytest.raises(ConfigError) as info:
+        load_config(values)
+    return str(info.value)
+
+
+# ------------------------------------------------------------------ default paths
+
+
+def test_default_socket_path_prefers_xdg_runtime_dir() -> None:
+    """XDG_RUNTIME_DIR wins, for root too."""
+    env = {"XDG_RUNTIME_DIR": "/run/user/1000"}
+    assert settings.default_socket_path(env, 1000) == "/run/user/1000/shardswitch/shardswitch.sock"
+    assert settings.default_socket_path(env, 0) == "/run/user/1000/shardswitch/shardswitch.sock"
+
+
+def test_default_socket_path_root_and_fallback() -> None:
+    """Root without XDG uses /run; others /tmp/shardswitch-UID; a relative XDG dir is ignored."""
+    assert settings.default_socket_path({}, 0) == "/run/shardswitch/shardswitch.sock"
+    assert settings.default_socket_path({}, 1234) == "/tmp/shardswitch-1234/shardswitch.sock"
+    assert settings.default_socket_path({"XDG_RUNTIME_DIR": "rel"}, 5) == "/tmp/shardswitch-5/shardswitch.sock"
+
+
+def test_default_control_path(tmp_path: Path) -> None:
+    """The control socket is the vhost-user socket plus .ctl, default socket when None."""
+    assert settings.default_control_path("/x/s.sock") == "/x/s.sock.ctl"
+    assert settings.default_control_path() == str(tmp_path / "run/shardswitch/shardswitch.sock.ctl")
+
+
+# ------------------------------------------------------------------ parse_prefix
+
+
+@pytest.mark.parametrize("text,length", [("24", 24), ("0", 0), ("32", 32), (" 8 ", 8),
+                                         ("255.255.255.0", 24), ("255.255.255.255", 32),
+                                         ("0.0.0.0", 0), ("255.255.240.0", 20)])
+def test_parse_prefix_accepts_lengths_and_netmasks(text: str, length: int) -> None:
+    """Prefix lengths and contiguous netmasks both give the length."""
+    assert settings.parse_prefix(text) == length
+
+
+@pytest.mark.parametrize("text", ["33", "-1", "255.0.255.0", "0.0.0.255", "abc", "", "1.2.3"])
+def test_parse_prefix_rejects(text: str) -> None:
+    """Out-of-range lengths, holes in the mask, host masks and junk are refused."""
+    with pytest.raises(ValueError, match="not a prefix length"):
+        settings.parse_prefix(text)
+
+
+# ------------------------------------------------------------------ load_config
+
+
+def test_defaults(tmp_path: Path) -> None:
+    """No options: every default, socket and control under XDG_RUNTIME_DIR."""
+    cfg = load_config({})
+    sock = str(tmp_path / "run/shardswitch/shardswitch.sock")
+    assert cfg == Config(socket=sock, control=sock + ".ctl")
+    assert (cfg.workers, cfg.mtu, cfg.mac) == (1, 65520, "9a:55:9a:55:9a:55")
+    assert cfg.connect is None and cfg.dns is None and cfg.search is None
+
+
+def test_file_then_command_line(tmp_path: Path) -> None:
+    """The command line overrides the file key by key; file-only keys stay."""
+    path = write_toml(tmp_path, 'workers = 4\nmtu = 1500\nprefix_len = "255.255.0.0"\n'
+                               'dns = ["192.0.2.53"]\nsearch = ["example.org"]\nmac = "02:AA:bb:cc:dd:ee"\n')
+    cfg = load_config({"config": path, "workers": 2, "dns": ["198.51.100.1"]})
+    assert cfg.workers == 2
+    assert cfg.mtu == 1500
+    assert cfg.prefix_len == 16
+    assert cfg.dns == ["198.51.100.1"]
+    assert cfg.search == ["example.org"]
+    assert cfg.mac == "02:aa:bb:cc:dd:ee"
+
+
+def test_command_line_connect_overrides_file_socket(tmp_path: Path) -> None:
+    """--connect drops the file's socket (and debug/quiet likewise); control gets the default."""
+    path = write_toml(tmp_path, 'socket = "/tmp/a.sock"\ndebug = true\n')
+    cfg = load_config({"config": path, "connect": "/tmp/qemu.sock", "quiet": True})
+    assert cfg.socket is None and cfg.connect == "/tmp/qemu.sock"
+    assert cfg.control == str(tmp_path / "run/shardswitch/shardswitch.sock.ctl")
+    assert (cfg.debug, cfg.quiet) == (False, True)
+
+
+def test_relative_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """File paths are relative to the file's directory, command-line ones to the cwd."""
+    sub = tmp_path / "etc"
+    sub.mkdir()
+    path = write_toml(sub, 'socket = "s.sock"\n')
+    assert load_config({"config": path}).socket == str(sub / "s.sock")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config({"socket": "x.sock", "control": "c/x.ctl"})
+    assert (cfg.socket, cfg.control) == (str(tmp_path / "x.sock"), str(tmp_path / "c/x.ctl"))
+
+
+def test_namespace_extra_attributes_are_ignored() -> None:
+    """argparse Namespaces carry the sub-command etc.: only fields and config are used."""
+    import argparse
+
+    args = argparse.Namespace(command="start", func=None, workers=3, mtu=None, json=False)
+    assert load_config(args).workers == 3
+
+
+def test_file_error_names_file_key_and_value(tmp_path: Path) -> None:
+    """The brief's example message, exactly."""
+    path = write_toml(tmp_path, "workers = 0\n")
+    assert error_of({"config": path}) == f"config file {path}: workers: Expected `int` >= 1, got 0"
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"workers": 17}, "command line: --workers: Expected `int` <= 16, got 17"),
+    ({"mtu": 67}, "command line: -m/--mtu: Expected `int` >= 68, got 67"),
+    ({"mtu": 65521}, "command line: -m/--mtu: Expected `int` <= 65520, got 65521"),
+    ({"prefix_len": "33"}, "command line: -n/--netmask: '33' is not a prefix length"),
+    ({"mac": "9a:55:9a:55:9a"}, "command line: -M/--mac-addr: Expected a MAC address"),
+    ({"mac": "01:00:5e:00:00:01"}, "is a multicast MAC address"),
+    ({"mac": "00:00:00:00:00:00"}, "is the all-zero MAC address"),
+    ({"address": "10.0.0"}, "command line: -a/--address: '10.0.0' is not an IPv4 address"),
+    ({"address": "224.0.0.1"}, "-a/--address: 224.0.0.1 is not a unicast address"),
+    ({"gateway": "127.0.0.1"}, "-g/--gateway: 127.0.0.1 is a loopback address"),
+    ({"gateway": "0.0.0.0"}, "-g/--gateway: 0.0.0.0 is not a unicast address"),
+    ({"dns": ["192.0.2.1", "::1"]}, "--dns: '::1' is not an IPv4 address"),
+    ({"interface": "a-very-long-ifname"}, "-i/--interface: Expected `str` of length <= 15"),
+    ({"interface": "eth 0"}, "-i/--interface: Expected an interface name"),
+    ({"search": ["ok.example", "bad domain"]}, "--search: Expected a domain name like example.org, got 'bad domain'"),
+    ({"socket": "/" + "x" * 110}, "--socket: /xxx"),
+    ({"socket": "/tmp/s", "control": "/tmp/s"}, "--control: must differ from the vhost-user socket"),
+    ({"socket": "/tmp/s", "connect": "/tmp/c"}, "--socket and --connect exclude each other"),
+    ({"debug": True, "quiet": True}, "-d/--debug and -q/--quiet exclude each other"),
+    ({"bogus": 1}, "command line: Object contains unknown field `bogus`"),
+    ({"workers": "2"}, "command line: --workers: Expected `int`, got `str`"),
+])
+def test_command_line_errors(values: dict[str, Any], message: str) -> None:
+    """Each bad option gives a ConfigError naming the option and the problem."""
+    assert message in error_of(values)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("wrkers = 2\n", "Object contains unknown field `wrkers`"),
+    ('dns = ["192.0.2.1", "x"]\n', ": dns[1]: 'x' is not an IPv4 address"),
+    ('search = ["a", 5]\n', ": search[1]: Expected `str`, got `int`"),
+    ('prefix_len = "255.0.255.0"\n', ": prefix_len: '255.0.255.0' is not a prefix length"),
+    ('socket = "/a"\nconnect = "/b"\n', ": socket and connect exclude each other"),
+    ("workers = \n", "Invalid value (at line 1, column 11)"),
+    ("reflect = 1\n", ": reflect: Expected `bool`, got `int`"),
+])
+def test_file_errors(tmp_path: Path, text: str, message: str) -> None:
+    """Errors in the file name the file and the TOML key (with list index)."""
+    path = write_toml(tmp_path, text)
+    error = error_of({"config": path})
+    assert error.startswith(f"config file {path}: ")
+    assert message in error
+
+
+def test_missing_and_unreadable_file(tmp_path: Path) -> None:
+    """A missing file and a non-UTF-8 file are ConfigErrors, not tracebacks."""
+    missing = str(tmp_path / "nope.toml")
+    assert error_of({"config": missing}) == f"config file {missing}: No such file or directory"
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b'a = "\xff"\n')
+    assert error_of({"config": str(bad)}).startswith(f"config file {bad}: ")
+
+
+def test_too_long_default_socket_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A default path that cannot be a unix socket address is reported too."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/" + "r" * 100)
+    assert "default paths: socket: " in error_of({})
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--max-flows", "3"], "--max-flows: Expected `int` >= 16"),
+    (["--max-flows", "2000000"], "--max-flows: Expected `int` <= 1048575"),
+    (["--map-host-loopback", "127.0.0.1"], "--map-host-loopback: 127.0.0.1 is a loopback address"),
+    (["--map-host-loopback", "gateway"], "--map-host-loopback: 'gateway' is not an IP address"),
+    (["--dns-forward", "224.0.0.1"], "--dns-forward: 224.0.0.1 is not a unicast"),
+    (["-t", "80-70"], "-t/--tcp-ports"),
+    (["-u", "99999"], "-u/--udp-ports"),
+])
+def test_flow_and_forwarding_options_refuse_bad_values(argv: list[str], message: str) -> None:
+    """The options of the flow table, loopback mapping, forwarding and DNS name the option and the problem."""
+    from shardswitch.cli import build_parser
+
+    with pytest.raises(ConfigError, match="^command line: " + re.escape(message)):
+        load_config(build_parser().parse_args(["start", *argv]))
+
+
+def test_map_host_loopback_and_no_map_gw_exclude_each_other() -> None:
+    """argparse refuses both at once (exit status 2, a usage message)."""
+    from shardswitch.cli import main
+
+    assert main(["start", "--map-host-loopback", "10.0.2.9", "--no-map-gw"]) == 2
