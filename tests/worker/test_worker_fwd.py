@@ -1,0 +1,72 @@
+"""Address translation between the guest and the host (Forwarding): both directions, DNS, the guest's address."""
+
+from __future__ import annotations
+
+import pytest
+
+from shardswitch.net import inany, ipv6
+from shardswitch.net.params import GuestParams
+from shardswitch.worker.fwd import Forwarding
+from tests.worker.standin import StandInWorker
+
+A = inany.from_str
+MAPPED = ("10.0.2.2", "fe80::1")
+GUEST_MAC = bytes.fromhex("525400123456")
+
+
+def forwarding(mapped: tuple[str, ...] = MAPPED, dns_forward: str = "", upstream: tuple[str, ...] = (),
+               address6: str = "") -> tuple[StandInWorker, Forwarding]:
+    """A Forwarding for a guest at 10.0.2.15 (and ``address6``)."""
+    w = StandInWorker(GuestParams(address="10.0.2.15", prefix_len=24, gateway="10.0.2.2", address6=address6))
+    return w, Forwarding(w, mapped, dns_forward, upstream)
+
+
+@pytest.mark.parametrize(("dst", "port", "expected"), [
+    ("10.0.2.2", 80, ("127.0.0.1", 80)),
+    ("fe80::1", 22, ("::1", 22)),
+    ("192.0.2.7", 443, ("192.0.2.7", 443)),
+    ("2001:db8::7", 443, ("2001:db8::7", 443)),
+])
+def test_to_host_maps_the_loopback(dst: str, port: int, expected: tuple[str, int]) -> None:
+    """Mapped addresses mean the host's loopback of their family; others go where the guest sent them."""
+    _w, fwd = forwarding()
+    target, tport = fwd.to_host(A(dst), port)
+    assert (inany.to_str(target), tport) == expected
+
+
+def test_dns_forward_goes_to_the_resolver_of_its_family() -> None:
+    """--dns-forward: port 53 only, to the first upstream of the same family, else the first at all."""
+    _w, fwd = forwarding(dns_forward="10.0.2.53", upstream=("::1", "127.0.0.53", "192.0.2.1"))
+    assert fwd.to_host(A("10.0.2.53"), 53) == (A("127.0.0.53"), 53)
+    assert fwd.to_host(A("10.0.2.53"), 80) == (A("10.0.2.53"), 80)
+    _w, only6 = forwarding(dns_forward="10.0.2.53", upstream=("::1%lo", "not an address"))
+    assert only6.to_host(A("10.0.2.53"), 53) == (A("::1"), 53)
+    _w, none = forwarding(dns_forward="10.0.2.53")
+    assert none.to_host(A("10.0.2.53"), 53) == (A("10.0.2.53"), 53)
+
+
+def test_seen_from() -> None:
+    """A loopback client appears as the first mapped address of its family; others as themselves."""
+    _w, fwd = forwarding()
+    assert fwd.seen_from(A("127.0.0.1")) == A("10.0.2.2")
+    assert fwd.seen_from(A("::ffff:127.0.0.1")) == A("10.0.2.2")
+    assert fwd.seen_from(A("::1")) == A("fe80::1")
+    assert fwd.seen_from(A("192.0.2.9")) == A("192.0.2.9")
+    _w, v4_only = forwarding(mapped=("10.0.2.2",))
+    assert v4_only.seen_from(A("::1")) is None
+
+
+def test_guest_address() -> None:
+    """IPv4: the lease. IPv6: the global address it used, never replaced by a link-local one; else its MAC's."""
+    w, fwd = forwarding()
+    assert fwd.guest_address(True) == A("10.0.2.15")
+    assert fwd.guest_address(False) is None
+    w.endpoint.guest_mac = GUEST_MAC
+    assert fwd.guest_address(False) == ipv6.link_local_from_mac(GUEST_MAC)
+    fwd.learn_guest(A("fe80::5054:ff:fe12:3456"))
+    fwd.learn_guest(A("2001:db8::15"))
+    fwd.learn_guest(A("fe80::5054:ff:fe12:3456"))
+    fwd.learn_guest(A("10.0.2.15"))
+    assert fwd.guest_address(False) == A("2001:db8::15")
+    _w, configured = forwarding(address6="2001:db8::99")
+    assert configured.guest_address(False) == A("2001:db8::99")
