@@ -32,7 +32,7 @@ from typing import Callable, Protocol
 from shardswitch.net.drop import DropReason
 from shardswitch.net.params import ResolvedParams
 from shardswitch.virtio.netdev import RxWriter
-from shardswitch.worker.counters import Event
+from shardswitch.worker.counters import Counters, Event
 
 #: Readiness a watched descriptor reports by default.
 READABLE = select.EPOLLIN
@@ -52,6 +52,52 @@ class RxOffloads:
     data_valid: bool = False
     tso4: bool = False
     tso6: bool = False
+
+
+class EpollWatches:
+    """Host descriptors watched through one epoll, each with its callback: the watch part of a WorkerPort.
+
+    The class using it creates ``epoll`` and ``sockets``; its loop calls
+    ``sockets[fd]()`` for each ready descriptor.
+    """
+
+    epoll: select.epoll
+    #: Watched descriptors: descriptor -> callback.
+    sockets: dict[int, Callable[[], None]]
+
+    def watch(self, fd: int, callback: Callable[[], None], events: int = READABLE) -> None:
+        """Call ``callback`` whenever ``fd`` (a host socket of a flow, a listener) reports ``events``."""
+        self.epoll.register(fd, events)
+        self.sockets[fd] = callback
+
+    def modify(self, fd: int, events: int) -> None:
+        """Change the events a watched ``fd`` reports."""
+        try:
+            self.epoll.modify(fd, events)
+        except OSError:
+            pass
+
+    def unwatch(self, fd: int) -> None:
+        """Stop watching ``fd`` (before it is closed)."""
+        if self.sockets.pop(fd, None) is not None:
+            try:
+                self.epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+
+
+class CountingPort:
+    """The counting part of a WorkerPort, over the ``counters`` the class using it creates."""
+
+    counters: Counters
+
+    def drop(self, reason: DropReason) -> None:
+        """Count one frame lost for ``reason``."""
+        self.counters.drops[reason] += 1
+
+    def count(self, event: Event) -> None:
+        """Count one ``event``."""
+        self.counters.events[event] += 1
 
 
 class WorkerPort(Protocol):

@@ -74,7 +74,7 @@ from shardswitch.worker.flow import FlowLayer, HandOver
 from shardswitch.worker.fwd import Forwarding
 from shardswitch.worker.peers import Peers
 from shardswitch.worker.ping import PingFlows
-from shardswitch.worker.port import READABLE, RxOffloads
+from shardswitch.worker.port import CountingPort, EpollWatches, RxOffloads
 from shardswitch.worker.rings import NO_FD, RingSlot, SlotState
 from shardswitch.worker.tcp import TcpFlows
 from shardswitch.worker.udp import UdpFlows
@@ -88,7 +88,7 @@ TICK = 1.0
 PR_SET_PDEATHSIG = 1
 
 
-class Worker:
+class Worker(EpollWatches, CountingPort):
     """All state of one worker process; the WorkerPort of its protocol modules."""
 
     def __init__(self, setup: WorkerSetup, channel: Channel) -> None:
@@ -304,14 +304,6 @@ class Worker:
         """The guest's MAC address, once learnt."""
         return self.endpoint.guest_mac
 
-    def drop(self, reason: DropReason) -> None:
-        """Count one frame lost for ``reason``."""
-        self.counters.drops[reason] += 1
-
-    def count(self, event: Event) -> None:
-        """Count one ``event``."""
-        self.counters.events[event] += 1
-
     @property
     def rx_writer(self) -> RxWriter | None:
         """The running RX ring's writer (None: no RX ring)."""
@@ -384,27 +376,7 @@ class Worker:
             self.table.publish_guest_mac(mac)
             self.published_mac = mac
 
-    # -- descriptors and timers ------------------------------------------------------
-
-    def watch(self, fd: int, callback: Callable[[], None], events: int = READABLE) -> None:
-        """Call ``callback`` whenever ``fd`` (a host socket of a flow, a listener) reports ``events``."""
-        self.epoll.register(fd, events)
-        self.sockets[fd] = callback
-
-    def modify(self, fd: int, events: int) -> None:
-        """Change the events a watched ``fd`` reports."""
-        try:
-            self.epoll.modify(fd, events)
-        except OSError:
-            pass
-
-    def unwatch(self, fd: int) -> None:
-        """Stop watching ``fd`` (before it is closed)."""
-        if self.sockets.pop(fd, None) is not None:
-            try:
-                self.epoll.unregister(fd)
-            except (OSError, ValueError):
-                pass
+    # -- timers ----------------------------------------------------------------------
 
     def _timeout(self, now: float) -> float:
         """How long the loop may sleep."""

@@ -14,17 +14,16 @@ import select
 from collections import deque
 from typing import Callable
 
-from shardswitch.net.drop import DropReason
 from shardswitch.net.endpoint import GuestEndpoint
 from shardswitch.net.params import GuestParams, ResolvedParams
 from shardswitch.virtio.netdev import RxWriter
-from shardswitch.worker.counters import Counters, Event
+from shardswitch.worker.counters import Counters
 from shardswitch.worker.flow import FlowLayer
 from shardswitch.worker.fwd import Forwarding
-from shardswitch.worker.port import READABLE, RxOffloads, WorkerPort
+from shardswitch.worker.port import CountingPort, EpollWatches, RxOffloads, WorkerPort
 
 
-class StandInWorker:
+class StandInWorker(EpollWatches, CountingPort):
     """The parts of a worker that protocol modules use, with frames for the guest left in ``queue``."""
 
     def __init__(self, params: GuestParams, mapped: tuple[str, ...] = ()) -> None:
@@ -46,28 +45,6 @@ class StandInWorker:
 
     def flush(self) -> None:
         """Frames stay in ``queue`` for the test to read."""
-
-    def watch(self, fd: int, callback: Callable[[], None], events: int = READABLE) -> None:
-        """Watch a descriptor like the worker does."""
-        self.epoll.register(fd, events)
-        self.sockets[fd] = callback
-
-    def modify(self, fd: int, events: int) -> None:
-        """Change a watched descriptor's events."""
-        self.epoll.modify(fd, events)
-
-    def unwatch(self, fd: int) -> None:
-        """Stop watching like the worker does."""
-        if self.sockets.pop(fd, None) is not None:
-            self.epoll.unregister(fd)
-
-    def drop(self, reason: DropReason) -> None:
-        """Count a drop."""
-        self.counters.drops[reason] += 1
-
-    def count(self, event: Event) -> None:
-        """Count an event."""
-        self.counters.events[event] += 1
 
     @property
     def rx_writer(self) -> RxWriter | None:

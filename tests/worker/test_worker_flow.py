@@ -6,9 +6,7 @@ stand-in worker, so the layer's own behaviour is seen without a protocol's.
 
 from __future__ import annotations
 
-import os
 import socket
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -20,6 +18,7 @@ from shardswitch.shm.layout import FlowSide, FlowType, Pif, ip16
 from shardswitch.shm.table import FlowTable
 from shardswitch.worker.flow import NO_REF, FlowBase, FlowLayer, HandOver
 from shardswitch.worker.fwd import Forwarding
+from tests.worker.conftest import TABLE_CAPACITY
 from tests.worker.standin import StandInWorker
 
 PARAMS = GuestParams(address="10.0.2.15", prefix_len=24, gateway="10.0.2.2")
@@ -69,14 +68,6 @@ class RecordingHooks:
     def deferred(self, now: float) -> None:
         """Count the calls."""
         self.deferred_calls += 1
-
-
-@pytest.fixture
-def table() -> Iterator[FlowTable]:
-    """A small table of this test's own."""
-    t = FlowTable.create(f"flowlayer{os.getpid()}-{uuid.uuid4().hex[:8]}", capacity=16)
-    yield t
-    t.unlink()
 
 
 @pytest.fixture
@@ -166,7 +157,7 @@ def test_full_table_is_the_protocols_drop(rig: tuple[StandInWorker, FlowLayer, R
     with pytest.raises(PacketError) as full:
         for port in range(2000, 2100):
             new_flow(layer, port)
-    assert full.value.reason is hooks.table_full and layer.count() == 16
+    assert full.value.reason is hooks.table_full and layer.count() == TABLE_CAPACITY
 
 
 def test_tick_expires_in_one_batch_and_publishes_activity(rig: tuple[StandInWorker, FlowLayer, RecordingHooks],

@@ -7,7 +7,6 @@ test passes to the deferred handler.  The flow's host socket is a stand-in
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Iterator
 
@@ -19,14 +18,6 @@ from shardswitch.shm.layout import FlowSide, FlowType, Pif, ip16, pack_key
 from shardswitch.shm.table import FlowTable
 from shardswitch.worker.worker import Worker
 from shardswitch.worker.ping import PING_TIMEOUT, PingFlow
-
-
-@pytest.fixture
-def table() -> Iterator[FlowTable]:
-    """A small table of this test's own, unlinked afterwards."""
-    t = FlowTable.create(f"pingtimer{os.getpid()}", capacity=64)
-    yield t
-    t.unlink()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ names 127.0.0.1, so the echo server on port 53 also plays the DNS upstream.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -101,14 +100,6 @@ def test_ipv6_codec_round_trip_and_errors() -> None:
 
 
 # -- in-process worker ----------------------------------------------------------------
-
-
-@pytest.fixture
-def table() -> Iterator[FlowTable]:
-    """A small table of this test's own, unlinked afterwards."""
-    t = FlowTable.create(f"udptest{os.getpid()}", capacity=64)
-    yield t
-    t.unlink()
 
 
 def free_port() -> int:
