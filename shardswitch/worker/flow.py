@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from shardswitch.net.drop import DropReason, PacketError
-from shardswitch.shm.layout import FlowRef, FlowSide, FlowTableError, FlowType, Pif, pack_key
+from shardswitch.shm.layout import FlowRef, FlowSide, FlowTableError, FlowType, Pif, TableFullError, pack_key
 from shardswitch.shm.table import FlowTable
 from shardswitch.worker.fwd import Forwarding
 from shardswitch.worker.port import READABLE, WorkerPort
@@ -168,9 +168,12 @@ class FlowLayer:
             return NO_REF
         try:
             ref = table.enter(ftype, initiator, target, self.port.pair, now)
-        except FlowTableError as err:
+        except TableFullError as err:
             log.warning("%s flow not created: %s", ftype.name, err)
             raise PacketError(self._hooks[ftype].table_full, str(err)) from None
+        except FlowTableError as err:
+            log.error("%s flow not created: %s", ftype.name, err)
+            raise PacketError(DropReason.INTERNAL_ERROR, str(err)) from None
         if ref is not None:
             return ref
         hit = table.lookup(ftype, initiator)
@@ -222,8 +225,9 @@ class FlowLayer:
     def tick(self, now: float) -> None:
         """Once a second: every flow's timers, the finished ones removed in one batch, activity published."""
         hooks = self._hooks
+        # A timer may close another flow of the same pass (e.g. a reset): closed flows are skipped.
         over = [flow for flow in list(self.flows.values())
-                if hooks[flow.ftype].timer(flow, now) and not flow.closed]
+                if not flow.closed and hooks[flow.ftype].timer(flow, now) and not flow.closed]
         for flow in over:
             self._forget(flow)
         table = self.table

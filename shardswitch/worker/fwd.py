@@ -85,9 +85,11 @@ class Forwarding:
         return client
 
     def learn_guest(self, src: InAny) -> None:
-        """A flow the guest started from ``src``: remember its global IPv6 address."""
-        if src != self.guest6 and not inany.is_v4(src) and (not ipv6.is_link_local(src) or self.guest6 is None):
-            self.guest6 = src
+        """A flow the guest started from ``src``: remember its global IPv6 address (unicast sources only)."""
+        if (src == self.guest6 or inany.is_v4(src) or ipv6.is_unspecified(src) or ipv6.is_multicast(src)
+                or (ipv6.is_link_local(src) and self.guest6 is not None)):
+            return
+        self.guest6 = src
 
     def guest_address(self, v4: bool) -> InAny | None:
         """The guest's address of one family, as the target of a forwarded flow (None: not known)."""

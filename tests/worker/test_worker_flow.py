@@ -174,6 +174,24 @@ def test_tick_expires_in_one_batch_and_publishes_activity(rig: tuple[StandInWork
     assert hooks.deferred_calls == 1
 
 
+def test_a_flow_closed_by_another_timer_is_skipped(rig: tuple[StandInWorker, FlowLayer, RecordingHooks]) -> None:
+    """A timer that closes another flow of the same pass: that flow's timer is not run."""
+    _w, layer, hooks = rig
+    first, second = new_flow(layer, 1009), new_flow(layer, 1010)
+    timed: list[FlowBase] = []
+
+    def timer(flow: ToyFlow, now: float) -> bool:
+        """The first flow's timer closes the second."""
+        timed.append(flow)
+        if flow is first:
+            layer.close(second)
+        return False
+
+    hooks.timer = timer  # type: ignore[method-assign]
+    layer.tick(200.0)
+    assert timed == [first] and second.closed and layer.count() == 1
+
+
 def test_close_and_close_all(rig: tuple[StandInWorker, FlowLayer, RecordingHooks], table: FlowTable) -> None:
     """close() leaves the table at once; close_all() releases every flow and leaves the table to the coordinator."""
     _w, layer, hooks = rig

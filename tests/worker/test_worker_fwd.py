@@ -67,6 +67,8 @@ def test_guest_address() -> None:
     fwd.learn_guest(A("2001:db8::15"))
     fwd.learn_guest(A("fe80::5054:ff:fe12:3456"))
     fwd.learn_guest(A("10.0.2.15"))
+    fwd.learn_guest(A("::"))
+    fwd.learn_guest(A("ff02::1"))
     assert fwd.guest_address(False) == A("2001:db8::15")
     _w, configured = forwarding(address6="2001:db8::99")
     assert configured.guest_address(False) == A("2001:db8::99")
