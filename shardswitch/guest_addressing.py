@@ -48,6 +48,9 @@ class GuestAddressing(msgspec.Struct, frozen=True, kw_only=True):
     mac: str
     interface: str | None = None
     notes: list[str] = []
+    #: The host's resolver that guest DNS traffic to the gateway (port 53) goes to, when the host's resolvers
+    #: are all on its loopback (systemd-resolved's 127.0.0.53, a local dnsmasq): passt's --dns-host.
+    dns_host: str | None = None
 
 
 def _classful_prefix(address: str) -> int:
@@ -60,30 +63,38 @@ def _classful_prefix(address: str) -> int:
     return 24
 
 
-def _pick_dns(cfg: Config, netinfo: hostnet.NetInfo, gateway: str, notes: list[str]) -> list[str]:
-    """Choose the guest's DNS servers: --dns, else --dns-forward (IPv4), else the host's non-loopback IPv4 ones.
+def _pick_dns(cfg: Config, netinfo: hostnet.NetInfo, gateway: str,
+              notes: list[str]) -> tuple[list[str], str | None]:
+    """Choose the guest's DNS servers, and the host resolver its queries to the gateway go to (if any).
 
-    When the host only has loopback resolvers (systemd-resolved, dnsmasq),
-    the gateway address is offered instead, as passt does, and a note says so.
+    --dns, else --dns-forward (IPv4), else the host's non-loopback IPv4
+    resolvers.  When the host's resolvers are all on its loopback
+    (systemd-resolved, a local dnsmasq), the gateway is offered and its port 53
+    is forwarded to the first of them, whatever its loopback address (as
+    passt's --dns-host); a note says so.
     """
     if cfg.dns is not None:
-        return list(cfg.dns)
+        return list(cfg.dns), None
     if cfg.dns_forward is not None and ipaddress.ip_address(cfg.dns_forward).version == 4:
         # As passt: the forwarding address is the guest's resolver; its queries reach the host's.
-        return [cfg.dns_forward]
-    ipv4 = [ipaddress.ip_address(s) for s in netinfo.nameservers]
-    ipv4_usable = [str(a) for a in ipv4 if a.version == 4 and not a.is_loopback
+        return [cfg.dns_forward], None
+    servers = []
+    for text in netinfo.nameservers:
+        try:
+            servers.append(ipaddress.ip_address(text.split("%")[0]))
+        except ValueError:
+            continue
+    ipv4_usable = [str(a) for a in servers if a.version == 4 and not a.is_loopback
                    and not a.is_unspecified and not a.is_multicast]
     if ipv4_usable:
-        return ipv4_usable
-    loopback = [str(a) for a in ipv4 if a.version == 4 and a.is_loopback]
-    if loopback:
-        notes.append(f"the host's resolvers are loopback only ({', '.join(loopback)}): "
-                     f"offering the gateway {gateway} as DNS server; it reaches them only "
-                     "once DNS forwarding to the host is in place")
-        return [gateway]
+        return ipv4_usable, None
+    loopback = [str(a) for a in servers if a.is_loopback]
+    if loopback and not any(a.version == 6 and not a.is_loopback for a in servers):
+        notes.append(f"the host's resolvers are loopback only ({loopback[0]}): the guest gets the gateway "
+                     f"{gateway} as DNS server, and its queries there go to {loopback[0]}")
+        return [gateway], loopback[0]
     notes.append("no IPv4 DNS server found in the host's resolv.conf: the guest gets none")
-    return []
+    return [], None
 
 
 def _missing_addressing(cfg: Config, route: hostnet.HostNet | None,
@@ -134,11 +145,12 @@ def resolve_addressing(cfg: Config, netinfo: hostnet.NetInfo) -> GuestAddressing
         raise ConfigError(f"address {address} is the network or broadcast address of {network}")
     if ipaddress.IPv4Address(gateway) not in network:
         notes.append(f"gateway {gateway} is outside the guest's network {network}")
-    dns = _pick_dns(cfg, netinfo, gateway, notes)
+    dns, dns_host = _pick_dns(cfg, netinfo, gateway, notes)
     search = list(cfg.search) if cfg.search is not None else list(netinfo.search)
     interface = cfg.interface or (route.ifname if route is not None else None)
     return GuestAddressing(address=address, prefix_len=prefix_len, gateway=gateway, mtu=cfg.mtu,
-                      dns=dns, search=search, mac=cfg.mac, interface=interface, notes=notes)
+                           dns=dns, search=search, mac=cfg.mac, interface=interface, notes=notes,
+                           dns_host=dns_host)
 
 
 def host_addressing(cfg: Config, resolv_conf: str = hostnet.RESOLV_CONF) -> GuestAddressing:

@@ -557,19 +557,27 @@ def test_forwarded_port_on_worker_that_never_saw_the_guest(tmp_path: Path, netns
         assert not any("TCP_NO_GUEST_ADDRESS" in d for d in drops), drops
 
 
-def test_dns_forward_over_tcp(tmp_path: Path, netns: TestNetns) -> None:
-    """--dns-forward: a TCP connection to ADDR port 53 reaches the host's resolver (127.0.0.1:53 here)."""
+@pytest.mark.parametrize(("options", "resolver", "dns"), [
+    (["--dns-forward", "10.0.2.53"], "127.0.0.1", "10.0.2.53"),
+    ([], "127.0.0.53", GATEWAY4),
+], ids=["dns-forward", "loopback-stub-resolver-by-default"])
+def test_dns_forward_over_tcp(tmp_path: Path, netns: TestNetns, options: list[str], resolver: str,
+                              dns: str) -> None:
+    """--dns-forward: a TCP connection to ADDR port 53 reaches the host's resolver (127.0.0.1:53 here); with no
+    DNS option on a host whose only resolver is 127.0.0.53, the same through the gateway."""
+    netns.resolv_conf.write_text(f"nameserver {resolver}\n")
     echo53 = ("import socket\n"
-              "s = socket.create_server(('127.0.0.1', 53))\nprint('ready', flush=True)\n"
+              f"s = socket.create_server(('{resolver}', 53))\nprint('ready', flush=True)\n"
               "c, _ = s.accept()\nc.sendall(c.recv(100))\nc.close()")
     start_server(netns, echo53)
-    with Switch(tmp_path, workers=1, prefix=netns.exec_argv([]), args=["--dns-forward", "10.0.2.53"]) as sw, \
-            ready_frontend(sw, pairs=1) as fe:
+    with Switch(tmp_path, workers=1, prefix=netns.exec_argv([]), args=options,
+                addressing=["-a", GUEST4, "-n", "24", "-g", GATEWAY4, *(["--dns", "10.0.2.3"] if options else [])]) \
+            as sw, ready_frontend(sw, pairs=1) as fe:
         conn = GuestTcp(fe, 53, 40200)
         conn.addr = Addressing(False, OUR_MAC, GUEST_MAC, socket.inet_aton(GUEST4),
-                               socket.inet_aton("10.0.2.53"), 40200, 53)
+                               socket.inet_aton(dns), 40200, 53)
         conn.connect()
         (flow,) = flows_of(sw)
-        assert flow["sides"][1]["ep_addr"] == "127.0.0.1" and flow["sides"][1]["ep_port"] == 53
+        assert flow["sides"][1]["ep_addr"] == resolver and flow["sides"][1]["ep_port"] == 53
         conn.send(ACK | PSH, b"\x00\x05query")
         assert conn.read(7) == b"\x00\x05query"

@@ -30,7 +30,7 @@ from shardswitch.net.udp import build_frame6, parse6
 from shardswitch.worker.udp import UDP_TIMEOUT, UDP_TIMEOUT_BOTH
 from tests.guest.netns import TestNetns
 from tests.switch import Switch
-from tests.switchkit import ready_frontend
+from tests.switchkit import ready_frontend, start_server
 
 GUEST_MAC = bytes.fromhex("525400123456")
 OUR_MAC = bytes.fromhex("9a559a559a55")
@@ -390,3 +390,28 @@ def test_forwarded_port_through_switch(echo_ns: TestNetns, tmp_path: Path) -> No
         assert out.strip() == "from-guest"
         (flow,) = [f for f in sw.query("flows")["flows"] if f["sides"][0]["pif"] == "host"]
         assert flow["owner"] == pair and flow["sides"][0]["ep_port"] == 33333
+
+
+#: A resolver stand-in on systemd-resolved's stub address: answers every datagram on 127.0.0.53:53 with "dns:" + it.
+STUB_RESOLVER = r"""
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.53", 53))
+print("ready", flush=True)
+while True:
+    data, peer = s.recvfrom(65535)
+    s.sendto(b"dns:" + data, peer)
+"""
+
+
+def test_loopback_stub_resolver_works_with_default_options(netns: TestNetns, tmp_path: Path) -> None:
+    """A host whose resolv.conf names only 127.0.0.53 (systemd-resolved): with no DNS option the guest's
+    queries to the gateway (the DNS server it is offered) reach 127.0.0.53 and are answered from the gateway."""
+    netns.resolv_conf.write_text("nameserver 127.0.0.53\n")
+    start_server(netns, STUB_RESOLVER)
+    with Switch(tmp_path, workers=1, prefix=netns.exec_argv([]),
+                addressing=["-a", GUEST4, "-n", "24", "-g", GATEWAY4]) as sw, ready_frontend(sw, pairs=1) as fe:
+        fe.send_frame(0, frame4(45001, 53, b"query"))
+        assert received(fe, 0, 1) == [(GATEWAY4, 53, GUEST4, 45001, b"dns:query")]
+        (flow,) = sw.query("flows")["flows"]
+        assert (flow["sides"][1]["ep_addr"], flow["sides"][1]["ep_port"]) == ("127.0.0.53", 53)
