@@ -1,4 +1,5 @@
-"""A real guest resolves names through --dns-forward and echoes on a -u forwarded port.
+"""A real guest resolves names through --dns-forward, and with default options behind a stub resolver on
+127.0.0.53 (as systemd-resolved hosts have); it echoes on a -u forwarded port.
 
 dnsmasq serves ``test.example`` on 127.0.0.1:53 of the test namespace, which is
 also what the namespace's resolv.conf names, so it is the resolver the switch
@@ -46,14 +47,14 @@ while time.monotonic() < deadline:
 """
 
 
-def start_dnsmasq(netns: TestNetns, tmp_path: Path) -> None:
-    """dnsmasq on 127.0.0.1:53 of ``netns`` answering NAME; returns once it listens."""
-    netns.popen(["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--port=53", "--listen-address=127.0.0.1",
+def start_dnsmasq(netns: TestNetns, tmp_path: Path, listen: str = "127.0.0.1") -> None:
+    """dnsmasq on ``listen`` port 53 of ``netns`` answering NAME; returns once it listens."""
+    netns.popen(["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--port=53", f"--listen-address={listen}",
                  "--bind-interfaces", "--no-resolv", "--no-hosts", f"--address=/{NAME}/{ANSWER}",
                  f"--pid-file={tmp_path / 'dnsmasq.pid'}", f"--dhcp-leasefile={tmp_path / 'dnsmasq.leases'}",
                  "--user=root"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
-    while netns.run(["sh", "-c", "ss -Huln | grep -q '127.0.0.1:53 '"], check=False).returncode:
+    while netns.run(["sh", "-c", f"ss -Huln | grep -q '{listen}:53 '"], check=False).returncode:
         assert time.monotonic() < deadline, "dnsmasq did not start"
         time.sleep(0.1)
 
@@ -86,3 +87,23 @@ sleep 60
             (done.stdout, done.stderr, vm.output())
         flows = switch.query("flows")["flows"]
         assert any(f["type"] == "udp" and f["sides"][0]["pif"] == "host" for f in flows), flows
+
+
+def test_nslookup_with_default_options_behind_a_stub_resolver(tmp_path: Path, netns: TestNetns,
+                                                             guest_image: GuestImage) -> None:
+    """The host's resolv.conf names only 127.0.0.53 (dnsmasq there): with no option at all the guest is offered
+    the gateway as DNS server by DHCP, and a plain nslookup through it answers."""
+    netns.resolv_conf.write_text("nameserver 127.0.0.53\n")
+    start_dnsmasq(netns, tmp_path, listen="127.0.0.53")
+    script = f"""
+dhcp || exit 1
+echo RESOLV: $(grep nameserver /etc/resolv.conf)
+nslookup {NAME} > /tmp/ns 2>&1
+echo ==ns==; cat /tmp/ns; echo ==end==
+"""
+    with Switch(tmp_path, workers=1, prefix=netns.exec_argv([]), addressing=[]) as switch, \
+            GuestVM(guest_image, script, socket=Path(switch.socket), netns=netns) as vm:
+        vm.wait_for("==end==", timeout=240)
+        output = vm.output()
+        assert f"RESOLV: nameserver {netns.upstream_addr}" in output, output
+        assert ANSWER in output.split("==ns==", 1)[1].split("==end==", 1)[0], output
