@@ -109,6 +109,12 @@ def _add_start_options(parser: argparse.ArgumentParser) -> None:
                         help="forward host UDP ports to the guest, same syntax as -t (repeatable)")
     parser.add_argument("--dns-forward", dest="dns_forward", metavar="ADDR",
                         help="guest DNS queries to ADDR (UDP and TCP port 53) go to the host's resolvers")
+    parser.add_argument("--dns-host", dest="dns_host", metavar="ADDR",
+                        help="the host resolver forwarded DNS queries go to (default: resolv.conf's first); "
+                             "without --dns-forward the gateway forwards to it")
+    for name, what in (("dhcp", "no DHCPv4 server"), ("ndp", "no NDP (neighbour and router advertisements)"),
+                       ("ra", "no router advertisements"), ("icmp", "no ICMP/ICMPv6 echo")):
+        parser.add_argument(f"--no-{name}", dest=f"no_{name}", action="store_true", default=None, help=what)
     parser.add_argument("--reflect", action="store_true", default=None, help=argparse.SUPPRESS)
 
 

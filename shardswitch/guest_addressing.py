@@ -77,7 +77,10 @@ def _pick_dns(cfg: Config, netinfo: hostnet.NetInfo, gateway: str,
         return list(cfg.dns), None
     if cfg.dns_forward is not None and ipaddress.ip_address(cfg.dns_forward).version == 4:
         # As passt: the forwarding address is the guest's resolver; its queries reach the host's.
-        return [cfg.dns_forward], None
+        return [cfg.dns_forward], cfg.dns_host
+    if cfg.dns_host is not None and cfg.dns_forward is None:
+        # --dns-host alone: the gateway is the guest's resolver, forwarded there.
+        return [gateway], cfg.dns_host
     servers = []
     for text in netinfo.nameservers:
         try:

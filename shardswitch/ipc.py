@@ -57,6 +57,10 @@ class WorkerSetup(msgspec.Struct, frozen=True, kw_only=True):
     #: The guest-side DNS forwarding address ("" = none) and the host resolvers its queries go to.
     dns_forward: str = ""
     dns_upstream: tuple[str, ...] = ()
+    #: Guest services offered (shardswitch.net.endpoint.Service bits: DHCP 1, NDP 2, RA 4).
+    services: int = 7
+    #: ICMP/ICMPv6 echo through ping sockets (off: --no-icmp; requests dropped as IP_PROTO_UNHANDLED or ICMPV6_IGNORED).
+    icmp: bool = True
 
 
 class MemAdd(msgspec.Struct, tag=True):

@@ -136,6 +136,14 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     udp_ports: list[NonEmpty] = []
     #: An address the guest may use as DNS server; its queries go to the host's resolvers.
     dns_forward: str | None = None
+    #: The host resolver forwarded DNS queries go to (default: the first of resolv.conf's).
+    dns_host: str | None = None
+    #: Guest services turned off: DHCPv4, NDP (with router advertisements), router advertisements alone,
+    #: ICMP/ICMPv6 echo.
+    no_dhcp: bool = False
+    no_ndp: bool = False
+    no_ra: bool = False
+    no_icmp: bool = False
 
 
 #: Option spelling per field, for error messages about command-line values.
@@ -161,6 +169,11 @@ OPTION_NAMES: Final = {
     "tcp_ports": "-t/--tcp-ports",
     "udp_ports": "-u/--udp-ports",
     "dns_forward": "--dns-forward",
+    "dns_host": "--dns-host",
+    "no_dhcp": "--no-dhcp",
+    "no_ndp": "--no-ndp",
+    "no_ra": "--no-ra",
+    "no_icmp": "--no-icmp",
 }
 
 _FIELDS: Final = frozenset(Config.__struct_fields__)
@@ -239,18 +252,23 @@ def parse_prefix(text: str) -> int:
     raise ValueError(f"{text!r} is not a prefix length (0..32) or a contiguous netmask")
 
 
-def _check_ip(value: str, what: str, family: str = "IP") -> str:
+def _check_dns_host(label: str, value: str) -> str:
+    """--dns-host: any unicast address, the host's loopback included (a stub resolver's 127.0.0.53)."""
+    return _checked(label, "dns_host", _check_ip, value, "the host's DNS resolver", "IP", True)
+
+
+def _check_ip(value: str, what: str, family: str = "IP", loopback_ok: bool = False) -> str:
     """Return ``value`` normalised if it is a usable unicast address of ``family`` ("IP" for either
-    version, "IPv4"), else raise ValueError."""
+    version, "IPv4"; a loopback address only with ``loopback_ok``), else raise ValueError."""
     try:
         addr = ipaddress.ip_address(value)
     except ValueError:
         addr = None
     if addr is None or (family == "IPv4" and addr.version != 4):
         raise ValueError(f"{value!r} is not an {family} address")
-    if addr.is_loopback:
+    if addr.is_loopback and not loopback_ok:
         raise ValueError(f"{value} is a loopback address, unusable as {what}")
-    if addr.is_unspecified or addr.is_multicast or addr.is_reserved:
+    if addr.is_unspecified or addr.is_multicast or (addr.is_reserved and not addr.is_loopback):
         raise ValueError(f"{value} is not a unicast address, unusable as {what}")
     return str(addr)
 
@@ -362,7 +380,7 @@ def _fail(label: str, field: str, problem: str) -> ConfigError:
     return ConfigError(f"{label}: {_key_name('.' + field, label)}: {problem}")
 
 
-def _checked(label: str, field: str, check: Callable[..., str], *args: str) -> str:
+def _checked(label: str, field: str, check: Callable[..., str], *args: object) -> str:
     """Run one explicit value check, turning its ValueError into a ConfigError about ``field``."""
     try:
         return check(*args)
@@ -384,6 +402,8 @@ def _check(cfg: Config, label: str) -> Config:
     if cfg.dns_forward is not None:
         changes["dns_forward"] = _checked(label, "dns_forward", _check_ip, cfg.dns_forward,
                                           "the DNS forwarding address")
+    if cfg.dns_host is not None:
+        changes["dns_host"] = _check_dns_host(label, cfg.dns_host)
     if cfg.map_host_loopback is not None:
         changes["map_host_loopback"] = _checked(label, "map_host_loopback", _check_ip, cfg.map_host_loopback,
                                                 "the address mapped to the host's loopback")

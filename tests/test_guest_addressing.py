@@ -168,3 +168,11 @@ def test_guest_params_rejected_by_net_layer() -> None:
     cfg = load_config({"prefix_len": "0", "address": "10.0.0.2", "gateway": "10.0.0.1"})
     with pytest.raises(ConfigError, match="guest parameters: prefix length 0"):
         guest_addressing.guest_params(cfg, resolve_addressing(cfg, netinfo()))
+
+
+def test_dns_host_makes_the_gateway_the_resolver() -> None:
+    """--dns-host alone: the gateway is offered and forwards there; with --dns-forward it is where that goes."""
+    got = resolve(netinfo(), dns_host="192.0.2.99")
+    assert (got.dns, got.dns_host) == (["10.99.0.1"], "192.0.2.99")
+    got = resolve(netinfo(), dns_host="127.0.0.53", dns_forward="10.99.0.53")
+    assert (got.dns, got.dns_host) == (["10.99.0.53"], "127.0.0.53")

@@ -150,6 +150,9 @@ def test_file_error_names_file_key_and_value(tmp_path: Path) -> None:
     ({"debug": True, "quiet": True}, "-d/--debug and -q/--quiet exclude each other"),
     ({"bogus": 1}, "command line: Object contains unknown field `bogus`"),
     ({"workers": "2"}, "command line: --workers: Expected `int`, got `str`"),
+    ({"dns_host": "ff02::1"}, "command line: --dns-host: ff02::1 is not a unicast address"),
+    ({"dns_host": "resolver"}, "command line: --dns-host: 'resolver' is not an IP address"),
+    ({"no_dhcp": "yes"}, "command line: --no-dhcp: Expected `bool`, got `str`"),
 ])
 def test_command_line_errors(values: dict[str, Any], message: str) -> None:
     """Each bad option gives a ConfigError naming the option and the problem."""
@@ -210,3 +213,15 @@ def test_map_host_loopback_and_no_map_gw_exclude_each_other() -> None:
     from shardswitch.cli import main
 
     assert main(["start", "--map-host-loopback", "10.0.2.9", "--no-map-gw"]) == 2
+
+
+def test_service_switches_and_dns_host(tmp_path: Path) -> None:
+    """--no-dhcp/--no-ndp/--no-ra/--no-icmp and --dns-host (a loopback resolver is fine) from either layer."""
+    from shardswitch.cli import build_parser
+
+    argv = ["start", "--no-dhcp", "--no-ra", "--dns-host", "127.0.0.53"]
+    cfg = load_config(build_parser().parse_args(argv))
+    assert (cfg.no_dhcp, cfg.no_ndp, cfg.no_ra, cfg.no_icmp, cfg.dns_host) == (True, False, True, False, "127.0.0.53")
+    path = write_toml(tmp_path, 'no_ndp = true\nno_icmp = true\ndns_host = "::1"\n')
+    cfg = load_config({"config": path})
+    assert (cfg.no_dhcp, cfg.no_ndp, cfg.no_icmp, cfg.dns_host) == (False, True, True, "::1")

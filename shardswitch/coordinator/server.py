@@ -40,6 +40,7 @@ from shardswitch.coordinator.device import Device
 from shardswitch.coordinator.handler import Disconnect, RequestHandler
 from shardswitch.coordinator.workers import WorkerHandle, WorkerPool
 from shardswitch.ipc import StatusQuery, WorkerSetup, WorkerStatus
+from shardswitch.net.endpoint import Service
 from shardswitch.net.params import resolve
 from shardswitch.shm.layout import DEFAULT_CAPACITY, Flow, FlowSide, FlowTableError, Pif, ip_of
 from shardswitch.shm.table import FlowTable
@@ -411,11 +412,21 @@ def _dns_forwarding(cfg: "Config", addressing: "GuestAddressing") -> tuple[str, 
     from shardswitch.hostnet import read_resolv_conf
 
     if cfg.dns_forward:
-        return cfg.dns_forward, tuple(read_resolv_conf()[0])
+        return cfg.dns_forward, (cfg.dns_host,) if cfg.dns_host else tuple(read_resolv_conf()[0])
     if addressing.dns_host is not None:
         log.info("guest DNS queries to %s go to the host's resolver %s", addressing.gateway, addressing.dns_host)
         return addressing.gateway, (addressing.dns_host,)
     return "", ()
+
+
+def _services(cfg: "Config") -> Service:
+    """The guest services the settings leave on (--no-ndp takes router advertisements with it)."""
+    services = Service.ALL
+    for off, service in ((cfg.no_dhcp, Service.DHCP), (cfg.no_ndp, Service.NDP | Service.RA),
+                         (cfg.no_ra, Service.RA)):
+        if off:
+            services &= ~service
+    return services
 
 
 def run(cfg: "Config") -> int:
@@ -437,6 +448,7 @@ def run(cfg: "Config") -> int:
     dns_forward, upstream = _dns_forwarding(cfg, addressing)
     setup = WorkerSetup(pair=0, params=params, reflect=cfg.reflect, map_host_loopback=mapped,
                         tcp_ports=tuple(cfg.tcp_ports), udp_ports=tuple(cfg.udp_ports),
-                        dns_forward=dns_forward, dns_upstream=upstream)
+                        dns_forward=dns_forward, dns_upstream=upstream, services=int(_services(cfg)),
+                        icmp=not cfg.no_icmp)
     return run_coordinator(workers=cfg.workers, setup=setup, socket_path=path, control_path=cfg.control,
                            connect=cfg.connect is not None, print_fragment=not cfg.quiet, max_flows=cfg.max_flows)

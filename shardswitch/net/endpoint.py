@@ -38,6 +38,7 @@ bug) pass through to the caller.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from enum import IntFlag
 from typing import Protocol
 
 from . import eth, icmpv6, ipv4, ipv6, udp
@@ -96,11 +97,24 @@ class UdpHandler(Protocol):
         """Consume ``datagram``, appending replies to ``out``."""
 
 
+class Service(IntFlag):
+    """The guest services an endpoint offers (``--no-dhcp``, ``--no-ndp``, ``--no-ra`` turn them off)."""
+
+    NONE = 0
+    #: DHCPv4 on UDP port 67 (off: DHCP requests are dropped as UDP_PORT_UNHANDLED).
+    DHCP = 1
+    #: NDP: neighbour advertisements for the guest's solicitations (off: NDP is dropped as ICMPV6_IGNORED).
+    NDP = 2
+    #: Router advertisements answering the guest's solicitations (part of NDP).
+    RA = 4
+    ALL = DHCP | NDP | RA
+
+
 class GuestEndpoint:
     """The guest-facing protocol logic of one worker: takes guest frames, returns reply frames."""
 
-    def __init__(self, params: GuestParams) -> None:
-        """Resolve ``params`` (ParamsError if invalid) and install ARP and DHCP."""
+    def __init__(self, params: GuestParams, services: Service = Service.ALL) -> None:
+        """Resolve ``params`` (ParamsError if invalid) and install ARP and the ``services`` (DHCP, NDP, RA)."""
         #: The validated, wire-ready parameters.
         self.resolved = resolve(params)
         #: The guest's MAC, learned from the source of its frames.
@@ -109,7 +123,7 @@ class GuestEndpoint:
         self.drops: dict[DropReason, int] = dict.fromkeys(DropReason, 0)
         self.arp = ArpResponder(self.resolved)
         self.dhcp = DhcpServer(self.resolved)
-        self.ndp = NdpResponder(self.resolved)
+        self.ndp = NdpResponder(self.resolved, ra=bool(services & Service.RA))
         #: The frame being handled has a partial L4 checksum (NEEDS_CSUM); copied into its IP packet.
         self._csum_partial = False
         self._our_mac = self.resolved.our_mac
@@ -118,13 +132,15 @@ class GuestEndpoint:
         self._udp_handlers: dict[int, UdpHandler] = {}
         self._udp_default: UdpHandler | None = None
         self._ip6_handlers: dict[int, Ipv6Handler] = {}
-        self._icmpv6_handlers: dict[int, Icmpv6Handler] = dict.fromkeys(NDP_TYPES, self.ndp.handle_icmpv6)
+        self._icmpv6_handlers: dict[int, Icmpv6Handler] = (
+            dict.fromkeys(NDP_TYPES, self.ndp.handle_icmpv6) if services & Service.NDP else {})
         self.register_ethertype(EtherType.ARP, self.arp.handle)
         self.register_ethertype(EtherType.IPV4, self._handle_ipv4)
         self.register_ethertype(EtherType.IPV6, self._handle_ipv6)
         self.register_ip_protocol(IpProto.UDP, self._handle_udp)
         self.register_ip6_protocol(NextHeader.ICMPV6, self._handle_icmpv6)
-        self.register_udp_port(SERVER_PORT, self.dhcp.handle_udp)
+        if services & Service.DHCP:
+            self.register_udp_port(SERVER_PORT, self.dhcp.handle_udp)
 
     def register_ethertype(self, ethertype: int, handler: EtherHandler) -> None:
         """Route frames of ``ethertype`` to ``handler`` (replacing any previous one)."""

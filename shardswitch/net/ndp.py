@@ -219,8 +219,12 @@ def next_ra_delay(rand: float, sent: int) -> float:
 class NdpResponder:
     """Neighbor Discovery for one guest: proxy NAs for everything but the guest, and RAs."""
 
-    def __init__(self, params: ResolvedParams) -> None:
-        """Build the RA once; raises ParamsError when the IPv6 DNS servers cannot fit it."""
+    def __init__(self, params: ResolvedParams, ra: bool = True) -> None:
+        """Build the RA once; raises ParamsError when the IPv6 DNS servers cannot fit it.
+
+        ``ra=False`` (``--no-ra``): router solicitations are not answered (NDP_IGNORED).
+        """
+        self._ra = ra
         self._our_mac = params.our_mac
         self._guest_address6 = params.address6
         #: Source address of our NAs and RAs (link-local).
@@ -274,7 +278,7 @@ class NdpResponder:
                               f"{len(data)} bytes")
         if kind == Icmpv6Type.NEIGHBOR_SOLICITATION:
             return self._answer_solicitation(eth_src, packet, data)
-        if kind == Icmpv6Type.ROUTER_SOLICITATION:
+        if kind == Icmpv6Type.ROUTER_SOLICITATION and self._ra:
             return self._answer_router_solicitation(eth_src, packet, data)
         raise PacketError(DropReason.NDP_IGNORED, f"type {kind}")
 

@@ -62,7 +62,7 @@ from shardswitch.ipc import (
     WorkerStatus,
     close_fds,
 )
-from shardswitch.net.endpoint import GuestEndpoint
+from shardswitch.net.endpoint import GuestEndpoint, Service
 from shardswitch.shm.table import FlowTable
 from shardswitch.vhost.wire import VirtioFeature
 from shardswitch.virtio.memory import GuestMemory, GuestMemoryError
@@ -101,7 +101,7 @@ class Worker(EpollWatches, CountingPort):
         self.mem = GuestMemory()
         self.rx = RingSlot(2 * pair)
         self.tx = RingSlot(2 * pair + 1)
-        self.endpoint = GuestEndpoint(params)
+        self.endpoint = GuestEndpoint(params, Service(setup.services & Service.ALL))
         self.params: ResolvedParams = self.endpoint.resolved
         self.counters = Counters()
         #: The TX ring negotiated CSUM: guest frames may carry partial checksums (NEEDS_CSUM).
@@ -128,7 +128,8 @@ class Worker(EpollWatches, CountingPort):
         self.tcp = TcpFlows(self, self.flows, setup.tcp_ports)
         self.udp = UdpFlows(self, self.flows, setup.udp_ports)
         for protocol in (self.ping, self.tcp, self.udp):
-            protocol.plug_into(self.endpoint)
+            if protocol is not self.ping or setup.icmp:
+                protocol.plug_into(self.endpoint)
         #: TX needs another round without waiting for a kick (batch limit hit, or polling).
         self.tx_again = False
 

@@ -92,3 +92,23 @@ def test_client_mode_connects_and_reconnects(tmp_path: Path) -> None:
             assert switch.status()["mode"] == "client"
     finally:
         listener.close()
+
+
+def test_service_switches_reach_the_workers(tmp_path: Path) -> None:
+    """--no-dhcp and --no-icmp: a DHCP discover and an echo request are dropped (counted), nothing answered;
+    ARP still works."""
+    from shardswitch.net import icmp
+    from tests.net.net_testlib import DhcpTestClient, eth_frame, ip, ipv4_packet, rfc1071
+    from tests.switchkit import drops, ready_frontend, wait_status
+
+    echo = icmp.build_ping_request(7, 1, b"ping")
+    echo = echo[:2] + struct.pack("!H", rfc1071(echo)) + echo[4:]
+    ping = eth_frame(bytes.fromhex("9a559a559a55"), GUEST_MAC, 0x0800,
+                     ipv4_packet(ip("10.0.2.15"), ip("10.0.2.2"), 1, echo))
+    with Switch(tmp_path, workers=1, args=["--no-dhcp", "--no-icmp"]) as sw, ready_frontend(sw, pairs=1) as fe:
+        fe.send_frames(0, [DhcpTestClient().discover(), ping])
+        status = wait_status(sw, lambda s: sum(drops(s, 0).values()) >= 2, "both frames to be dropped")
+        assert drops(status, 0) == {"UDP_PORT_UNHANDLED": 1, "IP_PROTO_UNHANDLED": 1}
+        assert fe.recv_frames(0, timeout=0.5) == []
+        assert_arp_works(fe)
+

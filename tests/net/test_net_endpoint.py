@@ -8,11 +8,14 @@ import struct
 import pytest
 
 from shardswitch.net import DropReason, GuestEndpoint, GuestParams, PacketError
+from shardswitch.net.endpoint import Service
 from shardswitch.net.ipv4 import Ipv4Packet
 from shardswitch.net.udp import UdpDatagram
 from tests.net.net_testlib import (BROADCAST_MAC, GUEST_MAC, OUR_MAC, arp_frame,
                                    decode_arp_frame, decode_dhcp_reply, dhcp_message,
-                                   dhcp_options, eth_frame, ip, ipv4_packet, udp_frame)
+                                   dhcp_options, eth_frame, ip, ipv4_packet, udp_frame, DhcpTestClient)
+from tests.net.test_net_ipv6 import ip6
+from tests.net.test_net_ndp import ns_frame, rs_frame
 
 GUEST_IP, GATEWAY = ip("10.0.2.15"), ip("10.0.2.2")
 
@@ -197,3 +200,22 @@ def test_fuzz_never_raises(endpoint: GuestEndpoint) -> None:
                    DropReason.NOT_FOR_US, DropReason.TRUNCATED):
         assert verdicts.get(reason, 0) > 0, reason
     assert verdicts.get(None, 0) > 100
+
+
+@pytest.mark.parametrize(("services", "dhcp", "ns", "rs"), [
+    (Service.ALL, None, None, None),
+    (Service.ALL & ~Service.DHCP, DropReason.UDP_PORT_UNHANDLED, None, None),
+    (Service.DHCP | Service.NDP, None, None, DropReason.NDP_IGNORED),
+    (Service.DHCP, None, DropReason.ICMPV6_IGNORED, DropReason.ICMPV6_IGNORED),
+])
+def test_services_turned_off(services: Service, dhcp: DropReason | None, ns: DropReason | None,
+                             rs: DropReason | None) -> None:
+    """--no-dhcp, --no-ra, --no-ndp: the service's requests are dropped (counted), the others answered."""
+
+    ep = GuestEndpoint(GuestParams(address="10.0.2.15", prefix_len=24, gateway="10.0.2.2",
+                                   address6="2001:db8::15"), services)
+    for frame, expected in ((DhcpTestClient().discover(), dhcp), (ns_frame(ip6("2001:db8::1")), ns),
+                            (rs_frame(), rs)):
+        out: list[bytes] = []
+        assert ep.handle_frame(memoryview(frame), 0.0, out) == expected
+        assert bool(out) == (expected is None)
