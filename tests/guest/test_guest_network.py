@@ -23,10 +23,11 @@ pytestmark = pytest.mark.guest
 GATEWAY = "$(ip route | awk '/default/ {print $3}')"
 
 
-def guest_switch(tmp_path: Path, netns: TestNetns, workers: int, *, socket_path: str | None = None) -> Switch:
+def guest_switch(tmp_path: Path, netns: TestNetns, workers: int, *, socket_path: str | None = None,
+                 args: list[str] | None = None) -> Switch:
     """A switch inside the test namespace, mirroring its addressing."""
     return Switch(tmp_path, workers=workers, prefix=netns.exec_argv([]), addressing=[],
-                  socket_path=socket_path)
+                  socket_path=socket_path, args=args)
 
 
 def tx_frames(status: dict) -> list[int]:  # type: ignore[type-arg]
@@ -63,6 +64,23 @@ grep -h -i received /tmp/a0 /tmp/a1
         # Each arping also sees the other's replies: at least its own 15 each.
         received = [int(n) for n in re.findall(r"Received (\d+) response", vm.output())[-2:]]
         assert len(received) == 2 and min(received) >= 15, vm.output()
+
+
+def test_no_dhcp_gives_no_lease(tmp_path: Path, netns: TestNetns, guest_image: GuestImage) -> None:
+    """--no-dhcp: the guest's DHCP client gets no lease (its discovers are dropped and counted); ARP still works
+    once it configures itself."""
+    script = f"""
+dhcp -t 2 -T 1 && echo GOT-LEASE || echo NO-LEASE
+ip addr add {netns.host_addr}/{netns.prefixlen} dev eth0
+arping -c 2 -w 10 -I eth0 {netns.upstream_addr} > /dev/null && echo ARP-GW-OK
+"""
+    with guest_switch(tmp_path, netns, 1, args=["--no-dhcp"]) as switch, \
+            GuestVM(guest_image, script, socket=Path(switch.socket), netns=netns) as vm:
+        assert vm.wait_exit(timeout=240) == 0, vm.output()
+        output = vm.output()
+        assert "NO-LEASE" in output and "GOT-LEASE" not in output and "SS-LEASE " not in output, output
+        assert "ARP-GW-OK" in output, output
+        assert switch.status()["workers"][0]["drops"].get("UDP_PORT_UNHANDLED", 0) >= 2
 
 
 def test_guest_survives_switch_restart(tmp_path: Path, netns: TestNetns, guest_image: GuestImage) -> None:
