@@ -48,9 +48,12 @@ class GuestAddressing(msgspec.Struct, frozen=True, kw_only=True):
     mac: str
     interface: str | None = None
     notes: list[str] = []
-    #: The host's resolver that guest DNS traffic to the gateway (port 53) goes to, when the host's resolvers
-    #: are all on its loopback (systemd-resolved's 127.0.0.53, a local dnsmasq): passt's --dns-host.
-    dns_host: str | None = None
+    #: DNS forwarding: guest traffic to this address's port 53 (UDP and TCP) goes to the host resolvers
+    #: ``dns_upstream`` (None: no forwarding).  It is --dns-forward's address, or the gateway when the host's
+    #: resolvers are all on its loopback (systemd-resolved's 127.0.0.53, a local dnsmasq) or --dns-host is
+    #: given alone.
+    dns_forward: str | None = None
+    dns_upstream: list[str] = []
 
 
 def _classful_prefix(address: str) -> int:
@@ -77,7 +80,7 @@ def _pick_dns(cfg: Config, netinfo: hostnet.NetInfo, gateway: str,
         return list(cfg.dns), None
     if cfg.dns_forward is not None and ipaddress.ip_address(cfg.dns_forward).version == 4:
         # As passt: the forwarding address is the guest's resolver; its queries reach the host's.
-        return [cfg.dns_forward], cfg.dns_host
+        return [cfg.dns_forward], None
     if cfg.dns_host is not None and cfg.dns_forward is None:
         # --dns-host alone: the gateway is the guest's resolver, forwarded there.
         return [gateway], cfg.dns_host
@@ -98,6 +101,20 @@ def _pick_dns(cfg: Config, netinfo: hostnet.NetInfo, gateway: str,
         return [gateway], loopback[0]
     notes.append("no IPv4 DNS server found in the host's resolv.conf: the guest gets none")
     return [], None
+
+
+def _dns_forwarding(cfg: Config, netinfo: hostnet.NetInfo, gateway: str,
+                    dns_host: str | None) -> tuple[str | None, list[str]]:
+    """(the guest-side address whose port 53 is forwarded, the host resolvers it goes to); (None, []) for none.
+
+    --dns-forward goes to --dns-host, else to the host's resolv.conf; without
+    it, the resolver :func:`_pick_dns` chose behind the gateway (``dns_host``).
+    """
+    if cfg.dns_forward is not None:
+        return cfg.dns_forward, [cfg.dns_host] if cfg.dns_host is not None else list(netinfo.nameservers)
+    if dns_host is not None:
+        return gateway, [dns_host]
+    return None, []
 
 
 def _missing_addressing(cfg: Config, route: hostnet.HostNet | None,
@@ -149,11 +166,12 @@ def resolve_addressing(cfg: Config, netinfo: hostnet.NetInfo) -> GuestAddressing
     if ipaddress.IPv4Address(gateway) not in network:
         notes.append(f"gateway {gateway} is outside the guest's network {network}")
     dns, dns_host = _pick_dns(cfg, netinfo, gateway, notes)
+    dns_forward, dns_upstream = _dns_forwarding(cfg, netinfo, gateway, dns_host)
     search = list(cfg.search) if cfg.search is not None else list(netinfo.search)
     interface = cfg.interface or (route.ifname if route is not None else None)
     return GuestAddressing(address=address, prefix_len=prefix_len, gateway=gateway, mtu=cfg.mtu,
                            dns=dns, search=search, mac=cfg.mac, interface=interface, notes=notes,
-                           dns_host=dns_host)
+                           dns_forward=dns_forward, dns_upstream=dns_upstream)
 
 
 def host_addressing(cfg: Config, resolv_conf: str = hostnet.RESOLV_CONF) -> GuestAddressing:

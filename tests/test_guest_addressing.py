@@ -72,26 +72,26 @@ def test_dns_keeps_non_loopback_ipv4_only() -> None:
 def test_loopback_only_resolvers_give_the_gateway() -> None:
     """systemd-resolved style hosts: the gateway is offered, with a note."""
     got = resolve(netinfo(nameservers=["127.0.0.53", "::1"]))
-    assert got.dns == ["10.99.0.1"] and got.dns_host == "127.0.0.53"
+    assert got.dns == ["10.99.0.1"] and (got.dns_forward, got.dns_upstream) == ("10.99.0.1", ["127.0.0.53"])
     assert any("loopback only (127.0.0.53)" in n for n in got.notes)
 
 
-@pytest.mark.parametrize(("nameservers", "dns", "dns_host"), [
-    (["::1"], ["10.99.0.1"], "::1"),
-    (["127.0.0.1", "192.0.2.53"], ["192.0.2.53"], None),
-    (["127.0.0.53", "2001:db8::53"], [], None),
+@pytest.mark.parametrize(("nameservers", "dns", "upstream"), [
+    (["::1"], ["10.99.0.1"], ["::1"]),
+    (["127.0.0.1", "192.0.2.53"], ["192.0.2.53"], []),
+    (["127.0.0.53", "2001:db8::53"], [], []),
 ])
 def test_dns_host_only_when_every_resolver_is_on_the_loopback(nameservers: list[str], dns: list[str],
-                                                              dns_host: str | None) -> None:
+                                                              upstream: list[str]) -> None:
     """The gateway forwards to the first loopback resolver, of either family, only when nothing else is there."""
     got = resolve(netinfo(nameservers=nameservers))
-    assert (got.dns, got.dns_host) == (dns, dns_host)
+    assert (got.dns, got.dns_forward, got.dns_upstream) == (dns, "10.99.0.1" if upstream else None, upstream)
 
 
 def test_explicit_dns_means_no_dns_host() -> None:
     """--dns wins: nothing is forwarded implicitly."""
     got = resolve(netinfo(nameservers=["127.0.0.53"]), dns=["10.99.0.53"])
-    assert (got.dns, got.dns_host) == (["10.99.0.53"], None)
+    assert (got.dns, got.dns_forward, got.dns_upstream) == (["10.99.0.53"], None, [])
 
 
 def test_no_resolvers() -> None:
@@ -171,8 +171,11 @@ def test_guest_params_rejected_by_net_layer() -> None:
 
 
 def test_dns_host_makes_the_gateway_the_resolver() -> None:
-    """--dns-host alone: the gateway is offered and forwards there; with --dns-forward it is where that goes."""
+    """--dns-host alone: the gateway is offered and forwards there; with --dns-forward it is where that goes
+    (else the host's resolv.conf is)."""
     got = resolve(netinfo(), dns_host="192.0.2.99")
-    assert (got.dns, got.dns_host) == (["10.99.0.1"], "192.0.2.99")
+    assert (got.dns, got.dns_forward, got.dns_upstream) == (["10.99.0.1"], "10.99.0.1", ["192.0.2.99"])
     got = resolve(netinfo(), dns_host="127.0.0.53", dns_forward="10.99.0.53")
-    assert (got.dns, got.dns_host) == (["10.99.0.53"], "127.0.0.53")
+    assert (got.dns, got.dns_forward, got.dns_upstream) == (["10.99.0.53"], "10.99.0.53", ["127.0.0.53"])
+    got = resolve(netinfo(), dns_forward="10.99.0.53")
+    assert (got.dns_forward, got.dns_upstream) == ("10.99.0.53", ["192.0.2.53"])

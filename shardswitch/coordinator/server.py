@@ -47,7 +47,6 @@ from shardswitch.shm.table import FlowTable
 from shardswitch.vhost.wire import VhostProtocolError, VirtioFeature
 
 if TYPE_CHECKING:
-    from shardswitch.guest_addressing import GuestAddressing
     from shardswitch.settings import Config
 
 log = logging.getLogger("shardswitch")
@@ -402,23 +401,6 @@ def run_coordinator(*, workers: int, setup: WorkerSetup, socket_path: str, contr
     return 0
 
 
-def _dns_forwarding(cfg: "Config", addressing: "GuestAddressing") -> tuple[str, tuple[str, ...]]:
-    """(the guest-side address whose port 53 is forwarded, the host resolvers it goes to), "" for none.
-
-    --dns-forward goes to the host's resolv.conf; without it, a host whose
-    resolvers are all on its loopback gets the gateway forwarded to the first
-    of them (the addressing's ``dns_host``), so DNS works with default options.
-    """
-    from shardswitch.hostnet import read_resolv_conf
-
-    if cfg.dns_forward:
-        return cfg.dns_forward, (cfg.dns_host,) if cfg.dns_host else tuple(read_resolv_conf()[0])
-    if addressing.dns_host is not None:
-        log.info("guest DNS queries to %s go to the host's resolver %s", addressing.gateway, addressing.dns_host)
-        return addressing.gateway, (addressing.dns_host,)
-    return "", ()
-
-
 def _services(cfg: "Config") -> Service:
     """The guest services the settings leave on (--no-ndp takes router advertisements with it)."""
     services = Service.ALL
@@ -445,10 +427,13 @@ def run(cfg: "Config") -> int:
         # The gateway, and the IPv6 router address NDP gives the guest (our link-local by default).
         mapped = (params.gateway, str(ipaddress.IPv6Address(resolve(params).gateway6)))
     log.info("guest traffic to %s goes to the host's loopback", ", ".join(mapped) or "no address")
-    dns_forward, upstream = _dns_forwarding(cfg, addressing)
+    if addressing.dns_forward is not None:
+        log.info("guest DNS queries to %s go to the host's resolver %s", addressing.dns_forward,
+                 ", ".join(addressing.dns_upstream) or "(none found)")
     setup = WorkerSetup(pair=0, params=params, reflect=cfg.reflect, map_host_loopback=mapped,
                         tcp_ports=tuple(cfg.tcp_ports), udp_ports=tuple(cfg.udp_ports),
-                        dns_forward=dns_forward, dns_upstream=upstream, services=int(_services(cfg)),
+                        dns_forward=addressing.dns_forward or "", dns_upstream=tuple(addressing.dns_upstream),
+                        services=int(_services(cfg)),
                         icmp=not cfg.no_icmp)
     return run_coordinator(workers=cfg.workers, setup=setup, socket_path=path, control_path=cfg.control,
                            connect=cfg.connect is not None, print_fragment=not cfg.quiet, max_flows=cfg.max_flows)

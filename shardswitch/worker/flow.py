@@ -163,6 +163,8 @@ class FlowLayer:
         guest-initiated flow first; PacketError with the protocol's
         ``conflict`` reason when there is no frame to hand over.
         """
+        if initiator.pif == Pif.GUEST:
+            self.fwd.learn_guest(initiator.ep_addr)
         table = self.table
         if table is None:
             return NO_REF
@@ -241,8 +243,6 @@ class FlowLayer:
         for kind in self._kinds:
             kind.deferred(now)
 
-    def count(self, ftypes: tuple[FlowType, ...] | None = None) -> int:
-        """Flows this worker owns (of ``ftypes`` if given)."""
-        if ftypes is None:
-            return len(self.flows)
-        return sum(1 for flow in self.flows.values() if flow.ftype in ftypes)
+    def count(self) -> int:
+        """Flows this worker owns."""
+        return len(self.flows)

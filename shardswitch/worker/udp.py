@@ -182,10 +182,8 @@ class UdpFlows:
 
     def _create(self, key: bytes, guest_side: FlowSide, now: float) -> UdpFlow:
         """Open a socket connected to where the destination maps, enter and index the flow."""
-        fwd = self.fwd
         src = guest_side.ep_addr
-        fwd.learn_guest(src)
-        target, tport = fwd.to_host(guest_side.our_addr, guest_side.our_port)
+        target, tport = self.fwd.to_host(guest_side.our_addr, guest_side.our_port)
         family = inany.family(target)
         try:
             sock = socket.socket(family, socket.SOCK_DGRAM)

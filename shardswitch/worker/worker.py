@@ -42,9 +42,6 @@ import time
 from collections import deque
 from typing import Callable
 
-from shardswitch.net.drop import DropReason
-from shardswitch.net.params import ResolvedParams
-
 from shardswitch.ipc import (
     Channel,
     IpcError,
@@ -62,7 +59,9 @@ from shardswitch.ipc import (
     WorkerStatus,
     close_fds,
 )
+from shardswitch.net.drop import DropReason
 from shardswitch.net.endpoint import GuestEndpoint, Service
+from shardswitch.net.params import ResolvedParams
 from shardswitch.shm.table import FlowTable
 from shardswitch.vhost.wire import VirtioFeature
 from shardswitch.virtio.memory import GuestMemory, GuestMemoryError
@@ -127,12 +126,12 @@ class Worker(EpollWatches, CountingPort):
         self.ping = PingFlows(self, self.flows)
         self.tcp = TcpFlows(self, self.flows, setup.tcp_ports)
         self.udp = UdpFlows(self, self.flows, setup.udp_ports)
-        for protocol in (self.ping, self.tcp, self.udp):
-            if protocol is not self.ping or setup.icmp:
-                protocol.plug_into(self.endpoint)
+        self.tcp.plug_into(self.endpoint)
+        self.udp.plug_into(self.endpoint)
+        if setup.icmp:
+            self.ping.plug_into(self.endpoint)
         #: TX needs another round without waiting for a kick (batch limit hit, or polling).
         self.tx_again = False
-
 
     # -- control channel ---------------------------------------------------
 
