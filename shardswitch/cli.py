@@ -5,8 +5,8 @@ Theory of operation
 Three entry points, parsed with argparse::
 
     shardswitch start [--workers N] [--socket PATH | --connect PATH] [--control PATH]
-                      [-a ADDR] [-n PREFIX] [-g GW] [-M MAC] [-m MTU] [-i IFACE]
-                      [--dns ADDR]... [--search DOMAIN]... [--config FILE] [-d | -q]
+                      [-a ADDR]... [-n PREFIX] [-g GW]... [-M MAC] [-m MTU] [-i IFACE] [-4 | -6]
+                      [--dns ADDR]... [--search DOMAIN]... [--config FILE] [-d | -q] ...
     shardswitch status [--control PATH] [--json]
     shardswitch --print-capabilities        (libvirt's probe: prints {"type": "net"})
 
@@ -74,12 +74,13 @@ def _add_start_options(parser: argparse.ArgumentParser) -> None:
                        help="connect to a front-end listening on this unix socket (QEMU server=on)")
     parser.add_argument("--control", metavar="PATH",
                         help="control socket for 'shardswitch status' (default: socket path + .ctl)")
-    parser.add_argument("-a", "--address", metavar="ADDR",
-                        help="guest IPv4 address (default: the host's)")
+    parser.add_argument("-a", "--address", action="append", metavar="ADDR",
+                        help="guest IPv4 address, or IPv6 address[/prefix length] (once per family; "
+                             "default: the host's)")
     parser.add_argument("-n", "--netmask", dest="prefix_len", metavar="PREFIX",
                         help="prefix length 0..32 or dotted netmask (default: the host's)")
-    parser.add_argument("-g", "--gateway", metavar="GW",
-                        help="guest default gateway (default: the host's)")
+    parser.add_argument("-g", "--gateway", action="append", metavar="GW",
+                        help="guest default gateway, IPv4 or IPv6 (once per family; default: the host's)")
     parser.add_argument("-M", "--mac-addr", dest="mac", metavar="MAC",
                         help=f"MAC address shardswitch uses towards the guest (default {DEFAULT_MAC})")
     parser.add_argument("-m", "--mtu", type=int, metavar="MTU",
@@ -87,7 +88,21 @@ def _add_start_options(parser: argparse.ArgumentParser) -> None:
                              f"(default {DEFAULT_MTU})")
     parser.add_argument("-i", "--interface", metavar="IFACE",
                         help="host interface to mirror addressing from (default: the one "
-                             "holding the IPv4 default route)")
+                             "holding each family's default route)")
+    family = parser.add_mutually_exclusive_group()
+    family.add_argument("-4", "--ipv4-only", dest="ipv4_only", action="store_true", default=None,
+                        help="IPv4 only: no IPv6 for the guest")
+    family.add_argument("-6", "--ipv6-only", dest="ipv6_only", action="store_true", default=None,
+                        help="IPv6 only: no IPv4 for the guest")
+    parser.add_argument("-o", "--outbound", action="append", metavar="ADDR",
+                        help="bind host sockets of the guest's connections to this source address "
+                             "(once per family)")
+    for version in ("4", "6"):
+        parser.add_argument(f"--outbound-if{version}", dest=f"outbound_if{version}", metavar="IFACE",
+                            help=f"bind host sockets of the guest's IPv{version} connections to this interface")
+    parser.add_argument("--map-guest-addr", dest="map_guest_addr", metavar="ADDR",
+                        help="guest traffic to ADDR goes to the host's own address (the one the guest's "
+                             "address shadows)")
     parser.add_argument("--dns", action="append", metavar="ADDR",
                         help="DNS server offered to the guest (repeatable; default: the host's)")
     parser.add_argument("--search", action="append", metavar="DOMAIN",
@@ -107,12 +122,14 @@ def _add_start_options(parser: argparse.ArgumentParser) -> None:
                              "[ADDR[%%IF]/]PORT[-PORT][:TO[-TO]] and ~PORT[-PORT], comma-separated (repeatable)")
     parser.add_argument("-u", "--udp-ports", dest="udp_ports", action="append", metavar="SPEC",
                         help="forward host UDP ports to the guest, same syntax as -t (repeatable)")
-    parser.add_argument("--dns-forward", dest="dns_forward", metavar="ADDR",
-                        help="guest DNS queries to ADDR (UDP and TCP port 53) go to the host's resolvers")
+    parser.add_argument("--dns-forward", dest="dns_forward", action="append", metavar="ADDR",
+                        help="guest DNS queries to ADDR (UDP and TCP port 53) go to the host's resolvers "
+                             "(once per family)")
     parser.add_argument("--dns-host", dest="dns_host", metavar="ADDR",
                         help="the host resolver forwarded DNS queries go to (default: resolv.conf's first); "
                              "without --dns-forward the gateway forwards to it")
-    for name, what in (("dhcp", "no DHCPv4 server"), ("ndp", "no NDP (neighbour and router advertisements)"),
+    for name, what in (("dhcp", "no DHCPv4 server"), ("dhcpv6", "no DHCPv6 server"),
+                       ("ndp", "no NDP (neighbour and router advertisements)"),
                        ("ra", "no router advertisements"), ("icmp", "no ICMP/ICMPv6 echo")):
         parser.add_argument(f"--no-{name}", dest=f"no_{name}", action="store_true", default=None, help=what)
     parser.add_argument("--reflect", action="store_true", default=None, help=argparse.SUPPRESS)

@@ -7,8 +7,12 @@ Theory of operation
 :class:`~shardswitch.hostnet.NetInfo` snapshot of the host (default route,
 interface address, resolv.conf).  It mirrors the host: the guest gets the
 address, prefix length and gateway of the host interface holding the IPv4
-default route, and the host's DNS servers and search list;
-``-a/-n/-g/-i/--dns/--search`` override each.  The result,
+default route, the global IPv6 address, prefix length and router of the one
+holding the IPv6 default route, and the host's DNS servers and search list;
+``-a/-n/-g/-i/--dns/--search`` override each, and ``-4``/``-6`` keep one
+family.  DNS works by default on hosts whose resolvers are on their loopback
+(systemd-resolved): the gateway of each family is offered, and its port 53
+forwarded to the host's resolver.  The result,
 :class:`GuestAddressing`, carries notes about choices made on the user's
 behalf, for the log.  :func:`host_addressing` is the I/O wrapper that reads
 the host and calls it; :func:`guest_params` turns the result into the
@@ -21,18 +25,23 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from typing import Final
 
 import msgspec
 
 from shardswitch import hostnet
+from shardswitch.net import eth, ipv6
 from shardswitch.net.params import GuestParams, ParamsError, resolve
 from shardswitch.settings import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
+#: IPv4 addressing kept with -6 when the host has none: never offered (IPv4 is off), only to fill the record.
+IPV4_PLACEHOLDER: Final = ("169.254.2.2", 24, "169.254.2.1")
+
 
 class GuestAddressing(msgspec.Struct, frozen=True, kw_only=True):
-    """What the guest is offered (by DHCP), after mirroring and overrides.
+    """What the guest is offered (by DHCP, DHCPv6 and NDP), after mirroring and overrides.
 
     ``interface`` is the host interface mirrored (None when nothing was
     taken from the host); ``notes`` are human-readable remarks about choices
@@ -48,12 +57,21 @@ class GuestAddressing(msgspec.Struct, frozen=True, kw_only=True):
     mac: str
     interface: str | None = None
     notes: list[str] = []
-    #: DNS forwarding: guest traffic to this address's port 53 (UDP and TCP) goes to the host resolvers
-    #: ``dns_upstream`` (None: no forwarding).  It is --dns-forward's address, or the gateway when the host's
-    #: resolvers are all on its loopback (systemd-resolved's 127.0.0.53, a local dnsmasq) or --dns-host is
-    #: given alone.
-    dns_forward: str | None = None
+    #: DNS forwarding: guest traffic to these addresses' port 53 (UDP and TCP) goes to the host resolvers
+    #: ``dns_upstream``.  They are --dns-forward's addresses, or the gateways of families whose host
+    #: resolvers are all on its loopback (systemd-resolved's 127.0.0.53, a local dnsmasq), or the gateways
+    #: when --dns-host is given alone.
+    dns_forward: list[str] = []
     dns_upstream: list[str] = []
+    #: The guest's global IPv6 address and prefix length (None: no global IPv6, link-local only), its
+    #: IPv6 router (None: our own link-local address) and IPv6 DNS servers (RDNSS, DHCPv6).
+    address6: str | None = None
+    prefix6_len: int = 64
+    gateway6: str | None = None
+    dns6: list[str] = []
+    #: The families offered (-4 / -6 turn one off).
+    ipv4: bool = True
+    ipv6: bool = True
 
 
 def _classful_prefix(address: str) -> int:
@@ -66,55 +84,79 @@ def _classful_prefix(address: str) -> int:
     return 24
 
 
-def _pick_dns(cfg: Config, netinfo: hostnet.NetInfo, gateway: str,
-              notes: list[str]) -> tuple[list[str], str | None]:
-    """Choose the guest's DNS servers, and the host resolver its queries to the gateway go to (if any).
+class _Dns(msgspec.Struct, frozen=True, kw_only=True):
+    """The DNS choice: servers offered per family, and which guest-side addresses forward to what."""
 
-    --dns, else --dns-forward (IPv4), else the host's non-loopback IPv4
-    resolvers.  When the host's resolvers are all on its loopback
-    (systemd-resolved, a local dnsmasq), the gateway is offered and its port 53
-    is forwarded to the first of them, whatever its loopback address (as
-    passt's --dns-host); a note says so.
+    dns: list[str]
+    dns6: list[str]
+    forward: list[str]
+    upstream: list[str]
+
+
+def _usable_resolvers(netinfo: hostnet.NetInfo) -> tuple[dict[int, list[str]], list[str]]:
+    """The host's resolvers a guest can use directly, per family, and its loopback ones.
+
+    Unusable: unspecified, multicast, and IPv6 link-local ones (their zone
+    means nothing to the guest); loopback ones are returned apart.
     """
-    if cfg.dns is not None:
-        return list(cfg.dns), None
-    if cfg.dns_forward is not None and ipaddress.ip_address(cfg.dns_forward).version == 4:
-        # As passt: the forwarding address is the guest's resolver; its queries reach the host's.
-        return [cfg.dns_forward], None
-    if cfg.dns_host is not None and cfg.dns_forward is None:
-        # --dns-host alone: the gateway is the guest's resolver, forwarded there.
-        return [gateway], cfg.dns_host
-    servers = []
+    usable: dict[int, list[str]] = {4: [], 6: []}
+    loopback = []
     for text in netinfo.nameservers:
         try:
-            servers.append(ipaddress.ip_address(text.split("%")[0]))
+            addr = ipaddress.ip_address(text.split("%")[0])
         except ValueError:
             continue
-    ipv4_usable = [str(a) for a in servers if a.version == 4 and not a.is_loopback
-                   and not a.is_unspecified and not a.is_multicast]
-    if ipv4_usable:
-        return ipv4_usable, None
-    loopback = [str(a) for a in servers if a.is_loopback]
-    if loopback and not any(a.version == 6 and not a.is_loopback for a in servers):
-        notes.append(f"the host's resolvers are loopback only ({loopback[0]}): the guest gets the gateway "
-                     f"{gateway} as DNS server, and its queries there go to {loopback[0]}")
-        return [gateway], loopback[0]
-    notes.append("no IPv4 DNS server found in the host's resolv.conf: the guest gets none")
-    return [], None
+        if addr.is_loopback:
+            loopback.append(str(addr))
+        elif not (addr.is_unspecified or addr.is_multicast or addr.is_link_local):
+            usable[addr.version].append(str(addr))
+    return usable, loopback
 
 
-def _dns_forwarding(cfg: Config, netinfo: hostnet.NetInfo, gateway: str,
-                    dns_host: str | None) -> tuple[str | None, list[str]]:
-    """(the guest-side address whose port 53 is forwarded, the host resolvers it goes to); (None, []) for none.
+def _pick_dns(cfg: Config, netinfo: hostnet.NetInfo, gateways: dict[int, str | None],
+              notes: list[str]) -> _Dns:
+    """Choose the guest's DNS servers per family, and the DNS forwarding (passt's rules, both families).
 
-    --dns-forward goes to --dns-host, else to the host's resolv.conf; without
-    it, the resolver :func:`_pick_dns` chose behind the gateway (``dns_host``).
+    Per family, the guest is offered: --dns's servers of that family, else
+    --dns-forward's address of that family, else (--dns-host alone) the
+    gateway, else the host's usable resolvers of that family.  A family left
+    with none while the host has resolvers on its loopback (systemd-resolved's
+    127.0.0.53, a local dnsmasq) gets the gateway, whose port 53 is forwarded
+    to the first of them, whatever its family (as passt's --dns-host).
+    --dns-forward addresses go to --dns-host, else to resolv.conf's servers.
+    ``gateways`` maps 4 and 6 to the family's gateway (None: the family is off).
     """
-    if cfg.dns_forward is not None:
-        return cfg.dns_forward, [cfg.dns_host] if cfg.dns_host is not None else list(netinfo.nameservers)
-    if dns_host is not None:
-        return gateway, [dns_host]
-    return None, []
+    usable, loopback = _usable_resolvers(netinfo)
+    given = {4: cfg.dns_forward, 6: cfg.dns_forward6}
+    offered: dict[int, list[str]] = {4: [], 6: []}
+    forward: list[str] = []
+    upstream: list[str] = []
+    explicit = any(given.values())
+    if explicit:
+        forward = [addr for addr in given.values() if addr is not None]
+        upstream = [cfg.dns_host] if cfg.dns_host is not None else list(netinfo.nameservers)
+    for version, gateway in gateways.items():
+        if gateway is None:
+            continue
+        if cfg.dns is not None:
+            offered[version] = [a for a in cfg.dns if ipaddress.ip_address(a).version == version]
+        elif given[version] is not None:
+            offered[version] = [str(given[version])]
+        elif cfg.dns_host is not None and not explicit:
+            offered[version] = [gateway]
+        elif usable[version]:
+            offered[version] = usable[version]
+        elif loopback and not explicit:
+            offered[version] = [gateway]
+            notes.append(f"the host's resolvers are loopback only ({loopback[0]}): the guest gets the "
+                         f"gateway {gateway} as IPv{version} DNS server, and its queries there go to "
+                         f"{loopback[0]}")
+        if offered[version] == [gateway] and cfg.dns is None:
+            forward.append(gateway)
+            upstream = [cfg.dns_host] if cfg.dns_host is not None else loopback[:1]
+    if gateways[4] is not None and not offered[4] and cfg.dns is None:
+        notes.append("no IPv4 DNS server found in the host's resolv.conf: the guest gets none")
+    return _Dns(dns=offered[4], dns6=offered[6], forward=forward, upstream=upstream)
 
 
 def _missing_addressing(cfg: Config, route: hostnet.HostNet | None,
@@ -133,18 +175,13 @@ def _missing_addressing(cfg: Config, route: hostnet.HostNet | None,
     return f"cannot choose the guest's addressing: {reason}; give {' and '.join(wanted)}"
 
 
-def resolve_addressing(cfg: Config, netinfo: hostnet.NetInfo) -> GuestAddressing:
-    """Decide the guest's addressing from the settings and a snapshot of the host.
+def our_link_local(mac: str) -> str:
+    """Our IPv6 link-local address towards the guest (from our MAC): its router when none is mirrored."""
+    return str(ipaddress.IPv6Address(ipv6.link_local_from_mac(eth.mac_from_str(mac))))
 
-    Pure: ``netinfo`` comes from :func:`shardswitch.hostnet.read_netinfo`.
-    Each of address, prefix length, gateway, DNS and search list is the
-    explicit setting if given, else the host's.  A prefix length for an
-    explicit address is never taken from the host; without -n it is the
-    address's classful length (as in passt).  Raises ConfigError when no
-    address or gateway can be found, or they cannot work together.
-    """
-    route = netinfo.route
-    notes: list[str] = []
+
+def _ipv4_addressing(cfg: Config, route: hostnet.HostNet | None, notes: list[str]) -> tuple[str, int, str]:
+    """(address, prefix length, gateway) for IPv4: the settings, else the host's; ConfigError if none."""
     address, prefix_len, gateway = cfg.address, cfg.prefix_len, cfg.gateway
     if address is None and route is not None and route.address is not None:
         address = route.address
@@ -165,13 +202,64 @@ def resolve_addressing(cfg: Config, netinfo: hostnet.NetInfo) -> GuestAddressing
         raise ConfigError(f"address {address} is the network or broadcast address of {network}")
     if ipaddress.IPv4Address(gateway) not in network:
         notes.append(f"gateway {gateway} is outside the guest's network {network}")
-    dns, dns_host = _pick_dns(cfg, netinfo, gateway, notes)
-    dns_forward, dns_upstream = _dns_forwarding(cfg, netinfo, gateway, dns_host)
+    return address, prefix_len, gateway
+
+
+def _ipv6_addressing(cfg: Config, route6: hostnet.HostNet | None,
+                     notes: list[str]) -> tuple[str | None, int, str | None]:
+    """(address, prefix length, router) for IPv6: the settings, else the host's global address on its
+    IPv6 default-route interface and its gateway.  No address means link-local only (a note says so)."""
+    address6, prefix6_len, gateway6 = cfg.address6, cfg.prefix6_len, cfg.gateway6
+    if address6 is None and route6 is not None and route6.address is not None:
+        address6 = route6.address
+        if prefix6_len is None:
+            prefix6_len = route6.prefix_len
+    if gateway6 is None and route6 is not None:
+        gateway6 = route6.gateway
+    if address6 is None:
+        notes.append("the host has no global IPv6 address on an interface with an IPv6 default route: "
+                     "the guest gets link-local IPv6 only (give -a with an IPv6 address)")
+    if address6 is not None and address6 == gateway6:
+        raise ConfigError(f"the guest's IPv6 address and gateway are both {address6}")
+    return address6, prefix6_len or 64, gateway6
+
+
+def resolve_addressing(cfg: Config, netinfo: hostnet.NetInfo) -> GuestAddressing:
+    """Decide the guest's addressing from the settings and a snapshot of the host.
+
+    Pure: ``netinfo`` comes from :func:`shardswitch.hostnet.read_netinfo`.
+    Each of address, prefix length, gateway (per family), DNS and search list
+    is the explicit setting if given, else the host's.  A prefix length for
+    an explicit IPv4 address is never taken from the host; without -n it is
+    the address's classful length (as in passt).  With -6 the IPv4 part is
+    still resolved when the host has it, else left at an unused placeholder
+    (IPv4 is then off in the guest).  Raises ConfigError when no IPv4
+    address or gateway can be found (IPv4 on), no IPv6 address (-6), or the
+    values cannot work together.
+    """
+    notes: list[str] = []
+    ipv4, ipv6 = not cfg.ipv6_only, not cfg.ipv4_only
+    try:
+        address, prefix_len, gateway = _ipv4_addressing(cfg, netinfo.route, notes)
+    except ConfigError:
+        if ipv4:
+            raise
+        address, prefix_len, gateway = IPV4_PLACEHOLDER
+    address6, prefix6_len, gateway6 = None, 64, None
+    if ipv6:
+        address6, prefix6_len, gateway6 = _ipv6_addressing(cfg, netinfo.route6, notes)
+        if address6 is None and not ipv4:
+            raise ConfigError("-6: the guest has no IPv6 address: the host has no global IPv6 address on an "
+                              "interface with an IPv6 default route; give -a with an IPv6 address")
+    router6 = gateway6 if gateway6 is not None else our_link_local(cfg.mac)
+    dns = _pick_dns(cfg, netinfo, {4: gateway if ipv4 else None, 6: router6 if ipv6 else None}, notes)
     search = list(cfg.search) if cfg.search is not None else list(netinfo.search)
+    route = netinfo.route if ipv4 else netinfo.route6
     interface = cfg.interface or (route.ifname if route is not None else None)
     return GuestAddressing(address=address, prefix_len=prefix_len, gateway=gateway, mtu=cfg.mtu,
-                           dns=dns, search=search, mac=cfg.mac, interface=interface, notes=notes,
-                           dns_forward=dns_forward, dns_upstream=dns_upstream)
+                           dns=dns.dns, search=search, mac=cfg.mac, interface=interface, notes=notes,
+                           dns_forward=dns.forward, dns_upstream=dns.upstream, address6=address6,
+                           prefix6_len=prefix6_len, gateway6=gateway6, dns6=dns.dns6, ipv4=ipv4, ipv6=ipv6)
 
 
 def host_addressing(cfg: Config, resolv_conf: str = hostnet.RESOLV_CONF) -> GuestAddressing:
@@ -185,9 +273,14 @@ def host_addressing(cfg: Config, resolv_conf: str = hostnet.RESOLV_CONF) -> Gues
     except hostnet.HostNetError as exc:
         raise ConfigError(str(exc)) from None
     addressing = resolve_addressing(cfg, netinfo)
-    log.info("guest addressing: %s/%d gateway %s dns %s search %s mtu %d (host interface %s)",
-             addressing.address, addressing.prefix_len, addressing.gateway,
-             ",".join(addressing.dns) or "-", ",".join(addressing.search) or "-",
+    if addressing.ipv4:
+        log.info("guest IPv4: %s/%d gateway %s dns %s", addressing.address, addressing.prefix_len,
+                 addressing.gateway, ",".join(addressing.dns) or "-")
+    if addressing.ipv6:
+        log.info("guest IPv6: %s router %s dns %s",
+                 f"{addressing.address6}/{addressing.prefix6_len}" if addressing.address6 else "link-local only",
+                 addressing.gateway6 or "our link-local address", ",".join(addressing.dns6) or "-")
+    log.info("guest search %s mtu %d (host interface %s)", ",".join(addressing.search) or "-",
              addressing.mtu, addressing.interface or "-")
     for note in addressing.notes:
         log.warning("%s", note)
@@ -204,7 +297,9 @@ def guest_params(cfg: Config, addressing: GuestAddressing) -> GuestParams:
     """
     params = GuestParams(address=addressing.address, prefix_len=addressing.prefix_len,
                          gateway=addressing.gateway, mtu=cfg.mtu, dns=list(addressing.dns),
-                         search=list(addressing.search), our_mac=cfg.mac)
+                         search=list(addressing.search), our_mac=cfg.mac,
+                         address6=addressing.address6 or "", prefix6_len=addressing.prefix6_len,
+                         gateway6=addressing.gateway6 or "", dns6=list(addressing.dns6))
     try:
         resolve(params)
     except ParamsError as exc:

@@ -1,29 +1,34 @@
-"""Reading the host's IPv4 addressing (netlink) and resolver settings (resolv.conf).
+"""Reading the host's addressing (netlink, IPv4 and IPv6) and resolver settings (resolv.conf).
 
 Theory of operation
 -------------------
-By default shardswitch mirrors the host to the guest, as passt does: the
-guest gets the address, prefix length and gateway of the host interface that
-holds the IPv4 default route, and the host's DNS servers and search list.
-This module gathers those facts; ``shardswitch.guest_addressing.resolve_addressing``
-decides what the guest gets.
+By default shardswitch mirrors the host to the guest, as passt does: for each
+of IPv4 and IPv6, the guest gets the address, prefix length and gateway of
+the host interface that holds that family's default route, and the host's
+DNS servers and search list.  This module gathers those facts;
+``shardswitch.guest_addressing.resolve_addressing`` decides what the guest
+gets.
 
-Netlink is read with pyroute2's ``IPRoute`` in three dumps (IPv4 routes,
-IPv4 addresses, links).  The messages are first reduced to small records
-(:class:`RouteEntry`, :class:`AddrEntry`) and the choice is made by the pure
-function :func:`select_host_net`, so the selection rules are testable
-without a network namespace:
+Netlink is read with pyroute2's ``IPRoute``: per family a route dump and an
+address dump, plus one link dump.  The messages are first reduced to small
+records (:class:`RouteEntry`, :class:`AddrEntry`) and the choice is made by
+the pure function :func:`select_host_net`, the same for both families, so
+the selection rules are testable without a network namespace:
 
-* the default route is a main-table unicast IPv4 route with prefix length 0;
+* the default route is a main-table unicast route with prefix length 0;
   among several, the lowest metric wins (the kernel's choice); a multipath
   route counts as one route per next hop, the first hop winning ties;
 * given an interface name (``-i``), that interface is used whether or not
   a default route goes through it; the gateway is then that of the best
   default route via the interface, if any;
-* the address is the interface's primary (not secondary) IPv4 address,
-  preferring one whose network contains the gateway.
+* the address is the interface's primary address, preferring one whose
+  network contains the gateway.  For IPv4, secondary addresses are skipped;
+  for IPv6 only global-scope addresses count, and temporary (privacy),
+  deprecated and DAD-failed ones are skipped.  An IPv6 gateway is usually
+  link-local (``fe80::1`` learnt from the router's advertisements): it
+  contains no address, so the first global one is taken.
 
-pyroute2 is imported inside :func:`host_default_route` only: it is the one
+pyroute2 is imported inside :func:`host_default_routes` only: it is the one
 slow import of the program, and ``--print-capabilities`` or ``status`` do
 not need it.
 
@@ -58,9 +63,22 @@ class RouteType(IntEnum):
 
 
 class AddrFlag(IntFlag):
-    """Interface address flags (linux/if_addr.h)."""
+    """Interface address flags (linux/if_addr.h); 0x01 is SECONDARY for IPv4, TEMPORARY for IPv6."""
 
     SECONDARY = 0x01
+    TEMPORARY = 0x01
+    DADFAILED = 0x08
+    DEPRECATED = 0x20
+
+
+class AddrScope(IntEnum):
+    """Address scopes (linux/rtnetlink.h, rt_scope_t)."""
+
+    UNIVERSE = 0
+
+
+#: IPv6 address flags that make an address unfit to mirror (0x01 is TEMPORARY for IPv6).
+_UNFIT6: Final = AddrFlag.TEMPORARY | AddrFlag.DADFAILED | AddrFlag.DEPRECATED
 
 
 class HostNetError(Exception):
@@ -68,7 +86,7 @@ class HostNetError(Exception):
 
 
 class HostNet(msgspec.Struct, frozen=True, kw_only=True):
-    """The host interface to mirror: its name, primary IPv4 address/prefix and default gateway."""
+    """The host interface to mirror for one family: its name, primary address/prefix and default gateway."""
 
     ifname: str
     address: str | None = None
@@ -77,15 +95,16 @@ class HostNet(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class NetInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """Snapshot of the host's addressing and resolver settings."""
+    """Snapshot of the host's addressing (``route``: IPv4, ``route6``: IPv6) and resolver settings."""
 
     route: HostNet | None
+    route6: HostNet | None = None
     nameservers: list[str] = []
     search: list[str] = []
 
 
 class RouteEntry(msgspec.Struct, frozen=True):
-    """One IPv4 default route, reduced to what the selection needs."""
+    """One default route (either family), reduced to what the selection needs."""
 
     oif: int
     gateway: str | None
@@ -93,7 +112,12 @@ class RouteEntry(msgspec.Struct, frozen=True):
 
 
 class AddrEntry(msgspec.Struct, frozen=True):
-    """One IPv4 interface address, reduced to what the selection needs."""
+    """One interface address (either family), reduced to what the selection needs.
+
+    ``secondary``: not to be mirrored when another address qualifies (an IPv4
+    secondary address; IPv6 temporary, deprecated or DAD-failed ones are not
+    listed at all).
+    """
 
     index: int
     address: str
@@ -105,9 +129,9 @@ def _pick_address(addrs: Iterable[AddrEntry], index: int, gateway: str | None) -
     """Return the primary address of interface ``index``, preferring one on the gateway's network."""
     primary = [a for a in addrs if a.index == index and not a.secondary]
     if gateway is not None:
-        gw = ipaddress.IPv4Address(gateway)
+        gw = ipaddress.ip_address(gateway.split("%")[0])
         for addr in primary:
-            if gw in ipaddress.IPv4Network(f"{addr.address}/{addr.prefix_len}", strict=False):
+            if gw in ipaddress.ip_network(f"{addr.address}/{addr.prefix_len}", strict=False):
                 return addr
     return primary[0] if primary else None
 
@@ -116,8 +140,8 @@ def select_host_net(routes: Iterable[RouteEntry], addrs: Iterable[AddrEntry],
                     links: Mapping[int, str], ifname: str | None) -> HostNet | None:
     """Choose the interface, address and gateway to mirror (pure; rules in the module docstring).
 
-    ``routes`` are IPv4 default routes, ``links`` maps interface index to
-    name.  Returns None when ``ifname`` is None and there is no default
+    ``routes`` are default routes and ``addrs`` addresses of one family,
+    ``links`` maps interface index to name.  Returns None when ``ifname`` is None and there is no default
     route; raises HostNetError when ``ifname`` names no interface.
     """
     by_metric = sorted(routes, key=lambda r: r.metric)
@@ -139,7 +163,7 @@ def select_host_net(routes: Iterable[RouteEntry], addrs: Iterable[AddrEntry],
 
 
 def _route_entries(messages: Iterable[Any]) -> list[RouteEntry]:
-    """Reduce pyroute2 route messages (or dicts alike) to main-table IPv4 default routes."""
+    """Reduce pyroute2 route messages (or dicts alike) to main-table default routes."""
     entries = []
     for msg in messages:
         if (msg["dst_len"] != 0 or msg["type"] != RouteType.UNICAST
@@ -155,37 +179,49 @@ def _route_entries(messages: Iterable[Any]) -> list[RouteEntry]:
     return entries
 
 
-def _addr_entries(messages: Iterable[Any]) -> list[AddrEntry]:
-    """Reduce pyroute2 address messages (or dicts alike) to AddrEntry records."""
+def _addr_entries(messages: Iterable[Any], family: int = socket.AF_INET) -> list[AddrEntry]:
+    """Reduce pyroute2 address messages (or dicts alike) of ``family`` to AddrEntry records.
+
+    IPv6: only global-scope addresses, and none that is temporary, deprecated or DAD-failed.
+    """
     entries = []
     for msg in messages:
         address = msg.get("local") or msg.get("address")
         if address is None:
             continue
         flags = msg.get("flags") or 0
+        if family == socket.AF_INET6:
+            if (msg.get("scope") or 0) != AddrScope.UNIVERSE or flags & _UNFIT6:
+                continue
+            flags = 0
         entries.append(AddrEntry(index=msg["index"], address=address, prefix_len=msg["prefixlen"],
                                  secondary=bool(flags & AddrFlag.SECONDARY)))
     return entries
 
 
-def host_default_route(ifname: str | None) -> HostNet | None:
-    """Read the host's IPv4 default-route interface (or interface ``ifname``) over netlink.
+def host_default_routes(ifname: str | None) -> tuple[HostNet | None, HostNet | None]:
+    """Read the host's IPv4 and IPv6 default-route interfaces (or interface ``ifname``) over netlink.
 
-    Returns None when ``ifname`` is None and the host has no IPv4 default
-    route.  Raises HostNetError when netlink cannot be read or ``ifname``
-    does not exist.  Runs in the caller's network namespace.
+    Each is None when ``ifname`` is None and the host has no default route
+    of that family.  Raises HostNetError when netlink cannot be read or
+    ``ifname`` does not exist.  Runs in the caller's network namespace.
     """
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
+    found: dict[int, tuple[list[RouteEntry], list[AddrEntry]]] = {}
     try:
         with IPRoute() as ipr:
-            routes = _route_entries(ipr.route("dump", family=socket.AF_INET))
-            addrs = _addr_entries(ipr.addr("dump", family=socket.AF_INET))
+            for family in (socket.AF_INET, socket.AF_INET6):
+                found[family] = (_route_entries(ipr.route("dump", family=family)),
+                                 _addr_entries(ipr.addr("dump", family=family), family))
             links = {link["index"]: link.get("ifname") for link in ipr.link("dump")}
     except (NetlinkError, OSError) as exc:
         raise HostNetError(f"cannot read the host's network settings over netlink: {exc}") from None
-    return select_host_net(routes, addrs, links, ifname)
+    routes4, addrs4 = found[socket.AF_INET]
+    routes6, addrs6 = found[socket.AF_INET6]
+    return (select_host_net(routes4, addrs4, links, ifname),
+            select_host_net(routes6, addrs6, links, ifname))
 
 
 def parse_resolv_conf(text: str) -> tuple[list[str], list[str]]:
@@ -233,6 +269,7 @@ def read_resolv_conf(path: str = RESOLV_CONF) -> tuple[list[str], list[str]]:
 
 
 def read_netinfo(ifname: str | None, resolv_conf: str = RESOLV_CONF) -> NetInfo:
-    """Take a snapshot of the host: default-route interface (or ``ifname``) and resolver settings."""
+    """Take a snapshot of the host: default-route interfaces (or ``ifname``) and resolver settings."""
     nameservers, search = read_resolv_conf(resolv_conf)
-    return NetInfo(route=host_default_route(ifname), nameservers=nameservers, search=search)
+    route, route6 = host_default_routes(ifname)
+    return NetInfo(route=route, route6=route6, nameservers=nameservers, search=search)

@@ -37,6 +37,22 @@ class IpcError(Exception):
     """The control channel broke: EOF, a malformed message, or a timeout."""
 
 
+class ForwardSetup(msgspec.Struct, frozen=True, kw_only=True):
+    """How the guest's addresses map to the host's (shardswitch.worker.fwd; passt's fwd.c settings)."""
+
+    #: Guest traffic to these addresses (IPv4 and/or IPv6) goes to the host's loopback.
+    map_host_loopback: tuple[str, ...] = ()
+    #: Guest-side DNS forwarding addresses (any family) and the host resolvers their queries go to.
+    dns_forward: tuple[str, ...] = ()
+    dns_upstream: tuple[str, ...] = ()
+    #: Guest traffic to this address goes to the host's own address the guest's shadows ("" = none).
+    map_guest_addr: str = ""
+    #: Source addresses (at most one per family) and interfaces host sockets of guest flows are bound to.
+    outbound: tuple[str, ...] = ()
+    outbound_if4: str = ""
+    outbound_if6: str = ""
+
+
 class WorkerSetup(msgspec.Struct, frozen=True, kw_only=True):
     """Everything a worker is forked with (handed over by fork, not sent)."""
 
@@ -49,14 +65,11 @@ class WorkerSetup(msgspec.Struct, frozen=True, kw_only=True):
     inbox_fd: int = -1
     #: The write ends of every worker's inbox, indexed by queue pair.
     peer_fds: tuple[int, ...] = ()
-    #: Guest traffic to these addresses (IPv4 and/or IPv6) goes to the host's loopback.
-    map_host_loopback: tuple[str, ...] = ()
+    #: Address translation between the guest and the host.
+    forward: ForwardSetup = ForwardSetup()
     #: Inbound forwarding specs (-t / -u), as given; parsed by shardswitch.portspec.
     tcp_ports: tuple[str, ...] = ()
     udp_ports: tuple[str, ...] = ()
-    #: The guest-side DNS forwarding address ("" = none) and the host resolvers its queries go to.
-    dns_forward: str = ""
-    dns_upstream: tuple[str, ...] = ()
     #: Guest services offered (shardswitch.net.endpoint.Service bits: DHCP 1, NDP 2, RA 4).
     services: int = 7
     #: ICMP/ICMPv6 echo through ping sockets (off: --no-icmp; requests dropped as IP_PROTO_UNHANDLED or ICMPV6_IGNORED).

@@ -62,6 +62,9 @@ class Limit(IntEnum):
     MIN_MTU = 68
     MAX_MTU = 65520
     MAX_PREFIX_LEN = 32
+    MAX_PREFIX6_LEN = 128
+    #: The IPv6 prefix length used when an IPv6 address is given without one (SLAAC's).
+    DEFAULT_PREFIX6_LEN = 64
     #: sun_path is 108 bytes including the terminating NUL.
     MAX_UNIX_PATH = 107
     #: IFNAMSIZ is 16 including the terminating NUL.
@@ -94,6 +97,7 @@ _PATTERN_TEXT: Final = {
 Workers = Annotated[int, msgspec.Meta(ge=int(Limit.MIN_WORKERS), le=int(Limit.MAX_WORKERS))]
 Mtu = Annotated[int, msgspec.Meta(ge=int(Limit.MIN_MTU), le=int(Limit.MAX_MTU))]
 PrefixLen = Annotated[int, msgspec.Meta(ge=0, le=int(Limit.MAX_PREFIX_LEN))]
+Prefix6Len = Annotated[int, msgspec.Meta(ge=1, le=int(Limit.MAX_PREFIX6_LEN))]
 MacAddress = Annotated[str, msgspec.Meta(pattern=MAC_PATTERN)]
 IfName = Annotated[str, msgspec.Meta(pattern=IFNAME_PATTERN, max_length=int(Limit.MAX_IFNAME))]
 DomainName = Annotated[str, msgspec.Meta(pattern=DOMAIN_PATTERN, max_length=int(Limit.MAX_DOMAIN))]
@@ -106,9 +110,15 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     ``None`` means "not set": for ``socket``/``control`` a default path is
     filled in by :func:`load_config`; for ``address``, ``prefix_len``,
-    ``gateway``, ``interface``, ``dns`` and ``search`` the value is mirrored
-    from the host by :func:`resolve_addressing`.  An empty ``dns`` or
-    ``search`` list means "none", not "from the host".
+    ``gateway``, their IPv6 counterparts, ``interface``, ``dns`` and
+    ``search`` the value is mirrored from the host by
+    :func:`resolve_addressing`.  An empty ``dns`` or ``search`` list means
+    "none", not "from the host".
+
+    ``address``, ``gateway``, ``outbound`` and ``dns_forward`` take an
+    address of either family, as passt's options do: an IPv6 one (in a file
+    or on the command line, where the option may be given once per family)
+    lands in the ``...6`` field (:func:`_split_families`).
     """
 
     workers: Workers = 1
@@ -144,6 +154,23 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     no_ndp: bool = False
     no_ra: bool = False
     no_icmp: bool = False
+    no_dhcpv6: bool = False
+    #: The guest's IPv6 address and prefix length (None: the host's), and its IPv6 router (None: the host's).
+    address6: str | None = None
+    prefix6_len: Prefix6Len | None = None
+    gateway6: str | None = None
+    #: One family only (-4 / -6): the other is neither offered nor forwarded.
+    ipv4_only: bool = False
+    ipv6_only: bool = False
+    #: The guest-side IPv6 address whose port 53 is forwarded to the host's resolvers.
+    dns_forward6: str | None = None
+    #: Source address and interface host sockets of guest-started flows are bound to, per family.
+    outbound: str | None = None
+    outbound6: str | None = None
+    outbound_if4: IfName | None = None
+    outbound_if6: IfName | None = None
+    #: Guest traffic to this address goes to the host's own address that the guest's address shadows.
+    map_guest_addr: str | None = None
 
 
 #: Option spelling per field, for error messages about command-line values.
@@ -174,11 +201,28 @@ OPTION_NAMES: Final = {
     "no_ndp": "--no-ndp",
     "no_ra": "--no-ra",
     "no_icmp": "--no-icmp",
+    "no_dhcpv6": "--no-dhcpv6",
+    "address6": "-a/--address",
+    "prefix6_len": "-a/--address (ADDR/LEN)",
+    "gateway6": "-g/--gateway",
+    "ipv4_only": "-4/--ipv4-only",
+    "ipv6_only": "-6/--ipv6-only",
+    "dns_forward6": "--dns-forward",
+    "outbound": "-o/--outbound",
+    "outbound6": "-o/--outbound",
+    "outbound_if4": "--outbound-if4",
+    "outbound_if6": "--outbound-if6",
+    "map_guest_addr": "--map-guest-addr",
 }
+
+#: Settings that take an address of either family: the IPv4 field and where an IPv6 value goes.
+FAMILY_FIELDS: Final = (("address", "address6"), ("gateway", "gateway6"), ("outbound", "outbound6"),
+                        ("dns_forward", "dns_forward6"))
 
 _FIELDS: Final = frozenset(Config.__struct_fields__)
 _PATH_FIELDS: Final = ("socket", "connect", "control")
-_EXCLUSIVE: Final = (("socket", "connect"), ("debug", "quiet"), ("map_host_loopback", "no_map_gw"))
+_EXCLUSIVE: Final = (("socket", "connect"), ("debug", "quiet"), ("map_host_loopback", "no_map_gw"),
+                     ("ipv4_only", "ipv6_only"))
 _CONFIG_KEY: Final = "config"
 _CLI_LABEL: Final = "command line"
 _ERROR_AT = re.compile(r"^(?P<problem>.*) - at `\$(?P<path>[^`]*)`$", re.DOTALL)
@@ -259,12 +303,12 @@ def _check_dns_host(label: str, value: str) -> str:
 
 def _check_ip(value: str, what: str, family: str = "IP", loopback_ok: bool = False) -> str:
     """Return ``value`` normalised if it is a usable unicast address of ``family`` ("IP" for either
-    version, "IPv4"; a loopback address only with ``loopback_ok``), else raise ValueError."""
+    version, "IPv4", "IPv6"; a loopback address only with ``loopback_ok``), else raise ValueError."""
     try:
         addr = ipaddress.ip_address(value)
     except ValueError:
         addr = None
-    if addr is None or (family == "IPv4" and addr.version != 4):
+    if addr is None or (family == "IPv4" and addr.version != 4) or (family == "IPv6" and addr.version != 6):
         raise ValueError(f"{value!r} is not an {family} address")
     if addr.is_loopback and not loopback_ok:
         raise ValueError(f"{value} is a loopback address, unusable as {what}")
@@ -294,6 +338,37 @@ def _check_unix_path(value: str) -> str:
             "a unix socket address can hold"
         )
     return value
+
+
+def _split_families(values: Mapping[str, Any], label: str) -> dict[str, Any]:
+    """Move IPv6 values of the either-family settings (:data:`FAMILY_FIELDS`) to their IPv6 fields.
+
+    A value may be a string or, from a repeatable command-line option, a list
+    of strings; each family may be given once.  ``-a ADDR/LEN`` (IPv6 only)
+    also sets ``prefix6_len``.  Values of neither family are left in the
+    IPv4 field, whose check then names them.  Raises ConfigError.
+    """
+    out = dict(values)
+    for v4_field, v6_field in FAMILY_FIELDS:
+        given = out.pop(v4_field, None)
+        if given is None:
+            continue
+        items = given if isinstance(given, list) else [given]
+        for item in items:
+            if not isinstance(item, str):
+                out[v4_field] = item  # msgspec names the wrong type
+                continue
+            text, slash, length = item.partition("/")
+            field = v6_field if ":" in text else v4_field
+            if field in out:
+                raise _fail(label, field, f"given twice ({out[field]} and {item}): once per IP family")
+            if slash and field == "address6":
+                if not length.isdigit():
+                    raise _fail(label, "prefix6_len", f"{length!r} is not a prefix length")
+                out["prefix6_len"] = int(length)
+                item = text
+            out[field] = item
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -395,13 +470,18 @@ def _check(cfg: Config, label: str) -> Config:
             raise ConfigError(f"{label}: {_key_name('.' + a, label)} and "
                               f"{_key_name('.' + b, label)} exclude each other")
     changes: dict[str, Any] = {"mac": _checked(label, "mac", _check_mac, cfg.mac)}
-    for field in ("address", "gateway"):
+    for field, family, what in (("address", "IPv4", "the guest's address"),
+                                ("gateway", "IPv4", "the guest's gateway"),
+                                ("address6", "IPv6", "the guest's address"),
+                                ("gateway6", "IPv6", "the guest's gateway"),
+                                ("dns_forward", "IPv4", "the DNS forwarding address"),
+                                ("dns_forward6", "IPv6", "the DNS forwarding address"),
+                                ("outbound", "IPv4", "the outbound source address"),
+                                ("outbound6", "IPv6", "the outbound source address"),
+                                ("map_guest_addr", "IP", "the address mapped to the guest's")):
         value = getattr(cfg, field)
         if value is not None:
-            changes[field] = _checked(label, field, _check_ip, value, f"the guest's {field}", "IPv4")
-    if cfg.dns_forward is not None:
-        changes["dns_forward"] = _checked(label, "dns_forward", _check_ip, cfg.dns_forward,
-                                          "the DNS forwarding address")
+            changes[field] = _checked(label, field, _check_ip, value, what, family)
     if cfg.dns_host is not None:
         changes["dns_host"] = _check_dns_host(label, cfg.dns_host)
     if cfg.map_host_loopback is not None:
@@ -419,7 +499,7 @@ def _check(cfg: Config, label: str) -> Config:
             except portspec.PortSpecError as exc:
                 raise _fail(label, field, str(exc)) from None
     if cfg.dns is not None:
-        changes["dns"] = [_checked(label, f"dns[{i}]", _check_ip, server, "a DNS server for the guest", "IPv4")
+        changes["dns"] = [_checked(label, f"dns[{i}]", _check_ip, server, "a DNS server for the guest")
                           for i, server in enumerate(cfg.dns)]
     if cfg.control is not None and cfg.control in (cfg.socket, cfg.connect):
         raise _fail(label, "control", "must differ from the vhost-user socket path")
@@ -468,9 +548,10 @@ def load_config(cli_args: argparse.Namespace | Mapping[str, Any]) -> Config:
         file_values = _absolutise(read_config_file(config_path),
                                   os.path.dirname(os.path.abspath(config_path)))
         label = f"config file {config_path}"
+        file_values = _split_families(file_values, label)
         _validate(file_values, label)
         layered = file_values
-    cli_values = _absolutise(given, os.getcwd())
+    cli_values = _split_families(_absolutise(given, os.getcwd()), _CLI_LABEL)
     cfg = _validate(_merge(layered, cli_values), _CLI_LABEL)
     if cfg.socket is None and cfg.connect is None:
         cfg.socket = default_socket_path()

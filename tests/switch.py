@@ -25,8 +25,10 @@ from shardswitch.coordinator.control import ControlError, query
 ISOLATED = ["unshare", "--net", "sh", "-c",
             'ip link set lo up && sysctl -qw net.ipv4.ping_group_range="0 2147483647" && exec "$@"', "sh"]
 
-#: Addressing used when the test gives none (the switch's namespace has no routes to mirror).
-DEFAULT_ADDRESSING = ["-a", "10.0.2.15", "-n", "24", "-g", "10.0.2.2", "--dns", "10.0.2.3"]
+#: Addressing used when the test gives none (both families pinned, whatever the namespace has to mirror;
+#: the IPv6 gateway is global, so the guest's IPv6 router is our link-local address).
+DEFAULT_ADDRESSING = ["-a", "10.0.2.15", "-n", "24", "-g", "10.0.2.2", "--dns", "10.0.2.3",
+                      "-a", "2001:db8:2::15", "-g", "2001:db8:2::2"]
 
 
 class Switch:

@@ -18,12 +18,13 @@ pytestmark = pytest.mark.usefixtures("runtime_dir")
 # ------------------------------------------------------------------ resolve_addressing
 
 HOST = HostNet(ifname="eth0", address="10.99.0.2", prefix_len=24, gateway="10.99.0.1")
+HOST6 = HostNet(ifname="eth0", address="2001:db8:99::2", prefix_len=64, gateway="fe80::1")
 
 
 def netinfo(route: HostNet | None = HOST, nameservers: list[str] | None = None,
-            search: list[str] | None = None) -> NetInfo:
-    """Build a host snapshot for resolve_addressing."""
-    return NetInfo(route=route, nameservers=["192.0.2.53"] if nameservers is None else nameservers,
+            search: list[str] | None = None, route6: HostNet | None = HOST6) -> NetInfo:
+    """Build a host snapshot for resolve_addressing (dual-stack by default)."""
+    return NetInfo(route=route, route6=route6, nameservers=["192.0.2.53"] if nameservers is None else nameservers,
                    search=["corp.example"] if search is None else search)
 
 
@@ -36,8 +37,9 @@ def test_mirrors_the_host() -> None:
     """By default the guest gets the host's address, prefix, gateway, DNS and search list."""
     got = resolve(netinfo())
     assert got == GuestAddressing(address="10.99.0.2", prefix_len=24, gateway="10.99.0.1", mtu=65520,
-                             dns=["192.0.2.53"], search=["corp.example"], mac="9a:55:9a:55:9a:55",
-                             interface="eth0", notes=[])
+                                  dns=["192.0.2.53"], search=["corp.example"], mac="9a:55:9a:55:9a:55",
+                                  interface="eth0", notes=[], address6="2001:db8:99::2", prefix6_len=64,
+                                  gateway6="fe80::1", dns6=[])
 
 
 def test_options_override_the_host() -> None:
@@ -63,35 +65,70 @@ def test_empty_lists_mean_none() -> None:
     assert (got.dns, got.search, got.notes) == ([], [], [])
 
 
-def test_dns_keeps_non_loopback_ipv4_only() -> None:
-    """IPv6 and loopback resolvers are dropped when a usable IPv4 one exists."""
-    got = resolve(netinfo(nameservers=["127.0.0.53", "2001:db8::1", "192.0.2.9", "192.0.2.10"]))
-    assert got.dns == ["192.0.2.9", "192.0.2.10"]
+def test_dns_per_family_skips_loopback_and_link_local() -> None:
+    """Each family gets the host's usable resolvers of that family; loopback and link-local ones are not
+    offered when a usable one exists."""
+    got = resolve(netinfo(nameservers=["127.0.0.53", "2001:db8::1", "fe80::53%eth0", "192.0.2.9", "192.0.2.10"]))
+    assert (got.dns, got.dns6, got.dns_forward) == (["192.0.2.9", "192.0.2.10"], ["2001:db8::1"], [])
 
 
 def test_loopback_only_resolvers_give_the_gateway() -> None:
-    """systemd-resolved style hosts: the gateway is offered, with a note."""
+    """systemd-resolved style hosts: each family's gateway is offered, forwarded to the stub, with a note."""
     got = resolve(netinfo(nameservers=["127.0.0.53", "::1"]))
-    assert got.dns == ["10.99.0.1"] and (got.dns_forward, got.dns_upstream) == ("10.99.0.1", ["127.0.0.53"])
+    assert (got.dns, got.dns6) == (["10.99.0.1"], ["fe80::1"])
+    assert (got.dns_forward, got.dns_upstream) == (["10.99.0.1", "fe80::1"], ["127.0.0.53"])
     assert any("loopback only (127.0.0.53)" in n for n in got.notes)
 
 
-@pytest.mark.parametrize(("nameservers", "dns", "upstream"), [
-    (["::1"], ["10.99.0.1"], ["::1"]),
-    (["127.0.0.1", "192.0.2.53"], ["192.0.2.53"], []),
-    (["127.0.0.53", "2001:db8::53"], [], []),
+def test_without_ipv6_router_our_link_local_address_is_the_ipv6_resolver() -> None:
+    """No IPv6 default route: the guest has link-local IPv6 only (noted), and our link-local address, its
+    router, is the IPv6 resolver forwarded to the stub."""
+    got = resolve(netinfo(nameservers=["127.0.0.53"], route6=None))
+    assert (got.address6, got.gateway6, got.dns6) == (None, None, ["fe80::9855:9aff:fe55:9a55"])
+    assert any("link-local IPv6 only" in n for n in got.notes)
+
+
+@pytest.mark.parametrize(("nameservers", "dns", "dns6", "upstream"), [
+    (["::1"], ["10.99.0.1"], ["fe80::1"], ["::1"]),
+    (["127.0.0.1", "192.0.2.53"], ["192.0.2.53"], ["fe80::1"], ["127.0.0.1"]),
+    (["127.0.0.53", "2001:db8::53"], ["10.99.0.1"], ["2001:db8::53"], ["127.0.0.53"]),
+    (["192.0.2.53", "2001:db8::53"], ["192.0.2.53"], ["2001:db8::53"], []),
 ])
-def test_dns_host_only_when_every_resolver_is_on_the_loopback(nameservers: list[str], dns: list[str],
-                                                              upstream: list[str]) -> None:
-    """The gateway forwards to the first loopback resolver, of either family, only when nothing else is there."""
+def test_dns_host_for_each_family_without_a_usable_resolver(nameservers: list[str], dns: list[str],
+                                                            dns6: list[str], upstream: list[str]) -> None:
+    """A family without a usable resolver gets its gateway, forwarded to the first loopback resolver
+    (of either family)."""
     got = resolve(netinfo(nameservers=nameservers))
-    assert (got.dns, got.dns_forward, got.dns_upstream) == (dns, "10.99.0.1" if upstream else None, upstream)
+    forward = [gw for gw, offered in (("10.99.0.1", dns), ("fe80::1", dns6)) if offered == [gw]]
+    assert (got.dns, got.dns6, got.dns_forward, got.dns_upstream) == (dns, dns6, forward, upstream)
 
 
 def test_explicit_dns_means_no_dns_host() -> None:
-    """--dns wins: nothing is forwarded implicitly."""
-    got = resolve(netinfo(nameservers=["127.0.0.53"]), dns=["10.99.0.53"])
-    assert (got.dns, got.dns_forward, got.dns_upstream) == (["10.99.0.53"], None, [])
+    """--dns wins: nothing is forwarded implicitly; its IPv6 servers are the guest's IPv6 ones."""
+    got = resolve(netinfo(nameservers=["127.0.0.53"]), dns=["10.99.0.53", "2001:db8::53"])
+    assert (got.dns, got.dns6, got.dns_forward, got.dns_upstream) == (["10.99.0.53"], ["2001:db8::53"], [], [])
+
+
+def test_ipv6_mirrored_and_overridden() -> None:
+    """The host's global IPv6 address, prefix and router by default; -a ADDR/LEN and -g override them."""
+    got = resolve(netinfo(), address=["2001:db8:5::5/56"], gateway=["2001:db8:5::1"])
+    assert (got.address6, got.prefix6_len, got.gateway6) == ("2001:db8:5::5", 56, "2001:db8:5::1")
+    assert resolve(netinfo(), address=["2001:db8:5::5"]).prefix6_len == 64
+    with pytest.raises(ConfigError, match="IPv6 address and gateway are both 2001:db8:5::5"):
+        resolve(netinfo(), address=["2001:db8:5::5"], gateway=["2001:db8:5::5"])
+
+
+def test_one_family_only() -> None:
+    """-4: no IPv6 (nor IPv6 DNS); -6: IPv4 off, a placeholder when the host has none, an error without IPv6."""
+    got = resolve(netinfo(nameservers=["127.0.0.53"]), ipv4_only=True)
+    assert (got.ipv4, got.ipv6, got.address6, got.dns6, got.dns_forward) == (True, False, None, [],
+                                                                              ["10.99.0.1"])
+    got = resolve(netinfo(route=None, nameservers=["127.0.0.53"]), ipv6_only=True)
+    assert (got.ipv4, got.ipv6, got.address6, got.dns, got.dns_forward) == (False, True, "2001:db8:99::2", [],
+                                                                            ["fe80::1"])
+    assert got.interface == "eth0"
+    with pytest.raises(ConfigError, match="-6: the guest has no IPv6 address"):
+        resolve(netinfo(route6=None), ipv6_only=True)
 
 
 def test_no_resolvers() -> None:
@@ -136,15 +173,15 @@ def test_host_addressing_reads_resolv_conf(tmp_path: Path, monkeypatch: pytest.M
     """host_addressing glues read_netinfo and resolve_addressing; netlink errors become ConfigError."""
     resolv = tmp_path / "resolv.conf"
     resolv.write_text("nameserver 192.0.2.77\nsearch a.example\n")
-    monkeypatch.setattr(hostnet, "host_default_route", lambda ifname: HOST)
+    monkeypatch.setattr(hostnet, "host_default_routes", lambda ifname: (HOST, None))
     got = guest_addressing.host_addressing(load_config({}), str(resolv))
     assert (got.address, got.dns, got.search) == ("10.99.0.2", ["192.0.2.77"], ["a.example"])
 
-    def broken(ifname: str | None) -> HostNet | None:
+    def broken(ifname: str | None) -> tuple[HostNet | None, HostNet | None]:
         """Stand-in for a failing netlink read."""
         raise hostnet.HostNetError("there is no network interface named 'x'")
 
-    monkeypatch.setattr(hostnet, "host_default_route", broken)
+    monkeypatch.setattr(hostnet, "host_default_routes", broken)
     with pytest.raises(ConfigError, match="no network interface named 'x'"):
         guest_addressing.host_addressing(load_config({"interface": "x"}), str(resolv))
 
@@ -160,7 +197,7 @@ def test_guest_params() -> None:
     params = guest_addressing.guest_params(cfg, resolve_addressing(cfg, netinfo()))
     assert params == GuestParams(address="10.99.0.2", prefix_len=24, gateway="10.99.0.1", mtu=9000,
                                  dns=["192.0.2.53"], search=["corp.example"],
-                                 our_mac="02:11:22:33:44:55")
+                                 our_mac="02:11:22:33:44:55", address6="2001:db8:99::2", gateway6="fe80::1")
 
 
 def test_guest_params_rejected_by_net_layer() -> None:
@@ -174,8 +211,10 @@ def test_dns_host_makes_the_gateway_the_resolver() -> None:
     """--dns-host alone: the gateway is offered and forwards there; with --dns-forward it is where that goes
     (else the host's resolv.conf is)."""
     got = resolve(netinfo(), dns_host="192.0.2.99")
-    assert (got.dns, got.dns_forward, got.dns_upstream) == (["10.99.0.1"], "10.99.0.1", ["192.0.2.99"])
+    assert (got.dns, got.dns6, got.dns_forward, got.dns_upstream) == (["10.99.0.1"], ["fe80::1"],
+                                                                      ["10.99.0.1", "fe80::1"], ["192.0.2.99"])
     got = resolve(netinfo(), dns_host="127.0.0.53", dns_forward="10.99.0.53")
-    assert (got.dns, got.dns_forward, got.dns_upstream) == (["10.99.0.53"], "10.99.0.53", ["127.0.0.53"])
-    got = resolve(netinfo(), dns_forward="10.99.0.53")
-    assert (got.dns_forward, got.dns_upstream) == ("10.99.0.53", ["192.0.2.53"])
+    assert (got.dns, got.dns_forward, got.dns_upstream) == (["10.99.0.53"], ["10.99.0.53"], ["127.0.0.53"])
+    got = resolve(netinfo(), dns_forward=["10.99.0.53", "fd00::53"])
+    assert (got.dns6, got.dns_forward, got.dns_upstream) == (["fd00::53"], ["10.99.0.53", "fd00::53"],
+                                                             ["192.0.2.53"])

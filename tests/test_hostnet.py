@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -109,6 +110,26 @@ def test_route_and_address_messages_are_reduced() -> None:
     assert addrs == [AddrEntry(2, "192.0.2.11", 24, True), AddrEntry(2, "10.0.0.1", 8, False)]
 
 
+def test_ipv6_addresses_and_link_local_gateway() -> None:
+    """IPv6: global-scope addresses only, none temporary/deprecated/DAD-failed; a link-local gateway
+    contains no address, so the first global one is mirrored."""
+    messages = [{"index": 2, "prefixlen": 64, "flags": 0x80, "scope": 253, "address": "fe80::2"},
+                {"index": 2, "prefixlen": 64, "flags": 0x01, "scope": 0, "address": "2001:db8::aaaa"},
+                {"index": 2, "prefixlen": 64, "flags": 0x20, "scope": 0, "address": "2001:db8::dead"},
+                {"index": 2, "prefixlen": 64, "flags": 0x08, "scope": 0, "address": "2001:db8::bad"},
+                {"index": 2, "prefixlen": 64, "flags": 0x80, "scope": 0, "address": "2001:db8::2"},
+                {"index": 1, "prefixlen": 128, "flags": 0x80, "scope": 254, "address": "::1"}]
+    addrs = hostnet._addr_entries(messages, socket.AF_INET6)
+    assert addrs == [AddrEntry(2, "2001:db8::2", 64, False)]
+    routes = hostnet._route_entries([{"dst_len": 0, "type": 1, "table": 254, "priority": 1024, "oif": 2,
+                                      "gateway": "fe80::1"}])
+    assert hostnet.select_host_net(routes, addrs, LINKS, None) == HostNet(
+        ifname="eth0", address="2001:db8::2", prefix_len=64, gateway="fe80::1")
+    on_net = [AddrEntry(2, "2001:db8:1::2", 64, False), AddrEntry(2, "2001:db8:2::2", 64, False)]
+    assert hostnet.select_host_net([RouteEntry(2, "2001:db8:2::1", 0)], on_net, LINKS, None).address == \
+        "2001:db8:2::2"
+
+
 # ------------------------------------------------------------------ hostnet: netlink in a namespace
 
 
@@ -119,7 +140,8 @@ def _ip(*args: str) -> None:
 
 @pytest.fixture(scope="module")
 def cfg_netns() -> Iterator[str]:
-    """A network namespace with a veth pair: v0 10.99.0.2/24 + default via 10.99.0.1, v1 bare."""
+    """A network namespace with a veth pair: v0 10.99.0.2/24 + default via 10.99.0.1 and
+    2001:db8:99::2/64 + default via fe80::1 (and a deprecated address), v1 bare."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("needs root and iproute2 to create a network namespace")
     name = f"ss-cfgtest-{os.getpid()}"
@@ -131,17 +153,21 @@ def cfg_netns() -> Iterator[str]:
         _ip("-n", name, "addr", "add", "10.99.0.2/24", "dev", "v0")
         _ip("-n", name, "addr", "add", "10.99.0.3/24", "dev", "v0")  # becomes secondary
         _ip("-n", name, "route", "add", "default", "via", "10.99.0.1", "dev", "v0")
+        _ip("-n", name, "addr", "add", "2001:db8:99::9/64", "dev", "v0", "nodad", "preferred_lft", "0")
+        _ip("-n", name, "addr", "add", "2001:db8:99::2/64", "dev", "v0", "nodad")
+        _ip("-n", name, "-6", "route", "add", "default", "via", "fe80::1", "dev", "v0")
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20)
 
 
-def host_default_route_in(ns: str, ifname: str | None) -> Any:
-    """Run hostnet.host_default_route(ifname) inside namespace ``ns``; return the decoded result."""
+def host_default_route_in(ns: str, ifname: str | None, family: int = 4) -> Any:
+    """Run hostnet.host_default_routes(ifname) inside namespace ``ns``; return the decoded result of
+    ``family`` (4 or 6)."""
     code = ("import sys, msgspec\n"
             "from shardswitch import hostnet\n"
             "try:\n"
-            f"    out = hostnet.host_default_route({ifname!r})\n"
+            f"    out = hostnet.host_default_routes({ifname!r})[{0 if family == 4 else 1}]\n"
             "except hostnet.HostNetError as e:\n"
             "    out = {'error': str(e)}\n"
             "sys.stdout.buffer.write(msgspec.json.encode(out))\n")
@@ -158,6 +184,14 @@ def test_host_default_route_in_namespace(cfg_netns: str) -> None:
                                                     gateway="10.99.0.1")
     assert msgspec.convert(host_default_route_in(cfg_netns, "v1"), HostNet) == HostNet(ifname="v1")
     assert host_default_route_in(cfg_netns, "nope") == {"error": "there is no network interface named 'nope'"}
+
+
+def test_host_default_route6_in_namespace(cfg_netns: str) -> None:
+    """The IPv6 default route via a link-local router, the global address (the deprecated one skipped)."""
+    got = host_default_route_in(cfg_netns, None, 6)
+    assert msgspec.convert(got, HostNet) == HostNet(ifname="v0", address="2001:db8:99::2", prefix_len=64,
+                                                    gateway="fe80::1")
+    assert msgspec.convert(host_default_route_in(cfg_netns, "v1", 6), HostNet) == HostNet(ifname="v1")
 
 
 def test_no_default_route_in_namespace(cfg_netns: str) -> None:

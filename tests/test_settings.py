@@ -140,7 +140,17 @@ def test_file_error_names_file_key_and_value(tmp_path: Path) -> None:
     ({"address": "224.0.0.1"}, "-a/--address: 224.0.0.1 is not a unicast address"),
     ({"gateway": "127.0.0.1"}, "-g/--gateway: 127.0.0.1 is a loopback address"),
     ({"gateway": "0.0.0.0"}, "-g/--gateway: 0.0.0.0 is not a unicast address"),
-    ({"dns": ["192.0.2.1", "::1"]}, "--dns: '::1' is not an IPv4 address"),
+    ({"dns": ["192.0.2.1", "::1"]}, "--dns: ::1 is a loopback address"),
+    ({"address": ["10.0.0.2", "10.0.0.3"]}, "command line: -a/--address: given twice (10.0.0.2 and 10.0.0.3)"),
+    ({"address": ["2001:db8::2", "2001:db8::3/64"]}, "-a/--address: given twice"),
+    ({"address": ["2001:db8::2/x"]}, "-a/--address (ADDR/LEN): 'x' is not a prefix length"),
+    ({"address": ["2001:db8::2/129"]}, "-a/--address (ADDR/LEN): Expected `int` <= 128"),
+    ({"address": ["2001:db8::zz"]}, "-a/--address: '2001:db8::zz' is not an IPv6 address"),
+    ({"gateway": ["ff02::1"]}, "-g/--gateway: ff02::1 is not a unicast address"),
+    ({"outbound": ["::1"]}, "-o/--outbound: ::1 is a loopback address"),
+    ({"ipv4_only": True, "ipv6_only": True}, "-4/--ipv4-only and -6/--ipv6-only exclude each other"),
+    ({"outbound_if4": "a/b"}, "--outbound-if4: Expected an interface name"),
+    ({"map_guest_addr": "224.0.0.1"}, "--map-guest-addr: 224.0.0.1 is not a unicast address"),
     ({"interface": "a-very-long-ifname"}, "-i/--interface: Expected `str` of length <= 15"),
     ({"interface": "eth 0"}, "-i/--interface: Expected an interface name"),
     ({"search": ["ok.example", "bad domain"]}, "--search: Expected a domain name like example.org, got 'bad domain'"),
@@ -161,7 +171,8 @@ def test_command_line_errors(values: dict[str, Any], message: str) -> None:
 
 @pytest.mark.parametrize("text,message", [
     ("wrkers = 2\n", "Object contains unknown field `wrkers`"),
-    ('dns = ["192.0.2.1", "x"]\n', ": dns[1]: 'x' is not an IPv4 address"),
+    ('dns = ["192.0.2.1", "x"]\n', ": dns[1]: 'x' is not an IP address"),
+    ('address6 = "10.0.0.1"\n', ": address6: '10.0.0.1' is not an IPv6 address"),
     ('search = ["a", 5]\n', ": search[1]: Expected `str`, got `int`"),
     ('prefix_len = "255.0.255.0"\n', ": prefix_len: '255.0.255.0' is not a prefix length"),
     ('socket = "/a"\nconnect = "/b"\n', ": socket and connect exclude each other"),
@@ -225,3 +236,18 @@ def test_service_switches_and_dns_host(tmp_path: Path) -> None:
     path = write_toml(tmp_path, 'no_ndp = true\nno_icmp = true\ndns_host = "::1"\n')
     cfg = load_config({"config": path})
     assert (cfg.no_dhcp, cfg.no_ndp, cfg.no_icmp, cfg.dns_host) == (False, True, True, "::1")
+
+
+def test_addresses_of_either_family_split_by_family(tmp_path: Path) -> None:
+    """-a/-g/-o/--dns-forward take either family, once each; a file's IPv4 value survives a command-line
+    IPv6 one; -a ADDR/LEN sets the IPv6 prefix length."""
+    cfg = load_config({"address": ["10.0.0.2", "2001:db8::2/56"], "gateway": ["fe80::1", "10.0.0.1"],
+                       "outbound": ["2001:db8::9"], "dns_forward": ["fd00::53", "10.0.0.53"],
+                       "dns": ["192.0.2.1", "2001:db8::53"]})
+    assert (cfg.address, cfg.address6, cfg.prefix6_len) == ("10.0.0.2", "2001:db8::2", 56)
+    assert (cfg.gateway, cfg.gateway6, cfg.outbound, cfg.outbound6) == ("10.0.0.1", "fe80::1", None, "2001:db8::9")
+    assert (cfg.dns_forward, cfg.dns_forward6, cfg.dns) == ("10.0.0.53", "fd00::53", ["192.0.2.1", "2001:db8::53"])
+    path = write_toml(tmp_path, 'address = "10.0.0.7"\ngateway = "2001:db8::1"\nprefix6_len = 48\n')
+    cfg = load_config({"config": path, "address": ["2001:db8::7"]})
+    assert (cfg.address, cfg.address6, cfg.prefix6_len, cfg.gateway6) == ("10.0.0.7", "2001:db8::7", 48,
+                                                                          "2001:db8::1")

@@ -39,7 +39,8 @@ from shardswitch.coordinator.control import serve_client, uptime_since
 from shardswitch.coordinator.device import Device
 from shardswitch.coordinator.handler import Disconnect, RequestHandler
 from shardswitch.coordinator.workers import WorkerHandle, WorkerPool
-from shardswitch.ipc import StatusQuery, WorkerSetup, WorkerStatus
+from shardswitch.ipc import ForwardSetup, StatusQuery, WorkerSetup, WorkerStatus
+from shardswitch.net import ipv6
 from shardswitch.net.endpoint import Service
 from shardswitch.net.params import resolve
 from shardswitch.shm.layout import DEFAULT_CAPACITY, Flow, FlowSide, FlowTableError, Pif, ip_of
@@ -48,6 +49,7 @@ from shardswitch.vhost.wire import VhostProtocolError, VirtioFeature
 
 if TYPE_CHECKING:
     from shardswitch.settings import Config
+    from shardswitch.guest_addressing import GuestAddressing
 
 log = logging.getLogger("shardswitch")
 
@@ -401,7 +403,7 @@ def run_coordinator(*, workers: int, setup: WorkerSetup, socket_path: str, contr
     return 0
 
 
-def _services(cfg: "Config") -> Service:
+def _services(cfg: "Config", addressing: "GuestAddressing") -> Service:
     """The guest services the settings leave on (--no-ndp takes router advertisements with it)."""
     services = Service.ALL
     for off, service in ((cfg.no_dhcp, Service.DHCP), (cfg.no_ndp, Service.NDP | Service.RA),
@@ -424,16 +426,23 @@ def run(cfg: "Config") -> int:
     elif cfg.map_host_loopback is not None:
         mapped = (cfg.map_host_loopback,)
     else:
-        # The gateway, and the IPv6 router address NDP gives the guest (our link-local by default).
-        mapped = (params.gateway, str(ipaddress.IPv6Address(resolve(params).gateway6)))
+        # The gateway, the IPv6 router address NDP gives the guest (the gateway when link-local, else our
+        # link-local address) and the IPv6 gateway.
+        resolved = resolve(params)
+        router6 = resolved.gateway6 if ipv6.is_link_local(resolved.gateway6) else resolved.our_ll6
+        mapped = tuple(dict.fromkeys(
+            [params.gateway] + [str(ipaddress.IPv6Address(a)) for a in (router6, resolved.gateway6)]))
     log.info("guest traffic to %s goes to the host's loopback", ", ".join(mapped) or "no address")
-    if addressing.dns_forward is not None:
-        log.info("guest DNS queries to %s go to the host's resolver %s", addressing.dns_forward,
+    if addressing.dns_forward:
+        log.info("guest DNS queries to %s go to the host's resolver %s", ", ".join(addressing.dns_forward),
                  ", ".join(addressing.dns_upstream) or "(none found)")
-    setup = WorkerSetup(pair=0, params=params, reflect=cfg.reflect, map_host_loopback=mapped,
+    outbound = tuple(a for a in (cfg.outbound, cfg.outbound6) if a is not None)
+    forward = ForwardSetup(map_host_loopback=mapped, dns_forward=tuple(addressing.dns_forward),
+                           dns_upstream=tuple(addressing.dns_upstream), map_guest_addr=cfg.map_guest_addr or "",
+                           outbound=outbound, outbound_if4=cfg.outbound_if4 or "",
+                           outbound_if6=cfg.outbound_if6 or "")
+    setup = WorkerSetup(pair=0, params=params, reflect=cfg.reflect, forward=forward,
                         tcp_ports=tuple(cfg.tcp_ports), udp_ports=tuple(cfg.udp_ports),
-                        dns_forward=addressing.dns_forward or "", dns_upstream=tuple(addressing.dns_upstream),
-                        services=int(_services(cfg)),
-                        icmp=not cfg.no_icmp)
+                        services=int(_services(cfg, addressing)), icmp=not cfg.no_icmp)
     return run_coordinator(workers=cfg.workers, setup=setup, socket_path=path, control_path=cfg.control,
                            connect=cfg.connect is not None, print_fragment=not cfg.quiet, max_flows=cfg.max_flows)

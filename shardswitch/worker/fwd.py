@@ -5,17 +5,25 @@ its flows see another.  Every protocol asks this module, in both directions,
 instead of building the mapping itself:
 
 * guest -> host (:meth:`Forwarding.to_host`): where a flow the guest starts
-  really goes.  A destination that is a *mapped* address
-  (``--map-host-loopback``, the gateway and our IPv6 link-local address by
-  default) means the host itself: the host's loopback of that family.  The
-  ``--dns-forward`` address on port 53 means the host's resolver (the first of
-  resolv.conf's of the same family, else the first at all; passt's
-  ``dns_match``).  Anything else goes where the guest sent it.
+  really goes.  A DNS forwarding address (``--dns-forward``, or the gateway
+  on hosts whose resolvers are on their loopback) on port 53 means the host's
+  resolver (the first upstream of the same family, else the first at all;
+  passt's ``dns_match``).  A destination that is a *mapped* address
+  (``--map-host-loopback``, the gateways by default) means the host itself:
+  the host's loopback of that family.  ``--map-guest-addr`` means the host's
+  own address that the guest's address (mirrored from the host) shadows.
+  Anything else goes where the guest sent it.
+* the host socket of a flow the guest starts (:meth:`Forwarding.bind_outbound`):
+  bound to ``-o``'s source address and ``--outbound-if4/6``'s interface of
+  its family, unless it goes to the host's loopback (which no interface
+  binding could reach).
 * host -> guest (:meth:`Forwarding.seen_from`): the address a host client of
   a forwarded port (``-t``/``-u``) appears to come from.  A client on the
   host's loopback appears as the first mapped address of its family (the
-  reverse of the mapping above; None when there is none); others as
-  themselves.
+  reverse of the mapping above; None when there is none); a client on the
+  host's own address shadowed by the guest's appears as ``--map-guest-addr``,
+  else as a loopback client would (the guest must never see its own address
+  as a source); others as themselves.
 * the guest's own address as a forwarded flow's target
   (:meth:`Forwarding.guest_address`): its IPv4 address, and for IPv6 the
   global address it last used (learnt from the flows it starts), else the
@@ -27,6 +35,9 @@ flow's socket and frame builders take them as they are.
 
 from __future__ import annotations
 
+import socket
+
+from shardswitch.ipc import ForwardSetup
 from shardswitch.net import inany, ipv6
 from shardswitch.net.inany import InAny
 from shardswitch.worker.port import WorkerPort
@@ -49,39 +60,73 @@ def _parse_all(texts: tuple[str, ...]) -> list[InAny]:
 class Forwarding:
     """The guest <-> host address mapping of one worker."""
 
-    def __init__(self, port: WorkerPort, mapped: tuple[str, ...], dns_forward: str = "",
-                 dns_upstream: tuple[str, ...] = ()) -> None:
-        """``mapped``: addresses meaning the host's loopback; ``dns_forward``: the guest-side DNS address
-        ("" = none); ``dns_upstream``: the host's resolvers."""
+    def __init__(self, port: WorkerPort, setup: ForwardSetup = ForwardSetup()) -> None:
+        """The mapping ``setup`` describes, for the guest behind ``port``."""
         self.port = port
-        ordered = _parse_all(mapped)
+        ordered = _parse_all(setup.map_host_loopback)
         #: Addresses that stand for the host's loopback.
         self.mapped = frozenset(ordered)
         #: What a loopback client of each family appears as (None: nothing is mapped in that family).
         self.shown4 = next((a for a in ordered if inany.is_v4(a)), None)
         self.shown6 = next((a for a in ordered if not inany.is_v4(a)), None)
-        self.dns_forward: InAny | None = inany.from_str(dns_forward) if dns_forward else None
-        self.dns_upstream: InAny | None = None
-        upstream = _parse_all(dns_upstream)
-        if self.dns_forward is not None and upstream:
-            v4 = inany.is_v4(self.dns_forward)
-            same = [a for a in upstream if inany.is_v4(a) == v4]
-            self.dns_upstream = (same or upstream)[0]
+        #: Guest-side DNS forwarding address -> the host resolver its queries go to.
+        self.dns: dict[InAny, InAny] = {}
+        upstream = _parse_all(setup.dns_upstream)
+        for forward in _parse_all(setup.dns_forward):
+            same = [a for a in upstream if inany.is_v4(a) == inany.is_v4(forward)]
+            if upstream:
+                self.dns[forward] = (same or upstream)[0]
+        #: --map-guest-addr, and the host's own addresses it stands for (the guest's, mirrored).
+        self.map_guest: InAny | None = inany.from_str(setup.map_guest_addr) if setup.map_guest_addr else None
+        params = port.params
+        self.host_own: dict[bool, InAny | None] = {
+            True: inany.from_v4(params.address), False: params.address6}
+        #: (source address, interface) host sockets of guest flows are bound to, per family (v4: True).
+        self.outbound: dict[bool, tuple[InAny | None, str]] = {True: (None, setup.outbound_if4),
+                                                               False: (None, setup.outbound_if6)}
+        for addr in _parse_all(setup.outbound):
+            v4 = inany.is_v4(addr)
+            self.outbound[v4] = (addr, self.outbound[v4][1])
         #: The guest's global IPv6 address as last seen (None: not seen yet).
-        self.guest6: InAny | None = port.params.address6
+        self.guest6: InAny | None = params.address6
 
     def to_host(self, dst: InAny, port: int) -> tuple[InAny, int]:
         """Where guest traffic to ``dst``:``port`` goes on the host (``port`` 0 for echo)."""
-        if port == DNS_PORT and dst == self.dns_forward and self.dns_upstream is not None:
-            return self.dns_upstream, DNS_PORT
+        if port == DNS_PORT:
+            resolver = self.dns.get(dst)
+            if resolver is not None:
+                return resolver, DNS_PORT
         if dst in self.mapped:
             return inany.loopback_like(dst), port
+        if dst == self.map_guest:
+            own = self.host_own[inany.is_v4(dst)]
+            if own is not None:
+                return own, port
         return dst, port
+
+    def bind_outbound(self, sock: socket.socket, target: InAny) -> None:
+        """Bind ``sock``, about to reach ``target``, to the outbound address and interface of its family.
+
+        Raises OSError when the kernel refuses (no such address or interface,
+        no CAP_NET_RAW for an interface).
+        """
+        if inany.is_loopback(target):
+            return
+        addr, ifname = self.outbound[inany.is_v4(target)]
+        if ifname:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+        if addr is not None:
+            sock.bind(inany.sockaddr(addr, 0))
 
     def seen_from(self, client: InAny) -> InAny | None:
         """The address a host client appears to come from in the guest (None: it cannot appear)."""
         if inany.is_loopback(client):
             return self.shown4 if inany.is_v4(client) else self.shown6
+        v4 = inany.is_v4(client)
+        if client == self.host_own[v4]:
+            if self.map_guest is not None and inany.is_v4(self.map_guest) == v4:
+                return self.map_guest
+            return self.shown4 if v4 else self.shown6
         return client
 
     def learn_guest(self, src: InAny) -> None:

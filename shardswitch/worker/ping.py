@@ -119,6 +119,7 @@ class PingFlows:
             raise PacketError(DropReason.PING_SOCKET_ERROR, err.strerror or "") from None
         try:
             sock.setblocking(False)
+            self.layer.fwd.bind_outbound(sock, target)
             sock.connect(inany.sockaddr(target, 0))
             # A ping socket's local "port" is the echo identifier the kernel puts on the host side.
             host_side = FlowSide(Pif.HOST, target, 0, inany.ANY6, sock.getsockname()[1])

@@ -220,7 +220,12 @@ class TcpFlows:
         """A new connection from the guest: connect() a socket, enter the flow; RST when that fails."""
         target, port = self.layer.fwd.to_host(guest_side.our_addr, guest_side.our_port)
         sock = self.pool.take(inany.family(target))
-        err = sock.connect_ex(inany.sockaddr(target, port))
+        try:
+            self.layer.fwd.bind_outbound(sock, target)
+        except OSError as exc:
+            err = exc.errno or errno.EADDRNOTAVAIL
+        else:
+            err = sock.connect_ex(inany.sockaddr(target, port))
         if err not in (0, errno.EINPROGRESS):
             sock.close()
             out.append(self._reset_for(addr, seg))

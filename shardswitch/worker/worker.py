@@ -121,7 +121,7 @@ class Worker(EpollWatches, CountingPort):
         self.next_tick = time.monotonic() + TICK
         #: The guest MAC this worker last published in the flow table's header.
         self.published_mac: bytes | None = None
-        fwd = Forwarding(self, setup.map_host_loopback, setup.dns_forward, setup.dns_upstream)
+        fwd = Forwarding(self, setup.forward)
         self.flows = FlowLayer(self, self.table, fwd)
         self.ping = PingFlows(self, self.flows)
         self.tcp = TcpFlows(self, self.flows, setup.tcp_ports)

@@ -5,12 +5,17 @@ Theory of operation
 Every test that moves real packets runs shardswitch (and QEMU, or testpmd) in a
 namespace of its own, so nothing a guest sends can leave the machine:
 
-    [host ns  NAME]   uplink0 10.200.Y.2/24 --veth-- downlink0 10.200.Y.1/24   [upstream ns NAME-up]
+    [host ns  NAME]   uplink0 10.200.Y.2/24      --veth-- downlink0 10.200.Y.1/24   [upstream ns NAME-up]
+                              2001:db8:Y::2/64                2001:db8:Y::1/64, fe80::1
                       default via 10.200.Y.1
+                      default via fe80::1 (IPv6)
 
-The host namespace looks like a small host (an interface with an address and a
-default route for the back-end to mirror to the guest); the upstream namespace
-plays the router and can hold servers a test starts.  Y is drawn at random per
+The host namespace looks like a users' host: dual-stack, an interface with
+addresses and default routes for the back-end to mirror to the guest (the
+IPv6 router link-local, as routers advertise themselves), and a resolv.conf
+naming a stub resolver on 127.0.0.53, as systemd-resolved hosts have (a test
+that needs DNS runs dnsmasq there).  The upstream namespace plays the router
+and can hold servers a test starts.  Y is drawn at random per
 instance (the namespaces are isolated, so equal Y in two instances is harmless;
 drawing it only makes logs easier to tell apart).  Names are ``ss-<pid>-<hex>``
 (and ``...-up``); namespaces left behind by a test process that died without
@@ -19,9 +24,10 @@ recognises them by the dead PID in their name.
 
 All set-up uses iproute2 (``ip -n NS ...``); the veth pair is created directly
 inside the two namespaces, so nothing ever appears in the root namespace.
-``/etc/netns/NAME/resolv.conf`` (``nameserver 127.0.0.1``) is bind-mounted over
-/etc/resolv.conf by ``ip netns exec``, so DNS lookups inside point at a server
-the test runs on loopback.  The sysctl ``net.ipv4.ping_group_range`` is opened
+``/etc/netns/NAME/resolv.conf`` (``nameserver 127.0.0.53``) is bind-mounted
+over /etc/resolv.conf by ``ip netns exec``, so DNS lookups inside point at a
+server the test runs on loopback.  IPv6 addresses are added without duplicate
+address detection (``nodad``), so they are usable at once.  The sysctl ``net.ipv4.ping_group_range`` is opened
 in the host namespace for unprivileged ICMP echo sockets.
 
 Processes started with :meth:`TestNetns.popen` are remembered and, at
@@ -122,7 +128,9 @@ class TestNetns:
 
     Attributes (valid after construction): ``name`` / ``upstream_name``
     (namespace names), ``host_if`` / ``upstream_if`` (veth ends),
-    ``host_addr`` / ``upstream_addr`` (IPv4, no prefix), ``prefixlen``.
+    ``host_addr`` / ``upstream_addr`` (IPv4, no prefix), ``prefixlen``, ``host_addr6`` /
+    ``upstream_addr6`` (IPv6, no prefix; /64), ``router6`` (the host's IPv6 gateway, link-local),
+    ``stub_resolver`` (the address resolv.conf names).
     """
 
     __test__ = False  # not a pytest test class despite the name
@@ -137,6 +145,11 @@ class TestNetns:
         self.host_addr = f"10.200.{subnet}.2"
         self.upstream_addr = f"10.200.{subnet}.1"
         self.prefixlen = 24
+        self.host_addr6 = f"2001:db8:{subnet:x}::2"
+        self.upstream_addr6 = f"2001:db8:{subnet:x}::1"
+        self.prefix6 = f"2001:db8:{subnet:x}::"
+        self.router6 = "fe80::1"
+        self.stub_resolver = "127.0.0.53"
         self._procs: list[subprocess.Popen[Any]] = []
         self._created: list[str] = []
 
@@ -164,15 +177,19 @@ class TestNetns:
             _ip("netns", "add", ns)
             self._created.append(ns)
         self.resolv_conf.parent.mkdir(parents=True, exist_ok=True)
-        self.resolv_conf.write_text("nameserver 127.0.0.1\n")
+        self.resolv_conf.write_text(f"nameserver {self.stub_resolver}\n")
         _ip("-n", h, "link", "add", self.host_if, "type", "veth",
             "peer", "name", self.upstream_if, "netns", u)
         _ip("-n", h, "addr", "add", f"{self.host_addr}/{self.prefixlen}", "dev", self.host_if)
         _ip("-n", u, "addr", "add", f"{self.upstream_addr}/{self.prefixlen}", "dev", self.upstream_if)
+        _ip("-n", h, "addr", "add", f"{self.host_addr6}/64", "dev", self.host_if, "nodad")
+        _ip("-n", u, "addr", "add", f"{self.upstream_addr6}/64", "dev", self.upstream_if, "nodad")
+        _ip("-n", u, "addr", "add", f"{self.router6}/64", "dev", self.upstream_if, "nodad")
         for ns, ifname in ((h, self.host_if), (u, self.upstream_if)):
             _ip("-n", ns, "link", "set", "lo", "up")
             _ip("-n", ns, "link", "set", ifname, "up")
         _ip("-n", h, "route", "add", "default", "via", self.upstream_addr)
+        _ip("-n", h, "-6", "route", "add", "default", "via", self.router6, "dev", self.host_if)
         self.run(["sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 2147483647"])
 
     def exec_argv(self, argv: Sequence[str], *, upstream: bool = False) -> list[str]:

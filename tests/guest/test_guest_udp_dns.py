@@ -1,8 +1,8 @@
 """A real guest resolves names through --dns-forward, and with default options behind a stub resolver on
 127.0.0.53 (as systemd-resolved hosts have); it echoes on a -u forwarded port.
 
-dnsmasq serves ``test.example`` on 127.0.0.1:53 of the test namespace, which is
-also what the namespace's resolv.conf names, so it is the resolver the switch
+dnsmasq serves ``test.example`` on 127.0.0.53:53 of the test namespace, the stub
+resolver the namespace's resolv.conf names, so it is the resolver the switch
 forwards the guest's queries to.  The host-side client of the forwarded port
 runs in the same namespace and talks to 127.0.0.1 only.
 """
@@ -47,7 +47,7 @@ while time.monotonic() < deadline:
 """
 
 
-def start_dnsmasq(netns: TestNetns, tmp_path: Path, listen: str = "127.0.0.1") -> None:
+def start_dnsmasq(netns: TestNetns, tmp_path: Path, listen: str = "127.0.0.53") -> None:
     """dnsmasq on ``listen`` port 53 of ``netns`` answering NAME; returns once it listens."""
     netns.popen(["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--port=53", f"--listen-address={listen}",
                  "--bind-interfaces", "--no-resolv", "--no-hosts", f"--address=/{NAME}/{ANSWER}",
@@ -93,8 +93,7 @@ def test_nslookup_with_default_options_behind_a_stub_resolver(tmp_path: Path, ne
                                                              guest_image: GuestImage) -> None:
     """The host's resolv.conf names only 127.0.0.53 (dnsmasq there): with no option at all the guest is offered
     the gateway as DNS server by DHCP, and a plain nslookup through it answers."""
-    netns.resolv_conf.write_text("nameserver 127.0.0.53\n")
-    start_dnsmasq(netns, tmp_path, listen="127.0.0.53")
+    start_dnsmasq(netns, tmp_path)
     script = f"""
 dhcp || exit 1
 echo RESOLV: $(grep nameserver /etc/resolv.conf)

@@ -28,9 +28,11 @@ FAKE_IMAGE = GuestImage(kernel=Path("/boot/vmlinuz-x"), initrd=Path("/tmp/initrd
 # host namespace's ping_group_range and a working veth link.
 ICMP_PING = r"""
 import socket, struct, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+v6 = ":" in sys.argv[1]
+s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM,
+                  socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP)
 s.settimeout(10)
-s.sendto(struct.pack("!BBHHH", 8, 0, 0, 0, 1) + b"ss", (sys.argv[1], 0))
+s.sendto(struct.pack("!BBHHH", 128 if v6 else 8, 0, 0, 0, 1) + b"ss", (sys.argv[1], 0))
 data, peer = s.recvfrom(256)
 print("reply", peer[0], data[0])
 """
@@ -203,13 +205,17 @@ def test_netns_create_and_teardown_leaves_nothing() -> None:
         with TestNetns() as ns:
             names = (ns.name, ns.upstream_name)
             assert set(names) <= set(list_namespaces())
-            assert ns.run(["cat", "/etc/resolv.conf"]).stdout == "nameserver 127.0.0.1\n"
+            assert ns.run(["cat", "/etc/resolv.conf"]).stdout == "nameserver 127.0.0.53\n"
             group_range = ns.run(["cat", "/proc/sys/net/ipv4/ping_group_range"]).stdout.split()
             assert group_range == ["0", "2147483647"]
             route = ns.run(["ip", "route", "show", "default"]).stdout
             assert f"default via {ns.upstream_addr} dev {ns.host_if}" in route
             reply = ns.run([sys.executable, "-c", ICMP_PING, ns.upstream_addr]).stdout
             assert reply.split() == ["reply", ns.upstream_addr, "0"]
+            route6 = ns.run(["ip", "-6", "route", "show", "default"]).stdout
+            assert f"default via {ns.router6} dev {ns.host_if}" in route6
+            reply = ns.run([sys.executable, "-c", ICMP_PING, ns.upstream_addr6]).stdout
+            assert reply.split() == ["reply", ns.upstream_addr6, "129"]
             sleeper = ns.popen(["sleep", "600"])
             raise RuntimeError("test failure")
     assert sleeper.poll() is not None

@@ -14,6 +14,7 @@ import select
 from collections import deque
 from typing import Callable
 
+from shardswitch.ipc import ForwardSetup
 from shardswitch.net.endpoint import GuestEndpoint
 from shardswitch.net.params import GuestParams, ResolvedParams
 from shardswitch.virtio.netdev import RxWriter
@@ -36,7 +37,7 @@ class StandInWorker(EpollWatches, CountingPort):
         self.counters = Counters()
         self.epoll = select.epoll()
         self.sockets: dict[int, Callable[[], None]] = {}
-        self.flows = FlowLayer(self, None, Forwarding(self, mapped))
+        self.flows = FlowLayer(self, None, Forwarding(self, ForwardSetup(map_host_loopback=mapped)))
 
     @property
     def guest_mac(self) -> bytes | None:

@@ -74,7 +74,7 @@ class RecordingHooks:
 def rig(table: FlowTable) -> Iterator[tuple[StandInWorker, FlowLayer, RecordingHooks]]:
     """A flow layer of queue pair 0 on ``table``, with the toy protocol for UDP."""
     w = StandInWorker(PARAMS)
-    layer = FlowLayer(w, table, Forwarding(w, ()))
+    layer = FlowLayer(w, table, Forwarding(w))
     hooks = RecordingHooks()
     layer.register((FlowType.UDP,), hooks)
     yield w, layer, hooks
@@ -206,7 +206,7 @@ def test_close_and_close_all(rig: tuple[StandInWorker, FlowLayer, RecordingHooks
 def test_without_a_table_every_flow_is_local() -> None:
     """No table (one worker under test): dummy references, no hand-over."""
     w = StandInWorker(PARAMS)
-    layer = FlowLayer(w, None, Forwarding(w, ()))
+    layer = FlowLayer(w, None, Forwarding(w))
     layer.register((FlowType.UDP,), RecordingHooks())
     assert layer.find(FlowType.UDP, guest_side(1))[1] is None
     assert layer.enter(FlowType.UDP, guest_side(1), host_side(1), 0.0) == NO_REF

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+import socket
+
+from shardswitch.ipc import ForwardSetup
 from shardswitch.net import inany, ipv6
 from shardswitch.net.params import GuestParams
 from shardswitch.worker.fwd import Forwarding
@@ -15,10 +18,12 @@ GUEST_MAC = bytes.fromhex("525400123456")
 
 
 def forwarding(mapped: tuple[str, ...] = MAPPED, dns_forward: str = "", upstream: tuple[str, ...] = (),
-               address6: str = "") -> tuple[StandInWorker, Forwarding]:
-    """A Forwarding for a guest at 10.0.2.15 (and ``address6``)."""
+               address6: str = "", **setup: object) -> tuple[StandInWorker, Forwarding]:
+    """A Forwarding for a guest at 10.0.2.15 (and ``address6``); ``setup``: more ForwardSetup fields."""
     w = StandInWorker(GuestParams(address="10.0.2.15", prefix_len=24, gateway="10.0.2.2", address6=address6))
-    return w, Forwarding(w, mapped, dns_forward, upstream)
+    forward = ForwardSetup(map_host_loopback=mapped, dns_forward=(dns_forward,) if dns_forward else (),
+                           dns_upstream=upstream, **setup)  # type: ignore[arg-type]
+    return w, Forwarding(w, forward)
 
 
 @pytest.mark.parametrize(("dst", "port", "expected"), [
@@ -43,6 +48,43 @@ def test_dns_forward_goes_to_the_resolver_of_its_family() -> None:
     assert only6.to_host(A("10.0.2.53"), 53) == (A("::1"), 53)
     _w, none = forwarding(dns_forward="10.0.2.53")
     assert none.to_host(A("10.0.2.53"), 53) == (A("10.0.2.53"), 53)
+
+
+def test_dns_forward_of_both_families_to_one_loopback_stub() -> None:
+    """The gateways of both families forward port 53 to one IPv4 stub resolver (cross-family), and are
+    still the host's loopback on other ports."""
+    w = StandInWorker(GuestParams(address="10.0.2.15", prefix_len=24, gateway="10.0.2.2"))
+    fwd = Forwarding(w, ForwardSetup(map_host_loopback=MAPPED, dns_forward=MAPPED, dns_upstream=("127.0.0.53",)))
+    assert fwd.to_host(A("fe80::1"), 53) == (A("127.0.0.53"), 53)
+    assert fwd.to_host(A("10.0.2.2"), 53) == (A("127.0.0.53"), 53)
+    assert fwd.to_host(A("fe80::1"), 80) == (A("::1"), 80)
+
+
+def test_map_guest_addr_both_ways() -> None:
+    """--map-guest-addr: the guest reaches the host's own (shadowed) address through it, and a host client
+    on that address appears as it; without it such a client appears as the gateway, never as the guest."""
+    _w, fwd = forwarding(address6="2001:db8::15", map_guest_addr="192.0.2.1")
+    assert fwd.to_host(A("192.0.2.1"), 8080) == (A("10.0.2.15"), 8080)
+    assert fwd.seen_from(A("10.0.2.15")) == A("192.0.2.1")
+    assert fwd.seen_from(A("2001:db8::15")) == A("fe80::1")
+    _w, six = forwarding(address6="2001:db8::15", map_guest_addr="2001:db8::99")
+    assert six.to_host(A("2001:db8::99"), 22) == (A("2001:db8::15"), 22)
+    assert six.seen_from(A("2001:db8::15")) == A("2001:db8::99")
+    assert six.seen_from(A("10.0.2.15")) == A("10.0.2.2")
+
+
+def test_bind_outbound() -> None:
+    """-o binds the source address of its family; loopback targets are never bound."""
+    _w, fwd = forwarding(outbound=("127.0.0.5",))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        fwd.bind_outbound(sock, A("192.0.2.7"))
+        assert sock.getsockname()[0] == "127.0.0.5"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        fwd.bind_outbound(sock, A("127.0.0.1"))
+        assert sock.getsockname() == ("0.0.0.0", 0)
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+        fwd.bind_outbound(sock, A("2001:db8::7"))
+        assert sock.getsockname()[1] == 0
 
 
 def test_seen_from() -> None:

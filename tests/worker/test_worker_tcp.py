@@ -35,6 +35,8 @@ GUEST_MAC = bytes.fromhex("525400123456")
 OUR_MAC = bytes.fromhex("9a559a559a55")
 GUEST4, GATEWAY4 = "10.0.2.15", "10.0.2.2"
 GUEST6 = "fe80::5054:ff:fe12:3456"
+#: The guest's IPv6 address given by tests.switch.DEFAULT_ADDRESSING.
+GUEST6_CONFIGURED = "2001:db8:2::15"
 ROUTER6 = "fe80::9855:9aff:fe55:9a55"
 ECHO, BLOB, SINK, CLOSED = 7001, 7002, 7003, 9
 BLOB_SIZE = 300_000
@@ -330,7 +332,7 @@ print(data.decode(), flush=True)
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
 def test_forwarded_port_reaches_the_guest(tmp_path: Path, netns: TestNetns, v6: bool) -> None:
     """-t: a loopback client's connection arrives as our SYN from the gateway (IPv6: from our link-local
-    address, to the guest's link-local address); data both ways; FIN both ways."""
+    address, to the guest's IPv6 address as configured); data both ways; FIN both ways."""
     with Switch(tmp_path, workers=2, prefix=netns.exec_argv([]), args=["-t", str(FORWARDED)]) as sw, \
             ready_frontend(sw, rx=200) as fe:
         # Each worker learns the guest's MAC from the first frame on its own queue pair.
@@ -349,10 +351,11 @@ def test_forwarded_port_reaches_the_guest(tmp_path: Path, netns: TestNetns, v6: 
         assert syn is not None and syn.dport == FORWARDED and syn.mss == 65520 - (60 if v6 else 40)
         (flow,) = flows_of(sw)
         assert flow["sides"][0]["pif"] == "host"
-        assert flow["sides"][1]["ep_addr"] == (GUEST6 if v6 else GUEST4)
+        assert flow["sides"][1]["ep_addr"] == (GUEST6_CONFIGURED if v6 else GUEST4)
         assert flow["sides"][1]["our_addr"] == (ROUTER6 if v6 else GATEWAY4)
         conn = GuestTcp(fe, syn.sport, FORWARDED, pair=pair, v6=v6)
-        conn.addr = Addressing(v6, OUR_MAC, GUEST_MAC, conn.addr.src, conn.addr.dst, FORWARDED, syn.sport)
+        guest = socket.inet_pton(socket.AF_INET6, GUEST6_CONFIGURED) if v6 else conn.addr.src
+        conn.addr = Addressing(v6, OUR_MAC, GUEST_MAC, guest, conn.addr.dst, FORWARDED, syn.sport)
         conn.ack = tcp.seq_add(syn.seq, 1)
         conn.send(SYN | ACK, options=tcp.syn_options(1400, 7))
         assert conn.read(4) == b"ping"

@@ -4,8 +4,9 @@ The in-process tests run a real worker (attached to a table of their own)
 in the test's namespace and only ever talk to sockets they bound on
 127.0.0.1.  The switch tests run shardswitch in a test namespace (tests.guest.netns)
 holding a UDP echo server on 127.0.0.1 and ::1: the gateway 10.0.2.2 and our
-IPv6 link-local address are mapped there, and the namespace's resolv.conf
-names 127.0.0.1, so the echo server on port 53 also plays the DNS upstream.
+IPv6 link-local address are mapped there; the namespace's resolv.conf names
+a stub resolver on 127.0.0.53, where the echo server also listens on port 53
+to play the DNS upstream.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from shardswitch.frontend.client import VhostUserFrontend
-from shardswitch.ipc import Channel, ToWorker, WorkerSetup
+from shardswitch.ipc import Channel, ForwardSetup, ToWorker, WorkerSetup
 from shardswitch.net import checksum, icmpv6, ipv4, ipv6, udp
 from shardswitch.net.drop import DropReason
 from shardswitch.net.params import GuestParams
@@ -43,11 +44,11 @@ A4 = ipv4.addr_from_str
 ECHO_SERVER = r"""
 import socket, select, sys
 socks = []
-for fam, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-    for port in (int(sys.argv[1]), 53):
-        s = socket.socket(fam, socket.SOCK_DGRAM)
-        s.bind((addr, port))
-        socks.append(s)
+for fam, addr, port in ((socket.AF_INET, "127.0.0.1", int(sys.argv[1])), (socket.AF_INET6, "::1", int(sys.argv[1])),
+                        (socket.AF_INET, "127.0.0.53", 53)):
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    s.bind((addr, port))
+    socks.append(s)
 open(sys.argv[2], "w").close()
 while True:
     for s in select.select(socks, [], [])[0]:
@@ -114,7 +115,7 @@ def make_worker(table: FlowTable, udp_ports: tuple[str, ...] = ()) -> tuple[Work
     """Worker 0 attached to ``table``, mapping the gateway to 127.0.0.1."""
     peer, ours = socket.socketpair()
     params = GuestParams(address=GUEST4, prefix_len=24, gateway=GATEWAY4)
-    setup = WorkerSetup(pair=0, params=params, flow_table=table.instance, map_host_loopback=(GATEWAY4,),
+    setup = WorkerSetup(pair=0, params=params, flow_table=table.instance, forward=ForwardSetup(map_host_loopback=(GATEWAY4,)),
                         udp_ports=udp_ports)
     return Worker(setup, Channel(ours, ToWorker)), [peer, ours]
 
@@ -208,7 +209,8 @@ def test_forwarded_ipv6_port_before_the_guest_mac_is_known(table: FlowTable) -> 
     port = free_port()
     peer, ours = socket.socketpair()
     params = GuestParams(address=GUEST4, prefix_len=24, gateway=GATEWAY4)
-    setup = WorkerSetup(pair=0, params=params, flow_table=table.instance, map_host_loopback=(GATEWAY4, ROUTER6),
+    setup = WorkerSetup(pair=0, params=params, flow_table=table.instance,
+                        forward=ForwardSetup(map_host_loopback=(GATEWAY4, ROUTER6)),
                         udp_ports=(f"[::1]/{port}:6000",))
     w = Worker(setup, Channel(ours, ToWorker))
     client = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
@@ -251,7 +253,8 @@ def test_local_and_multicast_destinations_are_dropped(table: FlowTable) -> None:
 
 @pytest.fixture
 def echo_ns(netns: TestNetns, tmp_path: Path) -> TestNetns:
-    """The test namespace with the UDP echo server running on 127.0.0.1 and ::1 (ports ECHO_PORT and 53)."""
+    """The test namespace with the UDP echo server running on 127.0.0.1 and ::1 port ECHO_PORT, and on the
+    stub resolver's 127.0.0.53 port 53."""
     ready = tmp_path / "echo.ready"
     netns.popen([sys.executable, "-c", ECHO_SERVER, str(ECHO_PORT), str(ready)])
     deadline = time.monotonic() + 10
@@ -309,11 +312,11 @@ def test_many_flows(switch: Switch, fe: VhostUserFrontend) -> None:
 
 
 def test_dns_forward(switch: Switch, fe: VhostUserFrontend) -> None:
-    """Port 53 of --dns-forward goes to the namespace's resolver (127.0.0.1); the answer comes from DNSFWD:53."""
+    """Port 53 of --dns-forward goes to the namespace's resolver (127.0.0.53); the answer comes from DNSFWD:53."""
     fe.send_frame(1, frame4(45000, 53, b"query", dst=DNSFWD))
     assert received(fe, 1, 1) == [(DNSFWD, 53, GUEST4, 45000, b"echo:query")]
     (flow,) = switch.query("flows")["flows"]
-    assert flow["sides"][1]["ep_addr"] == "127.0.0.1" and flow["sides"][1]["ep_port"] == 53
+    assert flow["sides"][1]["ep_addr"] == "127.0.0.53" and flow["sides"][1]["ep_port"] == 53
 
 
 def test_frame_on_other_pair_is_handed_to_owner(switch: Switch, fe: VhostUserFrontend) -> None:
