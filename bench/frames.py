@@ -58,6 +58,7 @@ from shardswitch.net import arp, eth
 from shardswitch.net.ipv4 import addr_from_str
 from shardswitch.virtio.netdev import VNET_HDR, VNET_HDR_LEN
 from tests.switch import DEFAULT_ADDRESSING, Switch
+from tests.switchkit import is_periodic_ra
 
 from bench.driver import DriverError, PairDriver, Sample
 
@@ -423,7 +424,7 @@ def _measure(case: Case, switch: Switch, seconds: float, warmup: float) -> CaseR
     """Connect to the running ``switch``, fork the drivers, take the two snapshots, compute."""
     workload = case.workload()
     try:
-        fe = VhostUserFrontend.connect(switch.socket, queue_pairs=case.workers, ring_size=case.ring_size)
+        fe = VhostUserFrontend.connect(switch.socket, queue_pairs=case.workers, ring_size=case.ring_size, ignore=is_periodic_ra)
     except FrontendError as exc:
         raise BenchError(f"cannot connect to the switch: {exc}") from exc
     with fe:

@@ -70,8 +70,9 @@ class WorkerSetup(msgspec.Struct, frozen=True, kw_only=True):
     #: Inbound forwarding specs (-t / -u), as given; parsed by shardswitch.portspec.
     tcp_ports: tuple[str, ...] = ()
     udp_ports: tuple[str, ...] = ()
-    #: Guest services offered (shardswitch.net.endpoint.Service bits: DHCP 1, NDP 2, RA 4).
-    services: int = 7
+    #: Guest services offered (shardswitch.net.endpoint.Service bits: DHCP 1, NDP 2, RA 4, DHCPV6 8, IPV4 16,
+    #: IPV6 32).
+    services: int = 63
     #: ICMP/ICMPv6 echo through ping sockets (off: --no-icmp; requests dropped as IP_PROTO_UNHANDLED or ICMPV6_IGNORED).
     icmp: bool = True
 

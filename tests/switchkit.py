@@ -67,10 +67,16 @@ def check_arp_reply(frame: bytes) -> None:
 
 
 def arp_roundtrip(fe: VhostUserFrontend, pair: int, timeout: float = 2.0) -> None:
-    """Post one RX buffer, send an ARP request on ``pair`` and check the reply comes back on it."""
+    """Post one RX buffer, send an ARP request on ``pair`` and check the reply comes back on it (posting
+    one more buffer for each ignored frame, a periodic router advertisement, that took one)."""
     fe.post_rx(pair, 1)
     fe.send_frame(pair, arp_request())
+    ignored = fe.ignored
     frames = fe.recv_frames(pair, timeout)
+    while not frames and fe.ignored > ignored:
+        fe.post_rx(pair, fe.ignored - ignored)
+        ignored = fe.ignored
+        frames = fe.recv_frames(pair, timeout)
     assert len(frames) == 1, f"pair {pair}: expected one ARP reply, got {len(frames)} frames"
     check_arp_reply(frames[0])
 
@@ -184,13 +190,26 @@ def assert_recovered(switch: Switch, before: Baseline, *, replaced: frozenset[in
         wait_until(lambda: not maps_guest_ram(pid), f"process {pid} to unmap guest memory", timeout=2.0)
 
 
-def ready_frontend(switch: Switch, *, pairs: int = 2, rx: int = 64, features: int | None = None) -> VhostUserFrontend:
+#: Ethernet destination, EtherType, IPv6 next header and ICMPv6 type of a router advertisement to all-nodes.
+_ALL_NODES_MAC = bytes.fromhex("333300000001")
+_IPV6, _ICMPV6, _RA = b"\x86\xdd", 58, 134
+
+
+def is_periodic_ra(frame: bytes) -> bool:
+    """Whether ``frame`` is a router advertisement to all-nodes (what worker 0 sends unsolicited)."""
+    return (frame[:6] == _ALL_NODES_MAC and frame[12:14] == _IPV6 and len(frame) > 54
+            and frame[20] == _ICMPV6 and frame[54] == _RA)
+
+
+def ready_frontend(switch: Switch, *, pairs: int = 2, rx: int = 64, features: int | None = None,
+                   keep_ra: bool = False) -> VhostUserFrontend:
     """A front-end that completed the handshake (with exactly ``features`` when given) and posted ``rx``
-    RX buffers on each of its ``pairs`` queue pairs; the caller closes it (``with``)."""
+    RX buffers on each of its ``pairs`` queue pairs; the caller closes it (``with``).  Periodic router
+    advertisements, which may arrive at any time, are left out of what it receives unless ``keep_ra``."""
     kw: dict[str, Any] = {"queue_pairs": pairs}
     if features is not None:
         kw["features"] = features
-    fe = VhostUserFrontend.connect(switch.socket, **kw)
+    fe = VhostUserFrontend.connect(switch.socket, ignore=None if keep_ra else is_periodic_ra, **kw)
     try:
         fe.handshake()
         if features is not None:

@@ -40,7 +40,6 @@ from shardswitch.coordinator.device import Device
 from shardswitch.coordinator.handler import Disconnect, RequestHandler
 from shardswitch.coordinator.workers import WorkerHandle, WorkerPool
 from shardswitch.ipc import ForwardSetup, StatusQuery, WorkerSetup, WorkerStatus
-from shardswitch.net import ipv6
 from shardswitch.net.endpoint import Service
 from shardswitch.net.params import resolve
 from shardswitch.shm.layout import DEFAULT_CAPACITY, Flow, FlowSide, FlowTableError, Pif, ip_of
@@ -404,10 +403,13 @@ def run_coordinator(*, workers: int, setup: WorkerSetup, socket_path: str, contr
 
 
 def _services(cfg: "Config", addressing: "GuestAddressing") -> Service:
-    """The guest services the settings leave on (--no-ndp takes router advertisements with it)."""
+    """The guest services the settings and families leave on (--no-ndp takes router advertisements with it;
+    -4 / -6 take a family's services with it)."""
     services = Service.ALL
     for off, service in ((cfg.no_dhcp, Service.DHCP), (cfg.no_ndp, Service.NDP | Service.RA),
-                         (cfg.no_ra, Service.RA)):
+                         (cfg.no_ra, Service.RA), (cfg.no_dhcpv6, Service.DHCPV6),
+                         (not addressing.ipv4, Service.IPV4 | Service.DHCP),
+                         (not addressing.ipv6, Service.IPV6 | Service.NDP | Service.RA | Service.DHCPV6)):
         if off:
             services &= ~service
     return services
@@ -429,9 +431,8 @@ def run(cfg: "Config") -> int:
         # The gateway, the IPv6 router address NDP gives the guest (the gateway when link-local, else our
         # link-local address) and the IPv6 gateway.
         resolved = resolve(params)
-        router6 = resolved.gateway6 if ipv6.is_link_local(resolved.gateway6) else resolved.our_ll6
         mapped = tuple(dict.fromkeys(
-            [params.gateway] + [str(ipaddress.IPv6Address(a)) for a in (router6, resolved.gateway6)]))
+            [params.gateway] + [str(ipaddress.IPv6Address(a)) for a in (resolved.router_ll6, resolved.gateway6)]))
     log.info("guest traffic to %s goes to the host's loopback", ", ".join(mapped) or "no address")
     if addressing.dns_forward:
         log.info("guest DNS queries to %s go to the host's resolver %s", ", ".join(addressing.dns_forward),

@@ -143,8 +143,11 @@ class VhostUserFrontend:
                  features: int | None = None, event_idx: bool = True, mrg_rxbuf: bool = True,
                  ram: GuestRam | None = None, mem_slots: bool = False,
                  protocol_features: int | None = None, timeout: float = 5.0,
-                 buf_size: int = DEFAULT_BUF_SIZE, sock: socket.socket | None = None) -> None:
+                 buf_size: int = DEFAULT_BUF_SIZE, sock: socket.socket | None = None,
+                 ignore: Callable[[bytes], bool] | None = None) -> None:
         """Connect to ``path`` (or adopt the connected ``sock``); nothing is sent yet.
+
+        ``ignore``: received frames it returns True for are consumed and counted, never returned.
 
         ``features`` is the exact virtio feature set wanted (then ``event_idx``
         and ``mrg_rxbuf`` are ignored); the negotiated set is its intersection
@@ -184,6 +187,10 @@ class VhostUserFrontend:
         self.hdr_len = VNET_HDR_LEN
         #: RX wake-ups that found used elements although no interrupt came (see module docstring).
         self.rx_wakeups_without_call = 0
+        #: Frames for which this returns True are consumed and counted in :attr:`ignored`, never returned
+        #: (a test's filter for traffic it does not look at, such as periodic router advertisements).
+        self.ignore = ignore
+        self.ignored = 0
         self._queues: list[_Queue] = []
         self._rx: list[_RxAssembly] = [_RxAssembly() for _ in range(queue_pairs)]
         self._closed = False
@@ -585,8 +592,12 @@ class VhostUserFrontend:
                 assembly.remaining -= 1
             if assembly.remaining == 0:
                 parts = assembly.parts
-                packets.append((assembly.header, parts[0] if len(parts) == 1 else b"".join(parts)))
+                frame = parts[0] if len(parts) == 1 else b"".join(parts)
                 assembly.parts = []
+                if self.ignore is not None and self.ignore(frame):
+                    self.ignored += 1
+                    continue
+                packets.append((assembly.header, frame))
         return packets
 
     # -- life cycle --------------------------------------------------------

@@ -123,6 +123,13 @@ class DropReason(IntEnum):
     TCP_TABLE_FULL = 47
     #: A forwarded (-t) connection for a guest whose address or MAC is not known.
     TCP_NO_GUEST_ADDRESS = 48
+    # -- packet-layer reasons added later (numbers only ever grow) --
+    #: DHCPv6 message too short or too long, an option out of bounds, a duplicate or
+    #: malformed option, or a message breaking the RFC 8415 section 16 rules.
+    DHCPV6_MALFORMED = 49
+    #: Well-formed DHCPv6 message we do not answer (server messages, relays, another
+    #: server's identifier, not to us, no address to give).
+    DHCPV6_IGNORED = 50
 
 
 class PacketError(Exception):

@@ -9,15 +9,22 @@ from the source, then dispatches through three small tables:
 * EtherType -> :class:`EtherHandler` (ARP; IPv4 is parsed and dispatched by
   the endpoint itself);
 * IP protocol -> :class:`Ipv4Handler` (UDP is parsed and dispatched by the
-  endpoint itself);
-* UDP destination port -> :class:`UdpHandler` (DHCP on port 67), with an
-  optional default UDP handler for everything else.
+  endpoint itself), and IPv6 next header -> :class:`Ipv6Handler` (ICMPv6
+  and UDP are parsed and dispatched by the endpoint itself; ICMPv6 by type
+  -> :class:`Icmpv6Handler`, NDP to :class:`~shardswitch.net.ndp.NdpResponder`);
+* UDP destination port -> :class:`UdpHandler` over IPv4 (DHCP on port 67)
+  and :class:`Udp6Handler` over IPv6 (DHCPv6 on port 547), each table with
+  an optional default handler for everything else (the worker's UDP flows).
 
-Later protocols (ICMP, TCP, UDP flows, IPv6) plug in with
+Later protocols (ICMP, TCP, UDP flows) plug in with
 :meth:`~GuestEndpoint.register_ethertype`,
 :meth:`~GuestEndpoint.register_ip_protocol`,
-:meth:`~GuestEndpoint.register_udp_port` and
-:meth:`~GuestEndpoint.set_udp_default` without touching this module.
+:meth:`~GuestEndpoint.register_ip6_protocol`,
+:meth:`~GuestEndpoint.register_icmpv6_type`,
+:meth:`~GuestEndpoint.register_udp_port` / :meth:`~GuestEndpoint.register_udp6_port`
+and :meth:`~GuestEndpoint.set_udp_default` / :meth:`~GuestEndpoint.set_udp6_default`
+without touching this module.  A datagram is parsed (and its checksum
+verified) once, here; handlers get the :class:`~shardswitch.net.udp.UdpDatagram`.
 
 Handlers append complete Ethernet frames to ``out`` and return None, or
 raise :class:`PacketError`; they must append only once they can no longer
@@ -44,6 +51,8 @@ from typing import Protocol
 from . import eth, icmpv6, ipv4, ipv6, udp
 from .arp import ArpResponder
 from .dhcp import SERVER_PORT, DhcpServer
+from .dhcpv6 import SERVER_PORT as DHCPV6_SERVER_PORT
+from .dhcpv6 import Dhcpv6Server
 from .drop import DropReason, PacketError
 from .eth import EtherType
 from .icmpv6 import NDP_TYPES, Icmpv6Message
@@ -54,7 +63,7 @@ from .params import GuestParams, resolve
 from .udp import UdpDatagram
 
 __all__ = ["DropReason", "EtherHandler", "GuestEndpoint", "Icmpv6Handler", "Ipv4Handler", "Ipv6Handler",
-           "PacketError", "UdpHandler"]
+           "PacketError", "Udp6Handler", "UdpHandler"]
 
 
 class EtherHandler(Protocol):
@@ -90,15 +99,23 @@ class Icmpv6Handler(Protocol):
 
 
 class UdpHandler(Protocol):
-    """Handles validated UDP datagrams for one destination port."""
+    """Handles validated UDP datagrams over IPv4 for one destination port."""
 
     def __call__(self, eth_src: bytes, packet: Ipv4Packet, datagram: UdpDatagram, now: float,
                  out: list[bytes]) -> None:
         """Consume ``datagram``, appending replies to ``out``."""
 
 
+class Udp6Handler(Protocol):
+    """Handles validated UDP datagrams over IPv6 for one destination port."""
+
+    def __call__(self, eth_src: bytes, packet: Ipv6Packet, datagram: UdpDatagram, now: float,
+                 out: list[bytes]) -> None:
+        """Consume ``datagram``, appending replies to ``out``."""
+
+
 class Service(IntFlag):
-    """The guest services an endpoint offers (``--no-dhcp``, ``--no-ndp``, ``--no-ra`` turn them off)."""
+    """The guest services an endpoint offers (``--no-dhcp``, ``--no-ndp``, ``--no-ra``... turn them off)."""
 
     NONE = 0
     #: DHCPv4 on UDP port 67 (off: DHCP requests are dropped as UDP_PORT_UNHANDLED).
@@ -107,14 +124,21 @@ class Service(IntFlag):
     NDP = 2
     #: Router advertisements answering the guest's solicitations (part of NDP).
     RA = 4
-    ALL = DHCP | NDP | RA
+    #: DHCPv6 on UDP port 547 (off: its requests go to the default IPv6 UDP handler, and RAs
+    #: do not set the Managed and Other flags).
+    DHCPV6 = 8
+    #: IPv4 and ARP at all (off: ``-6``; such frames are dropped as ETHERTYPE_UNHANDLED).
+    IPV4 = 16
+    #: IPv6 at all (off: ``-4``; such frames are dropped as ETHERTYPE_UNHANDLED).
+    IPV6 = 32
+    ALL = DHCP | NDP | RA | DHCPV6 | IPV4 | IPV6
 
 
 class GuestEndpoint:
     """The guest-facing protocol logic of one worker: takes guest frames, returns reply frames."""
 
     def __init__(self, params: GuestParams, services: Service = Service.ALL) -> None:
-        """Resolve ``params`` (ParamsError if invalid) and install ARP and the ``services`` (DHCP, NDP, RA)."""
+        """Resolve ``params`` (ParamsError if invalid) and install ARP and the ``services`` (DHCP, NDP, RA, DHCPv6)."""
         #: The validated, wire-ready parameters.
         self.resolved = resolve(params)
         #: The guest's MAC, learned from the source of its frames.
@@ -123,7 +147,9 @@ class GuestEndpoint:
         self.drops: dict[DropReason, int] = dict.fromkeys(DropReason, 0)
         self.arp = ArpResponder(self.resolved)
         self.dhcp = DhcpServer(self.resolved)
-        self.ndp = NdpResponder(self.resolved, ra=bool(services & Service.RA))
+        self.dhcpv6 = Dhcpv6Server(self.resolved)
+        self.ndp = NdpResponder(self.resolved, ra=bool(services & Service.RA),
+                                dhcpv6=bool(services & Service.DHCPV6))
         #: The frame being handled has a partial L4 checksum (NEEDS_CSUM); copied into its IP packet.
         self._csum_partial = False
         self._our_mac = self.resolved.our_mac
@@ -131,16 +157,23 @@ class GuestEndpoint:
         self._ip_handlers: dict[int, Ipv4Handler] = {}
         self._udp_handlers: dict[int, UdpHandler] = {}
         self._udp_default: UdpHandler | None = None
+        self._udp6_handlers: dict[int, Udp6Handler] = {}
+        self._udp6_default: Udp6Handler | None = None
         self._ip6_handlers: dict[int, Ipv6Handler] = {}
         self._icmpv6_handlers: dict[int, Icmpv6Handler] = (
             dict.fromkeys(NDP_TYPES, self.ndp.handle_icmpv6) if services & Service.NDP else {})
-        self.register_ethertype(EtherType.ARP, self.arp.handle)
-        self.register_ethertype(EtherType.IPV4, self._handle_ipv4)
-        self.register_ethertype(EtherType.IPV6, self._handle_ipv6)
+        if services & Service.IPV4:
+            self.register_ethertype(EtherType.ARP, self.arp.handle)
+            self.register_ethertype(EtherType.IPV4, self._handle_ipv4)
+        if services & Service.IPV6:
+            self.register_ethertype(EtherType.IPV6, self._handle_ipv6)
         self.register_ip_protocol(IpProto.UDP, self._handle_udp)
         self.register_ip6_protocol(NextHeader.ICMPV6, self._handle_icmpv6)
+        self.register_ip6_protocol(NextHeader.UDP, self._handle_udp6)
         if services & Service.DHCP:
             self.register_udp_port(SERVER_PORT, self.dhcp.handle_udp)
+        if services & Service.DHCPV6:
+            self.register_udp6_port(DHCPV6_SERVER_PORT, self.dhcpv6.handle_udp)
 
     def register_ethertype(self, ethertype: int, handler: EtherHandler) -> None:
         """Route frames of ``ethertype`` to ``handler`` (replacing any previous one)."""
@@ -165,6 +198,14 @@ class GuestEndpoint:
     def set_udp_default(self, handler: UdpHandler | None) -> None:
         """Route UDP datagrams to ports without their own handler to ``handler``."""
         self._udp_default = handler
+
+    def register_udp6_port(self, port: int, handler: Udp6Handler) -> None:
+        """Route UDP datagrams over IPv6 to destination ``port`` to ``handler``."""
+        self._udp6_handlers[port] = handler
+
+    def set_udp6_default(self, handler: Udp6Handler | None) -> None:
+        """Route UDP datagrams over IPv6 to ports without their own handler to ``handler``."""
+        self._udp6_default = handler
 
     def handle_frame(self, frame: memoryview, now: float, out: list[bytes],
                      csum_partial: bool = False) -> DropReason | None:
@@ -235,6 +276,15 @@ class GuestEndpoint:
         """Validate a UDP datagram and dispatch it by destination port."""
         datagram = udp.parse(packet, not packet.csum_partial)
         handler = self._udp_handlers.get(datagram.dst_port, self._udp_default)
+        if handler is None:
+            raise PacketError(DropReason.UDP_PORT_UNHANDLED, f"port {datagram.dst_port}")
+        handler(eth_src, packet, datagram, now, out)
+
+    def _handle_udp6(self, eth_src: bytes, packet: Ipv6Packet, now: float,
+                     out: list[bytes]) -> None:
+        """Validate a UDP datagram over IPv6 and dispatch it by destination port."""
+        datagram = udp.parse6(packet, not packet.csum_partial)
+        handler = self._udp6_handlers.get(datagram.dst_port, self._udp6_default)
         if handler is None:
             raise PacketError(DropReason.UDP_PORT_UNHANDLED, f"port {datagram.dst_port}")
         handler(eth_src, packet, datagram, now, out)

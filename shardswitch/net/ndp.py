@@ -17,20 +17,40 @@ router.  :class:`NdpResponder` therefore
 
 * answers every Router Solicitation with a Router Advertisement, unicast to
   the soliciting address, or to all-nodes (ff02::1) when that is ::.  The RA
-  is built once at start-up: current hop limit 64, no Managed/Other flags
-  (there is no DHCPv6 server), router lifetime 65535 s (RFC 8319) when the
-  guest has IPv6 addressing, else 0 (we are then no default router but
-  still tell the MTU), and the options source link-layer address, MTU
+  is built once at start-up: current hop limit 64; the Managed and Other
+  flags (:class:`RaFlags`) when the DHCPv6 server runs (``dhcpv6=True``)
+  and the guest has IPv6 addressing, as passt does, so that a DHCPv6
+  client asks :mod:`shardswitch.net.dhcpv6` for the address and the DNS
+  options (no flags otherwise); router lifetime 65535 s (RFC 8319) when
+  the guest has IPv6 addressing, else 0 (we are then no default router but
+  still tell the MTU); and the options source link-layer address, MTU
   (when the MTU is at least 1280), prefix information for the /64 holding
   ``address6`` with the On-link and Autonomous flags and infinite lifetimes
   (SLAAC needs a 64-bit prefix, whatever ``prefix6_len`` the host uses;
-  passt does the same), RDNSS (RFC 8106) when there are IPv6 DNS servers
-  and DNSSL when there are search domains.  Search domains that do not fit
-  a 1280-byte packet are left out (:attr:`NdpResponder.search_dropped`).
-  :meth:`NdpResponder.unsolicited_ra` builds the periodic RA to all-nodes;
-  the caller schedules it with :func:`next_ra_delay`.
+  passt does the same; the Autonomous flag stays with DHCPv6 on, so a guest
+  without a DHCPv6 client still gets the same address by SLAAC), RDNSS
+  (RFC 8106) when there are IPv6 DNS servers and DNSSL when there are
+  search domains.  Search domains that do not fit a 1280-byte packet are
+  left out (:attr:`NdpResponder.search_dropped`).
 
-NAs and RAs come from :attr:`NdpResponder.router_address`: ``gateway6``
+Multicast RAs are rate limited as RFC 4861 section 6.2.6 requires: at most
+one per :data:`MIN_DELAY_BETWEEN_RAS` seconds (``now`` is passed in, never
+read).  A solicitation from :: arriving sooner gets no immediate answer:
+it brings the next periodic RA forward to the end of that interval instead.
+Unicast answers are not limited (the guest is the only soliciting node).
+Periodic RAs: :meth:`NdpResponder.periodic_ra`, called from the worker's
+once-a-second tick, returns the all-nodes RA when one is due: the first
+call schedules the first one, and each is followed by the next after
+:func:`next_ra_delay` seconds (the first
+:data:`MAX_INITIAL_RTR_ADVERTISEMENTS` at most
+:data:`MAX_INITIAL_RTR_ADVERT_INTERVAL` apart), drawn from the injectable
+random source so that tests are deterministic.  The solicited-RA random
+delay of up to MAX_RA_DELAY_TIME is not applied (one guest, no collisions
+to avoid).  :meth:`NdpResponder.unsolicited_ra` builds that frame
+without any scheduling.
+
+NAs, RAs (and DHCPv6 replies) come from :attr:`NdpResponder.router_address`
+(:attr:`~shardswitch.net.params.ResolvedParams.router_ll6`): ``gateway6``
 when it is link-local, else our own link-local address (RAs must come from
 a link-local address, and the guest's default route points at it).  They
 carry hop limit 255 and go to the guest's MAC, or to the IPv6 multicast MAC
@@ -48,8 +68,9 @@ per-option loop.
 
 from __future__ import annotations
 
+import random
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import IntEnum, IntFlag
 
 from . import icmpv6, ipv6
@@ -99,6 +120,8 @@ MAX_RTR_ADV_INTERVAL = 600.0
 MIN_RTR_ADV_INTERVAL = MAX_RTR_ADV_INTERVAL / 3
 MAX_INITIAL_RTR_ADVERT_INTERVAL = 16.0
 MAX_INITIAL_RTR_ADVERTISEMENTS = 3
+#: Shortest interval between two multicast RAs in seconds (RFC 4861 section 10).
+MIN_DELAY_BETWEEN_RAS = 3.0
 
 
 class NdpOption(IntEnum):
@@ -119,6 +142,16 @@ class NaFlags(IntFlag):
     ROUTER = 0x80000000
     SOLICITED = 0x40000000
     OVERRIDE = 0x20000000
+
+
+class RaFlags(IntFlag):
+    """Flags of a Router Advertisement."""
+
+    NONE = 0
+    #: Managed address configuration: addresses are available over DHCPv6.
+    MANAGED = 0x80
+    #: Other configuration: other configuration (DNS) is available over DHCPv6.
+    OTHER = 0x40
 
 
 class PrefixFlags(IntFlag):
@@ -219,18 +252,32 @@ def next_ra_delay(rand: float, sent: int) -> float:
 class NdpResponder:
     """Neighbor Discovery for one guest: proxy NAs for everything but the guest, and RAs."""
 
-    def __init__(self, params: ResolvedParams, ra: bool = True) -> None:
+    def __init__(self, params: ResolvedParams, ra: bool = True, dhcpv6: bool = True,
+                 rand: Callable[[], float] = random.random) -> None:
         """Build the RA once; raises ParamsError when the IPv6 DNS servers cannot fit it.
 
-        ``ra=False`` (``--no-ra``): router solicitations are not answered (NDP_IGNORED).
+        ``ra=False`` (``--no-ra``): router solicitations are not answered
+        (NDP_IGNORED) and :meth:`periodic_ra` sends nothing.  ``dhcpv6``: a
+        DHCPv6 server runs, the RA sets the Managed and Other flags when the
+        guest has IPv6 addressing.  ``rand`` gives uniform numbers in [0, 1)
+        for the periodic RA schedule.
         """
         self._ra = ra
+        self._rand = rand
         self._our_mac = params.our_mac
         self._guest_address6 = params.address6
         #: Source address of our NAs and RAs (link-local).
-        self.router_address = (params.gateway6 if ipv6.is_link_local(params.gateway6)
-                               else params.our_ll6)
-        fixed = self._ra_fixed_part(params)
+        self.router_address = params.router_ll6
+        #: Flags of our RAs.
+        self.ra_flags = (RaFlags.MANAGED | RaFlags.OTHER if dhcpv6 and params.address6 is not None
+                         else RaFlags.NONE)
+        #: When the last multicast RA went out, or None before the first.
+        self.last_multicast_ra: float | None = None
+        #: When the next periodic RA is due (None: not scheduled yet; the first call of :meth:`periodic_ra` does).
+        self.next_periodic_ra: float | None = None
+        #: Periodic (unsolicited) RAs sent so far.
+        self.periodic_sent = 0
+        fixed = self._ra_fixed_part(params, self.ra_flags)
         size = len(fixed) + (rdnss_option_len(len(params.dns6)) if params.dns6 else 0)
         if size > MAX_RA_LEN:
             raise ParamsError(f"router advertisement of {size} bytes (too many IPv6 DNS "
@@ -246,11 +293,11 @@ class NdpResponder:
         self.search_dropped: tuple[str, ...] = params.search[kept:]
 
     @staticmethod
-    def _ra_fixed_part(params: ResolvedParams) -> bytes:
-        """RA header and the options source link-layer address, MTU and prefix."""
+    def _ra_fixed_part(params: ResolvedParams, flags: RaFlags) -> bytes:
+        """RA header (with ``flags``) and the options source link-layer address, MTU and prefix."""
         lifetime = ROUTER_LIFETIME if params.address6 is not None else 0
-        parts = [RA_HEADER.pack(Icmpv6Type.ROUTER_ADVERTISEMENT, 0, 0, CUR_HOP_LIMIT, 0, lifetime,
-                                0, 0),
+        parts = [RA_HEADER.pack(Icmpv6Type.ROUTER_ADVERTISEMENT, 0, 0, CUR_HOP_LIMIT, flags,
+                                lifetime, 0, 0),
                  LL_ADDR_OPTION.pack(NdpOption.SOURCE_LL_ADDR, 1, params.our_mac)]
         if params.mtu >= MIN_MTU6:
             parts.append(MTU_OPTION.pack(NdpOption.MTU, 1, 0, params.mtu))
@@ -261,8 +308,9 @@ class NdpResponder:
                 0, ipv6.prefix_of(params.address6, SLAAC_PREFIX_LEN)))
         return b"".join(parts)
 
-    def reply(self, eth_src: bytes, packet: Ipv6Packet, message: Icmpv6Message) -> bytes | None:
-        """The reply frame for an NDP message from ``eth_src``, or None to stay silent.
+    def reply(self, eth_src: bytes, packet: Ipv6Packet, message: Icmpv6Message,
+              now: float) -> bytes | None:
+        """The reply frame for an NDP message from ``eth_src`` at time ``now``, or None to stay silent.
 
         ``message`` is ``packet``'s checksum-verified ICMPv6 message.  Raises
         :class:`PacketError` (``NDP_MALFORMED``, ``NDP_IGNORED``,
@@ -279,7 +327,7 @@ class NdpResponder:
         if kind == Icmpv6Type.NEIGHBOR_SOLICITATION:
             return self._answer_solicitation(eth_src, packet, data)
         if kind == Icmpv6Type.ROUTER_SOLICITATION and self._ra:
-            return self._answer_router_solicitation(eth_src, packet, data)
+            return self._answer_router_solicitation(eth_src, packet, data, now)
         raise PacketError(DropReason.NDP_IGNORED, f"type {kind}")
 
     def _answer_solicitation(self, eth_src: bytes, packet: Ipv6Packet,
@@ -306,13 +354,52 @@ class NdpResponder:
                                   hop_limit=NDP_HOP_LIMIT)
 
     def _answer_router_solicitation(self, eth_src: bytes, packet: Ipv6Packet,
-                                    data: memoryview) -> bytes:
-        """RA for a Router Solicitation: unicast to its source, or to all-nodes from ::."""
+                                    data: memoryview, now: float) -> bytes | None:
+        """RA for a Router Solicitation: unicast to its source, or to all-nodes from :: (rate limited)."""
         options = parse_options(data[RS_LEN:])
         if not ipv6.is_unspecified(packet.src):
             return self._ra_frame(eth_src, packet.src)
         if _has_option(options, NdpOption.SOURCE_LL_ADDR):
             raise PacketError(DropReason.NDP_MALFORMED, "source link-layer address from ::")
+        if self._multicast_limited(now):
+            return None
+        self.last_multicast_ra = now
+        return self.unsolicited_ra()
+
+    def _multicast_limited(self, now: float) -> bool:
+        """True when a multicast RA now would come too soon after the last one.
+
+        The next periodic RA is then brought forward to the first moment allowed.
+        """
+        last = self.last_multicast_ra
+        if last is None or now - last >= MIN_DELAY_BETWEEN_RAS:
+            return False
+        allowed = last + MIN_DELAY_BETWEEN_RAS
+        if self.next_periodic_ra is None or allowed < self.next_periodic_ra:
+            self.next_periodic_ra = allowed
+        return True
+
+    def periodic_ra(self, now: float) -> bytes | None:
+        """The all-nodes RA frame when a periodic one is due at ``now``, else None.
+
+        For the worker's once-a-second tick.  The first call only schedules
+        the first RA, :func:`next_ra_delay` later (as passt: a guest coming up
+        solicits one, and is answered at once, so there is no burst when the
+        link comes up); each one sent schedules the next.  None without RAs
+        (``ra=False``).
+        """
+        if not self._ra:
+            return None
+        if self.next_periodic_ra is None:
+            self.next_periodic_ra = now + next_ra_delay(self._rand(), self.periodic_sent)
+            return None
+        if now < self.next_periodic_ra:
+            return None
+        if self._multicast_limited(now):
+            return None
+        self.last_multicast_ra = now
+        self.periodic_sent += 1
+        self.next_periodic_ra = now + next_ra_delay(self._rand(), self.periodic_sent)
         return self.unsolicited_ra()
 
     def _ra_frame(self, eth_dst: bytes, dst: bytes) -> bytes:
@@ -321,13 +408,13 @@ class NdpResponder:
                                   self.router_advertisement, hop_limit=NDP_HOP_LIMIT)
 
     def unsolicited_ra(self) -> bytes:
-        """The RA frame to all-nodes (ff02::1), for periodic and solicited-from-:: use."""
+        """The RA frame to all-nodes (ff02::1), for periodic and solicited-from-:: use (no rate limit here)."""
         return self._ra_frame(ipv6.multicast_mac(ipv6.ALL_NODES), ipv6.ALL_NODES)
 
     def handle_icmpv6(self, eth_src: bytes, packet: Ipv6Packet, message: Icmpv6Message,
                       now: float, out: list[bytes]) -> None:
         """ICMPv6 handler entry point (types 133-137): append the reply, if any, to ``out``."""
-        frame = self.reply(eth_src, packet, message)
+        frame = self.reply(eth_src, packet, message, now)
         if frame is not None:
             out.append(frame)
 

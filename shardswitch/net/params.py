@@ -105,6 +105,11 @@ class ResolvedParams:
         """True when the gateway is inside the guest's subnet."""
         return (self.address ^ self.gateway) & self.netmask == 0
 
+    @property
+    def router_ll6(self) -> bytes:
+        """Our link-local source for NDP and DHCPv6: :attr:`gateway6` when link-local, else :attr:`our_ll6`."""
+        return self.gateway6 if ipv6.is_link_local(self.gateway6) else self.our_ll6
+
 
 def _unicast_address(what: str, text: str) -> int:
     """Parse ``text`` as an IPv4 address usable as a host or server address."""

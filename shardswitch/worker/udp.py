@@ -64,12 +64,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from shardswitch import portspec
-from shardswitch.net import eth, flowframes, inany, ipv6, udp
+from shardswitch.net import eth, flowframes, inany, ipv6
 from shardswitch.net.drop import DropReason, PacketError
 from shardswitch.net.endpoint import GuestEndpoint
 from shardswitch.net.inany import InAny
 from shardswitch.net.ipv4 import Ipv4Packet
-from shardswitch.net.ipv6 import Ipv6Packet, NextHeader
+from shardswitch.net.ipv6 import Ipv6Packet
 from shardswitch.net.udp import UdpDatagram
 from shardswitch.shm.layout import FlowSide, FlowType, Pif, pack_key
 from shardswitch.worker import sockerr
@@ -138,9 +138,9 @@ class UdpFlows:
                                             socket.SOCK_DGRAM, "-u", port.pair, port.watch, self.on_listener)
 
     def plug_into(self, endpoint: GuestEndpoint) -> None:
-        """Route the guest's UDP here (over IPv4: every port without a handler of its own, i.e. not DHCP)."""
+        """Route the guest's UDP here: every port without a handler of its own (i.e. not DHCP, DHCPv6)."""
         endpoint.set_udp_default(self.handle4)
-        endpoint.register_ip6_protocol(NextHeader.UDP, self.handle6)
+        endpoint.set_udp6_default(self.handle6)
 
     # -- from the guest ------------------------------------------------------
 
@@ -153,9 +153,9 @@ class UdpFlows:
         self._from_guest(inany.from_v4(packet.src), datagram.src_port, inany.from_v4(dst), datagram.dst_port,
                          datagram.payload, now)
 
-    def handle6(self, eth_src: bytes, packet: Ipv6Packet, now: float, out: list[bytes]) -> None:
-        """A UDP datagram over IPv6 from the guest (endpoint handler for next header 17)."""
-        datagram = udp.parse6(packet, not packet.csum_partial)
+    def handle6(self, eth_src: bytes, packet: Ipv6Packet, datagram: UdpDatagram, now: float,
+                out: list[bytes]) -> None:
+        """A UDP datagram over IPv6 from the guest (endpoint default IPv6 UDP handler)."""
         dst = packet.dst
         if ipv6.is_multicast(dst) or ipv6.is_unspecified(dst) or dst == ipv6.LOOPBACK \
                 or not datagram.dst_port or ipv6.is_unspecified(packet.src):
@@ -193,6 +193,7 @@ class UdpFlows:
         try:
             sock.setblocking(False)
             sockerr.enable(sock, family == socket.AF_INET6)
+            self.fwd.bind_outbound(sock, target)
             sock.connect(inany.sockaddr(target, tport))
             local = sock.getsockname()
             host_side = FlowSide(Pif.HOST, target, tport, inany.from_str(local[0]), local[1])

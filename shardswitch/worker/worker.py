@@ -386,11 +386,17 @@ class Worker(EpollWatches, CountingPort):
         return min(timeout, POLL_INTERVAL) if self._polled() else timeout
 
     def _tick(self, now: float) -> None:
-        """The deferred handler, once a second: timers of this worker's own flows only."""
+        """The deferred handler, once a second: timers of this worker's own flows, and (worker 0, its RX
+        ring running) the periodic router advertisement when one is due."""
         self.next_tick = now + TICK
         if self.endpoint.guest_mac is None and self.table is not None:
             self.endpoint.guest_mac = self.published_mac = self.table.guest_mac()
         self.flows.tick(now)
+        if self.pair == 0 and self.rx.state is SlotState.RUNNING:
+            # Unsolicited router advertisements (RFC 4861 6.2.4): one worker sends them for the guest.
+            advert = self.endpoint.ndp.periodic_ra(now)
+            if advert is not None:
+                self.queue.append(advert)
         if self.queue:
             self.flush()
 

@@ -11,6 +11,7 @@ import pytest
 
 from shardswitch.frontend.client import VhostUserFrontend
 from tests.switch import Switch
+from tests.switchkit import is_periodic_ra
 
 GUEST_MAC = bytes.fromhex("525400123456")
 
@@ -50,7 +51,7 @@ def test_stale_socket_is_replaced(tmp_path: Path) -> None:
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(path))
     stale.close()
-    with Switch(tmp_path) as switch, VhostUserFrontend.connect(switch.socket) as fe:
+    with Switch(tmp_path) as switch, VhostUserFrontend.connect(switch.socket, ignore=is_periodic_ra) as fe:
         fe.handshake()
         assert_arp_works(fe)
 
@@ -112,3 +113,41 @@ def test_service_switches_reach_the_workers(tmp_path: Path) -> None:
         assert fe.recv_frames(0, timeout=0.5) == []
         assert_arp_works(fe)
 
+
+
+def test_periodic_router_advertisement_and_one_family(tmp_path: Path) -> None:
+    """Worker 0 sends unsolicited RAs (to all-nodes), the first within MAX_INITIAL_RTR_ADVERT_INTERVAL of its
+    RX ring running; -6 drops ARP as an unhandled EtherType, -4 a router solicitation."""
+    from shardswitch.net import ndp
+    from tests.net.test_net_ndp import rs_frame
+    from tests.switchkit import drops, ready_frontend, wait_status
+
+    def router_advertisements(fe: VhostUserFrontend, seconds: float) -> list[bytes]:
+        """RA frames received on pair 0 within ``seconds``."""
+        fe.post_rx(0, 8)
+        frames = fe.recv_frames(0, timeout=seconds)
+        return [f for f in frames if f[12:14] == b"\x86\xdd" and f[20] == 58 and f[54] == 134]
+
+    with Switch(tmp_path, workers=2, args=["-6"]) as sw, ready_frontend(sw, keep_ra=True) as fe:
+        (advert,) = router_advertisements(fe, ndp.MAX_INITIAL_RTR_ADVERT_INTERVAL + 3.0)
+        assert advert[:6] == bytes.fromhex("333300000001") and advert[38:54] == socket.inet_pton(
+            socket.AF_INET6, "ff02::1")
+        fe.send_frames(0, [arp_request()])
+        status = wait_status(sw, lambda s: sum(drops(s, 0).values()) >= 1, "the ARP request to be dropped")
+        assert drops(status, 0) == {"ETHERTYPE_UNHANDLED": 1}
+    with Switch(tmp_path, workers=1, args=["-4"]) as sw, ready_frontend(sw, pairs=1, keep_ra=True) as fe:
+        fe.send_frames(0, [rs_frame()])
+        status = wait_status(sw, lambda s: sum(drops(s, 0).values()) >= 1, "the solicitation to be dropped")
+        assert drops(status, 0) == {"ETHERTYPE_UNHANDLED": 1}
+        assert router_advertisements(fe, 1.0) == []
+        assert_arp_works(fe)
+
+
+def test_worker_setup_offers_every_service_by_default() -> None:
+    """WorkerSetup's default services are the endpoint's Service.ALL (the message cannot import it)."""
+    from shardswitch.ipc import WorkerSetup
+    from shardswitch.net.endpoint import Service
+    from shardswitch.net.params import GuestParams
+
+    setup = WorkerSetup(pair=0, params=GuestParams(address="10.0.2.15", prefix_len=24, gateway="10.0.2.2"))
+    assert setup.services == Service.ALL

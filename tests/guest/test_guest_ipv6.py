@@ -152,3 +152,64 @@ echo ==fwd==; cat /tmp/fwd
         assert all(rate > 0 for rate in rates.values()), output
         status = switch.status()
         assert not any(w["drops"].get("INTERNAL_ERROR") for w in status["workers"]), status
+
+
+def test_ipv6_only(tmp_path: Path, netns: TestNetns, guest_image: GuestImage) -> None:
+    """-6: no DHCPv4 lease; SLAAC address and route; a name resolved over IPv6 through the router's
+    link-local address (forwarded to the stub resolver); ping6 and an HTTP download over IPv6."""
+    start_dnsmasq(netns, tmp_path)
+    root = tmp_path / "www"
+    root.mkdir()
+    blob = os.urandom(1 << 20)
+    (root / "blob").write_bytes(blob)
+    start_upstream_http(netns, root)
+    script = f"""
+dhcp && echo GOT-LEASE
+{WAIT_IPV6}
+nslookup {NAME} {netns.router6}%eth0 > /tmp/ns 2>&1
+echo ==ns==; cat /tmp/ns; echo ==end==
+ping6 -c 2 -W 5 {netns.upstream_addr6} > /dev/null 2>&1 && echo PING6-OK
+echo DOWN=$(wget -q -O - http://[{netns.upstream_addr6}]:{HTTP_PORT}/blob | sha256sum | cut -d' ' -f1)
+"""
+    with switch_in(tmp_path, netns, args=["-6"], workers=1) as switch, \
+            GuestVM(guest_image, script, socket=Path(switch.socket), netns=netns) as vm:
+        assert vm.wait_exit(timeout=300) == 0, vm.output()
+        output = vm.output()
+        assert "GOT-LEASE" not in output and "SS-LEASE-FAIL" in output, output
+        check_ipv6_config(output, netns)
+        assert ANSWER in output.split("==ns==", 1)[1].split("==end==", 1)[0], output
+        assert "PING6-OK" in output, output
+        assert f"DOWN={hashlib.sha256(blob).hexdigest()}" in output, output
+        status = switch.status()
+        assert status["workers"][0]["drops"].get("ETHERTYPE_UNHANDLED", 0) > 0, status
+
+
+def test_ipv4_only(tmp_path: Path, netns: TestNetns, guest_image: GuestImage) -> None:
+    """-4: the IPv4 lease and a download over IPv4 (from the host, through the gateway) as always; no router
+    advertisement, so no global IPv6 address and no IPv6 route; IPv6 frames dropped and counted."""
+    root = tmp_path / "www"
+    root.mkdir()
+    blob = os.urandom(1 << 20)
+    (root / "blob").write_bytes(blob)
+    netns.popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(root),
+                 str(HTTP_PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_listening(netns, HTTP_PORT, upstream=False)
+    script = f"""
+dhcp || exit 1
+sleep 4
+echo ADDR6: $(ip -6 addr show dev eth0 scope global | awk '/inet6/ {{print $2}}')
+echo ROUTE6: $(ip -6 route show default)
+ping6 -c 1 -W 2 {netns.upstream_addr6} > /dev/null 2>&1 && echo PING6-OK
+echo DOWN=$(wget -q -O - http://{netns.upstream_addr}:{HTTP_PORT}/blob | sha256sum | cut -d' ' -f1)
+"""
+    with switch_in(tmp_path, netns, args=["-4"], workers=1) as switch, \
+            GuestVM(guest_image, script, socket=Path(switch.socket), netns=netns) as vm:
+        assert vm.wait_exit(timeout=300) == 0, vm.output()
+        output = vm.output()
+        assert vm.lease(timeout=1).ip == netns.host_addr, output
+        lines = [line.strip() for line in output.splitlines()]
+        assert "ADDR6:" in lines and "ROUTE6:" in lines, output
+        assert "PING6-OK" not in output, output
+        assert f"DOWN={hashlib.sha256(blob).hexdigest()}" in output, output
+        status = switch.status()
+        assert status["workers"][0]["drops"].get("ETHERTYPE_UNHANDLED", 0) > 0, status

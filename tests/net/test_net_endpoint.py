@@ -1,21 +1,32 @@
-"""The dispatcher: drop reasons, pluggable handlers, and a fuzz loop."""
+"""The dispatcher: drop reasons, pluggable handlers (IPv4 and IPv6 UDP ports), DHCPv6 service, and a fuzz loop."""
 
 from __future__ import annotations
 
+import logging
 import random
 import struct
 
 import pytest
 
-from shardswitch.net import DropReason, GuestEndpoint, GuestParams, PacketError
-from shardswitch.net.endpoint import Service
-from shardswitch.net.ipv4 import Ipv4Packet
-from shardswitch.net.udp import UdpDatagram
-from tests.net.net_testlib import (BROADCAST_MAC, GUEST_MAC, OUR_MAC, arp_frame,
+logging.getLogger("scapy.runtime").setLevel(logging.ERROR)
+
+from scapy.layers.dhcp6 import DHCP6_Advertise, DHCP6_Reply  # noqa: E402
+from scapy.layers.inet6 import UDP, ICMPv6ND_RA  # noqa: E402
+from scapy.layers.l2 import Ether  # noqa: E402
+
+from shardswitch.net import DropReason, GuestEndpoint, GuestParams, PacketError  # noqa: E402
+from shardswitch.net.endpoint import Service  # noqa: E402
+from shardswitch.net.ipv4 import Ipv4Packet  # noqa: E402
+from shardswitch.net.ipv6 import Ipv6Packet  # noqa: E402
+from shardswitch.net.udp import UdpDatagram  # noqa: E402
+from tests.net.net_testlib import (BROADCAST_MAC, GUEST_MAC, OUR_MAC, arp_frame,  # noqa: E402
                                    decode_arp_frame, decode_dhcp_reply, dhcp_message,
                                    dhcp_options, eth_frame, ip, ipv4_packet, udp_frame, DhcpTestClient)
-from tests.net.test_net_ipv6 import ip6
-from tests.net.test_net_ndp import ns_frame, rs_frame
+from tests.net.test_net_dhcpv6 import decode as dhcpv6_decode  # noqa: E402
+from tests.net.test_net_dhcpv6 import make_endpoint as make_endpoint6  # noqa: E402
+from tests.net.test_net_dhcpv6 import solicit, udp6_frame  # noqa: E402
+from tests.net.test_net_ipv6 import ip6  # noqa: E402
+from tests.net.test_net_ndp import ns_frame, rs_frame  # noqa: E402
 
 GUEST_IP, GATEWAY = ip("10.0.2.15"), ip("10.0.2.2")
 
@@ -127,6 +138,7 @@ def seed_frames() -> list[bytes]:
         ip_frame(1, b"\x08\0\0\0\0\0\0\0"),
         udp_frame(GUEST_IP, GATEWAY, 40000, 53, b"query", eth_dst=OUR_MAC),
         eth_frame(b"\x33\x33\0\0\0\x01", GUEST_MAC, 0x86DD, bytes(40)),
+        udp6_frame(solicit()),
     ]
     return frames
 
@@ -161,10 +173,15 @@ def mutate(rng: random.Random, frame: bytes) -> bytes:
 
 
 def check_reply(frame: bytes, guest_mac: bytes | None) -> None:
-    """Every frame we emit is a well-formed ARP or DHCP reply to the guest's (learned) MAC."""
+    """Every frame we emit is a well-formed ARP, DHCP or DHCPv6 reply to the guest's (learned) MAC."""
     assert frame[:6] == guest_mac and frame[6:12] == OUR_MAC
     if frame[12:14] == b"\x08\x06":
         assert decode_arp_frame(frame).op == 2
+    elif frame[12:14] == b"\x86\xdd":
+        packet = Ether(frame)
+        assert bytes(packet) == frame and packet[UDP].sport == 547 and packet[UDP].dport == 546
+        message = packet[UDP].payload
+        assert isinstance(message, (DHCP6_Advertise, DHCP6_Reply))
     else:
         assert decode_dhcp_reply(frame).op == 2
 
@@ -205,8 +222,8 @@ def test_fuzz_never_raises(endpoint: GuestEndpoint) -> None:
 @pytest.mark.parametrize(("services", "dhcp", "ns", "rs"), [
     (Service.ALL, None, None, None),
     (Service.ALL & ~Service.DHCP, DropReason.UDP_PORT_UNHANDLED, None, None),
-    (Service.DHCP | Service.NDP, None, None, DropReason.NDP_IGNORED),
-    (Service.DHCP, None, DropReason.ICMPV6_IGNORED, DropReason.ICMPV6_IGNORED),
+    (Service.ALL & ~Service.RA, None, None, DropReason.NDP_IGNORED),
+    (Service.ALL & ~(Service.NDP | Service.RA), None, DropReason.ICMPV6_IGNORED, DropReason.ICMPV6_IGNORED),
 ])
 def test_services_turned_off(services: Service, dhcp: DropReason | None, ns: DropReason | None,
                              rs: DropReason | None) -> None:
@@ -219,3 +236,73 @@ def test_services_turned_off(services: Service, dhcp: DropReason | None, ns: Dro
         out: list[bytes] = []
         assert ep.handle_frame(memoryview(frame), 0.0, out) == expected
         assert bool(out) == (expected is None)
+
+
+# --- UDP over IPv6 and DHCPv6 ---------------------------------------------------------------------
+
+def test_udp6_port_dispatch() -> None:
+    """IPv6 UDP is parsed once by the endpoint, then dispatched by port, else to the default handler."""
+    ep = make_endpoint6()
+    seen: list[tuple[str, int, bytes, bool]] = []
+
+    def mdns(eth_src: bytes, packet: Ipv6Packet, datagram: UdpDatagram, now: float, out: list[bytes]) -> None:
+        """A stand-in port handler."""
+        seen.append(("mdns", datagram.dst_port, bytes(datagram.payload), packet.csum_partial))
+
+    def flows(eth_src: bytes, packet: Ipv6Packet, datagram: UdpDatagram, now: float, out: list[bytes]) -> None:
+        """A stand-in flow handler (the worker's UDP flows)."""
+        seen.append(("flows", datagram.dst_port, bytes(datagram.payload), packet.csum_partial))
+        out.append(b"flow reply")
+
+    to_host = {"src": "2001:db8::15", "dst": "2001:db8::1", "eth_dst": "9a:55:9a:55:9a:55", "sport": 40000}
+    assert ep.handle_frame(memoryview(udp6_frame(b"q", dport=53, **to_host)), 0.0, []) is \
+        DropReason.UDP_PORT_UNHANDLED
+    ep.register_udp6_port(5353, mdns)
+    ep.set_udp6_default(flows)
+    out: list[bytes] = []
+    assert ep.handle_frame(memoryview(udp6_frame(b"m", dport=5353, **to_host)), 1.0, out) is None
+    assert ep.handle_frame(memoryview(udp6_frame(b"q", dport=53, **to_host)), 2.0, out) is None
+    assert out == [b"flow reply"]
+    bad = bytearray(udp6_frame(b"q", dport=53, **to_host))
+    bad[60] ^= 0x20  # the UDP checksum
+    assert ep.handle_frame(memoryview(bytes(bad)), 3.0, []) is DropReason.UDP_BAD_CHECKSUM
+    assert ep.handle_frame(memoryview(bytes(bad)), 3.0, [], csum_partial=True) is None
+    assert seen == [("mdns", 5353, b"m", False), ("flows", 53, b"q", False), ("flows", 53, b"q", True)]
+    truncated = bytearray(udp6_frame(b"q", dport=53, **to_host))
+    truncated[58:60] = b"\x00\x04"  # UDP length under 8
+    assert ep.handle_frame(memoryview(bytes(truncated)), 4.0, []) is DropReason.UDP_MALFORMED
+    # DHCPv6 keeps its port whatever the default handler is.
+    result: list[bytes] = []
+    assert ep.handle_frame(memoryview(udp6_frame(solicit())), 5.0, result) is None
+    assert isinstance(dhcpv6_decode(result[0])[0], DHCP6_Advertise)
+    ep.set_udp6_default(None)
+    assert ep.handle_frame(memoryview(udp6_frame(b"q", dport=53, **to_host)), 6.0, []) is \
+        DropReason.UDP_PORT_UNHANDLED
+
+
+@pytest.mark.parametrize("dhcpv6_on", [True, False])
+def test_dhcpv6_service(dhcpv6_on: bool) -> None:
+    """Service.DHCPV6 (part of ALL): port 547 served and RAs with M and O; off: neither."""
+    assert Service.DHCPV6 in Service.ALL and Service.DHCPV6 == 8
+    ep = make_endpoint6(Service.ALL if dhcpv6_on else Service.ALL & ~Service.DHCPV6)
+    out: list[bytes] = []
+    verdict6 = ep.handle_frame(memoryview(udp6_frame(solicit())), 0.0, out)
+    assert verdict6 == (None if dhcpv6_on else DropReason.UDP_PORT_UNHANDLED)
+    assert ep.handle_frame(memoryview(rs_frame()), 0.0, out) is None
+    ra = Ether(out[-1])[ICMPv6ND_RA]
+    assert (ra.M, ra.O) == ((1, 1) if dhcpv6_on else (0, 0))
+
+
+@pytest.mark.parametrize("services", [Service.ALL & ~Service.IPV4, Service.ALL & ~Service.IPV6])
+def test_one_family_only(services: Service) -> None:
+    """-6 / -4: ARP and IPv4, or IPv6 (NDP included), are dropped as ETHERTYPE_UNHANDLED; the other family
+    is answered."""
+    ep = GuestEndpoint(GuestParams(address="10.0.2.15", prefix_len=24, gateway="10.0.2.2",
+                                   address6="2001:db8::15"), services)
+    v4_on = bool(services & Service.IPV4)
+    arp = arp_frame(1, GUEST_MAC, ip("10.0.2.15"), bytes(6), ip("10.0.2.2"))
+    for frame, on in ((arp, v4_on), (DhcpTestClient().discover(), v4_on),
+                      (ns_frame(ip6("2001:db8::1")), not v4_on), (rs_frame(), not v4_on)):
+        out: list[bytes] = []
+        assert ep.handle_frame(memoryview(frame), 0.0, out) == (None if on else DropReason.ETHERTYPE_UNHANDLED)
+        assert bool(out) == on

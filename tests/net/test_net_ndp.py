@@ -1,25 +1,35 @@
-"""NDP responder: NS -> NA proxy, DAD, RS -> RA, validation, fuzz.
+"""NDP responder: NS -> NA proxy, DAD, RS -> RA, M/O flags, rate limit, periodic RAs, validation, fuzz.
 
 Frames are built with the independent helpers of test_net_ipv6.py and every
 reply is decoded by the reference decoder there (lengths, ICMPv6 checksum
 word by word) plus the NDP option decoder below, so a bug shared by the
-builders and the parsers under test cannot hide itself.
+builders and the parsers under test cannot hide itself; the RA tests at the
+end decode with scapy as well.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 
-from shardswitch.net import eth, icmpv6, ipv6, ndp
-from shardswitch.net.drop import DropReason, PacketError
-from shardswitch.net.ndp import NdpResponder
-from shardswitch.net.params import GuestParams, ParamsError, resolve
-from tests.net.net_testlib import GUEST_MAC, OUR_MAC, decode_dns_names
-from tests.net.test_net_ipv6 import (ALL_NODES, GUEST_LL, OUR_LL, Icmpv6Frame,
+logging.getLogger("scapy.runtime").setLevel(logging.ERROR)
+
+from scapy.layers.inet6 import (ICMPv6ND_RA, ICMPv6NDOptDNSSL, ICMPv6NDOptMTU,  # noqa: E402
+                                ICMPv6NDOptPrefixInfo, ICMPv6NDOptRDNSS, ICMPv6NDOptSrcLLAddr, IPv6)
+from scapy.layers.l2 import Ether  # noqa: E402
+from scapy.packet import Packet  # noqa: E402
+
+from shardswitch.net import eth, icmpv6, ipv6, ndp  # noqa: E402
+from shardswitch.net.drop import DropReason, PacketError  # noqa: E402
+from shardswitch.net.ndp import NdpResponder  # noqa: E402
+from shardswitch.net.params import GuestParams, ParamsError, resolve  # noqa: E402
+from tests.net.net_testlib import GUEST_MAC, OUR_MAC, decode_dns_names  # noqa: E402
+from tests.net.test_net_ipv6 import (ALL_NODES, GUEST_LL, OUR_LL, Icmpv6Frame,  # noqa: E402
                                      decode_icmpv6_frame, icmpv6_frame, ip6)
 
 GUEST6 = ip6("2001:db8::15")
@@ -30,16 +40,17 @@ SOLICITED_GUEST = ip6("ff02::1:ff00:15")
 GUEST_SLLA = bytes((1, 1)) + GUEST_MAC
 
 
-def responder(**changes: object) -> NdpResponder:
+def responder(*, ra: bool = True, dhcpv6: bool = True, rand: Callable[[], float] = random.random,
+              **changes: object) -> NdpResponder:
     """A responder for a guest with IPv6 addressing, DNS and search domains (or ``changes``)."""
     fields: dict[str, object] = {
         "address": "10.0.2.15", "prefix_len": 24, "gateway": "10.0.2.2",
         "address6": "2001:db8::15", "dns6": ["2001:db8::53", "fe80::53"], "search": SEARCH}
     fields.update(changes)
-    return NdpResponder(resolve(GuestParams(**fields)))  # type: ignore[arg-type]
+    return NdpResponder(resolve(GuestParams(**fields)), ra, dhcpv6, rand)  # type: ignore[arg-type]
 
 
-def run(resp: NdpResponder, frame: bytes) -> list[bytes] | DropReason:
+def run(resp: NdpResponder, frame: bytes, now: float = 0.0) -> list[bytes] | DropReason:
     """Dispatch one guest frame as the endpoint will: replies, or the drop reason."""
     out: list[bytes] = []
     view = memoryview(frame)
@@ -49,7 +60,7 @@ def run(resp: NdpResponder, frame: bytes) -> list[bytes] | DropReason:
         packet = ipv6.parse(view[eth.ETH_HLEN:])
         if packet.next_header != ipv6.NextHeader.ICMPV6:
             raise PacketError(DropReason.IP_PROTO_UNHANDLED)
-        resp.handle(src, packet, 0.0, out)
+        resp.handle(src, packet, now, out)
     except PacketError as exc:
         assert out == [], "handlers append only once they cannot fail"
         return exc.reason
@@ -224,13 +235,13 @@ def test_link_local_without_global_ipv6() -> None:
 # --- Router Solicitation -> Advertisement -------------------------------------------------------
 
 def test_rs_full_advertisement() -> None:
-    """RA to the soliciting address with SLLA, MTU, /64 prefix (L, A), RDNSS and DNSSL."""
+    """RA to the soliciting address: M and O (DHCPv6), SLLA, MTU, /64 prefix (L, A), RDNSS and DNSSL."""
     reply = one_reply(responder(), rs_frame())
     assert (reply.eth_dst, reply.eth_src, reply.src, reply.dst) == (GUEST_MAC, OUR_MAC, OUR_LL,
                                                                     GUEST_LL)
     ra = decode_ra(reply)
     assert (ra.cur_hop_limit, ra.flags, ra.lifetime, ra.reachable, ra.retrans) == (
-        64, 0, 65535, 0, 0)
+        64, 0xC0, 65535, 0, 0)
     assert ra.option(1) == OUR_MAC
     assert ra.option(5) == struct.pack("!HI", 0, 65520)
     prefix = ra.option(3)
@@ -406,3 +417,92 @@ def test_fuzz_never_raises() -> None:
     for key in ("reply", "silent", DropReason.NDP_MALFORMED, DropReason.ICMPV6_BAD_CHECKSUM,
                 DropReason.IPV6_MALFORMED, DropReason.ICMPV6_IGNORED):
         assert verdicts.get(key, 0) > 0, (key, verdicts)
+
+
+# --- DHCPv6 flags, rate limit and periodic RAs (decoded by scapy) ---------------------------------
+
+def scapy_ra(frame: bytes) -> Packet:
+    """Decode an RA frame with scapy, checking the re-encoding and the ICMPv6 checksum it computes."""
+    packet = Ether(frame)
+    assert bytes(packet) == frame
+    recomputed = packet.copy()
+    recomputed[ICMPv6ND_RA].cksum = None
+    assert Ether(bytes(recomputed))[ICMPv6ND_RA].cksum == packet[ICMPv6ND_RA].cksum
+    assert packet[IPv6].hlim == 255 and packet[IPv6].src == "fe80::9855:9aff:fe55:9a55"
+    return packet
+
+
+def test_ra_managed_and_other_flags_with_dhcpv6() -> None:
+    """DHCPv6 on and an address to give: M and O set; the prefix keeps L and A (SLAAC still works)."""
+    resp = responder()
+    assert resp.ra_flags == ndp.RaFlags.MANAGED | ndp.RaFlags.OTHER == 0xC0
+    result = run(resp, rs_frame())
+    assert isinstance(result, list)
+    packet = scapy_ra(result[0])
+    ra = packet[ICMPv6ND_RA]
+    assert (ra.M, ra.O, ra.H, ra.prf, ra.P) == (1, 1, 0, 0, 0)
+    assert (ra.chlim, ra.routerlifetime, ra.reachabletime, ra.retranstimer) == (64, 65535, 0, 0)
+    prefix = packet[ICMPv6NDOptPrefixInfo]
+    assert (prefix.L, prefix.A, prefix.prefixlen, prefix.prefix) == (1, 1, 64, "2001:db8::")
+    assert (prefix.validlifetime, prefix.preferredlifetime) == (0xFFFFFFFF, 0xFFFFFFFF)
+    assert packet[ICMPv6NDOptSrcLLAddr].lladdr == "9a:55:9a:55:9a:55"
+    assert packet[ICMPv6NDOptMTU].mtu == 65520
+    assert packet[ICMPv6NDOptRDNSS].dns == ["2001:db8::53", "fe80::53"]
+    assert packet[ICMPv6NDOptDNSSL].searchlist == [name + "." for name in SEARCH]
+
+
+@pytest.mark.parametrize("changes", [{"dhcpv6": False}, {"address6": "", "dns6": [], "search": []}])
+def test_ra_without_dhcpv6_flags(changes: dict[str, object]) -> None:
+    """No DHCPv6 server, or no address to give: neither M nor O."""
+    resp = responder(**changes)
+    assert resp.ra_flags == ndp.RaFlags.NONE
+    result = run(resp, rs_frame())
+    assert isinstance(result, list)
+    ra = scapy_ra(result[0])[ICMPv6ND_RA]
+    assert (ra.M, ra.O) == (0, 0)
+
+
+def test_multicast_ra_rate_limit() -> None:
+    """RAs to all-nodes at most one per MIN_DELAY_BETWEEN_RAS; a limited RS brings the next one forward."""
+    resp = responder(rand=lambda: 0.5)
+    from_any = rs_frame(src=bytes(16), options=b"")
+    first = run(resp, from_any, 100.0)
+    assert isinstance(first, list) and len(first) == 1
+    assert scapy_ra(first[0])[IPv6].dst == "ff02::1"
+    assert resp.last_multicast_ra == 100.0
+    assert run(resp, from_any, 101.0) == []           # consumed, answered later
+    assert resp.next_periodic_ra == 100.0 + ndp.MIN_DELAY_BETWEEN_RAS
+    unicast = run(resp, rs_frame(), 101.5)            # unicast answers are not limited
+    assert isinstance(unicast, list) and scapy_ra(unicast[0])[IPv6].dst == "fe80::5054:ff:fe12:3456"
+    assert resp.periodic_ra(102.9) is None
+    periodic = resp.periodic_ra(103.0)
+    assert periodic is not None and scapy_ra(periodic)[IPv6].dst == "ff02::1"
+    assert resp.next_periodic_ra == 103.0 + ndp.next_ra_delay(0.5, 1) == 119.0
+    assert run(resp, from_any, 104.0) == []
+    assert resp.next_periodic_ra == 106.0
+    assert resp.periodic_ra(105.0) is None and resp.periodic_ra(106.0) is not None
+    later = run(resp, from_any, 109.5)
+    assert isinstance(later, list) and len(later) == 1
+
+
+def test_periodic_ra_schedule() -> None:
+    """The first call schedules; then 3 RAs at most 16 s apart, then 200..600 s apart."""
+    draws = iter([0.0, 0.0, 0.0, 0.5, 1.0])
+    resp = responder(rand=lambda: next(draws))
+    sent_at = []
+    for second in range(0, 700):
+        frame = resp.periodic_ra(float(second))
+        if frame is not None:
+            packet = scapy_ra(frame)
+            assert packet.dst == "33:33:00:00:00:01" and packet[IPv6].dst == "ff02::1"
+            assert (packet[ICMPv6ND_RA].M, packet[ICMPv6ND_RA].O) == (1, 1)
+            sent_at.append(second)
+    assert sent_at == [16, 32, 48, 448]
+    assert resp.periodic_sent == 4
+
+
+def test_no_ra_means_no_periodic_ra() -> None:
+    """--no-ra: no periodic RA, solicitations ignored."""
+    resp = responder(ra=False)
+    assert resp.periodic_ra(0.0) is None and resp.periodic_ra(1000.0) is None
+    assert run(resp, rs_frame()) is DropReason.NDP_IGNORED

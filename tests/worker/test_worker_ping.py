@@ -144,10 +144,7 @@ def test_unreachable_destination_is_counted_not_fatal(switch: Switch, fe: VhostU
 def start_with(tmp_path: Path, *args: str) -> tuple[Switch, VhostUserFrontend]:
     """A 1-worker switch with extra options and a connected front-end."""
     sw = Switch(tmp_path, args=list(args)).start()
-    frontend = VhostUserFrontend.connect(sw.socket)
-    frontend.handshake()
-    frontend.post_rx(0, 16)
-    return sw, frontend
+    return sw, ready_frontend(sw, pairs=1, rx=16)
 
 
 def test_no_map_gw_sends_gateway_pings_to_the_gateway(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ import pytest
 
 from shardswitch.frontend.client import VhostUserFrontend
 from tests.switch import Switch
-from tests.switchkit import (Baseline, arp_request, arp_roundtrip, assert_recovered, baseline, check_arp_reply,
+from tests.switchkit import (Baseline, is_periodic_ra, arp_request, arp_roundtrip, assert_recovered, baseline, check_arp_reply,
                              ring_status, wait_status, worker_pids)
 
 PAIRS = 2
@@ -70,7 +70,7 @@ def replaced(status: dict[str, Any], pair: int, old_pid: int, restarts: int) -> 
 
 def test_killed_worker_replaced_on_same_connection(switch: Switch, before: Baseline) -> None:
     """SIGKILL pair 1's worker mid-connection: it is replaced and served again with no new handshake."""
-    with VhostUserFrontend.connect(switch.socket, queue_pairs=PAIRS) as fe:
+    with VhostUserFrontend.connect(switch.socket, queue_pairs=PAIRS, ignore=is_periodic_ra) as fe:
         fe.handshake()
         for pair in range(PAIRS):
             arp_roundtrip(fe, pair)
@@ -103,7 +103,7 @@ def test_killed_worker_replaced_on_same_connection(switch: Switch, before: Basel
 
 def test_worker_killed_twice(switch: Switch, before: Baseline) -> None:
     """A second death of the same pair is handled the same way (restarts counts 2)."""
-    with VhostUserFrontend.connect(switch.socket, queue_pairs=PAIRS) as fe:
+    with VhostUserFrontend.connect(switch.socket, queue_pairs=PAIRS, ignore=is_periodic_ra) as fe:
         fe.handshake()
         for restarts in (1, 2):
             victim = kill_worker(switch, 0)
