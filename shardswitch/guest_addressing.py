@@ -180,15 +180,22 @@ def our_link_local(mac: str) -> str:
     return str(ipaddress.IPv6Address(ipv6.link_local_from_mac(eth.mac_from_str(mac))))
 
 
-def _ipv4_addressing(cfg: Config, route: hostnet.HostNet | None, notes: list[str]) -> tuple[str, int, str]:
-    """(address, prefix length, gateway) for IPv4: the settings, else the host's; ConfigError if none."""
-    address, prefix_len, gateway = cfg.address, cfg.prefix_len, cfg.gateway
+def _mirror(address: str | None, prefix_len: int | None, gateway: str | None,
+            route: hostnet.HostNet | None) -> tuple[str | None, int | None, str | None]:
+    """Fill what the settings leave unset from the host's ``route`` of that family: its address (with its
+    prefix length, unless one was given; a given address never takes the host's) and its gateway."""
     if address is None and route is not None and route.address is not None:
         address = route.address
         if prefix_len is None:
             prefix_len = route.prefix_len
     if gateway is None and route is not None:
         gateway = route.gateway
+    return address, prefix_len, gateway
+
+
+def _ipv4_addressing(cfg: Config, route: hostnet.HostNet | None, notes: list[str]) -> tuple[str, int, str]:
+    """(address, prefix length, gateway) for IPv4: the settings, else the host's; ConfigError if none."""
+    address, prefix_len, gateway = _mirror(cfg.address, cfg.prefix_len, cfg.gateway, route)
     if address is None or gateway is None:
         raise ConfigError(_missing_addressing(cfg, route, address is None, gateway is None))
     if prefix_len is None:
@@ -209,13 +216,7 @@ def _ipv6_addressing(cfg: Config, route6: hostnet.HostNet | None,
                      notes: list[str]) -> tuple[str | None, int, str | None]:
     """(address, prefix length, router) for IPv6: the settings, else the host's global address on its
     IPv6 default-route interface and its gateway.  No address means link-local only (a note says so)."""
-    address6, prefix6_len, gateway6 = cfg.address6, cfg.prefix6_len, cfg.gateway6
-    if address6 is None and route6 is not None and route6.address is not None:
-        address6 = route6.address
-        if prefix6_len is None:
-            prefix6_len = route6.prefix_len
-    if gateway6 is None and route6 is not None:
-        gateway6 = route6.gateway
+    address6, prefix6_len, gateway6 = _mirror(cfg.address6, cfg.prefix6_len, cfg.gateway6, route6)
     if address6 is None:
         notes.append("the host has no global IPv6 address on an interface with an IPv6 default route: "
                      "the guest gets link-local IPv6 only (give -a with an IPv6 address)")

@@ -275,16 +275,20 @@ class GuestEndpoint:
                     out: list[bytes]) -> None:
         """Validate a UDP datagram and dispatch it by destination port."""
         datagram = udp.parse(packet, not packet.csum_partial)
-        handler = self._udp_handlers.get(datagram.dst_port, self._udp_default)
-        if handler is None:
-            raise PacketError(DropReason.UDP_PORT_UNHANDLED, f"port {datagram.dst_port}")
-        handler(eth_src, packet, datagram, now, out)
+        self._dispatch_udp(self._udp_handlers, self._udp_default, eth_src, packet, datagram, now, out)
 
     def _handle_udp6(self, eth_src: bytes, packet: Ipv6Packet, now: float,
                      out: list[bytes]) -> None:
         """Validate a UDP datagram over IPv6 and dispatch it by destination port."""
         datagram = udp.parse6(packet, not packet.csum_partial)
-        handler = self._udp6_handlers.get(datagram.dst_port, self._udp6_default)
+        self._dispatch_udp(self._udp6_handlers, self._udp6_default, eth_src, packet, datagram, now, out)
+
+    @staticmethod
+    def _dispatch_udp(handlers: Mapping[int, Callable[..., None]], default: Callable[..., None] | None,
+                      eth_src: bytes, packet: Ipv4Packet | Ipv6Packet, datagram: UdpDatagram, now: float,
+                      out: list[bytes]) -> None:
+        """Hand a validated datagram to the handler of its destination port, else the default, or refuse it."""
+        handler = handlers.get(datagram.dst_port, default)
         if handler is None:
             raise PacketError(DropReason.UDP_PORT_UNHANDLED, f"port {datagram.dst_port}")
         handler(eth_src, packet, datagram, now, out)

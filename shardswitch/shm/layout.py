@@ -28,6 +28,10 @@ Header (``HEADER``, u32 word index in brackets, see :class:`HeaderWord`)::
     100 reserved                 104 u64 statistics [13..18 as u64 words], see :class:`StatWord`
     152 guest MAC u64 [19 as a u64 word]: the guest's MAC in the low 48 bits, bit 63 set once known;
         written by any worker that learns it, without the lock (one aligned 8-byte store)
+    160 guest IPv6 sequence u32 [40]   168 guest IPv6 address 16s [21..22 as u64 words]: the global
+        address the guest was last seen using, a sequence lock: written under the write lock (sequence
+        made odd, address stored, sequence made even), read without it (retried while odd or changed);
+        sequence 0 = never written
 
 Participant slot (``PARTICIPANT``, 32 bytes): pid u32, phase u32 (:class:`Phase`),
 process start time u64, 16 reserved.  pid 0 = free slot.
@@ -197,6 +201,9 @@ CREATOR_START_QWORD = 4
 #: The guest's MAC address (low 48 bits) with :data:`GUEST_MAC_KNOWN`, as a u64 word index.
 GUEST_MAC_QWORD = 19
 GUEST_MAC_KNOWN = 1 << 63
+#: The guest's IPv6 address sequence lock, as a u32 word index, and the address, as a u64 word index.
+GUEST6_SEQ_WORD = 40
+GUEST6_QWORD = 21
 
 HEADER = struct.Struct("<8s6IQ16s12I6Q")
 HEADER_SIZE = 256
@@ -254,6 +261,8 @@ def _check_layout() -> None:
     assert struct.calcsize("<8s6IQ16s12I") == StatWord.ALLOCS * 8
     assert StatWord.RECOVERIES * 8 + 8 == HEADER.size == GUEST_MAC_QWORD * 8
     assert GUEST_MAC_QWORD * 8 + 8 <= HEADER_SIZE
+    assert GUEST6_SEQ_WORD * 4 == GUEST_MAC_QWORD * 8 + 8 and GUEST6_QWORD * 8 == GUEST6_SEQ_WORD * 4 + 8
+    assert GUEST6_QWORD * 8 + 16 <= HEADER_SIZE
     assert PARTICIPANT.size == PartWord.WORDS * 4 and HEADER_SIZE % PARTICIPANT.size == 0
     assert struct.calcsize("<II") == PART_START_QWORD * 8
     assert SIDE.size == 38

@@ -44,7 +44,8 @@ import time
 from collections.abc import Iterable
 from types import TracebackType
 
-from shardswitch.shm.layout import (DEFAULT_CAPACITY, DEFAULT_PARTICIPANTS, GUEST_MAC_KNOWN, GUEST_MAC_QWORD, SIDE,
+from shardswitch.shm.layout import (DEFAULT_CAPACITY, DEFAULT_PARTICIPANTS, GUEST6_QWORD, GUEST6_SEQ_WORD,
+                                    GUEST_MAC_KNOWN, GUEST_MAC_QWORD, SIDE,
                                     Flow, FlowRef,
                                     FlowSide, FlowTableError, FlowType, Geometry, HeaderWord, Hit,
                                     HookPoint,
@@ -57,6 +58,9 @@ from shardswitch.shm.store import FlowStore
 _NEW, _INI, _TGT, _TYPED = State.NEW.value, State.INI.value, State.TGT.value, State.TYPED.value
 _ACTIVE = State.ACTIVE.value
 _KEY_SIZE = SIDE.size
+#: Bytes of the guest's IPv6 address in the header, and how often a reader retries a write in progress.
+GUEST6_LEN = 16
+GUEST6_READ_TRIES = 1000
 
 
 class FlowTable:
@@ -382,6 +386,41 @@ class FlowTable:
         """The guest's MAC as some worker learnt it, or None."""
         value = self._qwords[GUEST_MAC_QWORD]
         return (value & 0xFFFF_FFFF_FFFF).to_bytes(6, "big") if value & GUEST_MAC_KNOWN else None
+
+    def publish_guest6(self, addr: bytes) -> None:
+        """Record the guest's global IPv6 address (16 bytes) for every worker.
+
+        Rare (when the address changes): under the write lock, so that the
+        sequence lock of the header has a single writer.
+        """
+        if len(addr) != GUEST6_LEN:
+            raise ValueError(f"an IPv6 address is {GUEST6_LEN} bytes, not {len(addr)}")
+        words, qwords = self._words, self._qwords
+        lock = self._lock
+        lock.acquire_write()
+        try:
+            words[GUEST6_SEQ_WORD] = (words[GUEST6_SEQ_WORD] | 1) & 0xFFFF_FFFF
+            qwords[GUEST6_QWORD] = int.from_bytes(addr[:8], "little")
+            qwords[GUEST6_QWORD + 1] = int.from_bytes(addr[8:], "little")
+            words[GUEST6_SEQ_WORD] = (words[GUEST6_SEQ_WORD] + 1) & 0xFFFF_FFFF or 2
+        finally:
+            lock.release_write()
+
+    def guest6(self) -> bytes | None:
+        """The guest's global IPv6 address as some worker last published it, or None (no lock: a
+        sequence-lock read, None too when a writer stays in the middle of its store)."""
+        words, qwords = self._words, self._qwords
+        for _ in range(GUEST6_READ_TRIES):
+            before = words[GUEST6_SEQ_WORD]
+            if before == 0:
+                return None
+            if before & 1:
+                continue
+            addr = (qwords[GUEST6_QWORD].to_bytes(8, "little")
+                    + qwords[GUEST6_QWORD + 1].to_bytes(8, "little"))
+            if words[GUEST6_SEQ_WORD] == before:
+                return addr
+        return None
 
     def counters(self) -> dict[str, int]:
         """Entry counts and statistics from the header (no lock: a snapshot)."""

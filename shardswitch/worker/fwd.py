@@ -26,8 +26,11 @@ instead of building the mapping itself:
   as a source); others as themselves.
 * the guest's own address as a forwarded flow's target
   (:meth:`Forwarding.guest_address`): its IPv4 address, and for IPv6 the
-  global address it last used (learnt from the flows it starts), else the
-  configured one, else its link-local address from its MAC.
+  global address it last used (learnt from the flows it starts, on any
+  worker: the worker that learns a new one publishes it in the shared flow
+  table's header, so a forwarded connection that lands on another worker
+  reaches the guest's SLAAC address too), else the configured one, else its
+  link-local address from its MAC.
 
 Addresses are 16-byte :mod:`~shardswitch.net.inany` values throughout; the
 flow's socket and frame builders take them as they are.
@@ -36,6 +39,7 @@ flow's socket and frame builders take them as they are.
 from __future__ import annotations
 
 import socket
+from typing import Protocol
 
 from shardswitch.ipc import ForwardSetup
 from shardswitch.net import inany, ipv6
@@ -57,12 +61,25 @@ def _parse_all(texts: tuple[str, ...]) -> list[InAny]:
     return parsed
 
 
+class SharedGuest6(Protocol):
+    """Where workers share the guest's global IPv6 address (:class:`~shardswitch.shm.table.FlowTable`)."""
+
+    def publish_guest6(self, addr: bytes) -> None:
+        """Record the address for every worker."""
+
+    def guest6(self) -> bytes | None:
+        """The address some worker last recorded, or None."""
+
+
 class Forwarding:
     """The guest <-> host address mapping of one worker."""
 
-    def __init__(self, port: WorkerPort, setup: ForwardSetup = ForwardSetup()) -> None:
-        """The mapping ``setup`` describes, for the guest behind ``port``."""
+    def __init__(self, port: WorkerPort, setup: ForwardSetup = ForwardSetup(),
+                 shared: SharedGuest6 | None = None) -> None:
+        """The mapping ``setup`` describes, for the guest behind ``port``; ``shared``: where the workers
+        share the guest's IPv6 address (the flow table)."""
         self.port = port
+        self.shared = shared
         ordered = _parse_all(setup.map_host_loopback)
         #: Addresses that stand for the host's loopback.
         self.mapped = frozenset(ordered)
@@ -130,17 +147,23 @@ class Forwarding:
         return client
 
     def learn_guest(self, src: InAny) -> None:
-        """A flow the guest started from ``src``: remember its global IPv6 address (unicast sources only)."""
+        """A flow the guest started from ``src``: remember its global IPv6 address (unicast sources only),
+        and tell the other workers (through the shared table) when it changed."""
         if (src == self.guest6 or inany.is_v4(src) or ipv6.is_unspecified(src) or ipv6.is_multicast(src)
                 or (ipv6.is_link_local(src) and self.guest6 is not None)):
             return
         self.guest6 = src
+        if self.shared is not None and not ipv6.is_link_local(src):
+            self.shared.publish_guest6(src)
 
     def guest_address(self, v4: bool) -> InAny | None:
         """The guest's address of one family, as the target of a forwarded flow (None: not known)."""
         params = self.port.params
         if v4:
             return inany.from_v4(params.address)
+        seen = self.shared.guest6() if self.shared is not None else None
+        if seen is not None:
+            return seen
         if self.guest6 is not None:
             return self.guest6
         mac = self.port.guest_mac

@@ -121,7 +121,7 @@ class Worker(EpollWatches, CountingPort):
         self.next_tick = time.monotonic() + TICK
         #: The guest MAC this worker last published in the flow table's header.
         self.published_mac: bytes | None = None
-        fwd = Forwarding(self, setup.forward)
+        fwd = Forwarding(self, setup.forward, self.table)
         self.flows = FlowLayer(self, self.table, fwd)
         self.ping = PingFlows(self, self.flows)
         self.tcp = TcpFlows(self, self.flows, setup.tcp_ports)

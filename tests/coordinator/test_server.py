@@ -151,3 +151,28 @@ def test_worker_setup_offers_every_service_by_default() -> None:
 
     setup = WorkerSetup(pair=0, params=GuestParams(address="10.0.2.15", prefix_len=24, gateway="10.0.2.2"))
     assert setup.services == Service.ALL
+
+
+def test_dhcpv6_through_the_switch(tmp_path: Path) -> None:
+    """A Solicit with Rapid Commit gets its Reply (the IPv6 address given with -a) from a running switch;
+    with --no-dhcpv6 it is dropped and counted, and RAs no longer set the Managed flag."""
+    from scapy.layers.dhcp6 import DHCP6OptIA_NA, DHCP6OptRapidCommit
+
+    from tests.net.test_net_dhcpv6 import decode, only, solicit, udp6_frame
+    from tests.net.test_net_ndp import rs_frame
+    from tests.switchkit import drops, ready_frontend, wait_status
+
+    with Switch(tmp_path, workers=2) as sw, ready_frontend(sw) as fe:
+        fe.send_frames(1, [udp6_frame(solicit(DHCP6OptRapidCommit()))])
+        (frame,) = fe.recv_frames(1, timeout=3.0)
+        message, opts = decode(frame)
+        assert message.msgtype == 7  # Reply
+        assert only(opts, DHCP6OptIA_NA).ianaopts[0].addr == "2001:db8:2::15"
+    with Switch(tmp_path, workers=1, args=["--no-dhcpv6"]) as sw, ready_frontend(sw, pairs=1) as fe:
+        fe.send_frames(0, [udp6_frame(solicit(DHCP6OptRapidCommit()))])
+        status = wait_status(sw, lambda s: sum(drops(s, 0).values()) >= 1, "the solicit to be dropped")
+        assert fe.recv_frames(0, timeout=0.5) == []
+        assert sum(drops(status, 0).values()) == 1, drops(status, 0)
+        fe.send_frames(0, [rs_frame()])
+        (advert,) = fe.recv_frames(0, timeout=3.0)
+        assert advert[54] == 134 and advert[59] & 0xC0 == 0, advert.hex()  # an RA, neither M nor O

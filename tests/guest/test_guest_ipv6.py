@@ -71,11 +71,18 @@ def wait_listening(netns: TestNetns, port: int, upstream: bool) -> None:
         time.sleep(0.1)
 
 
-def start_upstream_http(netns: TestNetns, root: Path) -> None:
-    """An HTTP server on the upstream router's IPv6 address, serving ``root``."""
-    netns.popen([sys.executable, "-m", "http.server", "--bind", netns.upstream_addr6, "--directory", str(root),
-                 str(HTTP_PORT)], upstream=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_listening(netns, HTTP_PORT, upstream=True)
+def serve_blob(netns: TestNetns, tmp_path: Path, size: int, *, upstream: bool = True) -> bytes:
+    """An HTTP server serving ``/blob``, ``size`` random bytes (returned): on the upstream router's IPv6
+    address, or (``upstream=False``) on the host namespace's 127.0.0.1."""
+    root = tmp_path / "www"
+    root.mkdir()
+    blob = os.urandom(size)
+    (root / "blob").write_bytes(blob)
+    bind = netns.upstream_addr6 if upstream else "127.0.0.1"
+    netns.popen([sys.executable, "-m", "http.server", "--bind", bind, "--directory", str(root), str(HTTP_PORT)],
+                upstream=upstream, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_listening(netns, HTTP_PORT, upstream=upstream)
+    return blob
 
 
 def check_ipv6_config(output: str, netns: TestNetns) -> None:
@@ -90,11 +97,7 @@ def test_default_options_on_a_dual_stack_host(tmp_path: Path, netns: TestNetns, 
     """No option: IPv4 lease, a global IPv6 address and default route, a name resolved with the server DHCP
     handed out, the upstream router pinged over IPv6, and an HTTP download over IPv6 with its checksum."""
     start_dnsmasq(netns, tmp_path)
-    root = tmp_path / "www"
-    root.mkdir()
-    blob = os.urandom(DOWNLOAD_MB << 20)
-    (root / "blob").write_bytes(blob)
-    start_upstream_http(netns, root)
+    blob = serve_blob(netns, tmp_path, DOWNLOAD_MB << 20)
     script = f"""
 dhcp || exit 1
 {WAIT_IPV6}
@@ -158,11 +161,7 @@ def test_ipv6_only(tmp_path: Path, netns: TestNetns, guest_image: GuestImage) ->
     """-6: no DHCPv4 lease; SLAAC address and route; a name resolved over IPv6 through the router's
     link-local address (forwarded to the stub resolver); ping6 and an HTTP download over IPv6."""
     start_dnsmasq(netns, tmp_path)
-    root = tmp_path / "www"
-    root.mkdir()
-    blob = os.urandom(1 << 20)
-    (root / "blob").write_bytes(blob)
-    start_upstream_http(netns, root)
+    blob = serve_blob(netns, tmp_path, 1 << 20)
     script = f"""
 dhcp && echo GOT-LEASE
 {WAIT_IPV6}
@@ -187,13 +186,7 @@ echo DOWN=$(wget -q -O - http://[{netns.upstream_addr6}]:{HTTP_PORT}/blob | sha2
 def test_ipv4_only(tmp_path: Path, netns: TestNetns, guest_image: GuestImage) -> None:
     """-4: the IPv4 lease and a download over IPv4 (from the host, through the gateway) as always; no router
     advertisement, so no global IPv6 address and no IPv6 route; IPv6 frames dropped and counted."""
-    root = tmp_path / "www"
-    root.mkdir()
-    blob = os.urandom(1 << 20)
-    (root / "blob").write_bytes(blob)
-    netns.popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(root),
-                 str(HTTP_PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_listening(netns, HTTP_PORT, upstream=False)
+    blob = serve_blob(netns, tmp_path, 1 << 20, upstream=False)
     script = f"""
 dhcp || exit 1
 sleep 4

@@ -282,3 +282,24 @@ def test_participant_slots_are_limited_and_released(instance: str) -> None:
         assert table.counters()["in_progress"] == 0
         FlowTable.attach(instance).close()
         assert table.check() == []
+
+
+def test_guest6_published_for_every_process(instance: str) -> None:
+    """The guest's IPv6 address: None until published; what one handle publishes another reads; a writer
+    that died in the middle of its store (odd sequence) reads as None until the next publish."""
+    from shardswitch.shm.layout import GUEST6_SEQ_WORD
+
+    with FlowTable.create(instance, capacity=64) as first, FlowTable.attach(instance) as second:
+        assert second.guest6() is None
+        addr = bytes.fromhex("20010db8000200000000000000000015")
+        first.publish_guest6(addr)
+        assert second.guest6() == addr
+        other = bytes.fromhex("20010db80002000050540000fe123456")
+        second.publish_guest6(other)
+        assert first.guest6() == other
+        with pytest.raises(ValueError, match="16 bytes"):
+            first.publish_guest6(b"short")
+        first._words[GUEST6_SEQ_WORD] |= 1
+        assert second.guest6() is None
+        first.publish_guest6(addr)
+        assert second.guest6() == addr and first._words[GUEST6_SEQ_WORD] % 2 == 0

@@ -9,6 +9,7 @@ import socket
 from shardswitch.ipc import ForwardSetup
 from shardswitch.net import inany, ipv6
 from shardswitch.net.params import GuestParams
+from shardswitch.shm.table import FlowTable
 from shardswitch.worker.fwd import Forwarding
 from tests.worker.standin import StandInWorker
 
@@ -114,3 +115,17 @@ def test_guest_address() -> None:
     assert fwd.guest_address(False) == A("2001:db8::15")
     _w, configured = forwarding(address6="2001:db8::99")
     assert configured.guest_address(False) == A("2001:db8::99")
+
+
+def test_guest_address_learnt_on_one_worker_serves_all(table: FlowTable) -> None:
+    """The global IPv6 address one worker learns is what another worker targets (through the shared table,
+    before its own configured one); link-local sources are never published."""
+    params = GuestParams(address="10.0.2.15", prefix_len=24, gateway="10.0.2.2", address6="2001:db8::2")
+    w0, w1 = StandInWorker(params), StandInWorker(params)
+    fwd0, fwd1 = Forwarding(w0, ForwardSetup(), table), Forwarding(w1, ForwardSetup(), table)
+    assert fwd1.guest_address(False) == A("2001:db8::2")
+    fwd0.learn_guest(A("fe80::5054:ff:fe12:3456"))
+    assert fwd1.guest_address(False) == A("2001:db8::2")
+    fwd0.learn_guest(A("2001:db8::5054:ff:fe12:3456"))
+    assert fwd1.guest_address(False) == A("2001:db8::5054:ff:fe12:3456")
+    assert fwd0.guest_address(True) == A("10.0.2.15")
