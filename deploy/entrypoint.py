@@ -8,7 +8,8 @@ from environment variables (convenient in compose files and Kubernetes pod
 specs), turned into command-line options by :func:`environ_to_argv`; the
 container's own arguments are appended after them, so for single-valued
 options an argument overrides the variable (argparse keeps the last value),
-while ``--dns``/``--search`` accumulate.  The process then *replaces itself*
+while ``--dns``/``--search`` accumulate, and ``-a``/``-n``/``-g`` take one
+value per IP family (given twice for one family, shardswitch refuses).  The process then *replaces itself*
 with shardswitch (``os.execvp``), so shardswitch gets the container's PID and
 receives SIGTERM from ``podman stop`` / ``docker stop`` directly; the
 coordinator handles SIGTERM (as PID 1 a process has no default signal
@@ -22,9 +23,9 @@ SHARDSWITCH_SOCKET           ``--socket PATH``
 SHARDSWITCH_CONNECT          ``--connect PATH``
 SHARDSWITCH_CONTROL          ``--control PATH``
 SHARDSWITCH_CONFIG           ``--config FILE`` (TOML)
-SHARDSWITCH_ADDRESS          ``-a ADDR``
-SHARDSWITCH_NETMASK          ``-n PREFIX`` (length or dotted netmask)
-SHARDSWITCH_GATEWAY          ``-g GW``
+SHARDSWITCH_ADDRESS          ``-a ADDR`` per entry (one IPv4, one IPv6)
+SHARDSWITCH_NETMASK          ``-n PREFIX`` per entry (length or dotted netmask)
+SHARDSWITCH_GATEWAY          ``-g GW`` per entry (one IPv4, one IPv6)
 SHARDSWITCH_MAC              ``-M MAC``
 SHARDSWITCH_MTU              ``-m MTU``
 SHARDSWITCH_INTERFACE        ``-i IFACE``
@@ -62,15 +63,12 @@ SINGLE: Final = (
     ("CONNECT", "--connect"),
     ("CONTROL", "--control"),
     ("CONFIG", "--config"),
-    ("ADDRESS", "-a"),
-    ("NETMASK", "-n"),
-    ("GATEWAY", "-g"),
     ("MAC", "-M"),
     ("MTU", "-m"),
     ("INTERFACE", "-i"),
 )
 #: Variables holding a comma- or space-separated list: suffix -> repeated option.
-LISTS: Final = (("DNS", "--dns"), ("SEARCH", "--search"))
+LISTS: Final = (("ADDRESS", "-a"), ("NETMASK", "-n"), ("GATEWAY", "-g"), ("DNS", "--dns"), ("SEARCH", "--search"))
 #: Boolean variables: suffix -> flag.
 FLAGS: Final = (("DEBUG", "-d"), ("QUIET", "-q"))
 

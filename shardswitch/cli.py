@@ -5,7 +5,7 @@ Theory of operation
 Three entry points, parsed with argparse::
 
     shardswitch start [--workers N] [--socket PATH | --connect PATH] [--control PATH]
-                      [-a ADDR]... [-n PREFIX] [-g GW]... [-M MAC] [-m MTU] [-i IFACE] [-4 | -6]
+                      [-a ADDR]... [-n PREFIX]... [-g GW]... [-M MAC] [-m MTU] [-i IFACE] [-4 | -6]
                       [--dns ADDR]... [--search DOMAIN]... [--config FILE] [-d | -q] ...
     shardswitch status [--control PATH] [--json]
     shardswitch --print-capabilities        (libvirt's probe: prints {"type": "net"})
@@ -77,8 +77,9 @@ def _add_start_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-a", "--address", action="append", metavar="ADDR",
                         help="guest IPv4 address, or IPv6 address[/prefix length] (once per family; "
                              "default: the host's)")
-    parser.add_argument("-n", "--netmask", dest="prefix_len", metavar="PREFIX",
-                        help="prefix length 0..32 or dotted netmask (default: the host's)")
+    parser.add_argument("-n", "--netmask", dest="prefix_len", action="append", metavar="PREFIX",
+                        help="IPv4 prefix length 0..32 or dotted netmask, or IPv6 prefix length 33..128 "
+                             "(once per family; default: the host's)")
     parser.add_argument("-g", "--gateway", action="append", metavar="GW",
                         help="guest default gateway, IPv4 or IPv6 (once per family; default: the host's)")
     parser.add_argument("-M", "--mac-addr", dest="mac", metavar="MAC",

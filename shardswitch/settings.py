@@ -203,7 +203,7 @@ OPTION_NAMES: Final = {
     "no_icmp": "--no-icmp",
     "no_dhcpv6": "--no-dhcpv6",
     "address6": "-a/--address",
-    "prefix6_len": "-a/--address (ADDR/LEN)",
+    "prefix6_len": "-n/--netmask or -a ADDR/LEN",
     "gateway6": "-g/--gateway",
     "ipv4_only": "-4/--ipv4-only",
     "ipv6_only": "-6/--ipv6-only",
@@ -340,6 +340,21 @@ def _check_unix_path(value: str) -> str:
     return value
 
 
+def _split_prefix(values: dict[str, Any], label: str) -> dict[str, Any]:
+    """``-n`` once per family: a prefix length above 32 is IPv6's (``prefix6_len``); anything else,
+    a length 0..32 or a dotted netmask, is IPv4's (an IPv6 prefix of 32 or less: ``-a ADDR/LEN``)."""
+    given = values.pop("prefix_len", None)
+    if given is None:
+        return values
+    for item in given if isinstance(given, list) else [given]:
+        text = str(item).strip()
+        field = "prefix6_len" if text.isdigit() and int(text) > Limit.MAX_PREFIX_LEN else "prefix_len"
+        if field in values:
+            raise _fail(label, field, f"given twice ({values[field]} and {item}): once per IP family")
+        values[field] = int(text) if field == "prefix6_len" else item
+    return values
+
+
 def _split_families(values: Mapping[str, Any], label: str) -> dict[str, Any]:
     """Move IPv6 values of the either-family settings (:data:`FAMILY_FIELDS`) to their IPv6 fields.
 
@@ -348,7 +363,7 @@ def _split_families(values: Mapping[str, Any], label: str) -> dict[str, Any]:
     also sets ``prefix6_len``.  Values of neither family are left in the
     IPv4 field, whose check then names them.  Raises ConfigError.
     """
-    out = dict(values)
+    out = _split_prefix(dict(values), label)
     for v4_field, v6_field in FAMILY_FIELDS:
         given = out.pop(v4_field, None)
         if given is None:
@@ -363,6 +378,8 @@ def _split_families(values: Mapping[str, Any], label: str) -> dict[str, Any]:
             if field in out:
                 raise _fail(label, field, f"given twice ({out[field]} and {item}): once per IP family")
             if slash and field == "address6":
+                if "prefix6_len" in out:
+                    raise _fail(label, "prefix6_len", f"given twice ({out['prefix6_len']} and {length})")
                 if not length.isdigit():
                     raise _fail(label, "prefix6_len", f"{length!r} is not a prefix length")
                 out["prefix6_len"] = int(length)

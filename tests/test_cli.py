@@ -132,7 +132,8 @@ def test_start_with_config_file_and_connect(monkeypatch: pytest.MonkeyPatch, tmp
 
 @pytest.mark.parametrize("argv,message", [
     (["start", "--workers", "0"], "shardswitch: error: command line: --workers: Expected `int` >= 1, got 0"),
-    (["start", "-n", "40"], "-n/--netmask: '40' is not a prefix length"),
+    (["start", "-n", "200"], "-n/--netmask or -a ADDR/LEN: Expected `int` <= 128"),
+    (["start", "-n", "255.0.255.0"], "-n/--netmask: '255.0.255.0' is not a prefix length"),
     (["start", "--config", "/nonexistent/ss.toml"], "config file /nonexistent/ss.toml: No such file"),
 ])
 def test_start_config_errors(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
@@ -256,7 +257,7 @@ def test_environ_to_argv(entrypoint: ModuleType) -> None:
     """Every variable maps to its option; lists split on commas/spaces; empty means unset."""
     env = {"SHARDSWITCH_WORKERS": "4", "SHARDSWITCH_SOCKET": "/run/shardswitch/s.sock",
            "SHARDSWITCH_CONTROL": "/run/c.ctl", "SHARDSWITCH_CONFIG": "/etc/ss.toml",
-           "SHARDSWITCH_ADDRESS": "10.0.0.2", "SHARDSWITCH_NETMASK": "255.255.255.0",
+           "SHARDSWITCH_ADDRESS": "10.0.0.2, 2001:db8::2", "SHARDSWITCH_NETMASK": "255.255.255.0",
            "SHARDSWITCH_GATEWAY": "10.0.0.1", "SHARDSWITCH_MAC": "02:00:00:00:00:01",
            "SHARDSWITCH_MTU": "1500", "SHARDSWITCH_INTERFACE": "eth0",
            "SHARDSWITCH_DNS": "192.0.2.1, 192.0.2.2", "SHARDSWITCH_SEARCH": "a.example b.example",
@@ -264,8 +265,8 @@ def test_environ_to_argv(entrypoint: ModuleType) -> None:
            "OTHER": "x"}
     assert entrypoint.environ_to_argv(env) == [
         "--workers", "4", "--socket", "/run/shardswitch/s.sock", "--control", "/run/c.ctl",
-        "--config", "/etc/ss.toml", "-a", "10.0.0.2", "-n", "255.255.255.0", "-g", "10.0.0.1",
-        "-M", "02:00:00:00:00:01", "-m", "1500", "-i", "eth0",
+        "--config", "/etc/ss.toml", "-M", "02:00:00:00:00:01", "-m", "1500", "-i", "eth0",
+        "-a", "10.0.0.2", "-a", "2001:db8::2", "-n", "255.255.255.0", "-g", "10.0.0.1",
         "--dns", "192.0.2.1", "--dns", "192.0.2.2", "--search", "a.example", "--search", "b.example",
         "-d"]
     assert entrypoint.environ_to_argv({}) == []
@@ -279,7 +280,7 @@ def test_environ_argv_is_accepted_by_the_parser(entrypoint: ModuleType) -> None:
     assert command[:2] == ["shardswitch", "start"]
     args = cli.build_parser().parse_args(command[1:])
     assert (args.workers, args.connect, args.quiet, args.prefix_len, args.dns) == (
-        2, "/q.sock", True, "16", ["192.0.2.9"])
+        2, "/q.sock", True, ["16"], ["192.0.2.9"])
 
 
 def test_bad_boolean(entrypoint: ModuleType, capsys: pytest.CaptureFixture[str],

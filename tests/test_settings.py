@@ -132,7 +132,7 @@ def test_file_error_names_file_key_and_value(tmp_path: Path) -> None:
     ({"workers": 17}, "command line: --workers: Expected `int` <= 16, got 17"),
     ({"mtu": 67}, "command line: -m/--mtu: Expected `int` >= 68, got 67"),
     ({"mtu": 65521}, "command line: -m/--mtu: Expected `int` <= 65520, got 65521"),
-    ({"prefix_len": "33"}, "command line: -n/--netmask: '33' is not a prefix length"),
+    ({"prefix_len": "129"}, "command line: -n/--netmask or -a ADDR/LEN: Expected `int` <= 128"),
     ({"mac": "9a:55:9a:55:9a"}, "command line: -M/--mac-addr: Expected a MAC address"),
     ({"mac": "01:00:5e:00:00:01"}, "is a multicast MAC address"),
     ({"mac": "00:00:00:00:00:00"}, "is the all-zero MAC address"),
@@ -143,8 +143,10 @@ def test_file_error_names_file_key_and_value(tmp_path: Path) -> None:
     ({"dns": ["192.0.2.1", "::1"]}, "--dns: ::1 is a loopback address"),
     ({"address": ["10.0.0.2", "10.0.0.3"]}, "command line: -a/--address: given twice (10.0.0.2 and 10.0.0.3)"),
     ({"address": ["2001:db8::2", "2001:db8::3/64"]}, "-a/--address: given twice"),
-    ({"address": ["2001:db8::2/x"]}, "-a/--address (ADDR/LEN): 'x' is not a prefix length"),
-    ({"address": ["2001:db8::2/129"]}, "-a/--address (ADDR/LEN): Expected `int` <= 128"),
+    ({"address": ["2001:db8::2/x"]}, "-n/--netmask or -a ADDR/LEN: 'x' is not a prefix length"),
+    ({"address": ["2001:db8::2/129"]}, "-n/--netmask or -a ADDR/LEN: Expected `int` <= 128"),
+    ({"prefix_len": ["24", "16"]}, "-n/--netmask: given twice (24 and 16)"),
+    ({"prefix_len": ["64"], "address": ["2001:db8::2/56"]}, "-n/--netmask or -a ADDR/LEN: given twice"),
     ({"address": ["2001:db8::zz"]}, "-a/--address: '2001:db8::zz' is not an IPv6 address"),
     ({"gateway": ["ff02::1"]}, "-g/--gateway: ff02::1 is not a unicast address"),
     ({"outbound": ["::1"]}, "-o/--outbound: ::1 is a loopback address"),
@@ -247,6 +249,8 @@ def test_addresses_of_either_family_split_by_family(tmp_path: Path) -> None:
     assert (cfg.address, cfg.address6, cfg.prefix6_len) == ("10.0.0.2", "2001:db8::2", 56)
     assert (cfg.gateway, cfg.gateway6, cfg.outbound, cfg.outbound6) == ("10.0.0.1", "fe80::1", None, "2001:db8::9")
     assert (cfg.dns_forward, cfg.dns_forward6, cfg.dns) == ("10.0.0.53", "fd00::53", ["192.0.2.1", "2001:db8::53"])
+    cfg = load_config({"prefix_len": ["255.255.0.0", "56"]})
+    assert (cfg.prefix_len, cfg.prefix6_len) == (16, 56)
     path = write_toml(tmp_path, 'address = "10.0.0.7"\ngateway = "2001:db8::1"\nprefix6_len = 48\n')
     cfg = load_config({"config": path, "address": ["2001:db8::7"]})
     assert (cfg.address, cfg.address6, cfg.prefix6_len, cfg.gateway6) == ("10.0.0.7", "2001:db8::7", 48,
