@@ -390,9 +390,13 @@ def run_coordinator(*, workers: int, setup: WorkerSetup, socket_path: str, contr
         log.error("%s", err)
         coordinator.close()
         return 1
-    log.info("shardswitch %s: %d worker(s), %s %s; guest %s/%d gateway %s mtu %d", __version__, workers,
-             "connecting to" if connect else "listening on", socket_path, params.address, params.prefix_len,
-             params.gateway, params.mtu)
+    families = [f"{params.address}/{params.prefix_len} gateway {params.gateway}"
+                if setup.services & Service.IPV4 else "",
+                (f"{params.address6}/{params.prefix6_len}" if params.address6 else "link-local IPv6")
+                if setup.services & Service.IPV6 else ""]
+    log.info("shardswitch %s: %d worker(s), %s %s; guest %s, mtu %d", __version__, workers,
+             "connecting to" if connect else "listening on", socket_path,
+             ", ".join(f for f in families if f), params.mtu)
     if print_fragment:
         print("QEMU options for this back-end:\n  " + qemu_fragment(socket_path, workers), flush=True)
     try:
