@@ -2,7 +2,8 @@
 
 Second of the three vhost-user layers.  :class:`RequestHandler` maps request
 codes to methods through one table; each method decodes its payload with the
-wire codecs, checks the descriptors that came with it, and calls
+wire codecs, checks the descriptors that came with it (their number, and
+their kind with :mod:`~shardswitch.coordinator.fdcheck`), and calls
 :class:`~shardswitch.coordinator.device.Device`.  :meth:`RequestHandler.serve`
 is the single boundary where errors turn into answers:
 
@@ -21,6 +22,7 @@ import logging
 from collections import Counter
 from typing import Callable
 
+from shardswitch.coordinator import fdcheck
 from shardswitch.coordinator.conn import FrontendConnection, Message
 from shardswitch.coordinator.device import (NO_FD, OFFERED_FEATURES, OFFERED_PROTOCOL_FEATURES, Device,
                                             DeviceError)
@@ -166,12 +168,16 @@ class RequestHandler:
     def set_mem_table(self, msg: Message) -> None:
         """SET_MEM_TABLE."""
         regions = decode_mem_table(msg.payload)
-        self.device.set_mem_table(regions, msg.take_fds())
+        fds = msg.take_fds()
+        fdcheck.check_memory_fds("SET_MEM_TABLE", regions, fds)
+        self.device.set_mem_table(regions, fds)
 
     def add_mem_reg(self, msg: Message) -> None:
         """ADD_MEM_REG."""
         region = decode_single_region("ADD_MEM_REG", msg.payload)
-        self.device.add_mem_region(region, msg.take_fds())
+        fds = msg.take_fds()
+        fdcheck.check_memory_fds("ADD_MEM_REG", [region], fds)
+        self.device.add_mem_region(region, fds)
 
     def rem_mem_reg(self, msg: Message) -> None:
         """REM_MEM_REG."""
@@ -236,6 +242,8 @@ class RequestHandler:
         if len(msg.fds) != want:
             raise DeviceError(f"{request.name}: expected {want} descriptor(s), got {len(msg.fds)}")
         self.device.vring(index, request.name)
+        for fd in msg.fds:
+            fdcheck.check_eventfd(request.name, fd)  # a refused one is closed with the message
         setter = {Request.SET_VRING_KICK: self.device.set_vring_kick,
                   Request.SET_VRING_CALL: self.device.set_vring_call,
                   Request.SET_VRING_ERR: self.device.set_vring_err}[request]

@@ -40,7 +40,7 @@ from tests.net.net_testlib import (BROADCAST_MAC, GUEST_MAC, OUR_MAC, eth_frame,
                                    udp_datagram)
 from tests.switch import Switch
 from tests.switchkit import (GATEWAY_IP, GUEST_IP, Baseline, is_periodic_ra, arp_request, arp_roundtrip, assert_recovered,
-                             baseline, drops, events, ring_status, wait_status)
+                             baseline, drops, events, ring_status, wait_idle, wait_status)
 
 PAIRS = 2
 NEXT, WRITE, INDIRECT = int(DescFlags.NEXT), int(DescFlags.WRITE), int(DescFlags.INDIRECT)
@@ -252,6 +252,59 @@ def test_disconnected(switch: Switch, before: Baseline, fe: VhostUserFrontend, c
     assert refused(switch)[case.counted_as] == counted + 1
     assert watch.count("protocol error") == 1
     fe.close()
+    assert_recovered(switch, before)
+
+
+#: Descriptors of the wrong kind: what each case sends, and with which request.
+WRONG_KINDS = ("own socket as memory", "eventfd as memory", "pipe as memory", "/dev/null as memory",
+               "short memfd as memory", "memfd as kick", "socket as call")
+
+
+def _wrong_descriptor(fe: VhostUserFrontend, case: str) -> tuple[int, bytes, list[int], list[int]]:
+    """(request, payload, descriptors to send, descriptors the test must close) for one WRONG_KINDS case."""
+    table = encode_mem_table(fe.ram.regions)
+    if case == "own socket as memory":
+        return Request.SET_MEM_TABLE, table, [fe.sock.fileno()], []
+    if case == "eventfd as memory":
+        fd = os.eventfd(0, os.EFD_CLOEXEC)
+        return Request.SET_MEM_TABLE, table, [fd], [fd]
+    if case == "pipe as memory":
+        r, w = os.pipe()
+        return Request.SET_MEM_TABLE, table, [r], [r, w]
+    if case == "/dev/null as memory":
+        fd = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+        return Request.SET_MEM_TABLE, table, [fd], [fd]
+    if case == "short memfd as memory":
+        fd = os.memfd_create("short", os.MFD_CLOEXEC)
+        os.ftruncate(fd, 4096)
+        return Request.SET_MEM_TABLE, table, [fd], [fd]
+    if case == "memfd as kick":
+        fd = os.memfd_create("kick", os.MFD_CLOEXEC)
+        return Request.SET_VRING_KICK, U64.pack(1), [fd], [fd]
+    return Request.SET_VRING_CALL, U64.pack(0), [fe.sock.fileno()], []
+
+
+@pytest.mark.parametrize("case", WRONG_KINDS)
+def test_wrong_descriptor_kind_refused_and_next_frontend_served(switch: Switch, before: Baseline,
+                                                                fe: VhostUserFrontend, case: str) -> None:
+    """A descriptor of the wrong kind (even the front-end's own connection) is refused and closed at once:
+    after that front-end disconnects, the next one is served at once."""
+    request, payload, fds, ours = _wrong_descriptor(fe, case)
+    watch = LogWatch(switch)
+    counted = refused(switch)[Request(request).name]
+    try:
+        assert fe.request_status(request, payload, fds) != 0
+    finally:
+        close_all(ours)
+    assert refused(switch)[Request(request).name] == counted + 1
+    assert watch.count("not a memory file" if "memory" in case and "short" not in case
+                       else "shorter than the region" if "short" in case else "not an eventfd") == 1
+    fe.close()
+    wait_idle(switch, timeout=2.0)
+    with VhostUserFrontend.connect(switch.socket, queue_pairs=PAIRS, ignore=is_periodic_ra) as nxt:
+        nxt.handshake()
+        all_pairs_answer(nxt)
+    assert watch.count("refused a second front-end") == 0
     assert_recovered(switch, before)
 
 
