@@ -24,6 +24,7 @@ import hashlib
 import ipaddress
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -419,9 +420,24 @@ def _services(cfg: "Config", addressing: "GuestAddressing") -> Service:
     return services
 
 
+def raise_nofile_limit() -> int:
+    """Raise this process's open-file limit to its hard limit (workers inherit it): every flow holds a host
+    socket, and `-t all` listens on tens of thousands of ports.  Returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as err:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, err)
+            return soft
+    return hard
+
+
 def run(cfg: "Config") -> int:
     """``shardswitch start``: resolve addressing (mirroring the host), then run the coordinator."""
     from shardswitch.guest_addressing import guest_params, host_addressing
+
+    log.debug("open-file limit: %d", raise_nofile_limit())
 
     addressing = host_addressing(cfg)
     params = guest_params(cfg, addressing)

@@ -171,10 +171,10 @@ class FlowLayer:
         try:
             ref = table.enter(ftype, initiator, target, self.port.pair, now)
         except TableFullError as err:
-            log.warning("%s flow not created: %s", ftype.name, err)
+            self.port.loglimit.warning("table full", "%s flow not created: %s", ftype.name, err)
             raise PacketError(self._hooks[ftype].table_full, str(err)) from None
         except FlowTableError as err:
-            log.error("%s flow not created: %s", ftype.name, err)
+            self.port.loglimit.error("table error", "%s flow not created: %s", ftype.name, err)
             raise PacketError(DropReason.INTERNAL_ERROR, str(err)) from None
         if ref is not None:
             return ref

@@ -121,6 +121,21 @@ class Forwarding:
                 return own, port
         return dst, port
 
+    def is_unicast(self, dst: InAny) -> bool:
+        """Whether the guest may start a flow to ``dst``: not unspecified, multicast, broadcast (limited,
+        or directed to the guest's own subnet) or loopback (the host's loopback is reached through a
+        mapped address, never by its own address)."""
+        if inany.is_loopback(dst):
+            return False
+        if not inany.is_v4(dst):
+            return not (ipv6.is_multicast(dst) or ipv6.is_unspecified(dst))
+        addr = int.from_bytes(dst[12:], "big")
+        params = self.port.params
+        host_bits = ~params.netmask & 0xFFFFFFFF
+        directed = params.prefix_len <= 30 and (addr ^ params.address) & params.netmask == 0 \
+            and addr & host_bits == host_bits
+        return not (addr >> 28 == 0xE or addr == 0xFFFFFFFF or addr >> 24 == 0 or directed)
+
     def bind_outbound(self, sock: socket.socket, target: InAny) -> None:
         """Bind ``sock``, about to reach ``target``, to the outbound address and interface of its family.
 

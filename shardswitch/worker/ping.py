@@ -93,7 +93,14 @@ class PingFlows:
 
     def _request(self, ftype: FlowType, src: InAny, dst: InAny, ident: int, seq: int, request: bytes,
                  now: float) -> None:
-        """Send one echo request on its flow's socket, creating the flow first if needed."""
+        """Send one echo request on its flow's socket, creating the flow first if needed.
+
+        Requests to broadcast, multicast or local addresses are dropped (ICMP_IGNORED / ICMPV6_IGNORED):
+        no host socket may send them, and a guest must not make the host ping a whole network.
+        """
+        if not self.layer.fwd.is_unicast(dst):
+            raise PacketError(DropReason.ICMP_IGNORED if ftype == FlowType.PING4 else DropReason.ICMPV6_IGNORED,
+                              f"echo to {inany.to_str(dst)}: not a unicast address")
         guest_side = FlowSide(Pif.GUEST, src, ident, dst, 0)
         key, flow = self.layer.find(ftype, guest_side)
         if flow is None:
@@ -114,8 +121,8 @@ class PingFlows:
             sock = socket.socket(inany.family(target), socket.SOCK_DGRAM, proto)
         except OSError as err:
             if err.errno in (errno.EACCES, errno.EPERM):
-                log.error("ICMP echo sockets are not allowed for this group: "
-                          "see sysctl net.ipv4.ping_group_range")
+                self.port.loglimit.error("ping socket", "ICMP echo sockets are not allowed for this group: "
+                                         "see sysctl net.ipv4.ping_group_range")
             raise PacketError(DropReason.PING_SOCKET_ERROR, err.strerror or "") from None
         try:
             sock.setblocking(False)

@@ -29,6 +29,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+from shardswitch.loglimit import LogLimiter
 from shardswitch.net.drop import DropReason
 from shardswitch.net.params import ResolvedParams
 from shardswitch.virtio.netdev import RxWriter
@@ -111,6 +112,8 @@ class WorkerPort(Protocol):
     queue: deque[bytes]
     #: Offloads of the running RX ring.
     offloads: RxOffloads
+    #: Rate limits for log lines the guest can cause (full table, refused sockets, internal errors).
+    loglimit: LogLimiter
 
     @property
     def guest_mac(self) -> bytes | None:

@@ -147,18 +147,17 @@ class UdpFlows:
     def handle4(self, eth_src: bytes, packet: Ipv4Packet, datagram: UdpDatagram, now: float,
                 out: list[bytes]) -> None:
         """A UDP datagram over IPv4 from the guest (endpoint default UDP handler)."""
-        dst = packet.dst
-        if dst >> 28 == 0xE or dst == 0xFFFFFFFF or dst >> 24 in (0, 127) or not datagram.dst_port:
+        dst = inany.from_v4(packet.dst)
+        if not self.fwd.is_unicast(dst) or not datagram.dst_port:
             raise PacketError(DropReason.UDP_PORT_UNHANDLED, "multicast, broadcast or local destination")
-        self._from_guest(inany.from_v4(packet.src), datagram.src_port, inany.from_v4(dst), datagram.dst_port,
+        self._from_guest(inany.from_v4(packet.src), datagram.src_port, dst, datagram.dst_port,
                          datagram.payload, now)
 
     def handle6(self, eth_src: bytes, packet: Ipv6Packet, datagram: UdpDatagram, now: float,
                 out: list[bytes]) -> None:
         """A UDP datagram over IPv6 from the guest (endpoint default IPv6 UDP handler)."""
         dst = packet.dst
-        if ipv6.is_multicast(dst) or ipv6.is_unspecified(dst) or dst == ipv6.LOOPBACK \
-                or not datagram.dst_port or ipv6.is_unspecified(packet.src):
+        if not self.fwd.is_unicast(dst) or not datagram.dst_port or ipv6.is_unspecified(packet.src):
             raise PacketError(DropReason.UDP_PORT_UNHANDLED, "multicast or local destination")
         self._from_guest(packet.src, datagram.src_port, dst, datagram.dst_port, datagram.payload, now)
 
@@ -188,7 +187,7 @@ class UdpFlows:
         try:
             sock = socket.socket(family, socket.SOCK_DGRAM)
         except OSError as err:
-            log.warning("UDP socket: %s", err.strerror)
+            self.port.loglimit.warning("udp socket", "UDP socket: %s", err.strerror)
             raise PacketError(DropReason.UDP_SOCKET_ERROR, err.strerror or "") from None
         try:
             sock.setblocking(False)

@@ -42,6 +42,7 @@ import time
 from collections import deque
 from typing import Callable
 
+from shardswitch.loglimit import LogLimiter
 from shardswitch.ipc import (
     Channel,
     IpcError,
@@ -103,6 +104,7 @@ class Worker(EpollWatches, CountingPort):
         self.endpoint = GuestEndpoint(params, Service(setup.services & Service.ALL))
         self.params: ResolvedParams = self.endpoint.resolved
         self.counters = Counters()
+        self.loglimit = LogLimiter(log)
         #: The TX ring negotiated CSUM: guest frames may carry partial checksums (NEEDS_CSUM).
         self.tx_partial_csum = False
         #: What the running RX ring negotiated (DATA_VALID, TSO).
@@ -366,7 +368,8 @@ class Worker(EpollWatches, CountingPort):
             return
         except Exception:
             self.counters.drops[DropReason.INTERNAL_ERROR] += 1
-            log.exception("worker %d: frame dropped after an internal error", self.pair)
+            self.loglimit.error("internal error", "worker %d: frame dropped after an internal error", self.pair,
+                                exc_info=True)
             return
         if reason is not None:
             self.counters.drops[reason] += 1
@@ -392,6 +395,7 @@ class Worker(EpollWatches, CountingPort):
         if self.endpoint.guest_mac is None and self.table is not None:
             self.endpoint.guest_mac = self.published_mac = self.table.guest_mac()
         self.flows.tick(now)
+        self.loglimit.flush()
         if self.pair == 0 and self.rx.state is SlotState.RUNNING:
             # Unsolicited router advertisements (RFC 4861 6.2.4): one worker sends them for the guest.
             advert = self.endpoint.ndp.periodic_ra(now)

@@ -176,3 +176,21 @@ def test_dhcpv6_through_the_switch(tmp_path: Path) -> None:
         fe.send_frames(0, [rs_frame()])
         (advert,) = fe.recv_frames(0, timeout=3.0)
         assert advert[54] == 134 and advert[59] & 0xC0 == 0, advert.hex()  # an RA, neither M nor O
+
+
+def test_open_file_limit_raised_to_the_hard_limit(tmp_path: Path) -> None:
+    """Started with a low soft limit, the coordinator and its workers run at the hard limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(soft, 256, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+    try:
+        with Switch(tmp_path, workers=2) as sw:
+            status = sw.status()
+            for pid in [status["pid"]] + [w["pid"] for w in status["workers"]]:
+                limits = open(f"/proc/{pid}/limits").read()
+                line = next(l for l in limits.splitlines() if l.startswith("Max open files"))
+                assert line.split()[3:5] == [str(hard), str(hard)], line
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -10,11 +10,13 @@ against the interface (``pyproject.toml`` lists this file).
 
 from __future__ import annotations
 
+import logging
 import select
 from collections import deque
 from typing import Callable
 
 from shardswitch.ipc import ForwardSetup
+from shardswitch.loglimit import LogLimiter
 from shardswitch.net.endpoint import GuestEndpoint
 from shardswitch.net.params import GuestParams, ResolvedParams
 from shardswitch.virtio.netdev import RxWriter
@@ -35,6 +37,7 @@ class StandInWorker(EpollWatches, CountingPort):
         self.queue: deque[bytes] = deque()
         self.offloads = RxOffloads()
         self.counters = Counters()
+        self.loglimit = LogLimiter(logging.getLogger("shardswitch.worker"))
         self.epoll = select.epoll()
         self.sockets: dict[int, Callable[[], None]] = {}
         self.flows = FlowLayer(self, None, Forwarding(self, ForwardSetup(map_host_loopback=mapped)))
