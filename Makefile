@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 ARGS   ?=
 WORKERS ?= 2
 
-.PHONY: run test unit typecheck bench demo deps deps-runtime clean
+.PHONY: run test unit typecheck bench fuzz demo deps deps-runtime clean
 
 deps-runtime:
 	@scripts/install-deps.sh --runtime
@@ -37,6 +37,11 @@ test: deps $(STAMP) typecheck
 
 bench: deps $(STAMP)
 	$(PY) -m bench.run
+
+# Longer fuzzing than CI's 10,000 inputs per interface (FUZZ_EXAMPLES to change it).
+FUZZ_EXAMPLES ?= 200000
+fuzz: $(STAMP)
+	SHARDSWITCH_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -m 'not guest and not dpdk' -k fuzz tests
 
 demo: deps $(STAMP)
 	$(PY) -m tests.guest.demo --workers $(WORKERS)
