@@ -27,7 +27,7 @@ from shardswitch.worker.udp import UDP_TIMEOUT
 from tests.guest.netns import TestNetns
 from tests.switch import Switch
 from tests.switchkit import ready_frontend
-from tests.worker.test_worker_udp import ECHO_PORT, decode, echo_ns, frame4  # noqa: F401 (echo_ns: a fixture)
+from tests.worker.test_worker_udp import ECHO_PORT, decode, frame4, start_echo_server
 
 FLOOD_SECONDS = 10.0
 MAX_FLOWS = 512
@@ -51,8 +51,9 @@ def echoed(fe: object, sport: int) -> bool:
     return False
 
 
-def test_udp_flow_flood(tmp_path: Path, echo_ns: TestNetns) -> None:  # noqa: F811
+def test_udp_flow_flood(tmp_path: Path, netns: TestNetns) -> None:
     """10 s of new UDP flows: bounded log, the old flow still answered, descriptors back to the baseline."""
+    echo_ns = start_echo_server(netns, tmp_path)
     with Switch(tmp_path, workers=2, prefix=echo_ns.exec_argv([]), args=["--max-flows", str(MAX_FLOWS)]) as sw, \
             ready_frontend(sw, rx=256) as fe:
         assert echoed(fe, 30001)

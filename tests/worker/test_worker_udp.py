@@ -251,10 +251,9 @@ def test_local_and_multicast_destinations_are_dropped(table: FlowTable) -> None:
 # -- through a switch -------------------------------------------------------------------
 
 
-@pytest.fixture
-def echo_ns(netns: TestNetns, tmp_path: Path) -> TestNetns:
-    """The test namespace with the UDP echo server running on 127.0.0.1 and ::1 port ECHO_PORT, and on the
-    stub resolver's 127.0.0.53 port 53."""
+def start_echo_server(netns: TestNetns, tmp_path: Path) -> TestNetns:
+    """Run the UDP echo server in ``netns`` (127.0.0.1 and ::1 port ECHO_PORT, and the stub resolver's
+    127.0.0.53 port 53); returns ``netns`` once it listens."""
     ready = tmp_path / "echo.ready"
     netns.popen([sys.executable, "-c", ECHO_SERVER, str(ECHO_PORT), str(ready)])
     deadline = time.monotonic() + 10
@@ -262,6 +261,12 @@ def echo_ns(netns: TestNetns, tmp_path: Path) -> TestNetns:
         assert time.monotonic() < deadline, "echo server did not start"
         time.sleep(0.05)
     return netns
+
+
+@pytest.fixture
+def echo_ns(netns: TestNetns, tmp_path: Path) -> TestNetns:
+    """The test namespace with the UDP echo server running (:func:`start_echo_server`)."""
+    return start_echo_server(netns, tmp_path)
 
 
 @pytest.fixture
