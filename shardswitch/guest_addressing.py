@@ -57,12 +57,11 @@ class GuestAddressing(msgspec.Struct, frozen=True, kw_only=True):
     mac: str
     interface: str | None = None
     notes: list[str] = []
-    #: DNS forwarding: guest traffic to these addresses' port 53 (UDP and TCP) goes to the host resolvers
-    #: ``dns_upstream``.  They are --dns-forward's addresses, or the gateways of families whose host
-    #: resolvers are all on its loopback (systemd-resolved's 127.0.0.53, a local dnsmasq), or the gateways
-    #: when --dns-host is given alone.
-    dns_forward: list[str] = []
-    dns_upstream: list[str] = []
+    #: DNS forwarding: guest-side address -> the host resolver its port 53 (UDP and TCP) goes to.  The
+    #: addresses are --dns-forward's, or the gateways of families whose host resolvers are all on its
+    #: loopback (systemd-resolved's 127.0.0.53, a local dnsmasq), or the gateways when --dns-host is given
+    #: alone, or a gateway that is itself the host's resolver.
+    dns_forward: dict[str, str] = {}
     #: The guest's global IPv6 address and prefix length (None: no global IPv6, link-local only), its
     #: IPv6 router (None: our own link-local address) and IPv6 DNS servers (RDNSS, DHCPv6).
     address6: str | None = None
@@ -82,15 +81,6 @@ def _classful_prefix(address: str) -> int:
     if first < 192:
         return 16
     return 24
-
-
-class _Dns(msgspec.Struct, frozen=True, kw_only=True):
-    """The DNS choice: servers offered per family, and which guest-side addresses forward to what."""
-
-    dns: list[str]
-    dns6: list[str]
-    forward: list[str]
-    upstream: list[str]
 
 
 def _usable_resolvers(netinfo: hostnet.NetInfo) -> tuple[dict[int, list[str]], list[str]]:
@@ -113,50 +103,73 @@ def _usable_resolvers(netinfo: hostnet.NetInfo) -> tuple[dict[int, list[str]], l
     return usable, loopback
 
 
+def _first_of_family(candidates: list[str], address: str) -> str | None:
+    """The first of ``candidates`` (host resolvers) of ``address``'s family, else the first at all (passt's
+    ``dns_match``); None when there is none.  Scoped (``%zone``) and malformed candidates are skipped."""
+    parsed = []
+    for text in candidates:
+        try:
+            addr = ipaddress.ip_address(text)
+        except ValueError:
+            continue
+        if not getattr(addr, "scope_id", None):   # a link-local resolver's zone cannot travel with it
+            parsed.append(addr)
+    version = ipaddress.ip_address(address).version
+    same = [a for a in parsed if a.version == version]
+    return str((same or parsed)[0]) if parsed else None
+
+
 def _pick_dns(cfg: Config, netinfo: hostnet.NetInfo, gateways: dict[int, str | None],
-              notes: list[str]) -> _Dns:
+              notes: list[str]) -> tuple[dict[int, list[str]], dict[str, str]]:
     """Choose the guest's DNS servers per family, and the DNS forwarding (passt's rules, both families).
 
-    Per family, the guest is offered: --dns's servers of that family, else
-    --dns-forward's address of that family, else (--dns-host alone) the
-    gateway, else the host's usable resolvers of that family.  A family left
-    with none while the host has resolvers on its loopback (systemd-resolved's
-    127.0.0.53, a local dnsmasq) gets the gateway, whose port 53 is forwarded
-    to the first of them, whatever its family (as passt's --dns-host).
-    --dns-forward addresses go to --dns-host, else to resolv.conf's servers.
-    ``gateways`` maps 4 and 6 to the family's gateway (None: the family is off).
+    Returns (servers offered per family, guest-side address -> host resolver
+    its port 53 goes to).  Per family, the guest is offered: --dns's servers
+    of that family, else --dns-forward's address of that family, else
+    (--dns-host alone) the gateway, forwarded there, else the host's usable
+    resolvers of that family.  A family left with none while the host has
+    resolvers on its loopback (systemd-resolved's 127.0.0.53, a local
+    dnsmasq) gets the gateway, forwarded to the first of them, whatever its
+    family (as passt's --dns-host).  A host resolver that is the gateway
+    itself is forwarded to itself: without that, the gateway would mean the
+    host's loopback.  --dns-forward addresses go to --dns-host, else to the
+    first resolv.conf server of their family.  ``gateways`` maps 4 and 6 to
+    the family's gateway (None: the family is off).
     """
     usable, loopback = _usable_resolvers(netinfo)
     given = {4: cfg.dns_forward, 6: cfg.dns_forward6}
-    offered: dict[int, list[str]] = {4: [], 6: []}
-    forward: list[str] = []
-    upstream: list[str] = []
     explicit = any(given.values())
-    if explicit:
-        forward = [addr for addr in given.values() if addr is not None]
-        upstream = [cfg.dns_host] if cfg.dns_host is not None else list(netinfo.nameservers)
+    offered: dict[int, list[str]] = {4: [], 6: []}
+    forward: dict[str, str] = {}
     for version, gateway in gateways.items():
         if gateway is None:
             continue
+        address = given[version]
         if cfg.dns is not None:
             offered[version] = [a for a in cfg.dns if ipaddress.ip_address(a).version == version]
-        elif given[version] is not None:
-            offered[version] = [str(given[version])]
+        elif address is not None:
+            offered[version] = [address]
         elif cfg.dns_host is not None and not explicit:
             offered[version] = [gateway]
+            forward[gateway] = cfg.dns_host
         elif usable[version]:
             offered[version] = usable[version]
+            if gateway in usable[version]:
+                forward[gateway] = gateway
         elif loopback and not explicit:
             offered[version] = [gateway]
+            forward[gateway] = loopback[0]
             notes.append(f"the host's resolvers are loopback only ({loopback[0]}): the guest gets the "
                          f"gateway {gateway} as IPv{version} DNS server, and its queries there go to "
                          f"{loopback[0]}")
-        if offered[version] == [gateway] and cfg.dns is None:
-            forward.append(gateway)
-            upstream = [cfg.dns_host] if cfg.dns_host is not None else loopback[:1]
+        if address is not None:
+            resolver = _first_of_family([cfg.dns_host] if cfg.dns_host is not None else netinfo.nameservers,
+                                        address)
+            if resolver is not None:
+                forward[address] = resolver
     if gateways[4] is not None and not offered[4] and cfg.dns is None:
         notes.append("no IPv4 DNS server found in the host's resolv.conf: the guest gets none")
-    return _Dns(dns=offered[4], dns6=offered[6], forward=forward, upstream=upstream)
+    return offered, forward
 
 
 def _missing_addressing(cfg: Config, route: hostnet.HostNet | None,
@@ -253,14 +266,15 @@ def resolve_addressing(cfg: Config, netinfo: hostnet.NetInfo) -> GuestAddressing
             raise ConfigError("-6: the guest has no IPv6 address: the host has no global IPv6 address on an "
                               "interface with an IPv6 default route; give -a with an IPv6 address")
     router6 = gateway6 if gateway6 is not None else our_link_local(cfg.mac)
-    dns = _pick_dns(cfg, netinfo, {4: gateway if ipv4 else None, 6: router6 if ipv6 else None}, notes)
+    dns, dns_forward = _pick_dns(cfg, netinfo, {4: gateway if ipv4 else None, 6: router6 if ipv6 else None},
+                                 notes)
     search = list(cfg.search) if cfg.search is not None else list(netinfo.search)
     route = netinfo.route if ipv4 else netinfo.route6
     interface = cfg.interface or (route.ifname if route is not None else None)
     return GuestAddressing(address=address, prefix_len=prefix_len, gateway=gateway, mtu=cfg.mtu,
-                           dns=dns.dns, search=search, mac=cfg.mac, interface=interface, notes=notes,
-                           dns_forward=dns.forward, dns_upstream=dns.upstream, address6=address6,
-                           prefix6_len=prefix6_len, gateway6=gateway6, dns6=dns.dns6, ipv4=ipv4, ipv6=ipv6)
+                           dns=dns[4], search=search, mac=cfg.mac, interface=interface, notes=notes,
+                           dns_forward=dns_forward, address6=address6, prefix6_len=prefix6_len,
+                           gateway6=gateway6, dns6=dns[6], ipv4=ipv4, ipv6=ipv6)
 
 
 def host_addressing(cfg: Config, resolv_conf: str = hostnet.RESOLV_CONF) -> GuestAddressing:

@@ -42,9 +42,8 @@ class ForwardSetup(msgspec.Struct, frozen=True, kw_only=True):
 
     #: Guest traffic to these addresses (IPv4 and/or IPv6) goes to the host's loopback.
     map_host_loopback: tuple[str, ...] = ()
-    #: Guest-side DNS forwarding addresses (any family) and the host resolvers their queries go to.
-    dns_forward: tuple[str, ...] = ()
-    dns_upstream: tuple[str, ...] = ()
+    #: DNS forwarding: (guest-side address, the host resolver its port 53 goes to), any family each.
+    dns_forward: tuple[tuple[str, str], ...] = ()
     #: Guest traffic to this address goes to the host's own address the guest's shadows ("" = none).
     map_guest_addr: str = ""
     #: Source addresses (at most one per family) and interfaces host sockets of guest flows are bound to.

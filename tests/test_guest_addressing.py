@@ -69,14 +69,14 @@ def test_dns_per_family_skips_loopback_and_link_local() -> None:
     """Each family gets the host's usable resolvers of that family; loopback and link-local ones are not
     offered when a usable one exists."""
     got = resolve(netinfo(nameservers=["127.0.0.53", "2001:db8::1", "fe80::53%eth0", "192.0.2.9", "192.0.2.10"]))
-    assert (got.dns, got.dns6, got.dns_forward) == (["192.0.2.9", "192.0.2.10"], ["2001:db8::1"], [])
+    assert (got.dns, got.dns6, got.dns_forward) == (["192.0.2.9", "192.0.2.10"], ["2001:db8::1"], {})
 
 
 def test_loopback_only_resolvers_give_the_gateway() -> None:
     """systemd-resolved style hosts: each family's gateway is offered, forwarded to the stub, with a note."""
     got = resolve(netinfo(nameservers=["127.0.0.53", "::1"]))
     assert (got.dns, got.dns6) == (["10.99.0.1"], ["fe80::1"])
-    assert (got.dns_forward, got.dns_upstream) == (["10.99.0.1", "fe80::1"], ["127.0.0.53"])
+    assert got.dns_forward == {"10.99.0.1": "127.0.0.53", "fe80::1": "127.0.0.53"}
     assert any("loopback only (127.0.0.53)" in n for n in got.notes)
 
 
@@ -99,14 +99,14 @@ def test_dns_host_for_each_family_without_a_usable_resolver(nameservers: list[st
     """A family without a usable resolver gets its gateway, forwarded to the first loopback resolver
     (of either family)."""
     got = resolve(netinfo(nameservers=nameservers))
-    forward = [gw for gw, offered in (("10.99.0.1", dns), ("fe80::1", dns6)) if offered == [gw]]
-    assert (got.dns, got.dns6, got.dns_forward, got.dns_upstream) == (dns, dns6, forward, upstream)
+    forward = {gw: upstream[0] for gw, offered in (("10.99.0.1", dns), ("fe80::1", dns6)) if offered == [gw]}
+    assert (got.dns, got.dns6, got.dns_forward) == (dns, dns6, forward)
 
 
 def test_explicit_dns_means_no_dns_host() -> None:
     """--dns wins: nothing is forwarded implicitly; its IPv6 servers are the guest's IPv6 ones."""
     got = resolve(netinfo(nameservers=["127.0.0.53"]), dns=["10.99.0.53", "2001:db8::53"])
-    assert (got.dns, got.dns6, got.dns_forward, got.dns_upstream) == (["10.99.0.53"], ["2001:db8::53"], [], [])
+    assert (got.dns, got.dns6, got.dns_forward) == (["10.99.0.53"], ["2001:db8::53"], {})
 
 
 def test_ipv6_mirrored_and_overridden() -> None:
@@ -122,10 +122,10 @@ def test_one_family_only() -> None:
     """-4: no IPv6 (nor IPv6 DNS); -6: IPv4 off, a placeholder when the host has none, an error without IPv6."""
     got = resolve(netinfo(nameservers=["127.0.0.53"]), ipv4_only=True)
     assert (got.ipv4, got.ipv6, got.address6, got.dns6, got.dns_forward) == (True, False, None, [],
-                                                                              ["10.99.0.1"])
+                                                                              {"10.99.0.1": "127.0.0.53"})
     got = resolve(netinfo(route=None, nameservers=["127.0.0.53"]), ipv6_only=True)
     assert (got.ipv4, got.ipv6, got.address6, got.dns, got.dns_forward) == (False, True, "2001:db8:99::2", [],
-                                                                            ["fe80::1"])
+                                                                            {"fe80::1": "127.0.0.53"})
     assert got.interface == "eth0"
     with pytest.raises(ConfigError, match="-6: the guest has no IPv6 address"):
         resolve(netinfo(route6=None), ipv6_only=True)
@@ -211,10 +211,29 @@ def test_dns_host_makes_the_gateway_the_resolver() -> None:
     """--dns-host alone: the gateway is offered and forwards there; with --dns-forward it is where that goes
     (else the host's resolv.conf is)."""
     got = resolve(netinfo(), dns_host="192.0.2.99")
-    assert (got.dns, got.dns6, got.dns_forward, got.dns_upstream) == (["10.99.0.1"], ["fe80::1"],
-                                                                      ["10.99.0.1", "fe80::1"], ["192.0.2.99"])
+    assert (got.dns, got.dns6, got.dns_forward) == (["10.99.0.1"], ["fe80::1"],
+                                                    {"10.99.0.1": "192.0.2.99", "fe80::1": "192.0.2.99"})
     got = resolve(netinfo(), dns_host="127.0.0.53", dns_forward="10.99.0.53")
-    assert (got.dns, got.dns_forward, got.dns_upstream) == (["10.99.0.53"], ["10.99.0.53"], ["127.0.0.53"])
+    assert (got.dns, got.dns_forward) == (["10.99.0.53"], {"10.99.0.53": "127.0.0.53"})
     got = resolve(netinfo(), dns_forward=["10.99.0.53", "fd00::53"])
-    assert (got.dns6, got.dns_forward, got.dns_upstream) == (["fd00::53"], ["10.99.0.53", "fd00::53"],
-                                                             ["192.0.2.53"])
+    assert (got.dns6, got.dns_forward) == (["fd00::53"], {"10.99.0.53": "192.0.2.53", "fd00::53": "192.0.2.53"})
+
+
+def test_dns_forward_goes_to_the_resolver_of_its_family() -> None:
+    """--dns-forward: to the first resolv.conf server of its family, else the first at all; scoped and
+    malformed entries are skipped."""
+    got = resolve(netinfo(nameservers=["::1", "127.0.0.53", "192.0.2.1"]), dns_forward=["10.99.0.53", "fd00::53"])
+    assert got.dns_forward == {"10.99.0.53": "127.0.0.53", "fd00::53": "::1"}
+    got = resolve(netinfo(nameservers=["fe80::1%eth0", "::1"]), dns_forward="10.99.0.53")
+    assert got.dns_forward == {"10.99.0.53": "::1"}
+    got = resolve(netinfo(nameservers=[]), dns_forward="10.99.0.53")
+    assert got.dns_forward == {}
+
+
+def test_a_resolver_that_is_the_gateway_is_forwarded_to_itself() -> None:
+    """A home router is often the gateway and the resolver: its port 53 goes to it, not to the host's
+    loopback (where the gateway leads otherwise), even beside an explicit IPv6 forward."""
+    got = resolve(netinfo(nameservers=["10.99.0.1"]))
+    assert (got.dns, got.dns_forward) == (["10.99.0.1"], {"10.99.0.1": "10.99.0.1"})
+    got = resolve(netinfo(nameservers=["10.99.0.1", "2001:db8::53"]), dns_forward=["fd00::53"])
+    assert got.dns_forward == {"10.99.0.1": "10.99.0.1", "fd00::53": "2001:db8::53"}

@@ -454,12 +454,11 @@ def run(cfg: "Config") -> int:
         mapped = tuple(dict.fromkeys(
             [params.gateway] + [str(ipaddress.IPv6Address(a)) for a in (resolved.router_ll6, resolved.gateway6)]))
     log.info("guest traffic to %s goes to the host's loopback", ", ".join(mapped) or "no address")
-    if addressing.dns_forward:
-        log.info("guest DNS queries to %s go to the host's resolver %s", ", ".join(addressing.dns_forward),
-                 ", ".join(addressing.dns_upstream) or "(none found)")
+    for guest_side, resolver in addressing.dns_forward.items():
+        log.info("guest DNS queries to %s go to the host's resolver %s", guest_side, resolver)
     outbound = tuple(a for a in (cfg.outbound, cfg.outbound6) if a is not None)
-    forward = ForwardSetup(map_host_loopback=mapped, dns_forward=tuple(addressing.dns_forward),
-                           dns_upstream=tuple(addressing.dns_upstream), map_guest_addr=cfg.map_guest_addr or "",
+    forward = ForwardSetup(map_host_loopback=mapped, dns_forward=tuple(addressing.dns_forward.items()),
+                           map_guest_addr=cfg.map_guest_addr or "",
                            outbound=outbound, outbound_if4=cfg.outbound_if4 or "",
                            outbound_if6=cfg.outbound_if6 or "")
     setup = WorkerSetup(pair=0, params=params, reflect=cfg.reflect, forward=forward,

@@ -6,9 +6,8 @@ instead of building the mapping itself:
 
 * guest -> host (:meth:`Forwarding.to_host`): where a flow the guest starts
   really goes.  A DNS forwarding address (``--dns-forward``, or the gateway
-  on hosts whose resolvers are on their loopback) on port 53 means the host's
-  resolver (the first upstream of the same family, else the first at all;
-  passt's ``dns_match``).  A destination that is a *mapped* address
+  on hosts whose resolvers are on their loopback) on port 53 means the host
+  resolver paired with it (chosen by :mod:`shardswitch.guest_addressing`).  A destination that is a *mapped* address
   (``--map-host-loopback``, the gateways by default) means the host itself:
   the host's loopback of that family.  ``--map-guest-addr`` means the host's
   own address that the guest's address (mirrored from the host) shadows.
@@ -86,13 +85,13 @@ class Forwarding:
         #: What a loopback client of each family appears as (None: nothing is mapped in that family).
         self.shown4 = next((a for a in ordered if inany.is_v4(a)), None)
         self.shown6 = next((a for a in ordered if not inany.is_v4(a)), None)
-        #: Guest-side DNS forwarding address -> the host resolver its queries go to.
+        #: Guest-side DNS forwarding address -> the host resolver its queries go to (chosen by
+        #: shardswitch.guest_addressing).
         self.dns: dict[InAny, InAny] = {}
-        upstream = _parse_all(setup.dns_upstream)
-        for forward in _parse_all(setup.dns_forward):
-            same = [a for a in upstream if inany.is_v4(a) == inany.is_v4(forward)]
-            if upstream:
-                self.dns[forward] = (same or upstream)[0]
+        for guest_side, resolver in setup.dns_forward:
+            parsed = _parse_all((guest_side, resolver))
+            if len(parsed) == 2:
+                self.dns[parsed[0]] = parsed[1]
         #: --map-guest-addr, and the host's own addresses it stands for (the guest's, mirrored).
         self.map_guest: InAny | None = inany.from_str(setup.map_guest_addr) if setup.map_guest_addr else None
         params = port.params
@@ -106,6 +105,10 @@ class Forwarding:
             self.outbound[v4] = (addr, self.outbound[v4][1])
         #: The guest's global IPv6 address as last seen (None: not seen yet).
         self.guest6: InAny | None = params.address6
+        #: IPv4 broadcast addresses: the limited one, and the guest subnet's directed one.
+        host_bits = ~params.netmask & 0xFFFFFFFF
+        self._broadcast4 = frozenset({0xFFFFFFFF, params.address | host_bits} if params.prefix_len <= 30
+                                     else {0xFFFFFFFF})
 
     def to_host(self, dst: InAny, port: int) -> tuple[InAny, int]:
         """Where guest traffic to ``dst``:``port`` goes on the host (``port`` 0 for echo)."""
@@ -125,16 +128,13 @@ class Forwarding:
         """Whether the guest may start a flow to ``dst``: not unspecified, multicast, broadcast (limited,
         or directed to the guest's own subnet) or loopback (the host's loopback is reached through a
         mapped address, never by its own address)."""
-        if inany.is_loopback(dst):
-            return False
-        if not inany.is_v4(dst):
-            return not (ipv6.is_multicast(dst) or ipv6.is_unspecified(dst))
-        addr = int.from_bytes(dst[12:], "big")
-        params = self.port.params
-        host_bits = ~params.netmask & 0xFFFFFFFF
-        directed = params.prefix_len <= 30 and (addr ^ params.address) & params.netmask == 0 \
-            and addr & host_bits == host_bits
-        return not (addr >> 28 == 0xE or addr == 0xFFFFFFFF or addr >> 24 == 0 or directed)
+        if inany.is_v4(dst):
+            return self.is_unicast4(int.from_bytes(dst[12:], "big"))
+        return not (ipv6.is_multicast(dst) or ipv6.is_unspecified(dst) or dst == ipv6.LOOPBACK)
+
+    def is_unicast4(self, addr: int) -> bool:
+        """:meth:`is_unicast` for an IPv4 address as an int (the per-datagram check of guest UDP)."""
+        return not (addr >> 28 == 0xE or addr >> 24 in (0, 127) or addr in self._broadcast4)
 
     def bind_outbound(self, sock: socket.socket, target: InAny) -> None:
         """Bind ``sock``, about to reach ``target``, to the outbound address and interface of its family.

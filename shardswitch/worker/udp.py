@@ -147,11 +147,10 @@ class UdpFlows:
     def handle4(self, eth_src: bytes, packet: Ipv4Packet, datagram: UdpDatagram, now: float,
                 out: list[bytes]) -> None:
         """A UDP datagram over IPv4 from the guest (endpoint default UDP handler)."""
-        dst = inany.from_v4(packet.dst)
-        if not self.fwd.is_unicast(dst) or not datagram.dst_port:
+        if not datagram.dst_port or not self.fwd.is_unicast4(packet.dst):
             raise PacketError(DropReason.UDP_PORT_UNHANDLED, "multicast, broadcast or local destination")
-        self._from_guest(inany.from_v4(packet.src), datagram.src_port, dst, datagram.dst_port,
-                         datagram.payload, now)
+        self._from_guest(inany.from_v4(packet.src), datagram.src_port, inany.from_v4(packet.dst),
+                         datagram.dst_port, datagram.payload, now)
 
     def handle6(self, eth_src: bytes, packet: Ipv6Packet, datagram: UdpDatagram, now: float,
                 out: list[bytes]) -> None:

@@ -42,7 +42,6 @@ import time
 from collections import deque
 from typing import Callable
 
-from shardswitch.loglimit import LogLimiter
 from shardswitch.ipc import (
     Channel,
     IpcError,
@@ -60,6 +59,7 @@ from shardswitch.ipc import (
     WorkerStatus,
     close_fds,
 )
+from shardswitch.loglimit import LogLimiter
 from shardswitch.net.drop import DropReason
 from shardswitch.net.endpoint import GuestEndpoint, Service
 from shardswitch.net.params import ResolvedParams

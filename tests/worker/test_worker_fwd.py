@@ -18,12 +18,11 @@ MAPPED = ("10.0.2.2", "fe80::1")
 GUEST_MAC = bytes.fromhex("525400123456")
 
 
-def forwarding(mapped: tuple[str, ...] = MAPPED, dns_forward: str = "", upstream: tuple[str, ...] = (),
-               address6: str = "", **setup: object) -> tuple[StandInWorker, Forwarding]:
+def forwarding(mapped: tuple[str, ...] = MAPPED, address6: str = "",
+               **setup: object) -> tuple[StandInWorker, Forwarding]:
     """A Forwarding for a guest at 10.0.2.15 (and ``address6``); ``setup``: more ForwardSetup fields."""
     w = StandInWorker(GuestParams(address="10.0.2.15", prefix_len=24, gateway="10.0.2.2", address6=address6))
-    forward = ForwardSetup(map_host_loopback=mapped, dns_forward=(dns_forward,) if dns_forward else (),
-                           dns_upstream=upstream, **setup)  # type: ignore[arg-type]
+    forward = ForwardSetup(map_host_loopback=mapped, **setup)  # type: ignore[arg-type]
     return w, Forwarding(w, forward)
 
 
@@ -40,25 +39,18 @@ def test_to_host_maps_the_loopback(dst: str, port: int, expected: tuple[str, int
     assert (inany.to_str(target), tport) == expected
 
 
-def test_dns_forward_goes_to_the_resolver_of_its_family() -> None:
-    """--dns-forward: port 53 only, to the first upstream of the same family, else the first at all."""
-    _w, fwd = forwarding(dns_forward="10.0.2.53", upstream=("::1", "127.0.0.53", "192.0.2.1"))
-    assert fwd.to_host(A("10.0.2.53"), 53) == (A("127.0.0.53"), 53)
-    assert fwd.to_host(A("10.0.2.53"), 80) == (A("10.0.2.53"), 80)
-    _w, only6 = forwarding(dns_forward="10.0.2.53", upstream=("::1%lo", "not an address"))
-    assert only6.to_host(A("10.0.2.53"), 53) == (A("::1"), 53)
-    _w, none = forwarding(dns_forward="10.0.2.53")
-    assert none.to_host(A("10.0.2.53"), 53) == (A("10.0.2.53"), 53)
-
-
-def test_dns_forward_of_both_families_to_one_loopback_stub() -> None:
-    """The gateways of both families forward port 53 to one IPv4 stub resolver (cross-family), and are
-    still the host's loopback on other ports."""
-    w = StandInWorker(GuestParams(address="10.0.2.15", prefix_len=24, gateway="10.0.2.2"))
-    fwd = Forwarding(w, ForwardSetup(map_host_loopback=MAPPED, dns_forward=MAPPED, dns_upstream=("127.0.0.53",)))
+def test_dns_forward_pairs() -> None:
+    """Port 53 of a forwarding address goes to its paired resolver (any family: both gateways to one IPv4
+    stub); other ports of a mapped gateway still mean the host's loopback; a bad pair is skipped."""
+    pairs = (("10.0.2.2", "127.0.0.53"), ("fe80::1", "127.0.0.53"), ("10.0.2.53", "192.0.2.1"),
+             ("10.0.2.54", "not an address"))
+    _w, fwd = forwarding(dns_forward=pairs)
     assert fwd.to_host(A("fe80::1"), 53) == (A("127.0.0.53"), 53)
     assert fwd.to_host(A("10.0.2.2"), 53) == (A("127.0.0.53"), 53)
     assert fwd.to_host(A("fe80::1"), 80) == (A("::1"), 80)
+    assert fwd.to_host(A("10.0.2.53"), 53) == (A("192.0.2.1"), 53)
+    assert fwd.to_host(A("10.0.2.53"), 80) == (A("10.0.2.53"), 80)
+    assert fwd.to_host(A("10.0.2.54"), 53) == (A("10.0.2.54"), 53)
 
 
 def test_map_guest_addr_both_ways() -> None:
