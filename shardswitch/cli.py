@@ -133,6 +133,10 @@ def _add_start_options(parser: argparse.ArgumentParser) -> None:
                        ("ndp", "no NDP (neighbour and router advertisements)"),
                        ("ra", "no router advertisements"), ("icmp", "no ICMP/ICMPv6 echo")):
         parser.add_argument(f"--no-{name}", dest=f"no_{name}", action="store_true", default=None, help=what)
+    parser.add_argument("--runas", metavar="USER[:GROUP]",
+                        help="started as root, become USER (default nobody) once sockets and ports are bound")
+    parser.add_argument("--no-sandbox", dest="no_sandbox", action="store_true", default=None,
+                        help="keep privileges and install no seccomp filter (debugging only)")
     parser.add_argument("--reflect", action="store_true", default=None, help=argparse.SUPPRESS)
 
 

@@ -52,6 +52,16 @@ class ForwardSetup(msgspec.Struct, frozen=True, kw_only=True):
     outbound_if6: str = ""
 
 
+class PortFd(msgspec.Struct, frozen=True):
+    """One listening socket of a forwarded port, bound by the coordinator, inherited by a worker's fork."""
+
+    fd: int
+    port: int
+    guest_port: int
+    #: The address it is bound to, 16 bytes (IPv4-mapped for IPv4).
+    bound: bytes
+
+
 class WorkerSetup(msgspec.Struct, frozen=True, kw_only=True):
     """Everything a worker is forked with (handed over by fork, not sent)."""
 
@@ -66,14 +76,18 @@ class WorkerSetup(msgspec.Struct, frozen=True, kw_only=True):
     peer_fds: tuple[int, ...] = ()
     #: Address translation between the guest and the host.
     forward: ForwardSetup = ForwardSetup()
-    #: Inbound forwarding specs (-t / -u), as given; parsed by shardswitch.portspec.
-    tcp_ports: tuple[str, ...] = ()
-    udp_ports: tuple[str, ...] = ()
+    #: This worker's listening sockets of forwarded ports (-t / -u), bound by the coordinator.
+    tcp_listeners: tuple[PortFd, ...] = ()
+    udp_listeners: tuple[PortFd, ...] = ()
     #: Guest services offered (shardswitch.net.endpoint.Service bits: DHCP 1, NDP 2, RA 4, DHCPV6 8, IPV4 16,
     #: IPV6 32).
     services: int = 63
     #: ICMP/ICMPv6 echo through ping sockets (off: --no-icmp; requests dropped as IP_PROTO_UNHANDLED or ICMPV6_IGNORED).
     icmp: bool = True
+    #: Install the worker's seccomp filter once set up (off: --no-sandbox).
+    sandbox: bool = False
+    #: Obey test-only control messages (SandboxProbe); set by SHARDSWITCH_TEST_HOOKS=1 only.
+    test_hooks: bool = False
 
 
 class MemAdd(msgspec.Struct, tag=True):
@@ -127,6 +141,10 @@ class StatusQuery(msgspec.Struct, tag=True):
     """Ask for counters and ring states."""
 
     seq: int
+
+
+class SandboxProbe(msgspec.Struct, tag=True):
+    """Test only (WorkerSetup.test_hooks): make a system call outside the worker's seccomp list."""
 
 
 class Shutdown(msgspec.Struct, tag=True):
@@ -184,7 +202,7 @@ class WorkerStatus(msgspec.Struct, tag=True):
     flows: int = 0
 
 
-ToWorker = Union[MemAdd, MemRemove, MemClear, RingStart, RingStop, StatusQuery, Shutdown]
+ToWorker = Union[MemAdd, MemRemove, MemClear, RingStart, RingStop, StatusQuery, Shutdown, SandboxProbe]
 FromWorker = Union[RingStarted, RingStopped, WorkerStatus]
 
 

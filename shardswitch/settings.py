@@ -171,6 +171,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     outbound_if6: IfName | None = None
     #: Guest traffic to this address goes to the host's own address that the guest's address shadows.
     map_guest_addr: str | None = None
+    #: Started as root: the user (and group) to become once sockets are bound (None: nobody).
+    runas: NonEmpty | None = None
+    #: No privilege drop, no seccomp filters (debugging).
+    no_sandbox: bool = False
 
 
 #: Option spelling per field, for error messages about command-line values.
@@ -213,6 +217,8 @@ OPTION_NAMES: Final = {
     "outbound_if4": "--outbound-if4",
     "outbound_if6": "--outbound-if6",
     "map_guest_addr": "--map-guest-addr",
+    "runas": "--runas",
+    "no_sandbox": "--no-sandbox",
 }
 
 #: Settings that take an address of either family: the IPv4 field and where an IPv6 value goes.

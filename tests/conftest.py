@@ -6,13 +6,16 @@ missing such tests are skipped - except in CI (environment ``CI=true``), where
 they fail instead: the real-QEMU tests must run there, never silently skip.
 
 Fixtures: ``guest_image`` (session; the cached initramfs + kernel, built under
-the repository's git-ignored .cache/guest/) and ``netns`` (a fresh
+the repository's git-ignored .cache/guest/), ``nobody_dir`` (a /run directory
+the switch's default --runas user owns) and ``netns`` (a fresh
 :class:`tests.guest.netns.TestNetns`, torn down even when the test fails).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -61,6 +64,22 @@ def netns() -> Iterator[TestNetns]:
     """A host + upstream namespace pair for one test, removed afterwards."""
     with TestNetns() as ns:
         yield ns
+
+
+#: The user a root start of the switch runs as (its default --runas).
+NOBODY = 65534
+
+
+@pytest.fixture
+def nobody_dir() -> Iterator[Path]:
+    """A directory under /run owned by the user a root-started switch becomes, as systemd's
+    RuntimeDirectory= with User= makes one: that user may create and remove sockets in it."""
+    path = Path(tempfile.mkdtemp(prefix="shardswitch-test-", dir="/run"))
+    try:
+        os.chown(path, NOBODY, NOBODY)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

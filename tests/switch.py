@@ -36,8 +36,9 @@ class Switch:
 
     def __init__(self, tmp: Path, *, workers: int = 1, args: list[str] | None = None,
                  prefix: list[str] | None = None, addressing: list[str] | None = None,
-                 socket_path: str | None = None, connect: bool = False) -> None:
-        """Prepare (call :meth:`start`); ``connect``: client mode, connect to ``socket_path``."""
+                 socket_path: str | None = None, connect: bool = False, test_hooks: bool = False) -> None:
+        """Prepare (call :meth:`start`); ``connect``: client mode, connect to ``socket_path``; ``test_hooks``:
+        obey test-only control commands (SHARDSWITCH_TEST_HOOKS=1)."""
         self.socket = socket_path or str(tmp / "ss.sock")
         self.control = self.socket + ".ctl"
         self.log_path = tmp / f"switch-{int(time.monotonic() * 1000)}.log"
@@ -46,6 +47,7 @@ class Switch:
         self.prefix = prefix if prefix is not None else ISOLATED
         self.addressing = DEFAULT_ADDRESSING if addressing is None else addressing
         self.connect = connect
+        self.test_hooks = test_hooks
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 15.0) -> "Switch":
@@ -55,6 +57,8 @@ class Switch:
                 *where, *self.addressing, *self.args]
         log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        if self.test_hooks:
+            env["SHARDSWITCH_TEST_HOOKS"] = "1"
         self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         deadline = time.monotonic() + timeout
@@ -120,6 +124,22 @@ class Switch:
     def __exit__(self, *exc: object) -> None:
         """Stop on exit."""
         self.stop()
+
+
+def sandbox_status(pid: int) -> dict[str, str]:
+    """What /proc/PID/status says a process may do (Uid, Cap*, NoNewPrivs, Seccomp...)."""
+    from shardswitch.sandbox.privileges import process_status
+    return process_status(pid)
+
+
+def assert_sandboxed(switch: Switch) -> None:
+    """The coordinator and every worker: no root user ID, no capability, no_new_privs, a seccomp filter."""
+    pids = [switch.pid] + [w["pid"] for w in switch.status()["workers"]]
+    for pid in pids:
+        status = sandbox_status(pid)
+        assert "0" not in status["Uid"].split(), (pid, status)
+        assert all(int(status[k], 16) == 0 for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")), (pid, status)
+        assert (status["NoNewPrivs"], status["Seccomp"]) == ("1", "2"), (pid, status)
 
 
 def worker_counters(status: dict[str, Any]) -> list[dict[str, Any]]:

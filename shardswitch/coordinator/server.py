@@ -40,12 +40,15 @@ from shardswitch.coordinator.control import serve_client, uptime_since
 from shardswitch.coordinator.device import Device
 from shardswitch.coordinator.handler import Disconnect, RequestHandler
 from shardswitch.coordinator.workers import WorkerHandle, WorkerPool
-from shardswitch.ipc import ForwardSetup, StatusQuery, WorkerSetup, WorkerStatus
+from shardswitch.ipc import ForwardSetup, SandboxProbe, StatusQuery, WorkerSetup, WorkerStatus
 from shardswitch.net.endpoint import Service
 from shardswitch.net.params import resolve
+from shardswitch.sandbox import SandboxSetup, seccomp
+from shardswitch.sandbox.privileges import SandboxError, drop_privileges, resolve_runas
 from shardswitch.shm.layout import DEFAULT_CAPACITY, Flow, FlowSide, FlowTableError, Pif, ip_of
 from shardswitch.shm.table import FlowTable
 from shardswitch.vhost.wire import VhostProtocolError, VirtioFeature
+from shardswitch.worker.listen import bind_all
 
 if TYPE_CHECKING:
     from shardswitch.settings import Config
@@ -57,6 +60,9 @@ log = logging.getLogger("shardswitch")
 RECOVERY_TIMEOUT = 2.0
 #: Seconds between connection attempts in client mode.
 CONNECT_RETRY = 0.5
+#: How long a new front-end may take to send SET_OWNER (QEMU sends it at once) before it is dropped, so that
+#: a connection that says nothing cannot hold the one front-end slot.
+HANDSHAKE_TIMEOUT = 5.0
 
 Callback = Callable[[], None]
 
@@ -136,8 +142,11 @@ class Coordinator:
     """All state of the coordinator process."""
 
     def __init__(self, *, workers: int, setup: WorkerSetup, socket_path: str, control_path: str,
-                 connect: bool = False, max_flows: int = DEFAULT_CAPACITY) -> None:
-        """Set up (nothing is bound, created or forked until :meth:`open`); ``setup``: the workers' template."""
+                 connect: bool = False, max_flows: int = DEFAULT_CAPACITY,
+                 ports: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
+                 sandbox: SandboxSetup | None = None) -> None:
+        """Set up (nothing is bound, created or forked until :meth:`open`); ``setup``: the workers' template,
+        ``ports``: the -t and -u SPECs, ``sandbox``: how to sandbox (None: --no-sandbox)."""
         params = setup.params
         self.params = params
         self.instance = instance_name(socket_path)
@@ -148,7 +157,13 @@ class Coordinator:
         self.client_mode = connect
         self.started = time.monotonic()
         self.sel = selectors.DefaultSelector()
-        self.pool = WorkerPool(workers, msgspec.structs.replace(setup, flow_table=self.instance))
+        self.sandbox = sandbox
+        self.port_specs = ports
+        #: The listening sockets of forwarded ports, every worker's (kept for replacements).
+        self.port_sockets: list[socket.socket] = []
+        self.pool = WorkerPool(workers, msgspec.structs.replace(
+            setup, flow_table=self.instance, sandbox=sandbox is not None,
+            test_hooks=sandbox is not None and sandbox.test_hooks))
         self.device = Device(workers, self.pool)
         self.handler = RequestHandler(self.device)
         self.conn: FrontendConnection | None = None
@@ -156,6 +171,8 @@ class Coordinator:
         self.control: socket.socket | None = None
         self.stopping = False
         self.next_connect = 0.0
+        #: When the connected front-end must have sent SET_OWNER by (0: it has, or none is connected).
+        self.handshake_deadline = 0.0
         self._owned_paths: list[str] = []
         self._wake_r, self._wake_w = socket.socketpair()
 
@@ -171,6 +188,12 @@ class Coordinator:
             self.listener = listen_unix(self.socket_path)
             self._owned_paths.append(self.socket_path)
             self.sel.register(self.listener, selectors.EVENT_READ, self._on_listener)
+        self._bind_ports()
+        if self.sandbox is not None:
+            try:
+                drop_privileges(self.sandbox.runas)
+            except SandboxError as err:
+                raise StartError(f"cannot drop privileges ({err}); --no-sandbox runs without") from err
         try:
             self.table = FlowTable.create(self.instance, capacity=self.max_flows)
         except FlowTableError as err:
@@ -186,6 +209,24 @@ class Coordinator:
         self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
+        if self.sandbox is not None:
+            try:
+                seccomp.install(seccomp.Role.COORDINATOR)
+            except seccomp.SeccompError as err:
+                raise StartError(str(err)) from err
+            runas = self.sandbox.runas
+            log.info("sandbox: %s, no capabilities, no_new_privs, seccomp allow-lists",
+                     f"running as {runas.name} (uid {runas.uid}, gid {runas.gid})" if runas
+                     else f"running as uid {os.getuid()}")
+
+    def _bind_ports(self) -> None:
+        """Bind every worker's listening sockets of the -t and -u ports (before privileges go)."""
+        count = self.pool.count
+        tcp = bind_all(self.port_specs[0], socket.SOCK_STREAM, "-t", count)
+        udp = bind_all(self.port_specs[1], socket.SOCK_DGRAM, "-u", count)
+        for pair in range(count):
+            self.port_sockets += [sock for sock, _desc in tcp[pair] + udp[pair]]
+            self.pool.ports[pair] = (tuple(desc for _s, desc in tcp[pair]), tuple(desc for _s, desc in udp[pair]))
 
     def close(self) -> None:
         """Stop workers, close sockets, remove the socket files we created."""
@@ -195,7 +236,7 @@ class Coordinator:
         if self.table is not None:
             self.table.unlink()
             self.table = None
-        for sock in (self.listener, self.control):
+        for sock in (self.listener, self.control, *self.port_sockets):
             if sock is not None:
                 sock.close()
         for path in self._owned_paths:
@@ -203,6 +244,9 @@ class Coordinator:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+            except PermissionError:
+                # Running as --runas in a directory only root may change: the next start replaces it.
+                log.info("cannot remove %s (no write access to its directory after dropping root)", path)
         signal.set_wakeup_fd(-1)
         self.sel.close()
 
@@ -229,6 +273,17 @@ class Coordinator:
                 if timeout == 0.0:
                     self._try_connect()
                     continue
+            if self.handshake_deadline:
+                if self.device.owner:
+                    self.handshake_deadline = 0.0
+                else:
+                    left = max(0.0, self.handshake_deadline - time.monotonic())
+                    if left == 0.0:
+                        self.handler.refused["HANDSHAKE_TIMEOUT"] += 1
+                        self._drop_frontend(f"handshake stalled: no SET_OWNER within {HANDSHAKE_TIMEOUT:.0f} s",
+                                            error=True)
+                        continue
+                    timeout = left if timeout is None else min(timeout, left)
             for key, _events in self.sel.select(timeout):
                 key.data()
                 if self.stopping:
@@ -270,6 +325,7 @@ class Coordinator:
     def _attach(self, sock: socket.socket) -> None:
         """Start serving a connected front-end."""
         self.conn = FrontendConnection(sock)
+        self.handshake_deadline = time.monotonic() + HANDSHAKE_TIMEOUT
         self.sel.register(self.conn.sock, selectors.EVENT_READ, self._on_frontend)
 
     def _on_frontend(self) -> None:
@@ -299,6 +355,7 @@ class Coordinator:
         self.sel.unregister(self.conn.sock)
         self.conn.close()
         self.conn = None
+        self.handshake_deadline = 0.0
         self.device.reset()
         self.next_connect = time.monotonic() + CONNECT_RETRY
 
@@ -310,7 +367,15 @@ class Coordinator:
         except BlockingIOError:
             return
         sock.setblocking(True)
-        serve_client(sock, {"status": self.status, "flows": self.flows})
+        commands = {"status": self.status, "flows": self.flows}
+        if self.sandbox is not None and self.sandbox.test_hooks:
+            for pair in range(self.pool.count):
+                commands[f"test-forbidden-syscall-{pair}"] = self._probe_callback(pair)
+        serve_client(sock, commands)
+
+    def _probe_callback(self, pair: int) -> Callable[[], dict[str, Any]]:
+        """Test only: a control command that makes worker ``pair`` call outside its seccomp list."""
+        return lambda: {"sent": self.pool.send(pair, SandboxProbe())}
 
     def _death_callback(self, pidfd: int) -> Callback:
         """The selector callback for a worker's pidfd."""
@@ -380,11 +445,13 @@ class Coordinator:
 
 
 def run_coordinator(*, workers: int, setup: WorkerSetup, socket_path: str, control_path: str,
-                    connect: bool = False, print_fragment: bool = True, max_flows: int = DEFAULT_CAPACITY) -> int:
+                    connect: bool = False, print_fragment: bool = True, max_flows: int = DEFAULT_CAPACITY,
+                    ports: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
+                    sandbox: SandboxSetup | None = None) -> int:
     """Run shardswitch until SIGTERM/SIGINT; the exit status."""
     params = setup.params
     coordinator = Coordinator(workers=workers, setup=setup, socket_path=socket_path, control_path=control_path,
-                              connect=connect, max_flows=max_flows)
+                              connect=connect, max_flows=max_flows, ports=ports, sandbox=sandbox)
     try:
         coordinator.open()
     except StartError as err:
@@ -438,6 +505,15 @@ def run(cfg: "Config") -> int:
     from shardswitch.guest_addressing import guest_params, host_addressing
 
     log.debug("open-file limit: %d", raise_nofile_limit())
+    sandbox: SandboxSetup | None = None
+    if cfg.no_sandbox:
+        log.warning("--no-sandbox: running with every privilege this process was started with")
+    else:
+        try:
+            sandbox = SandboxSetup(resolve_runas(cfg.runas), os.environ.get("SHARDSWITCH_TEST_HOOKS") == "1")
+        except SandboxError as err:
+            log.error("%s", err)
+            return 1
 
     addressing = host_addressing(cfg)
     params = guest_params(cfg, addressing)
@@ -462,7 +538,7 @@ def run(cfg: "Config") -> int:
                            outbound=outbound, outbound_if4=cfg.outbound_if4 or "",
                            outbound_if6=cfg.outbound_if6 or "")
     setup = WorkerSetup(pair=0, params=params, reflect=cfg.reflect, forward=forward,
-                        tcp_ports=tuple(cfg.tcp_ports), udp_ports=tuple(cfg.udp_ports),
                         services=int(_services(cfg, addressing)), icmp=not cfg.no_icmp)
     return run_coordinator(workers=cfg.workers, setup=setup, socket_path=path, control_path=cfg.control,
-                           connect=cfg.connect is not None, print_fragment=not cfg.quiet, max_flows=cfg.max_flows)
+                           connect=cfg.connect is not None, print_fragment=not cfg.quiet, max_flows=cfg.max_flows,
+                           ports=(tuple(cfg.tcp_ports), tuple(cfg.udp_ports)), sandbox=sandbox)

@@ -24,8 +24,8 @@ from typing import Any, Callable
 import msgspec
 import multiprocess
 
-from shardswitch.ipc import (Channel, FromWorker, IpcError, RingStarted, RingStopped, Shutdown, WorkerSetup,
-                             WorkerStatus, channel_pair)
+from shardswitch.ipc import (Channel, FromWorker, IpcError, PortFd, RingStarted, RingStopped, Shutdown,
+                             WorkerSetup, WorkerStatus, channel_pair)
 from shardswitch.worker.worker import worker_main
 from shardswitch.worker.peers import inbox_pairs
 
@@ -60,6 +60,8 @@ def describe_exit(exitcode: int | None) -> str:
     if exitcode is None:
         return "still running"
     if exitcode < 0:
+        if -exitcode == signal.SIGSYS:
+            return "killed by SIGSYS (a system call outside its seccomp allow-list)"
         try:
             return f"killed by {signal.Signals(-exitcode).name}"
         except ValueError:
@@ -77,12 +79,16 @@ class WorkerPool:
         self.handles: list[WorkerHandle | None] = [None] * count
         #: One inbox per queue pair, kept for the pool's lifetime (see shardswitch.worker.peers).
         self.inboxes = inbox_pairs(count)
+        #: Each queue pair's listening sockets of forwarded ports (-t, -u), bound by the coordinator.
+        self.ports: list[tuple[tuple[PortFd, ...], tuple[PortFd, ...]]] = [((), ())] * count
         self._ctx = multiprocess.get_context("fork")
 
     def setup(self, pair: int) -> WorkerSetup:
         """What the worker of ``pair`` is forked with."""
+        tcp, udp = self.ports[pair]
         return msgspec.structs.replace(self.template, pair=pair, inbox_fd=self.inboxes[pair][0].fileno(),
-                                       peer_fds=tuple(write_end.fileno() for _read, write_end in self.inboxes))
+                                       peer_fds=tuple(write_end.fileno() for _read, write_end in self.inboxes),
+                                       tcp_listeners=tcp, udp_listeners=udp)
 
     def start(self) -> None:
         """Fork every worker."""

@@ -1,11 +1,18 @@
 """Listening sockets of forwarded ports (-t / -u), one per worker per port.
 
-Every worker binds its own socket for each forwarded port with
+Every worker has its own socket for each forwarded port, bound with
 ``SO_REUSEPORT``: the kernel spreads incoming connections and datagrams
 over the workers by their address hash, and the worker whose socket took
 one owns the flow.  Without a bind address the socket is dual-stack
 (``::`` with IPV6_V6ONLY off), falling back to ``0.0.0.0`` on hosts
 without IPv6; ``ADDR%IF`` binds to the interface too.
+
+The coordinator binds them all (:func:`bind_all`) before it gives up root
+(a port below 1024 needs it), keeps them for its lifetime and forks each
+worker with its own set, described by :class:`~shardswitch.ipc.PortFd`; the
+worker adopts them (:func:`adopt_listeners`).  A replacement worker
+inherits the same sockets, so connections that queued while its
+predecessor died are still there.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from shardswitch import portspec
+from shardswitch.ipc import PortFd
 from shardswitch.shm.layout import ip16
 
 log = logging.getLogger("shardswitch.worker")
@@ -37,28 +45,51 @@ class Listener:
     bound: bytes
 
 
-def open_listeners(forwards: list[portspec.Forward], kind: int, option: str, pair: int,
-                   watch: Callable[[int, Callable[[], None]], None],
-                   on_readable: Callable[[int], None]) -> dict[int, Listener]:
-    """Bind this worker's socket for every port of ``forwards`` and watch it; by descriptor.
+def bind_all(specs: tuple[str, ...], kind: int, option: str, copies: int) -> list[list[tuple[socket.socket, PortFd]]]:
+    """``copies`` sockets (one per worker) for every port of ``specs``, with their descriptions; per copy.
 
-    A port that cannot be bound is logged (naming ``option``, -t or -u) and
-    skipped: the other ports still work.
+    A port that cannot be bound is logged once (naming ``option``, -t or -u)
+    and skipped: the other ports still work.  Raises ConfigError
+    (portspec) for a bad spec.
     """
-    listeners: dict[int, Listener] = {}
-    for fwd in forwards:
+    per_copy: list[list[tuple[socket.socket, PortFd]]] = [[] for _ in range(copies)]
+    if not specs:
+        return per_copy
+    for fwd in portspec.parse_all(specs, option, portspec.read_ephemeral()):
         for port in fwd.ports():
+            bound: list[socket.socket] = []
             try:
-                sock = bind_forward(fwd, port, kind)
+                for _ in range(copies):
+                    bound.append(bind_forward(fwd, port, kind))
             except OSError as err:
-                log.error("worker %d: %s port %d: %s", pair, option, port, err.strerror)
+                for sock in bound:
+                    sock.close()
+                log.error("%s port %d: %s", option, port, err.strerror)
                 continue
-            fd = sock.fileno()
-            address = sock.getsockname()[0]
-            listeners[fd] = Listener(sock, port, fwd.guest_port(port), ip16(address.split("%")[0]))
-            watch(fd, functools.partial(on_readable, fd))
-            log.debug("worker %d: %s port %d (to guest port %d) on %s", pair, option, port, fwd.guest_port(port),
-                      address)
+            address = bound[0].getsockname()[0]
+            log.debug("%s port %d (to guest port %d) on %s", option, port, fwd.guest_port(port), address)
+            for copy, sock in zip(per_copy, bound):
+                copy.append((sock, PortFd(sock.fileno(), port, fwd.guest_port(port), ip16(address.split("%")[0]))))
+    return per_copy
+
+
+def bind_detached(specs: tuple[str, ...], kind: int, option: str) -> tuple[PortFd, ...]:
+    """One worker's sockets for ``specs``, detached from their socket objects (a worker in this very
+    process adopts them: tests)."""
+    (copy,) = bind_all(specs, kind, option, 1)
+    for sock, _desc in copy:
+        sock.detach()
+    return tuple(desc for _sock, desc in copy)
+
+
+def adopt_listeners(ports: tuple[PortFd, ...], watch: Callable[[int, Callable[[], None]], None],
+                    on_readable: Callable[[int], None]) -> dict[int, Listener]:
+    """This worker's sockets of ``ports`` (inherited descriptors), watched; by descriptor."""
+    listeners: dict[int, Listener] = {}
+    for desc in ports:
+        sock = socket.socket(fileno=desc.fd)
+        listeners[desc.fd] = Listener(sock, desc.port, desc.guest_port, desc.bound)
+        watch(desc.fd, functools.partial(on_readable, desc.fd))
     return listeners
 
 

@@ -67,6 +67,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TypeAlias
 
+from shardswitch.ipc import PortFd
 from shardswitch.net import inany, tcp
 from shardswitch.net.drop import DropReason, PacketError
 from shardswitch.net.endpoint import GuestEndpoint
@@ -148,8 +149,8 @@ class TcpFlows:
     table_full = DropReason.TCP_TABLE_FULL
     conflict = DropReason.TCP_IGNORED
 
-    def __init__(self, port: WorkerPort, layer: FlowLayer, tcp_ports: tuple[str, ...] = ()) -> None:
-        """Serve TCP for ``port``'s worker through ``layer``; ``tcp_ports``: the -t SPECs."""
+    def __init__(self, port: WorkerPort, layer: FlowLayer, listeners: tuple[PortFd, ...] = ()) -> None:
+        """Serve TCP for ``port``'s worker through ``layer``; ``listeners``: its sockets of -t ports."""
         self.port = port
         self.layer = layer
         #: Pre-opened sockets for the guest's new connections (refilled by the deferred handler).
@@ -165,7 +166,7 @@ class TcpFlows:
         self.wake_armed = False
         port.watch(self.wake_fd, self.flush_due)
         layer.register((FlowType.TCP,), self)
-        self.forwarder = TcpForwarder(self, tcp_ports) if tcp_ports else None
+        self.forwarder = TcpForwarder(self, listeners) if listeners else None
 
     def plug_into(self, endpoint: GuestEndpoint) -> None:
         """Route the guest's TCP segments (IPv4 and IPv6) here."""

@@ -22,12 +22,12 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any
 
-from shardswitch import portspec
+from shardswitch.ipc import PortFd
 from shardswitch.net import inany
 from shardswitch.net.drop import DropReason, PacketError
 from shardswitch.net.tcp import Addressing
 from shardswitch.shm.layout import FlowSide, FlowType, Pif, pack_key
-from shardswitch.worker.listen import Listener, open_listeners
+from shardswitch.worker.listen import Listener, adopt_listeners
 
 if TYPE_CHECKING:
     from shardswitch.worker.tcp import TcpFlows
@@ -41,13 +41,11 @@ LINGER_RESET = struct.pack("ii", 1, 0)
 class TcpForwarder:
     """This worker's listening sockets of ``-t`` ports and the flows their clients start."""
 
-    def __init__(self, flows: TcpFlows, tcp_ports: tuple[str, ...]) -> None:
-        """Listen on every port of the ``-t`` SPECs ``tcp_ports`` for ``flows``' worker."""
+    def __init__(self, flows: TcpFlows, ports: tuple[PortFd, ...]) -> None:
+        """Watch ``flows``' worker's listening sockets of ``-t`` ports (bound by the coordinator)."""
         self.flows = flows
         self.port = flows.port
-        self.listeners = open_listeners(portspec.parse_all(tcp_ports, "-t", portspec.read_ephemeral()),
-                                        socket.SOCK_STREAM, "-t", self.port.pair, self.port.watch,
-                                        self.on_listener)
+        self.listeners = adopt_listeners(ports, self.port.watch, self.on_listener)
 
     def on_listener(self, fd: int) -> None:
         """Host clients connected to a forwarded port: each becomes a flow, with our SYN to the guest."""

@@ -63,7 +63,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from shardswitch import portspec
+from shardswitch.ipc import PortFd
 from shardswitch.net import eth, flowframes, inany, ipv6
 from shardswitch.net.drop import DropReason, PacketError
 from shardswitch.net.endpoint import GuestEndpoint
@@ -75,7 +75,7 @@ from shardswitch.shm.layout import FlowSide, FlowType, Pif, pack_key
 from shardswitch.worker import sockerr
 from shardswitch.worker.counters import Event
 from shardswitch.worker.flow import FlowBase, FlowLayer
-from shardswitch.worker.listen import Listener, open_listeners
+from shardswitch.worker.listen import Listener, adopt_listeners
 from shardswitch.worker.port import WorkerPort
 
 log = logging.getLogger("shardswitch.worker")
@@ -122,20 +122,17 @@ class UdpFlows:
     table_full = DropReason.UDP_TABLE_FULL
     conflict = DropReason.UDP_FLOW_CONFLICT
 
-    def __init__(self, port: WorkerPort, layer: FlowLayer, udp_ports: tuple[str, ...] = ()) -> None:
-        """Serve UDP for ``port``'s worker through ``layer``; ``udp_ports``: the -u SPECs."""
+    def __init__(self, port: WorkerPort, layer: FlowLayer, listeners: tuple[PortFd, ...] = ()) -> None:
+        """Serve UDP for ``port``'s worker through ``layer``; ``listeners``: its sockets of -u ports."""
         self.port = port
         self.layer = layer
         self.fwd = layer.fwd
         #: Forwarded flows: (listener descriptor, client address, client port) -> flow.
         self.inbound: dict[tuple[int, str, int], UdpFlow] = {}
-        self.listeners: dict[int, Listener] = {}
         self.buf = bytearray(RECV_SIZE)
         self.view = memoryview(self.buf)
         layer.register((FlowType.UDP,), self)
-        if udp_ports:
-            self.listeners = open_listeners(portspec.parse_all(udp_ports, "-u", portspec.read_ephemeral()),
-                                            socket.SOCK_DGRAM, "-u", port.pair, port.watch, self.on_listener)
+        self.listeners: dict[int, Listener] = adopt_listeners(listeners, port.watch, self.on_listener)
 
     def plug_into(self, endpoint: GuestEndpoint) -> None:
         """Route the guest's UDP here: every port without a handler of its own (i.e. not DHCP, DHCPv6)."""

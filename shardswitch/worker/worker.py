@@ -52,6 +52,7 @@ from shardswitch.ipc import (
     RingStarted,
     RingStop,
     RingStopped,
+    SandboxProbe,
     Shutdown,
     StatusQuery,
     ToWorker,
@@ -63,6 +64,7 @@ from shardswitch.loglimit import LogLimiter
 from shardswitch.net.drop import DropReason
 from shardswitch.net.endpoint import GuestEndpoint, Service
 from shardswitch.net.params import ResolvedParams
+from shardswitch.sandbox import privileges, seccomp
 from shardswitch.shm.table import FlowTable
 from shardswitch.vhost.wire import VirtioFeature
 from shardswitch.virtio.memory import GuestMemory, GuestMemoryError
@@ -85,7 +87,6 @@ log = logging.getLogger("shardswitch.worker")
 POLL_INTERVAL = 0.001
 #: Period of the deferred handler (flow timers).
 TICK = 1.0
-PR_SET_PDEATHSIG = 1
 
 
 class Worker(EpollWatches, CountingPort):
@@ -98,6 +99,7 @@ class Worker(EpollWatches, CountingPort):
         self.pair = pair
         self.channel = channel
         self.reflect = setup.reflect
+        self.test_hooks = setup.test_hooks
         self.mem = GuestMemory()
         self.rx = RingSlot(2 * pair)
         self.tx = RingSlot(2 * pair + 1)
@@ -126,8 +128,8 @@ class Worker(EpollWatches, CountingPort):
         fwd = Forwarding(self, setup.forward, self.table)
         self.flows = FlowLayer(self, self.table, fwd)
         self.ping = PingFlows(self, self.flows)
-        self.tcp = TcpFlows(self, self.flows, setup.tcp_ports)
-        self.udp = UdpFlows(self, self.flows, setup.udp_ports)
+        self.tcp = TcpFlows(self, self.flows, setup.tcp_listeners)
+        self.udp = UdpFlows(self, self.flows, setup.udp_listeners)
         self.tcp.plug_into(self.endpoint)
         self.udp.plug_into(self.endpoint)
         if setup.icmp:
@@ -170,6 +172,9 @@ class Worker(EpollWatches, CountingPort):
         elif isinstance(message, Shutdown):
             self._stop_all()
             self.running = False
+        elif isinstance(message, SandboxProbe) and self.test_hooks:
+            log.warning("worker %d: making a system call outside the seccomp allow-list, as a test asked", self.pair)
+            os.sync()
         else:
             log.error("worker %d: unexpected control message %r", self.pair, message)
 
@@ -447,21 +452,16 @@ class Worker(EpollWatches, CountingPort):
             self.table.close()
 
 
-def _isolate(keep: set[int]) -> None:
-    """Close every inherited descriptor but stdio and ``keep``; die with the coordinator."""
+def _isolate(keep: set[int], pair: int) -> None:
+    """Close every inherited descriptor but stdio and ``keep``; name the process; die with the coordinator."""
     max_fd = os.sysconf("SC_OPEN_MAX")
     low = 3
     for fd in sorted(keep):
         os.closerange(low, fd)
         low = fd + 1
     os.closerange(low, max_fd if max_fd > 0 else 65536)
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+    privileges.set_name(f"shardswitch-w{pair}")
+    privileges.die_with_parent(signal.SIGTERM)
     # Ctrl-C in a terminal reaches the whole process group: the coordinator decides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -469,12 +469,18 @@ def _isolate(keep: set[int]) -> None:
 
 def worker_main(setup: WorkerSetup, sock: socket.socket) -> None:
     """Entry point of a forked worker process."""
-    keep = {sock.fileno(), *setup.peer_fds}
+    keep = {sock.fileno(), *setup.peer_fds, *(p.fd for p in setup.tcp_listeners + setup.udp_listeners)}
     if setup.inbox_fd >= 0:
         keep.add(setup.inbox_fd)
-    _isolate(keep)
-    worker = Worker(setup, Channel(sock, ToWorker))
     pair = setup.pair
+    _isolate(keep, pair)
+    worker = Worker(setup, Channel(sock, ToWorker))
+    if setup.sandbox:
+        try:
+            seccomp.install(seccomp.Role.WORKER)
+        except seccomp.SeccompError as err:
+            log.error("worker %d: %s; exiting", pair, err)
+            return
     log.debug("worker %d started (pid %d)", pair, os.getpid())
     started = time.monotonic()
     try:

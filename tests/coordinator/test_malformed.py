@@ -23,6 +23,7 @@ last case is served by a switch that has survived all the others.
 from __future__ import annotations
 
 import os
+import socket
 import struct
 import time
 from collections import Counter
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from shardswitch.coordinator.server import HANDSHAKE_TIMEOUT
 from shardswitch.frontend.client import VhostUserFrontend
 from shardswitch.vhost.wire import (HEADER, U64, VRING_ADDR, VRING_NOFD_MASK, VRING_STATE,
                                     MemRegion, ProtocolFeature, Request, VirtioFeature, encode_mem_table,
@@ -318,6 +320,33 @@ def test_second_frontend_refused_while_first_works(switch: Switch, before: Basel
     assert not fe.peer_closed(0.0)
     all_pairs_answer(fe)
     fe.close()
+    assert_recovered(switch, before)
+
+
+@pytest.mark.parametrize("says", [b"", HEADER.pack(Request.GET_FEATURES, 1, 0)], ids=["nothing", "get-features"])
+def test_stalled_handshake_times_out(switch: Switch, before: Baseline, says: bytes) -> None:
+    """A front-end that connects and never sends SET_OWNER (nothing at all, or one request) holds the one
+    front-end slot for HANDSHAKE_TIMEOUT at most: it is then dropped (counted, logged) and the next served."""
+    watch = LogWatch(switch)
+    counted = refused(switch)["HANDSHAKE_TIMEOUT"]
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        silent.connect(switch.socket)
+        silent.sendall(says)
+        connected = time.monotonic()
+        silent.settimeout(HANDSHAKE_TIMEOUT + 5.0)
+        while silent.recv(4096):                   # the GET_FEATURES reply, then the hang-up
+            pass
+        waited = time.monotonic() - connected
+    finally:
+        silent.close()
+    assert HANDSHAKE_TIMEOUT - 0.5 <= waited <= HANDSHAKE_TIMEOUT + 3.0, waited
+    assert watch.count("handshake stalled: no SET_OWNER") == 1
+    assert refused(switch)["HANDSHAKE_TIMEOUT"] == counted + 1
+    with VhostUserFrontend.connect(switch.socket, queue_pairs=PAIRS, ignore=is_periodic_ra) as nxt:
+        nxt.handshake()
+        all_pairs_answer(nxt)
+    assert watch.count("refused a second front-end") == 0
     assert_recovered(switch, before)
 
 

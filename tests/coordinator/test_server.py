@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from shardswitch.frontend.client import VhostUserFrontend
+from tests.conftest import NOBODY
 from tests.switch import Switch
 from tests.switchkit import is_periodic_ra
 
@@ -65,9 +66,10 @@ def test_non_socket_file_is_never_replaced(tmp_path: Path) -> None:
     assert path.read_text() == "precious"
 
 
-def test_sigterm_removes_socket_files(tmp_path: Path) -> None:
-    """SIGTERM: exit status 0, both socket files gone, workers gone."""
-    switch = Switch(tmp_path, workers=2).start()
+def test_sigterm_removes_socket_files(tmp_path: Path, nobody_dir: Path) -> None:
+    """SIGTERM: exit status 0, both socket files gone, workers gone.  Started as root, the switch runs as
+    nobody: its socket directory belongs to that user, as systemd's RuntimeDirectory= with User= makes it."""
+    switch = Switch(tmp_path, workers=2, socket_path=str(nobody_dir / "ss.sock")).start()
     pids = [w["pid"] for w in switch.status()["workers"]]
     assert switch.stop() == 0
     assert not os.path.exists(switch.socket) and not os.path.exists(switch.control)
@@ -75,11 +77,24 @@ def test_sigterm_removes_socket_files(tmp_path: Path) -> None:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
 
 
-def test_client_mode_connects_and_reconnects(tmp_path: Path) -> None:
-    """--connect: the switch connects to a listening front-end, and again after it goes away."""
-    path = str(tmp_path / "frontend.sock")
+def test_socket_left_in_a_root_directory_is_replaced_at_the_next_start(tmp_path: Path) -> None:
+    """Running as nobody, the switch cannot remove its socket from a directory only root may change: it says
+    so, and the next start replaces the stale socket."""
+    switch = Switch(tmp_path).start()
+    assert switch.stop() == 0
+    assert os.path.exists(switch.socket)
+    assert "cannot remove" in switch.log()
+    with Switch(tmp_path) as again:
+        assert again.status()["frontend"]["connected"] is False
+
+
+def test_client_mode_connects_and_reconnects(tmp_path: Path, nobody_dir: Path) -> None:
+    """--connect: the switch connects to a listening front-end, and again after it goes away (the front-end's
+    socket is where the switch's user, nobody, may reach it)."""
+    path = str(nobody_dir / "frontend.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
+    os.chown(path, NOBODY, NOBODY)
     listener.listen(1)
     listener.settimeout(10.0)
     try:

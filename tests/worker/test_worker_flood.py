@@ -13,8 +13,9 @@ flow until the table is full, and then a TABLE_FULL drop.  Meanwhile:
 * a flow that existed before the flood keeps being answered;
 
 and once the flood's flows expired (UDP's 30 s idle timeout), each worker
-holds as many descriptors as before the flood, the table holds the old flow
-only, and it is still answered.
+holds as many descriptors as before the flood, and about as much private
+memory (RssAnon: the Python heap, not the guest memory it maps), the table
+holds the old flow only, and it is still answered.
 """
 
 from __future__ import annotations
@@ -33,11 +34,22 @@ FLOOD_SECONDS = 10.0
 MAX_FLOWS = 512
 #: Log lines the flood may cause at most (rate-limited warnings, suppressed counts, start-up chatter).
 MAX_LOG_LINES = 40
+#: Private memory a worker may keep after the flood's flows expired (allocator slack), in KiB.
+RSS_SLACK_KIB = 4096
 
 
 def worker_fds(status: dict[str, object]) -> list[int]:
     """Open descriptors of each worker process."""
     return [len(os.listdir(f"/proc/{w['pid']}/fd")) for w in status["workers"]]  # type: ignore[attr-defined]
+
+
+def worker_rss(status: dict[str, object]) -> list[int]:
+    """Private anonymous memory (RssAnon, KiB) of each worker process."""
+    sizes = []
+    for worker in status["workers"]:  # type: ignore[attr-defined]
+        with open(f"/proc/{worker['pid']}/status") as f:
+            sizes += [int(line.split()[1]) for line in f if line.startswith("RssAnon:")]
+    return sizes
 
 
 def echoed(fe: object, sport: int) -> bool:
@@ -60,6 +72,7 @@ def test_udp_flow_flood(tmp_path: Path, netns: TestNetns) -> None:
         time.sleep(1.5)   # the workers' pools of pre-opened TCP sockets are filled on their first tick
         (old_flow,) = sw.query("flows")["flows"]
         fds_before = worker_fds(sw.status())
+        rss_before = worker_rss(sw.status())
         lines_before = len(sw.log().splitlines())
         sport, sent, checks = 1024, 0, 0
         end = time.monotonic() + FLOOD_SECONDS
@@ -86,4 +99,8 @@ def test_udp_flow_flood(tmp_path: Path, netns: TestNetns) -> None:
             time.sleep(1.0)
         assert sw.query("flows")["flows"] == [old_flow] or len(sw.query("flows")["flows"]) == 1
         assert worker_fds(sw.status()) == fds_before
+        rss_after = worker_rss(sw.status())
+        print(f"workers' private memory (KiB): before {rss_before}, after the flows expired {rss_after}")
+        assert all(after <= before + RSS_SLACK_KIB for before, after in zip(rss_before, rss_after)), \
+            (rss_before, rss_after)
         assert echoed(fe, 30001)

@@ -1,4 +1,5 @@
-"""A dead worker is replaced: SIGKILL a worker process of a real shardswitch.
+"""A dead worker is replaced: SIGKILL a worker process of a real shardswitch, or make it call outside its
+seccomp allow-list (a test-only control command), which kills it with SIGSYS.
 
 The coordinator watches a pidfd per worker; when one dies it forks a
 replacement for the same queue pair and hands it guest memory and the
@@ -26,12 +27,12 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
 from shardswitch.frontend.client import VhostUserFrontend
-from tests.switch import Switch
+from tests.switch import Switch, assert_sandboxed
 from tests.switchkit import (Baseline, is_periodic_ra, arp_request, arp_roundtrip, assert_recovered, baseline, check_arp_reply,
                              ring_status, wait_status, worker_pids)
 
@@ -42,8 +43,8 @@ REPLACED_WITHIN = 2.0
 
 @pytest.fixture
 def switch(tmp_path: Path) -> Iterator[Switch]:
-    """A real two-worker switch."""
-    with Switch(tmp_path, workers=PAIRS) as sw:
+    """A real two-worker switch (test hooks on: a worker's forbidden system call on demand)."""
+    with Switch(tmp_path, workers=PAIRS, test_hooks=True) as sw:
         yield sw
 
 
@@ -68,13 +69,27 @@ def replaced(status: dict[str, Any], pair: int, old_pid: int, restarts: int) -> 
             and all(ring_status(status, 2 * pair + i)["state"] == "running" for i in range(2)))
 
 
-def test_killed_worker_replaced_on_same_connection(switch: Switch, before: Baseline) -> None:
-    """SIGKILL pair 1's worker mid-connection: it is replaced and served again with no new handshake."""
+def forbidden_syscall(switch: Switch, pair: int) -> int:
+    """Make the worker of ``pair`` call outside its seccomp allow-list (test hook); return its PID."""
+    pid = worker_pids(switch.status())[pair]
+    assert switch.query(f"test-forbidden-syscall-{pair}") == {"sent": True}
+    return pid
+
+
+@pytest.mark.parametrize("kill, how", [(kill_worker, "killed by SIGKILL"),
+                                       (forbidden_syscall, "killed by SIGSYS (a system call outside its seccomp "
+                                                           "allow-list)")],
+                         ids=["sigkill", "seccomp"])
+def test_killed_worker_replaced_on_same_connection(switch: Switch, before: Baseline,
+                                                   kill: Callable[[Switch, int], int], how: str) -> None:
+    """Pair 1's worker dies mid-connection (SIGKILL, or killed by its seccomp filter for a forbidden call):
+    it is replaced and served again with no new handshake; pair 0 answers every request all the while."""
+    assert_sandboxed(switch)
     with VhostUserFrontend.connect(switch.socket, queue_pairs=PAIRS, ignore=is_periodic_ra) as fe:
         fe.handshake()
         for pair in range(PAIRS):
             arp_roundtrip(fe, pair)
-        victim = kill_worker(switch, 1)
+        victim = kill(switch, 1)
         killed_at = time.monotonic()
         fe.post_rx(1, 1)
         fe.send_frame(1, arp_request())         # queued while the worker is dead (or dying)
@@ -90,7 +105,7 @@ def test_killed_worker_replaced_on_same_connection(switch: Switch, before: Basel
         assert status["pid"] == before.pid
         survivor, newcomer = status["workers"]
         assert (survivor["pid"], survivor["restarts"]) == (before.worker_pids[0], 0)
-        assert newcomer["last_exit"] == "killed by SIGKILL"
+        assert newcomer["last_exit"] == how
         (frame,) = fe.recv_frames(1, 2.0)        # the request queued during the outage is answered
         check_arp_reply(frame)
         for _ in range(3):
@@ -99,6 +114,7 @@ def test_killed_worker_replaced_on_same_connection(switch: Switch, before: Basel
         assert not fe.peer_closed(0.0)
         assert switch.status()["frontend"]["connected"]
     assert_recovered(switch, before, replaced=frozenset({1}))
+    assert_sandboxed(switch)
 
 
 def test_worker_killed_twice(switch: Switch, before: Baseline) -> None:

@@ -26,6 +26,7 @@ from shardswitch.net import checksum, icmpv6, ipv4, ipv6, udp
 from shardswitch.net.drop import DropReason
 from shardswitch.net.params import GuestParams
 from shardswitch.shm.table import FlowTable
+from shardswitch.worker.listen import bind_detached
 from shardswitch.worker.worker import Worker
 from shardswitch.net.udp import build_frame6, parse6
 from shardswitch.worker.udp import UDP_TIMEOUT, UDP_TIMEOUT_BOTH
@@ -116,7 +117,7 @@ def make_worker(table: FlowTable, udp_ports: tuple[str, ...] = ()) -> tuple[Work
     peer, ours = socket.socketpair()
     params = GuestParams(address=GUEST4, prefix_len=24, gateway=GATEWAY4)
     setup = WorkerSetup(pair=0, params=params, flow_table=table.instance, forward=ForwardSetup(map_host_loopback=(GATEWAY4,)),
-                        udp_ports=udp_ports)
+                        udp_listeners=bind_detached(udp_ports, socket.SOCK_DGRAM, "-u"))
     return Worker(setup, Channel(ours, ToWorker)), [peer, ours]
 
 
@@ -211,7 +212,7 @@ def test_forwarded_ipv6_port_before_the_guest_mac_is_known(table: FlowTable) -> 
     params = GuestParams(address=GUEST4, prefix_len=24, gateway=GATEWAY4)
     setup = WorkerSetup(pair=0, params=params, flow_table=table.instance,
                         forward=ForwardSetup(map_host_loopback=(GATEWAY4, ROUTER6)),
-                        udp_ports=(f"[::1]/{port}:6000",))
+                        udp_listeners=bind_detached((f"[::1]/{port}:6000",), socket.SOCK_DGRAM, "-u"))
     w = Worker(setup, Channel(ours, ToWorker))
     client = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
     client.settimeout(2.0)

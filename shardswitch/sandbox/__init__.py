@@ -1,0 +1,34 @@
+"""The sandbox: what each shardswitch process may do once it runs.
+
+A guest's frames and a front-end's messages are parsed by these processes,
+so each holds only what it needs once serving starts, as passt does:
+
+* started as root (systemd, libvirt), the coordinator binds its sockets and
+  forwarded ports, then becomes ``--runas USER[:GROUP]`` (default
+  ``nobody``) with new IPC and UTS namespaces, no capability in any set
+  (bounding included) and no_new_privs (:mod:`.privileges`); started as
+  another user it keeps that user and sets the same;
+* the coordinator then creates the flow table, forks the workers and
+  installs its seccomp allow-list; each worker installs its own, narrower
+  one once its rings, table and sockets are set up (:mod:`.seccomp`).  A
+  process that makes a call outside its list dies of SIGSYS; a dead worker
+  is replaced and restored like any other.
+
+``--no-sandbox`` skips all of it (debugging).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shardswitch.sandbox.privileges import RunAs
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxSetup:
+    """How the coordinator sandboxes itself and its workers (None instead of one: --no-sandbox)."""
+
+    #: The user to become (a root start), or None to keep the current one.
+    runas: RunAs | None = None
+    #: Obey test-only requests (SHARDSWITCH_TEST_HOOKS=1): a worker's forbidden system call on demand.
+    test_hooks: bool = False

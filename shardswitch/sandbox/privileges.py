@@ -1,0 +1,235 @@
+"""Giving up privileges: the user to run as, capabilities, no_new_privs, namespaces.
+
+Theory of operation
+-------------------
+shardswitch needs root for nothing but what it does at start (a socket in
+/run, a forwarded port below 1024).  The coordinator therefore, once its
+sockets and forwarded ports are bound and before it creates shared memory
+or forks a worker, calls :func:`drop_privileges` with the :class:`RunAs`
+that :func:`resolve_runas` looked up earlier (while /etc/passwd could still
+be read):
+
+1. :func:`unshare` new IPC and UTS namespaces (root only; SysV IPC and the
+   host name are then out of reach; POSIX shared memory lives in /dev/shm
+   and is not affected);
+2. every capability leaves the bounding set (PR_CAPBSET_DROP) and the
+   ambient set, so nothing executed later can get one back;
+3. setgroups, setresgid, setresuid to the target user: with all three user
+   IDs non-zero the kernel clears the permitted and effective sets;
+4. :func:`clear_capabilities` empties the sets explicitly (the inheritable
+   set survives setuid, and a non-root start may hold file capabilities);
+5. PR_SET_NO_NEW_PRIVS: no execve can gain privileges, and seccomp filters
+   may be installed without CAP_SYS_ADMIN.
+
+Workers are forked afterwards and inherit all of it.  Each step is a
+syscall through libc (ctypes, loaded here once: after the seccomp filter
+no library can be opened); a failure raises :class:`SandboxError`, which
+stops the start with a clear message rather than running with more rights
+than the operator was told.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import grp
+import importlib
+import os
+import pwd
+from dataclasses import dataclass
+from enum import IntEnum, IntFlag
+
+#: The user a root start becomes by default (passt's choice too).
+DEFAULT_RUNAS = "nobody"
+
+
+class SandboxError(Exception):
+    """A privilege could not be given up, or the sandbox cannot be built."""
+
+
+class Prctl(IntEnum):
+    """prctl(2) options used here."""
+
+    SET_PDEATHSIG = 1
+    SET_NAME = 15
+    CAPBSET_DROP = 24
+    SET_NO_NEW_PRIVS = 38
+    CAP_AMBIENT = 47
+
+
+#: PR_CAP_AMBIENT's sub-command that clears the ambient set.
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+#: capset(2)'s header version with two 32-bit words per set.
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class CloneFlag(IntFlag):
+    """unshare(2) flags used here."""
+
+    NEWNS = 0x00020000
+    NEWUTS = 0x04000000
+    NEWIPC = 0x08000000
+    NEWUSER = 0x10000000
+
+
+class _CapHeader(ctypes.Structure):
+    """struct __user_cap_header_struct."""
+
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    """struct __user_cap_data_struct (one of two for version 3)."""
+
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.capset.argtypes = [ctypes.POINTER(_CapHeader), ctypes.POINTER(_CapData)]
+
+
+@dataclass(frozen=True, slots=True)
+class RunAs:
+    """The user and group to become."""
+
+    name: str
+    uid: int
+    gid: int
+
+
+def _check(result: int, what: str) -> None:
+    """Raise SandboxError naming ``what`` when a libc call returned -1."""
+    if result == -1:
+        err = ctypes.get_errno()
+        raise SandboxError(f"{what}: {os.strerror(err)}")
+
+
+def prctl(option: Prctl, arg2: int = 0) -> None:
+    """prctl(option, arg2, 0, 0, 0), raising SandboxError on failure."""
+    _check(_libc.prctl(int(option), arg2, 0, 0, 0), f"prctl({option.name})")
+
+
+def set_name(name: str) -> None:
+    """This process's name as ps, top and the kernel's audit lines show it (15 bytes at most)."""
+    buf = ctypes.create_string_buffer(name.encode()[:15])
+    _libc.prctl(int(Prctl.SET_NAME), ctypes.cast(buf, ctypes.c_void_p).value or 0, 0, 0, 0)
+
+
+def die_with_parent(signum: int) -> None:
+    """Receive ``signum`` when the parent process dies (PR_SET_PDEATHSIG); best effort."""
+    _libc.prctl(int(Prctl.SET_PDEATHSIG), signum, 0, 0, 0)
+
+
+def resolve_runas(spec: str | None) -> RunAs | None:
+    """The user of ``--runas USER[:GROUP]`` (names or numbers), or None when nothing is to change.
+
+    Started as root, no ``spec`` means :data:`DEFAULT_RUNAS`.  Started as
+    another user, ``spec`` may only name that same user (there is nothing
+    else to become).  Raises SandboxError for an unknown user or group, and
+    for root as target (that would keep every privilege).
+    """
+    euid = os.geteuid()
+    if spec is None:
+        if euid != 0:
+            return None
+        spec = DEFAULT_RUNAS
+    user, _, group = spec.partition(":")
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        uid, gid, name = entry.pw_uid, entry.pw_gid, entry.pw_name
+    except KeyError:
+        if not user.isdigit():
+            raise SandboxError(f"--runas: no user named {user!r}") from None
+        uid, gid, name = int(user), int(user), user
+    if group:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise SandboxError(f"--runas: no group named {group!r}") from None
+    if uid == 0 or gid == 0:
+        raise SandboxError(f"--runas {spec}: running as root is what --runas is there to avoid")
+    if euid != 0:
+        if uid != euid:
+            raise SandboxError(f"--runas {spec}: only root can change user (running as uid {euid})")
+        return None
+    return RunAs(name, uid, gid)
+
+
+def last_capability() -> int:
+    """The highest capability number this kernel knows."""
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 40
+
+
+def unshare(flags: CloneFlag) -> None:
+    """unshare(2) ``flags``; SandboxError on failure."""
+    _check(_libc.unshare(int(flags)), f"unshare({flags!r})")
+
+
+def clear_capabilities() -> None:
+    """Empty this process's effective, permitted and inheritable capability sets (capset); nothing to do,
+    and no call made, when they are empty already (systemd's SystemCallFilter=~@privileged refuses capset)."""
+    status = process_status()
+    if all(int(status.get(key, "0"), 16) == 0 for key in ("CapInh", "CapPrm", "CapEff")):
+        return
+    header = _CapHeader(LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
+
+
+def drop_bounding_set(last_cap: int) -> None:
+    """Remove every capability up to ``last_cap`` from the bounding set (needs CAP_SETPCAP)."""
+    for cap in range(last_cap + 1):
+        prctl(Prctl.CAPBSET_DROP, cap)
+
+
+#: Modules the coordinator and workers import only when first used: loaded before privileges go, since
+#: the interpreter's files may not be readable by the new user (a Python under /root) and a worker's
+#: seccomp filter refuses open().
+LAZY_IMPORTS = ("multiprocess.connection", "multiprocess.popen_fork", "encodings.idna")
+
+
+def preload() -> None:
+    """Import :data:`LAZY_IMPORTS` now."""
+    for name in LAZY_IMPORTS:
+        importlib.import_module(name)
+
+
+def drop_privileges(runas: RunAs | None) -> None:
+    """Become ``runas`` (if given: a root start) with no capability and no_new_privs set.
+
+    See the module's theory of operation for the order and why.  Raises
+    SandboxError when a step fails.
+    """
+    preload()
+    last_cap = last_capability()
+    _libc.prctl(int(Prctl.CAP_AMBIENT), PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    if runas is not None:
+        unshare(CloneFlag.NEWIPC | CloneFlag.NEWUTS)
+        drop_bounding_set(last_cap)
+        try:
+            os.setgroups([])
+            os.setresgid(runas.gid, runas.gid, runas.gid)
+            os.setresuid(runas.uid, runas.uid, runas.uid)
+        except OSError as err:
+            raise SandboxError(f"cannot become {runas.name} (uid {runas.uid}, gid {runas.gid}): "
+                               f"{err.strerror}") from err
+    clear_capabilities()
+    prctl(Prctl.SET_NO_NEW_PRIVS, 1)
+
+
+def process_status(pid: int | str = "self") -> dict[str, str]:
+    """The fields of /proc/PID/status that say what a process may do (Uid, Gid, Cap*, NoNewPrivs, Seccomp)."""
+    wanted = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp")
+    fields: dict[str, str] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in wanted:
+                fields[key] = value.strip()
+    return fields

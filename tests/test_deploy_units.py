@@ -1,0 +1,52 @@
+"""The systemd units in deploy/: hardened as the README says, rated by systemd's own analysis."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+UNITS = sorted((REPO / "deploy").glob("*.service"))
+#: The worst overall exposure systemd-analyze may rate a unit (0 = locked down, 10 = fully exposed; <= 2 is
+#: what it calls "OK").
+MAX_EXPOSURE = 2.0
+
+
+def settings(unit: Path) -> dict[str, list[str]]:
+    """Every Key=value of ``unit``, values in order."""
+    found: dict[str, list[str]] = {}
+    for line in unit.read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith(("#", ";")):
+            key, _, value = line.partition("=")
+            found.setdefault(key.strip(), []).append(value.strip())
+    return found
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.name)
+def test_exposure_rated_ok(unit: Path) -> None:
+    """`systemd-analyze security --offline=true` rates the unit at most MAX_EXPOSURE."""
+    tool = shutil.which("systemd-analyze")
+    assert tool, "systemd-analyze (Debian's systemd package) is needed"
+    done = subprocess.run([tool, "security", "--offline=true", "--no-pager", str(unit)],
+                          capture_output=True, text=True, timeout=60)
+    match = re.search(r"Overall exposure level for \S+: ([\d.]+)", done.stdout)
+    assert match, (done.stdout, done.stderr)
+    assert float(match[1]) <= MAX_EXPOSURE, done.stdout
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.name)
+def test_unprivileged_and_filtered(unit: Path) -> None:
+    """Not root, no capability, no_new_privs, a system-call filter without @privileged, only the socket
+    families shardswitch uses."""
+    keys = settings(unit)
+    assert keys["DynamicUser"] == ["yes"] and keys["User"] == ["shardswitch"]
+    assert keys["CapabilityBoundingSet"] == [""] and keys["AmbientCapabilities"] == [""]
+    assert keys["NoNewPrivileges"] == ["yes"]
+    assert keys["SystemCallFilter"][0] == "@system-service"
+    assert "@privileged" in keys["SystemCallFilter"][1] and keys["SystemCallFilter"][1].startswith("~")
+    assert keys["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6 AF_NETLINK"]
+    assert keys["ExecStart"][0].split()[1] == "start"
