@@ -140,6 +140,8 @@ def assert_sandboxed(switch: Switch) -> None:
         assert "0" not in status["Uid"].split(), (pid, status)
         assert all(int(status[k], 16) == 0 for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")), (pid, status)
         assert (status["NoNewPrivs"], status["Seccomp"]) == ("1", "2"), (pid, status)
+        view = set(os.listdir(f"/proc/{pid}/root"))
+        assert view <= {"dev", "proc", "tmp", "run"} and os.path.isdir(f"/proc/{pid}/root/dev/shm"), (pid, view)
 
 
 def worker_counters(status: dict[str, Any]) -> list[dict[str, Any]]:

@@ -191,7 +191,8 @@ class Coordinator:
         self._bind_ports()
         if self.sandbox is not None:
             try:
-                drop_privileges(self.sandbox.runas)
+                drop_privileges(self.sandbox.runas,
+                                keep=[os.path.dirname(p) or "." for p in (self.socket_path, self.control_path)])
             except SandboxError as err:
                 raise StartError(f"cannot drop privileges ({err}); --no-sandbox runs without") from err
         try:

@@ -11,7 +11,8 @@ be read):
 
 1. :func:`unshare` new IPC and UTS namespaces (root only; SysV IPC and the
    host name are then out of reach; POSIX shared memory lives in /dev/shm
-   and is not affected);
+   and is not affected), and a mount namespace whose root is empty but for
+   what the processes still use (:mod:`shardswitch.sandbox.mounts`);
 2. every capability leaves the bounding set (PR_CAPBSET_DROP) and the
    ambient set, so nothing executed later can get one back;
 3. setgroups, setresgid, setresuid to the target user: with all three user
@@ -37,6 +38,8 @@ import os
 import pwd
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
+
+from shardswitch.sandbox.mounts import MountError, empty_root
 
 #: The user a root start becomes by default (passt's choice too).
 DEFAULT_RUNAS = "nobody"
@@ -200,8 +203,9 @@ def preload() -> None:
         importlib.import_module(name)
 
 
-def drop_privileges(runas: RunAs | None) -> None:
-    """Become ``runas`` (if given: a root start) with no capability and no_new_privs set.
+def drop_privileges(runas: RunAs | None, keep: list[str] | None = None) -> None:
+    """Become ``runas`` (if given: a root start) with no capability and no_new_privs set; a root start also
+    leaves an empty filesystem view holding the directories ``keep`` (see shardswitch.sandbox.mounts).
 
     See the module's theory of operation for the order and why.  Raises
     SandboxError when a step fails.
@@ -211,6 +215,10 @@ def drop_privileges(runas: RunAs | None) -> None:
     _libc.prctl(int(Prctl.CAP_AMBIENT), PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     if runas is not None:
         unshare(CloneFlag.NEWIPC | CloneFlag.NEWUTS)
+        try:
+            empty_root(keep or [])
+        except MountError as err:
+            raise SandboxError(str(err)) from err
         drop_bounding_set(last_cap)
         try:
             os.setgroups([])

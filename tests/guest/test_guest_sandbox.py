@@ -19,7 +19,7 @@ import pytest
 
 from tests.guest.image import GuestImage
 from tests.guest.netns import TestNetns
-from tests.guest.test_guest_tcp import HTTP_PORT, NC_CLIENT, start_http
+from tests.guest.test_guest_tcp import HTTP_PORT, NC_CLIENT, serve_blob
 from tests.guest.test_guest_udp_dns import ANSWER, NAME, start_dnsmasq
 from tests.guest.vm import GuestVM
 from tests.switch import Switch, assert_sandboxed, sandbox_status
@@ -37,11 +37,7 @@ def test_root_start_drops_privileges_and_serves_the_guest(tmp_path: Path, netns:
     """Started as root with -t 80: every process runs as nobody with no capability, no_new_privs and a
     seccomp filter; the guest gets its lease, ping, DNS over UDP, a TCP download and the forwarded port."""
     start_dnsmasq(netns, tmp_path)
-    root = tmp_path / "www"
-    root.mkdir()
-    blob = os.urandom(BLOB_MB << 20)
-    (root / "blob").write_bytes(blob)
-    start_http(netns, root)
+    blob = serve_blob(netns, tmp_path, BLOB_MB)
     script = f"""
 dhcp || exit 1
 {GATEWAY}

@@ -91,6 +91,16 @@ def start_http(netns: TestNetns, root: Path) -> None:
     assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
 
 
+def serve_blob(netns: TestNetns, tmp_path: Path, megabytes: int) -> bytes:
+    """``megabytes`` of random data served as /blob by the namespace's HTTP server (started here); the data."""
+    root = tmp_path / "www"
+    root.mkdir()
+    blob = os.urandom(megabytes << 20)
+    (root / "blob").write_bytes(blob)
+    start_http(netns, root)
+    return blob
+
+
 def uptime_between(output: str, tag: str) -> float:
     """Seconds between the guest's ``tag-T0 <uptime>`` and ``tag-T1 <uptime>`` lines."""
     t0 = float(re.search(rf"{tag}-T0 ([\d.]+)", output)[1])  # type: ignore[index]
@@ -110,11 +120,7 @@ def tcp_flows(switch: Switch) -> list[dict[str, object]]:
 
 def test_bulk_transfers_and_refused(tmp_path: Path, netns: TestNetns, guest_image: GuestImage) -> None:
     """A 50 MB download and a 50 MB upload keep their sha256; a refused connection fails at once."""
-    root = tmp_path / "www"
-    root.mkdir()
-    blob = os.urandom(DOWNLOAD_MB << 20)
-    (root / "blob").write_bytes(blob)
-    start_http(netns, root)
+    blob = serve_blob(netns, tmp_path, DOWNLOAD_MB)
     script = f"""
 dhcp || exit 1
 {GATEWAY}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from typing import Callable
 
 import pytest
@@ -41,14 +43,26 @@ def in_child(action: Callable[[], object]) -> object:
 
 def test_root_start_becomes_nobody_with_nothing_left() -> None:
     """Root -> nobody: every user and group ID, no supplementary group, every capability set empty (bounding
-    and ambient included), no_new_privs, new IPC and UTS namespaces."""
+    and ambient included), no_new_privs, new IPC and UTS namespaces, and a filesystem holding only /dev/shm,
+    /dev/null, /proc and the directory kept (writable by nobody as before)."""
     host_ipc = os.readlink("/proc/self/ns/ipc")
 
-    def drop() -> object:
-        drop_privileges(resolve_runas(None))
-        return {"status": process_status(), "ipc": os.readlink("/proc/self/ns/ipc")}
+    keep = tempfile.mkdtemp(prefix="kept-")
+    os.chown(keep, NOBODY, NOBODY)
 
-    result = in_child(drop)
+    def drop() -> object:
+        drop_privileges(resolve_runas(None), keep=[keep])
+        with open(os.path.join(keep, "written"), "w") as f:
+            f.write("by nobody")
+        return {"status": process_status(), "ipc": os.readlink("/proc/self/ns/ipc"), "root": sorted(os.listdir("/")),
+                "shm": os.path.isdir("/dev/shm"), "null": os.path.exists("/dev/null"),
+                "fd": os.path.isdir("/proc/self/fd"), "etc": os.path.exists("/etc/passwd")}
+
+    try:
+        result = in_child(drop)
+        assert open(os.path.join(keep, "written")).read() == "by nobody"
+    finally:
+        shutil.rmtree(keep)
     assert isinstance(result, dict)
     status = result["status"]
     assert status["Uid"].split() == [str(NOBODY)] * 4
@@ -58,6 +72,9 @@ def test_root_start_becomes_nobody_with_nothing_left() -> None:
         assert int(status[key], 16) == 0, key
     assert status["NoNewPrivs"] == "1"
     assert result["ipc"] != host_ipc
+    # The filesystem: only what the switch still uses.
+    assert result["root"] == ["dev", "proc", "tmp"], result["root"]
+    assert result["shm"] and result["null"] and result["fd"] and not result["etc"]
 
 
 def test_runas_user_and_group() -> None:

@@ -1,0 +1,104 @@
+"""An empty filesystem view: the coordinator and its workers see only what they still use.
+
+Theory of operation
+-------------------
+Started as root, before becoming ``--runas``, the coordinator calls
+:func:`empty_root`: in a new mount namespace (propagation private, so
+nothing leaks back to the host) it mounts an empty, read-only tmpfs as its
+root directory, holding bind mounts of exactly what it still needs:
+
+* /dev/shm: POSIX shared memory and semaphores (the flow table, which a
+  replacement worker attaches by name and the coordinator removes at exit);
+* /proc: :mod:`shardswitch.coordinator.fdcheck` reads /proc/self/fd;
+* /dev/null: a forked worker's standard input;
+* the directories of its sockets: removed at exit, reconnected in client
+  mode.
+
+Everything else (/etc, /home, /root, the Python installation) is gone:
+whatever it needs later was imported before (see privileges.preload).  The
+sources are opened (O_PATH) in the new namespace before the tmpfs is
+mounted, since the tmpfs may hide them (it is mounted over /tmp), and bound
+from /proc/self/fd.  Workers
+inherit the view; their seccomp filter also refuses open() altogether.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from enum import IntFlag
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+#: Where the new root is mounted before pivot_root (in our own mount namespace only).
+STAGING = "/tmp"
+#: pivot_root(2)'s number (glibc has no wrapper), by machine.
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217, "riscv64": 41}
+MNT_DETACH = 2
+CLONE_NEWNS = 0x00020000
+
+
+class MountError(Exception):
+    """The filesystem view could not be built (privileges turns it into its SandboxError)."""
+
+
+class MountFlag(IntFlag):
+    """mount(2) flags used here."""
+
+    RDONLY = 1
+    NOSUID = 2
+    NODEV = 4
+    NOEXEC = 8
+    REMOUNT = 32
+    BIND = 4096
+    REC = 16384
+    PRIVATE = 1 << 18
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    """mount(2); MountError naming the target on failure."""
+    enc = (lambda v: v.encode() if v is not None else None)
+    if _libc.mount(enc(source), target.encode(), enc(fstype), flags, enc(data)) == -1:
+        err = ctypes.get_errno()
+        raise MountError(f"mount {source or fstype} on {target}: {os.strerror(err)}")
+
+
+def empty_root(keep: list[str]) -> None:
+    """Enter a mount namespace whose root holds only /dev/shm, /proc, /dev/null and the directories ``keep``."""
+    if _libc.unshare(CLONE_NEWNS) == -1:
+        raise MountError(f"unshare(CLONE_NEWNS): {os.strerror(ctypes.get_errno())}")
+    _mount(None, "/", None, MountFlag.REC | MountFlag.PRIVATE)
+    # Opened in the new namespace (a bind mount's source must be in the caller's), before the tmpfs hides them.
+    dirs = sorted({"/dev/shm", "/proc", *(os.path.realpath(d) for d in keep)}, key=len)
+    handles: dict[str, int] = {}
+    try:
+        for path in dirs:
+            handles[path] = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        handles["/dev/null"] = os.open("/dev/null", os.O_PATH | os.O_CLOEXEC)
+        _mount("shardswitch", STAGING, "tmpfs", MountFlag.NOSUID | MountFlag.NODEV | MountFlag.NOEXEC, "mode=0755")
+        for path, fd in handles.items():
+            target = STAGING + path
+            if path == "/dev/null":
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                open(target, "w").close()
+            else:
+                os.makedirs(target, exist_ok=True)
+            _mount(f"/proc/self/fd/{fd}", target, None, MountFlag.BIND | MountFlag.REC)
+        os.chdir(STAGING)
+        number = SYS_PIVOT_ROOT.get(os.uname().machine)
+        if number is None:
+            raise MountError(f"pivot_root: unknown on {os.uname().machine}")
+        if _libc.syscall(number, b".", b".") == -1:
+            raise MountError(f"pivot_root: {os.strerror(ctypes.get_errno())}")
+        if _libc.umount2(b".", MNT_DETACH) == -1:
+            raise MountError(f"detaching the old root: {os.strerror(ctypes.get_errno())}")
+        os.chdir("/")
+        _mount(None, "/", None, MountFlag.REMOUNT | MountFlag.BIND | MountFlag.RDONLY | MountFlag.NOSUID
+               | MountFlag.NODEV | MountFlag.NOEXEC)
+    except OSError as err:
+        raise MountError(f"cannot build the empty filesystem view: {err}") from err
+    finally:
+        for fd in handles.values():
+            os.close(fd)
