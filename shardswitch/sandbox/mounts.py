@@ -66,18 +66,24 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
 
 
 def empty_root(keep: list[str]) -> None:
-    """Enter a mount namespace whose root holds only /dev/shm, /proc, /dev/null and the directories ``keep``."""
+    """Enter a mount namespace whose root holds only /dev/shm, /proc, /dev/null and the directories ``keep``.
+
+    Raises MountError when it cannot; the view is then unchanged (what was mounted is unmounted), unless
+    the old root could not be detached after pivot_root (never seen: the error says so).
+    """
     if _libc.unshare(CLONE_NEWNS) == -1:
         raise MountError(f"unshare(CLONE_NEWNS): {os.strerror(ctypes.get_errno())}")
     _mount(None, "/", None, MountFlag.REC | MountFlag.PRIVATE)
     # Opened in the new namespace (a bind mount's source must be in the caller's), before the tmpfs hides them.
     dirs = sorted({"/dev/shm", "/proc", *(os.path.realpath(d) for d in keep)}, key=len)
     handles: dict[str, int] = {}
+    staged = pivoted = False
     try:
         for path in dirs:
             handles[path] = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         handles["/dev/null"] = os.open("/dev/null", os.O_PATH | os.O_CLOEXEC)
         _mount("shardswitch", STAGING, "tmpfs", MountFlag.NOSUID | MountFlag.NODEV | MountFlag.NOEXEC, "mode=0755")
+        staged = True
         for path, fd in handles.items():
             target = STAGING + path
             if path == "/dev/null":
@@ -92,12 +98,19 @@ def empty_root(keep: list[str]) -> None:
             raise MountError(f"pivot_root: unknown on {os.uname().machine}")
         if _libc.syscall(number, b".", b".") == -1:
             raise MountError(f"pivot_root: {os.strerror(ctypes.get_errno())}")
+        pivoted = True
         if _libc.umount2(b".", MNT_DETACH) == -1:
-            raise MountError(f"detaching the old root: {os.strerror(ctypes.get_errno())}")
+            raise MountError(f"detaching the old root after pivot_root (the view is half built): "
+                             f"{os.strerror(ctypes.get_errno())}")
         os.chdir("/")
         _mount(None, "/", None, MountFlag.REMOUNT | MountFlag.BIND | MountFlag.RDONLY | MountFlag.NOSUID
                | MountFlag.NODEV | MountFlag.NOEXEC)
-    except OSError as err:
+    except (OSError, MountError) as err:
+        if staged and not pivoted:
+            os.chdir("/")
+            _libc.umount2(STAGING.encode(), MNT_DETACH)
+        if isinstance(err, MountError):
+            raise
         raise MountError(f"cannot build the empty filesystem view: {err}") from err
     finally:
         for fd in handles.values():

@@ -9,10 +9,12 @@ or forks a worker, calls :func:`drop_privileges` with the :class:`RunAs`
 that :func:`resolve_runas` looked up earlier (while /etc/passwd could still
 be read):
 
-1. :func:`unshare` new IPC and UTS namespaces (root only; SysV IPC and the
-   host name are then out of reach; POSIX shared memory lives in /dev/shm
-   and is not affected), and a mount namespace whose root is empty but for
-   what the processes still use (:mod:`shardswitch.sandbox.mounts`);
+1. :func:`unshare` new IPC and UTS namespaces (SysV IPC and the host name
+   are then out of reach; POSIX shared memory lives in /dev/shm and is not
+   affected), and a mount namespace whose root is empty but for what the
+   processes still use (:mod:`shardswitch.sandbox.mounts`).  A start that is
+   not root makes them inside a user namespace of its own that maps only
+   its user (:func:`own_user_namespace`), where the host allows one;
 2. every capability leaves the bounding set (PR_CAPBSET_DROP) and the
    ambient set, so nothing executed later can get one back;
 3. setgroups, setresgid, setresuid to the target user: with all three user
@@ -35,11 +37,14 @@ import ctypes
 import grp
 import importlib
 import os
+import logging
 import pwd
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 
 from shardswitch.sandbox.mounts import MountError, empty_root
+
+log = logging.getLogger("shardswitch")
 
 #: The user a root start becomes by default (passt's choice too).
 DEFAULT_RUNAS = "nobody"
@@ -213,13 +218,16 @@ def drop_privileges(runas: RunAs | None, keep: list[str] | None = None) -> None:
     preload()
     last_cap = last_capability()
     _libc.prctl(int(Prctl.CAP_AMBIENT), PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
-    if runas is not None:
-        unshare(CloneFlag.NEWIPC | CloneFlag.NEWUTS)
-        try:
-            empty_root(keep or [])
-        except MountError as err:
-            raise SandboxError(str(err)) from err
+    if runas is None:
+        why_not = own_user_namespace() or _empty_root(keep)
+        if not why_not:
+            drop_bounding_set(last_cap)
+    else:
+        why_not = _namespaces(keep)
         drop_bounding_set(last_cap)
+    if why_not:
+        log.info("sandbox: no namespaces of its own (%s): IPC, host name and files stay as they are", why_not)
+    if runas is not None:
         try:
             os.setgroups([])
             os.setresgid(runas.gid, runas.gid, runas.gid)
@@ -229,6 +237,43 @@ def drop_privileges(runas: RunAs | None, keep: list[str] | None = None) -> None:
                                f"{err.strerror}") from err
     clear_capabilities()
     prctl(Prctl.SET_NO_NEW_PRIVS, 1)
+
+
+def _namespaces(keep: list[str] | None) -> str:
+    """A root start: new IPC and UTS namespaces and the empty filesystem view; "" or why not (a container
+    without CAP_SYS_ADMIN, or whose seccomp profile refuses unshare)."""
+    try:
+        unshare(CloneFlag.NEWIPC | CloneFlag.NEWUTS)
+    except SandboxError as err:
+        return str(err)
+    return _empty_root(keep)
+
+
+def _empty_root(keep: list[str] | None) -> str:
+    """mounts.empty_root: "" or why it could not be built (nothing changed then)."""
+    try:
+        empty_root(keep or [])
+    except MountError as err:
+        return str(err)
+    return ""
+
+
+def own_user_namespace() -> str:
+    """A start that is not root: enter new user, IPC and UTS namespaces mapping only this user and group
+    (so that a mount namespace can be made, as passt does).  "" on success, else why not: the host or a
+    unit may forbid user namespaces (systemd's RestrictNamespaces=, which brings its own instead)."""
+    uid, gid = os.getuid(), os.getgid()
+    try:
+        unshare(CloneFlag.NEWUSER | CloneFlag.NEWIPC | CloneFlag.NEWUTS)
+    except SandboxError as err:
+        return str(err)
+    try:
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+    except OSError as err:
+        raise SandboxError(f"mapping this user in its namespace: {err}") from err
+    return ""
 
 
 def process_status(pid: int | str = "self") -> dict[str, str]:

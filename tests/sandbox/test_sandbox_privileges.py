@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import logging
 import os
 import shutil
 import tempfile
+import threading
 from typing import Callable
 
 import pytest
@@ -14,6 +17,7 @@ from shardswitch.sandbox import privileges
 from shardswitch.sandbox.privileges import RunAs, SandboxError, drop_privileges, process_status, resolve_runas
 
 NOBODY = 65534
+PR_SET_DUMPABLE = 4
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root, as systemd and libvirt start us")
 
@@ -106,25 +110,70 @@ def test_runas_refused(spec: str, message: str) -> None:
         resolve_runas(spec)
 
 
-def test_non_root_start_keeps_its_user_and_drops_the_rest() -> None:
-    """A process that is not root keeps its user (--runas may only name it) and still gets no_new_privs and
-    empty capability sets."""
+def become_4242() -> None:
+    """Switch this (child) process to uid 4242, gid 4343, as a non-root start would run."""
+    privileges.preload()  # this test's Python lives where uid 4242 may not read
+    os.setgroups([])
+    os.setresgid(4343, 4343, 4343)
+    os.setresuid(4242, 4242, 4242)
+    # A process that changed user is not dumpable (its /proc files become root's); one exec'd as 4242 is.
+    privileges._libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
+
+
+def test_non_root_start_keeps_its_user_in_namespaces_of_its_own() -> None:
+    """A process that is not root keeps its user (--runas may only name it); in a user namespace mapping only
+    that user it gets new IPC and UTS namespaces and the same empty filesystem view as a root start, then
+    no capability (not even in its namespace), no_new_privs."""
+    host_ipc = os.readlink("/proc/self/ns/ipc")
+    keep = tempfile.mkdtemp(prefix="kept-")
+    os.chown(keep, 4242, 4343)
+
     def as_user() -> object:
-        privileges.preload()  # this test's Python lives where uid 4242 may not read
-        os.setresgid(4343, 4343, 4343)
-        os.setresuid(4242, 4242, 4242)
+        become_4242()
         assert resolve_runas(None) is None
         assert resolve_runas("4242") is None
         try:
             resolve_runas("nobody")
         except SandboxError as err:
             refused = str(err)
-        drop_privileges(None)
-        return {"status": process_status(), "refused": refused}
+        drop_privileges(None, keep=[keep])
+        return {"status": process_status(), "refused": refused, "root": sorted(os.listdir("/")),
+                "ipc": os.readlink("/proc/self/ns/ipc"), "uid": os.getuid()}
 
-    result = in_child(as_user)
+    try:
+        result = in_child(as_user)
+    finally:
+        shutil.rmtree(keep)
     assert isinstance(result, dict)
     assert "only root can change user" in result["refused"]
+    status = result["status"]
+    assert result["uid"] == 4242 and status["Uid"].split() == ["4242"] * 4
+    assert status["NoNewPrivs"] == "1"
+    for key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(status[key], 16) == 0, key
+    assert result["root"] == ["dev", "proc", "tmp"] and result["ipc"] != host_ipc
+
+
+def test_non_root_start_without_a_user_namespace_still_drops_the_rest() -> None:
+    """Where no user namespace can be made (here: a threaded process; elsewhere a host or unit forbidding them),
+    the start goes on with no_new_privs and no capability, its view of files unchanged."""
+    def threaded_user() -> object:
+        become_4242()
+        stop = threading.Event()
+        thread = threading.Thread(target=stop.wait)
+        thread.start()
+        try:
+            why_not = privileges.own_user_namespace()
+        finally:
+            stop.set()
+            thread.join()
+        privileges.clear_capabilities()
+        privileges.prctl(privileges.Prctl.SET_NO_NEW_PRIVS, 1)
+        return {"why_not": why_not, "status": process_status(), "etc": os.path.exists("/etc/passwd")}
+
+    result = in_child(threaded_user)
+    assert isinstance(result, dict)
+    assert "unshare" in result["why_not"] and result["etc"]
     assert result["status"]["NoNewPrivs"] == "1" and int(result["status"]["CapEff"], 16) == 0
 
 
@@ -150,3 +199,37 @@ def test_clear_capabilities_empties_every_set() -> None:
     assert int(result["before"]["CapEff"], 16) != 0
     for key in ("CapInh", "CapPrm", "CapEff"):
         assert int(result["after"][key], 16) == 0, key
+
+
+CAP_SYS_ADMIN = 21
+
+
+def without_capability(cap: int) -> None:
+    """Remove ``cap`` from this (child) process's effective and permitted sets, as a container runtime's
+    default set lacks CAP_SYS_ADMIN."""
+    header = privileges._CapHeader(privileges.LINUX_CAPABILITY_VERSION_3, 0)
+    data = (privileges._CapData * 2)()
+    assert privileges._libc.capget(ctypes.byref(header), data) == 0
+    word, bit = divmod(cap, 32)
+    data[word].effective &= ~(1 << bit)
+    data[word].permitted &= ~(1 << bit)
+    assert privileges._libc.capset(ctypes.byref(header), data) == 0
+
+
+def test_root_start_without_cap_sys_admin_still_becomes_nobody(caplog: pytest.LogCaptureFixture) -> None:
+    """A root start that may not make namespaces (a container without CAP_SYS_ADMIN) still becomes nobody with
+    no capability and no_new_privs; it says why its files stay in view."""
+    def drop() -> object:
+        without_capability(CAP_SYS_ADMIN)
+        with caplog.at_level(logging.INFO, logger="shardswitch"):
+            drop_privileges(resolve_runas(None), keep=["/tmp"])
+        return {"status": process_status(), "etc": os.path.exists("/etc/passwd"),
+                "said": [r.getMessage() for r in caplog.records]}
+
+    result = in_child(drop)
+    assert isinstance(result, dict)
+    status = result["status"]
+    assert status["Uid"].split() == [str(NOBODY)] * 4 and status["NoNewPrivs"] == "1"
+    assert all(int(status[k], 16) == 0 for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")), status
+    assert result["etc"]
+    assert any("no namespaces of its own" in line and "Operation not permitted" in line for line in result["said"])
