@@ -134,7 +134,9 @@ def sandbox_status(pid: int) -> dict[str, str]:
 
 def assert_sandboxed(switch: Switch) -> None:
     """The coordinator and every worker: no root user ID, no capability, no_new_privs, a seccomp filter."""
-    pids = [switch.pid] + [w["pid"] for w in switch.status()["workers"]]
+    answer = switch.status()
+    assert answer["sandbox"]["enabled"] and answer["sandbox"]["uid"] != 0, answer["sandbox"]
+    pids = [switch.pid] + [w["pid"] for w in answer["workers"]]
     for pid in pids:
         status = sandbox_status(pid)
         assert "0" not in status["Uid"].split(), (pid, status)

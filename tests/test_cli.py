@@ -327,3 +327,26 @@ def test_entrypoint_execs_shardswitch(tmp_path: Path) -> None:
     assert done.returncode == 0
     assert int(pid) == done.pid  # exec: same process, so signals reach shardswitch directly
     assert argv == "start --workers 2 --dns 192.0.2.1 -m 1500"
+
+
+def test_runas_and_no_sandbox_options(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """--runas and --no-sandbox reach the Config."""
+    fake = fake_server(monkeypatch, 0)
+    sock = tmp_path / "s.sock"
+    assert cli.main(["start", "--socket", str(sock), "--runas", "nobody:nogroup", "-q"]) == 0
+    assert cli.main(["start", "--socket", str(sock), "--no-sandbox", "-q"]) == 0
+    first, second = fake.configs
+    assert (first.runas, first.no_sandbox) == ("nobody:nogroup", False)
+    assert (second.runas, second.no_sandbox) == (None, True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a root start resolves --runas")
+def test_unknown_runas_user_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    """--runas naming no user: exit status 1 and the reason, nothing listening."""
+    sock = tmp_path / "s.sock"
+    done = subprocess.run([sys.executable, "-m", "shardswitch", "start", "--socket", str(sock),
+                           "--runas", "no-such-user-here"], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert done.returncode == 1, done
+    assert "--runas: no user named 'no-such-user-here'" in done.stderr
+    assert not sock.exists()

@@ -96,6 +96,9 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append("front-end: not connected")
     if fe.get("refused"):
         lines.append("refused requests: " + ", ".join(f"{k} {v}" for k, v in sorted(fe["refused"].items())))
+    sandbox = status.get("sandbox", {})
+    lines.append(f"sandbox: uid {sandbox.get('uid')}, gid {sandbox.get('gid')}, no capabilities, seccomp"
+                 if sandbox.get("enabled") else "sandbox: off (--no-sandbox)")
     lines.append(f"guest: {status.get('guest', {}).get('address')}/{status.get('guest', {}).get('prefix_len')} "
                  f"gateway {status.get('guest', {}).get('gateway')} mtu {status.get('guest', {}).get('mtu')}")
     for w in status.get("workers", []):

@@ -440,6 +440,7 @@ class Coordinator:
             "guest": {"address": self.params.address, "prefix_len": self.params.prefix_len,
                       "gateway": self.params.gateway, "mtu": self.params.mtu, "dns": list(self.params.dns)},
             "workers": workers,
+            "sandbox": {"enabled": self.sandbox is not None, "uid": os.getuid(), "gid": os.getgid()},
             "flow_table": {"instance": self.instance, "capacity": self.max_flows,
                            **(self.table.counters() if self.table is not None else {})},
         }

@@ -11,7 +11,7 @@ import pytest
 
 from shardswitch.frontend.client import VhostUserFrontend
 from tests.conftest import NOBODY
-from tests.switch import Switch
+from tests.switch import Switch, assert_sandboxed, sandbox_status
 from tests.switchkit import is_periodic_ra
 
 GUEST_MAC = bytes.fromhex("525400123456")
@@ -209,3 +209,20 @@ def test_open_file_limit_raised_to_the_hard_limit(tmp_path: Path) -> None:
                 assert line.split()[3:5] == [str(hard), str(hard)], line
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_no_sandbox_keeps_privileges_and_says_so(tmp_path: Path) -> None:
+    """--no-sandbox (debugging): the processes keep root and install no filter; the log and status say so.
+    Without it the same start is sandboxed."""
+    with Switch(tmp_path, workers=2, args=["--no-sandbox"]) as switch:
+        status = switch.status()
+        assert status["sandbox"] == {"enabled": False, "uid": 0, "gid": 0}
+        for pid in [switch.pid] + [w["pid"] for w in status["workers"]]:
+            fields = sandbox_status(pid)
+            assert fields["Uid"].split()[0] == "0" and (fields["NoNewPrivs"], fields["Seccomp"]) == ("0", "0")
+        assert "--no-sandbox: running with every privilege" in switch.log()
+        with VhostUserFrontend.connect(switch.socket, queue_pairs=2, ignore=is_periodic_ra) as fe:
+            fe.handshake()
+            assert_arp_works(fe)
+    with Switch(tmp_path, workers=2) as switch:
+        assert_sandboxed(switch)
