@@ -40,10 +40,6 @@ MNT_DETACH = 2
 CLONE_NEWNS = 0x00020000
 
 
-class MountError(Exception):
-    """The filesystem view could not be built (privileges turns it into its SandboxError)."""
-
-
 class MountFlag(IntFlag):
     """mount(2) flags used here."""
 
@@ -55,6 +51,10 @@ class MountFlag(IntFlag):
     BIND = 4096
     REC = 16384
     PRIVATE = 1 << 18
+
+
+class MountError(Exception):
+    """The filesystem view could not be built (privileges turns it into its SandboxError)."""
 
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:

@@ -63,6 +63,15 @@ must lie inside one guest memory region.  Any violation raises
 :class:`VirtqueueError` without advancing ``last_avail``; the queue is then
 broken and the caller should stop it (the guest driver resets the device).
 
+Dirty logging (live migration).  Between :meth:`Virtqueue.start_logging` and
+:meth:`Virtqueue.stop_logging` every page the queue writes is marked in a
+:class:`~shardswitch.virtio.dirtylog.DirtyLog`: :meth:`pop` also records the
+guest-physical address of each writable descriptor (every chain then takes
+the walking path), :meth:`push` stages ``(head, written)``, and
+:meth:`flush` marks the first ``written`` bytes of that chain's buffers and
+the used ring; kick requests mark the used ring too.  With logging off the
+cost is one attribute test per pop, push and flush.
+
 Lifetime.  The ring areas are ``memoryview.cast`` views built once in the
 constructor.  :meth:`Virtqueue.release` drops them: call it (and drop any
 popped chains) before the guest memory is unmapped.
@@ -71,9 +80,13 @@ popped chains) before the guest memory is unmapped.
 from __future__ import annotations
 
 from enum import IntFlag
+from typing import TYPE_CHECKING
 
 from shardswitch.virtio.barrier import fence
 from shardswitch.virtio.memory import GuestMemory, GuestMemoryError
+
+if TYPE_CHECKING:
+    from shardswitch.virtio.dirtylog import DirtyLog
 
 
 class VirtqueueError(Exception):
@@ -136,7 +149,8 @@ class Virtqueue:
 
     __slots__ = ("_gpa", "num", "_mask", "event_idx", "indirect", "_dq", "_di", "_dh", "_avail",
                  "_used_h", "_used_i", "_used_event_at", "_avail_event_at", "_last", "_shadow_avail",
-                 "_used", "_pending", "_inflight", "_signalled_valid")
+                 "_used", "_pending", "_inflight", "_signalled_valid", "_log", "_used_gpa", "_log_chains",
+                 "_log_pushed")
 
     def __init__(self, mem: GuestMemory, num: int, desc_vva: int, avail_vva: int, used_vva: int,
                  last_avail: int, *, event_idx: bool, indirect: bool = True) -> None:
@@ -176,6 +190,39 @@ class Virtqueue:
         self._pending = 0                   # elements pushed but not yet published
         self._inflight = 0                  # chains popped and neither pushed nor unpopped
         self._signalled_valid = False       # first flush always asks for an interrupt
+        self._log: DirtyLog | None = None   # the dirty-page log while migration logging is on
+        self._used_gpa = 0                  # the used ring's guest-physical address (log_guest_addr)
+        self._log_chains: dict[int, list[tuple[int, int]]] = {}   # head -> writable (gpa, len), in flight
+        self._log_pushed: list[tuple[int, int]] = []              # (head, written) staged for the log
+
+    # ------------------------------------------------------------------ logging
+
+    def start_logging(self, log: DirtyLog, used_gpa: int) -> None:
+        """Mark in ``log`` every page this queue writes from now on (buffers of chains popped from now on,
+        and the used ring at guest-physical ``used_gpa``), until :meth:`stop_logging`."""
+        self._log = log
+        self._used_gpa = used_gpa
+        self._log_chains.clear()
+        self._log_pushed.clear()
+        log.mark(used_gpa, 6 + 8 * self.num)
+
+    def stop_logging(self) -> None:
+        """Stop marking pages."""
+        self._log = None
+        self._log_chains.clear()
+        self._log_pushed.clear()
+
+    def _log_flush(self, log: DirtyLog) -> None:
+        """Mark the buffer bytes written to each staged chain, and the used ring."""
+        chains = self._log_chains
+        for head, written in self._log_pushed:
+            for addr, length in chains.pop(head, ()):
+                if written <= 0:
+                    break
+                log.mark(addr, min(length, written))
+                written -= length
+        self._log_pushed.clear()
+        log.mark(self._used_gpa, 6 + 8 * self.num)
 
     # ------------------------------------------------------------------ indices
 
@@ -217,7 +264,11 @@ class Virtqueue:
         if head >= self.num:
             raise VirtqueueError(f"avail ring slot {last & self._mask} holds head {head} >= {self.num}")
         flags = self._dh[8 * head + 6]
-        if flags & _NEXT_OR_INDIRECT:
+        if self._log is not None:
+            gpas: list[tuple[int, int]] = []
+            chain = self._walk(head, gpas)
+            self._log_chains[head] = gpas
+        elif flags & _NEXT_OR_INDIRECT:
             chain = self._walk(head)
         else:
             try:
@@ -229,8 +280,9 @@ class Virtqueue:
         self._inflight += 1
         return chain
 
-    def _walk(self, head: int) -> Chain:
-        """Follow a chain with NEXT and/or INDIRECT descriptors from ``head``."""
+    def _walk(self, head: int, gpas: list[tuple[int, int]] | None = None) -> Chain:
+        """Follow a chain with NEXT and/or INDIRECT descriptors from ``head``; with ``gpas``, also collect
+        the guest-physical address and length of each writable descriptor (for the dirty log)."""
         readable: list[memoryview] = []
         writable: list[memoryview] = []
         gpa = self._gpa
@@ -259,6 +311,8 @@ class Virtqueue:
                 raise VirtqueueError(f"chain {head}, descriptor {i}: {exc}") from exc
             if flags & _WRITE:
                 writable.append(buf)
+                if gpas is not None:
+                    gpas.append((dq[2 * i], di[4 * i + 2]))
             elif writable:
                 raise VirtqueueError(f"chain {head}: readable descriptor {i} after a writable one")
             else:
@@ -304,6 +358,8 @@ class Virtqueue:
         self._pending = pending + 1
         if self._inflight:
             self._inflight -= 1
+        if self._log is not None:
+            self._log_pushed.append((head, written))
 
     def flush(self) -> bool:
         """Publish staged used elements; True when the caller must signal the call eventfd."""
@@ -315,6 +371,8 @@ class Virtqueue:
         self._used_h[1] = new          # after the elements: stores are ordered on x86-64
         self._used = new
         self._pending = 0
+        if self._log is not None:
+            self._log_flush(self._log)
         fence()                        # publish used.idx before reading used_event / flags
         if not self._signalled_valid:
             self._signalled_valid = True
@@ -335,6 +393,8 @@ class Virtqueue:
             self._used_h[self._avail_event_at] = self._shadow_avail
         else:
             self._used_h[0] = 0
+        if self._log is not None:
+            self._log.mark(self._used_gpa, 6 + 8 * self.num)
         fence()                        # the request must be visible before re-reading avail.idx
         return self.avail_pending() != 0
 
@@ -342,6 +402,8 @@ class Virtqueue:
         """Tell the guest kicks are not needed (a hint; EVENT_IDX needs nothing)."""
         if not self.event_idx:
             self._used_h[0] = _USED_NO_NOTIFY
+            if self._log is not None:
+                self._log.mark(self._used_gpa, 6)
 
     def release(self) -> None:
         """Drop every view of guest memory so that it can be unmapped; the queue is unusable after."""
