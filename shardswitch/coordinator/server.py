@@ -274,22 +274,30 @@ class Coordinator:
                 if timeout == 0.0:
                     self._try_connect()
                     continue
-            if self.handshake_deadline:
-                if self.device.owner:
-                    self.handshake_deadline = 0.0
-                else:
-                    left = max(0.0, self.handshake_deadline - time.monotonic())
-                    if left == 0.0:
-                        self.handler.refused["HANDSHAKE_TIMEOUT"] += 1
-                        self._drop_frontend(f"handshake stalled: no SET_OWNER within {HANDSHAKE_TIMEOUT:.0f} s",
-                                            error=True)
-                        continue
-                    timeout = left if timeout is None else min(timeout, left)
+            left = self._handshake_left()
+            if left == 0.0:
+                continue
+            if left is not None:
+                timeout = left if timeout is None else min(timeout, left)
             for key, _events in self.sel.select(timeout):
                 key.data()
                 if self.stopping:
                     break
         log.info("stopping")
+
+    def _handshake_left(self) -> float | None:
+        """Seconds the connected front-end has left to send SET_OWNER (None: no deadline runs); a front-end
+        whose time is up is dropped (counted, logged) and 0.0 returned."""
+        if not self.handshake_deadline:
+            return None
+        if self.device.owner:
+            self.handshake_deadline = 0.0
+            return None
+        left = max(0.0, self.handshake_deadline - time.monotonic())
+        if left == 0.0:
+            self.handler.refused["HANDSHAKE_TIMEOUT"] += 1
+            self._drop_frontend(f"handshake stalled: no SET_OWNER within {HANDSHAKE_TIMEOUT:.0f} s", error=True)
+        return left
 
     def _try_connect(self) -> None:
         """Client mode: connect to the front-end's socket if it is there."""
