@@ -16,6 +16,7 @@ deps-runtime:
 
 deps:
 	@scripts/install-deps.sh
+	@scripts/install-qemu10.sh
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

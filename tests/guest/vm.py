@@ -45,6 +45,8 @@ from .netns import TestNetns, stop_process
 
 ACCEL_ENV = "SHARDSWITCH_ACCEL"
 QEMU_BINARY = "qemu-system-x86_64"
+#: Where scripts/install-qemu10.sh puts QEMU 10 from bookworm-backports (Debian's 7.2 stays the default).
+QEMU10_PREFIX = Path(__file__).resolve().parents[2] / ".cache" / "qemu10"
 #: x86 COMMAND_LINE_SIZE is 2048 including the terminating NUL.
 KERNEL_CMDLINE_MAX = 2047
 FW_CFG_SCRIPT = "opt/shardswitch/script"
@@ -102,6 +104,12 @@ def qemu_escape(value: str) -> str:
     return value.replace(",", ",,")
 
 
+def qemu10(prefix: Path = QEMU10_PREFIX) -> tuple[str, ...]:
+    """The QEMU 10 that scripts/install-qemu10.sh unpacked into ``prefix``, with its firmware directories."""
+    root = prefix / "root" / "usr"
+    return (str(root / "bin" / QEMU_BINARY), "-L", str(root / "share" / "qemu"), "-L", str(root / "share" / "seabios"))
+
+
 class GuestVM:
     """One QEMU guest running one script; a context manager that starts and kills it."""
 
@@ -109,7 +117,7 @@ class GuestVM:
                  queues: int = 1, smp: int = 1, memory_mb: int = 512,
                  reconnect: bool = False, mac: str | None = None, append: str = "",
                  netns: TestNetns | None = None, workdir: Path | None = None,
-                 extra_args: Sequence[str] = ()) -> None:
+                 extra_args: Sequence[str] = (), qemu: Sequence[str] = (QEMU_BINARY,)) -> None:
         """Describe the guest; nothing runs before :meth:`start`.
 
         ``socket``: the back-end's vhost-user unix socket (None = no network card);
@@ -117,7 +125,8 @@ class GuestVM:
         reconnect to a restarted back-end; ``append``: extra kernel words;
         ``netns``: run QEMU inside this namespace; ``workdir``: where the serial
         log lives (default: a temporary directory removed by :meth:`close`);
-        ``extra_args``: appended to the QEMU command line as they are.
+        ``extra_args``: appended to the QEMU command line as they are; ``qemu``: the
+        binary and its first options (default Debian's QEMU; see :func:`qemu10`).
         """
         if queues < 1 or smp < 1 or memory_mb < 64:
             raise ValueError(f"bad guest shape queues={queues} smp={smp} memory_mb={memory_mb}")
@@ -132,6 +141,7 @@ class GuestVM:
         self.append = append
         self.netns = netns
         self.extra_args = tuple(extra_args)
+        self.qemu = tuple(qemu)
         self.accel = os.environ.get(ACCEL_ENV, "tcg")
         self._own_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="ss-guest-")) if workdir is None else workdir
@@ -153,7 +163,7 @@ class GuestVM:
     def command(self) -> list[str]:
         """The QEMU argv (without any namespace prefix)."""
         mem = f"{self.memory_mb}M"
-        argv = [QEMU_BINARY, "-accel", self.accel,
+        argv = [*self.qemu, "-accel", self.accel,
                 "-M", "q35,memory-backend=mem",
                 "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
                 "-m", mem, "-smp", str(self.smp),
