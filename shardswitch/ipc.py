@@ -128,6 +128,8 @@ class RingStart(msgspec.Struct, tag=True):
     has_kick: bool
     has_call: bool
     resume_from_used: bool = False
+    #: Guest-physical address of the used ring while pages are logged (LOG_ALL and the ring's log flag), or -1.
+    log_addr: int = -1
 
 
 class RingStop(msgspec.Struct, tag=True):
@@ -141,6 +143,13 @@ class StatusQuery(msgspec.Struct, tag=True):
     """Ask for counters and ring states."""
 
     seq: int
+
+
+class LogBase(msgspec.Struct, tag=True):
+    """The dirty-page log (SET_LOG_BASE): ``size`` bytes of bitmap at ``offset`` in the attached memfd."""
+
+    size: int
+    offset: int
 
 
 class SandboxProbe(msgspec.Struct, tag=True):
@@ -202,7 +211,7 @@ class WorkerStatus(msgspec.Struct, tag=True):
     flows: int = 0
 
 
-ToWorker = Union[MemAdd, MemRemove, MemClear, RingStart, RingStop, StatusQuery, Shutdown, SandboxProbe]
+ToWorker = Union[MemAdd, MemRemove, MemClear, RingStart, RingStop, StatusQuery, Shutdown, SandboxProbe, LogBase]
 FromWorker = Union[RingStarted, RingStopped, WorkerStatus]
 
 

@@ -30,9 +30,9 @@ import os
 from dataclasses import dataclass
 from typing import Protocol
 
-from shardswitch.ipc import (MemAdd, MemClear, MemRemove, RingStart, RingStarted, RingStop, RingStopped,
-                             close_fds)
-from shardswitch.vhost.wire import (MAX_MEM_SLOTS, MemRegion, ProtocolFeature, VhostProtocolError,
+from shardswitch.ipc import (LogBase, MemAdd, MemClear, MemRemove, RingStart, RingStarted, RingStop,
+                             RingStopped, close_fds)
+from shardswitch.vhost.wire import (MAX_MEM_SLOTS, VRING_F_LOG, MemRegion, ProtocolFeature, VhostProtocolError,
                                     VirtioFeature, VringAddr)
 
 log = logging.getLogger("shardswitch.device")
@@ -44,10 +44,11 @@ log = logging.getLogger("shardswitch.device")
 OFFERED_FEATURES = (VirtioFeature.VERSION_1 | VirtioFeature.MRG_RXBUF | VirtioFeature.EVENT_IDX
                     | VirtioFeature.INDIRECT_DESC | VirtioFeature.MQ | VirtioFeature.PROTOCOL_FEATURES
                     | VirtioFeature.CSUM | VirtioFeature.HOST_TSO4 | VirtioFeature.HOST_TSO6
-                    | VirtioFeature.GUEST_CSUM | VirtioFeature.GUEST_TSO4 | VirtioFeature.GUEST_TSO6)
-#: Protocol features offered in GET_PROTOCOL_FEATURES.
+                    | VirtioFeature.GUEST_CSUM | VirtioFeature.GUEST_TSO4 | VirtioFeature.GUEST_TSO6
+                    | VirtioFeature.LOG_ALL)
+#: Protocol features offered in GET_PROTOCOL_FEATURES (LOG_SHMFD: the dirty-page log of live migration).
 OFFERED_PROTOCOL_FEATURES = (ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK
-                             | ProtocolFeature.CONFIGURE_MEM_SLOTS)
+                             | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.LOG_SHMFD)
 #: Largest ring size accepted (the split-ring maximum).
 MAX_RING_SIZE = 32768
 NO_FD = -1
@@ -111,16 +112,42 @@ class Device:
         self.regions: list[tuple[MemRegion, int]] = []
         self.vrings = [Vring(i) for i in range(2 * num_pairs)]
         self._seq = 0
+        #: The dirty-page log (SET_LOG_BASE): its memfd, bitmap size and offset; kept for replacement workers.
+        self.log: tuple[int, int, int] | None = None
+        #: SET_LOG_FD's eventfd (QEMU's notification of log changes; held, never signalled: we log in place).
+        self.log_fd = NO_FD
+
+    # -- dirty-page log ---------------------------------------------------
+
+    def set_log_base(self, size: int, offset: int, fd: int) -> None:
+        """SET_LOG_BASE: every worker maps the bitmap (takes ownership of ``fd``)."""
+        if not self.acked_protocol_features & ProtocolFeature.LOG_SHMFD:
+            os.close(fd)
+            raise DeviceError("SET_LOG_BASE: LOG_SHMFD was not negotiated")
+        self._close_log()
+        self.log = (fd, size, offset)
+        log.info("dirty-page log of %d bytes (a live migration): every worker marks the pages it writes", size)
+        self._broadcast(LogBase(size=size, offset=offset), [fd])
+
+    def set_log_fd(self, fd: int) -> None:
+        """SET_LOG_FD: keep the eventfd (takes ownership)."""
+        if self.log_fd != NO_FD:
+            os.close(self.log_fd)
+        self.log_fd = fd
+
+    def _close_log(self) -> None:
+        """Forget the log and its descriptors."""
+        if self.log is not None:
+            os.close(self.log[0])
+            self.log = None
 
     # -- features ---------------------------------------------------------
 
     def set_features(self, features: int) -> None:
         """SET_FEATURES: accept a subset of what we offered."""
-        unknown = features & ~int(OFFERED_FEATURES) & ~int(VirtioFeature.LOG_ALL)
+        unknown = features & ~int(OFFERED_FEATURES)
         if unknown:
             raise DeviceError(f"SET_FEATURES: bits {unknown:#x} were not offered")
-        if features & VirtioFeature.LOG_ALL:
-            raise DeviceError("SET_FEATURES: dirty logging (LOG_ALL) is not supported")
         changed = self.acked_features != features
         self.acked_features = features
         if changed:
@@ -255,10 +282,8 @@ class Device:
     def set_vring_addr(self, addr: VringAddr) -> None:
         """SET_VRING_ADDR (checked against memory when the ring starts)."""
         ring = self.vring(addr.index, "SET_VRING_ADDR")
-        if addr.flags & ~1:
+        if addr.flags & ~VRING_F_LOG:
             raise DeviceError(f"SET_VRING_ADDR: unknown flags {addr.flags:#x}")
-        if addr.flags & 1:
-            raise DeviceError("SET_VRING_ADDR: used-ring logging is not supported")
         self._stop(ring)
         ring.addr = addr
         ring.error = ""
@@ -349,7 +374,8 @@ class Device:
         message = RingStart(seq=self.next_seq(), index=ring.index, num=ring.num, desc=ring.addr.desc,
                             avail=ring.addr.avail, used=ring.addr.used, last_avail=ring.base,
                             features=self.acked_features, has_kick=ring.kick_fd != NO_FD,
-                            has_call=ring.call_fd != NO_FD, resume_from_used=resume_from_used)
+                            has_call=ring.call_fd != NO_FD, resume_from_used=resume_from_used,
+                            log_addr=ring.addr.log if self._logging(ring) else -1)
         answer = self.workers.call(ring.index // 2, message, fds)
         if isinstance(answer, RingStarted) and not answer.error:
             ring.started = True
@@ -357,6 +383,11 @@ class Device:
         else:
             ring.error = answer.error if isinstance(answer, RingStarted) else "worker did not answer"
             log.error("vring %d did not start: %s", ring.index, ring.error)
+
+    def _logging(self, ring: Vring) -> bool:
+        """Whether ``ring`` logs the pages it writes: LOG_ALL acked, its log flag set, a log mapped."""
+        return bool(self.acked_features & VirtioFeature.LOG_ALL and ring.addr is not None
+                    and ring.addr.flags & VRING_F_LOG and self.log is not None)
 
     def start_failure(self, index: int) -> str:
         """Why vring ``index`` has everything it needs to run but is not running; '' otherwise.
@@ -391,6 +422,9 @@ class Device:
         """Give a replacement worker the memory and the running rings of ``pair``."""
         for region, fd in self.regions:
             self.workers.send(pair, MemAdd(region), [fd])
+        if self.log is not None:
+            fd, size, offset = self.log
+            self.workers.send(pair, LogBase(size=size, offset=offset), [fd])
         for ring in self.vrings[2 * pair: 2 * pair + 2]:
             # Every ring that is ready, not only those marked started: a ring whose start
             # raced with the death was never marked started but must run all the same.
@@ -404,6 +438,10 @@ class Device:
         for ring in self.vrings:
             ring.close_fds()
         self.vrings = [Vring(i) for i in range(2 * self.num_pairs)]
+        self._close_log()
+        if self.log_fd != NO_FD:
+            os.close(self.log_fd)
+            self.log_fd = NO_FD
         self.acked_features = 0
         self.acked_protocol_features = 0
         self.status = 0

@@ -60,16 +60,25 @@ def describe(fd: int) -> str:
 
 def check_memory_fd(request: str, fd: int, region: MemRegion) -> None:
     """Refuse ``fd`` as the memory of ``region`` unless it is a regular file long enough to map it."""
+    _check_file(request, "memory", fd, region.mmap_offset, region.memory_size, "the region")
+
+
+def check_log_fd(request: str, fd: int, offset: int, size: int) -> None:
+    """Refuse ``fd`` as the dirty-page log unless it is a regular file holding ``offset + size`` bytes."""
+    _check_file(request, "log", fd, offset, size, "the log")
+
+
+def _check_file(request: str, what: str, fd: int, offset: int, size: int, of: str) -> None:
+    """``fd`` must be a regular file (memfd, tmpfs, hugetlbfs) at least ``offset + size`` long."""
     try:
         st = os.fstat(fd)
     except OSError as err:
-        raise DeviceError(f"{request}: memory descriptor: {err.strerror}") from None
+        raise DeviceError(f"{request}: {what} descriptor: {err.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
-        raise DeviceError(f"{request}: memory descriptor is {describe(fd)}, not a memory file")
-    end = region.mmap_offset + region.memory_size
-    if st.st_size < end:
-        raise DeviceError(f"{request}: memory file of {st.st_size} bytes is shorter than the region "
-                          f"(offset {region.mmap_offset:#x} + size {region.memory_size:#x})")
+        raise DeviceError(f"{request}: {what} descriptor is {describe(fd)}, not a memory file")
+    if st.st_size < offset + size:
+        raise DeviceError(f"{request}: {what} file of {st.st_size} bytes is shorter than {of} "
+                          f"(offset {offset:#x} + size {size:#x})")
 
 
 def check_eventfd(request: str, fd: int) -> None:

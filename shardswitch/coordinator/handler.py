@@ -27,14 +27,15 @@ from shardswitch.coordinator.conn import FrontendConnection, Message
 from shardswitch.coordinator.device import (NO_FD, OFFERED_FEATURES, OFFERED_PROTOCOL_FEATURES, Device,
                                             DeviceError)
 from shardswitch.vhost.wire import (MAX_MEM_SLOTS, U64, VRING_IDX_MASK, VRING_NOFD_MASK, VRING_STATE, Request,
-                                    VhostProtocolError, decode_mem_table, decode_single_region, decode_u64,
-                                    decode_vring_addr, decode_vring_state, request_name)
+                                    VhostProtocolError, decode_log, decode_mem_table, decode_single_region,
+                                    decode_u64, decode_vring_addr, decode_vring_state, request_name)
 
 log = logging.getLogger("shardswitch.vhost")
 
-#: Requests whose protocol always carries a reply payload.
+#: Requests whose protocol always carries a reply (SET_LOG_BASE: under LOG_SHMFD, the only way it is accepted).
 REPLY_REQUESTS = frozenset({
-    Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES, Request.GET_QUEUE_NUM, Request.GET_VRING_BASE,
+    Request.SET_LOG_BASE, Request.GET_FEATURES, Request.GET_PROTOCOL_FEATURES, Request.GET_QUEUE_NUM,
+    Request.GET_VRING_BASE,
     Request.GET_MAX_MEM_SLOTS, Request.GET_STATUS, Request.GET_CONFIG, Request.GET_INFLIGHT_FD,
     Request.POSTCOPY_ADVISE, Request.SET_DEVICE_STATE_FD, Request.CHECK_DEVICE_STATE,
     Request.GET_SHARED_OBJECT, Request.CREATE_CRYPTO_SESSION,
@@ -84,6 +85,8 @@ class RequestHandler:
             Request.GET_QUEUE_NUM: self.get_queue_num,
             Request.SET_STATUS: self.set_status,
             Request.GET_STATUS: self.get_status,
+            Request.SET_LOG_BASE: self.set_log_base,
+            Request.SET_LOG_FD: self.set_log_fd,
         }
 
     # -- the boundary ------------------------------------------------------
@@ -199,6 +202,24 @@ class RequestHandler:
         """SET_VRING_BASE."""
         _no_fds(msg, "SET_VRING_BASE")
         self.device.set_vring_base(*decode_vring_state("SET_VRING_BASE", msg.payload))
+
+    def set_log_base(self, msg: Message) -> bytes:
+        """SET_LOG_BASE: the dirty-page log's memfd; answered (QEMU waits for a reply under LOG_SHMFD)."""
+        size, offset = decode_log(msg.payload)
+        if len(msg.fds) != 1:
+            raise DeviceError(f"SET_LOG_BASE: expected 1 descriptor, got {len(msg.fds)}")
+        fdcheck.check_log_fd("SET_LOG_BASE", msg.fds[0], offset, size)
+        (fd,) = msg.take_fds()
+        self.device.set_log_base(size, offset, fd)
+        return b""
+
+    def set_log_fd(self, msg: Message) -> None:
+        """SET_LOG_FD: an eventfd for log notifications (kept, unused: the log is written in place)."""
+        if len(msg.fds) != 1:
+            raise DeviceError(f"SET_LOG_FD: expected 1 descriptor, got {len(msg.fds)}")
+        fdcheck.check_eventfd("SET_LOG_FD", msg.fds[0])
+        (fd,) = msg.take_fds()
+        self.device.set_log_fd(fd)
 
     def get_vring_base(self, msg: Message) -> bytes:
         """GET_VRING_BASE: stops the ring; answers its next avail index."""

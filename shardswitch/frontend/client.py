@@ -56,7 +56,8 @@ from typing import Any, TypeVar
 
 from shardswitch.frontend.memory import GuestRam, GuestRamError
 from shardswitch.frontend.vring import DEFAULT_BUF_SIZE, DriverRing, RingError, RingFullError
-from shardswitch.vhost.wire import (HEADER, MAX_FDS, MAX_PAYLOAD, REPLY_FLAGS, U64, VRING_ADDR,
+from shardswitch.vhost.wire import (HEADER, LOG, MAX_FDS, MAX_PAYLOAD, REPLY_FLAGS, U64, VRING_ADDR,
+                                    VRING_F_LOG,
                                     VRING_STATE, HeaderFlags, ProtocolFeature, Request,
                                     VirtioFeature, encode_mem_table, encode_message,
                                     encode_single_region, request_name)
@@ -441,6 +442,20 @@ class VhostUserFrontend:
         if self.negotiated_features & VirtioFeature.PROTOCOL_FEATURES:
             for queue in rings:
                 self.request(Request.SET_VRING_ENABLE, VRING_STATE.pack(queue.index, 1))
+
+    def start_dirty_log(self, size: int, fd: int) -> None:
+        """Begin logging as QEMU does when a migration starts: SET_LOG_BASE with the ``size``-byte bitmap in
+        memfd ``fd`` (waiting for the reply LOG_SHMFD promises), SET_FEATURES with LOG_ALL, then every ring's
+        SET_VRING_ADDR again with the log flag and its used ring's guest-physical address."""
+        self.send_raw(encode_message(int(Request.SET_LOG_BASE), LOG.pack(size, 0)), [fd])
+        self._read_reply(int(Request.SET_LOG_BASE), _deadline(self.timeout))
+        self.request(Request.SET_FEATURES, U64.pack(self.negotiated_features | VirtioFeature.LOG_ALL))
+        for queue in self._queues:
+            ring = queue.ring
+            self.request(Request.SET_VRING_ADDR, VRING_ADDR.pack(queue.index, VRING_F_LOG, ring.desc_vva,
+                                                                 ring.used_vva, ring.avail_vva,
+                                                                 self.ram.gpa_of(ring.used_vva)))
+        self.request(Request.GET_FEATURES)      # a barrier, as QEMU uses it: all of the above is done
 
     def get_vring_base(self, index: int) -> tuple[int, int]:
         """GET_VRING_BASE (stops the ring): return (index, next avail index the back-end would read)."""

@@ -112,6 +112,13 @@ class GuestRam:
         """The regions to send in SET_MEM_TABLE / ADD_MEM_REG (one fd each)."""
         return list(self._regions)
 
+    def gpa_of(self, vva: int) -> int:
+        """The guest-physical address of front-end virtual address ``vva`` (ValueError outside memory)."""
+        for region in self._regions:
+            if region.userspace_addr <= vva < region.userspace_addr + region.memory_size:
+                return region.guest_phys_addr + vva - region.userspace_addr
+        raise ValueError(f"{vva:#x} is outside guest memory")
+
     @property
     def fd(self) -> int:
         """The memfd (owned by this object; dup it to keep it past close())."""

@@ -277,6 +277,20 @@ def decode_vring_addr(payload: bytes) -> VringAddr:
     return VringAddr(*VRING_ADDR.unpack(payload))
 
 
+#: Largest dirty-page log accepted: a bitmap for 64 TiB of guest memory (2 GiB).
+MAX_LOG_SIZE = 1 << 31
+
+
+def decode_log(payload: bytes) -> tuple[int, int]:
+    """Decode SET_LOG_BASE's payload into (mmap_size, mmap_offset): whole 64-bit words, bounded."""
+    _expect_size("SET_LOG_BASE", payload, LOG.size)
+    size, offset = LOG.unpack(payload)
+    if not 0 < size <= MAX_LOG_SIZE or size % 8 or offset % 8 or offset > MAX_LOG_SIZE:
+        raise VhostProtocolError(f"SET_LOG_BASE: log of {size} bytes at offset {offset} is not whole 64-bit "
+                                 f"words within {MAX_LOG_SIZE} bytes")
+    return int(size), int(offset)
+
+
 def _decode_region(name: str, guest_phys_addr: int, memory_size: int, userspace_addr: int,
                    mmap_offset: int) -> MemRegion:
     if memory_size == 0:

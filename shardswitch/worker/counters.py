@@ -29,6 +29,8 @@ class Event(IntEnum):
     BROKEN_RING = 1
     #: An ICMP error about a guest datagram (port unreachable...) was relayed to the guest.
     UDP_HOST_ICMP_ERROR = 2
+    #: A ring started marking the pages it writes in the dirty-page log (a live migration began).
+    DIRTY_LOG_RING = 3
 
 
 class Counters:

@@ -48,6 +48,8 @@ class RingSlot:
         self.kicks = 0
         self.calls = 0
         self.num = 0
+        #: Guest-physical address of the used ring while this ring logs written pages, else -1.
+        self.log_addr = -1
         #: Where the ring stopped or broke, for GET_VRING_BASE after it is gone.
         self.last_avail = 0
 
@@ -66,6 +68,7 @@ class RingSlot:
         self.call_fd = fds.pop(0) if msg.has_call and fds else NO_FD
         close_fds(fds)
         self.num = msg.num
+        self.log_addr = -1
         self.hdr_len = vnet_hdr_len(msg.features)
         vq = Virtqueue(mem, msg.num, msg.desc, msg.avail, msg.used, msg.last_avail,
                        event_idx=bool(msg.features & VirtioFeature.EVENT_IDX),

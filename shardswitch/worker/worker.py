@@ -45,6 +45,7 @@ from typing import Callable
 from shardswitch.ipc import (
     Channel,
     IpcError,
+    LogBase,
     MemAdd,
     MemClear,
     MemRemove,
@@ -67,6 +68,7 @@ from shardswitch.net.params import ResolvedParams
 from shardswitch.sandbox import privileges, seccomp
 from shardswitch.shm.table import FlowTable
 from shardswitch.vhost.wire import VirtioFeature
+from shardswitch.virtio.dirtylog import DirtyLog, DirtyLogError
 from shardswitch.virtio.memory import GuestMemory, GuestMemoryError
 from shardswitch.virtio.netdev import RxWriter, VnetHdrFlags
 from shardswitch.virtio.virtqueue import VirtqueueError
@@ -101,6 +103,8 @@ class Worker(EpollWatches, CountingPort):
         self.reflect = setup.reflect
         self.test_hooks = setup.test_hooks
         self.mem = GuestMemory()
+        #: The dirty-page log of a live migration (LogBase), once the front-end gave one.
+        self.dirty: DirtyLog | None = None
         self.rx = RingSlot(2 * pair)
         self.tx = RingSlot(2 * pair + 1)
         self.endpoint = GuestEndpoint(params, Service(setup.services & Service.ALL))
@@ -151,6 +155,8 @@ class Worker(EpollWatches, CountingPort):
             self._mem_add(message, fds)
         elif isinstance(message, RingStart):
             self._ring_start(message, fds)
+        elif isinstance(message, LogBase):
+            self._log_base(message, fds)
         else:
             close_fds(fds)
             self._handle(message)
@@ -193,6 +199,26 @@ class Worker(EpollWatches, CountingPort):
             return
         self._guard_memory(lambda: self.mem.add_region(message.region, fds[0]))
 
+    def _log_base(self, message: LogBase, fds: list[int]) -> None:
+        """Map the dirty-page log (the descriptor is closed here); rings logging now log into it."""
+        try:
+            if len(fds) != 1:
+                log.error("worker %d: LogBase with %d descriptors", self.pair, len(fds))
+                return
+            dirty = DirtyLog(fds[0], message.size, message.offset)
+        except DirtyLogError as err:
+            log.error("worker %d: dirty-page log refused: %s", self.pair, err)
+            return
+        finally:
+            close_fds(fds)
+        old, self.dirty = self.dirty, dirty
+        for slot in (self.rx, self.tx):
+            if slot.vq is not None and slot.log_addr >= 0:
+                slot.vq.start_logging(dirty, slot.log_addr)
+                self.counters.events[Event.DIRTY_LOG_RING] += 1
+        if old is not None:
+            old.close()
+
     def _slot(self, index: int) -> RingSlot | None:
         """The slot of vring ``index`` if it belongs to this worker."""
         if index == self.rx.index:
@@ -218,6 +244,10 @@ class Worker(EpollWatches, CountingPort):
             self.channel.send(RingStarted(seq=message.seq, index=message.index, error=str(err)))
             return
         self._offloads(slot, message.features)
+        slot.log_addr = message.log_addr
+        if message.log_addr >= 0 and self.dirty is not None and slot.vq is not None:
+            slot.vq.start_logging(self.dirty, message.log_addr)
+            self.counters.events[Event.DIRTY_LOG_RING] += 1
         if slot.kick_fd != NO_FD:
             self.epoll.register(slot.kick_fd, select.EPOLLIN)
         self.channel.send(RingStarted(seq=message.seq, index=message.index))

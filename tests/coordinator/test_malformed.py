@@ -34,7 +34,7 @@ import pytest
 
 from shardswitch.coordinator.server import HANDSHAKE_TIMEOUT
 from shardswitch.frontend.client import VhostUserFrontend
-from shardswitch.vhost.wire import (HEADER, U64, VRING_ADDR, VRING_NOFD_MASK, VRING_STATE,
+from shardswitch.vhost.wire import (HEADER, LOG, U64, VRING_ADDR, VRING_NOFD_MASK, VRING_STATE,
                                     MemRegion, ProtocolFeature, Request, VirtioFeature, encode_mem_table,
                                     encode_message, encode_single_region)
 from shardswitch.virtio.virtqueue import DescFlags
@@ -150,7 +150,7 @@ REFUSALS: dict[str, Refusal] = {
     "ring size not a power of two": Refusal(Request.SET_VRING_NUM, lambda fe: VRING_STATE.pack(0, 100)),
     "ring base over 16 bits": Refusal(Request.SET_VRING_BASE, lambda fe: VRING_STATE.pack(1, 0x10000)),
     "SET_VRING_ENABLE 2": Refusal(Request.SET_VRING_ENABLE, lambda fe: VRING_STATE.pack(0, 2)),
-    "used-ring logging": Refusal(Request.SET_VRING_ADDR, lambda fe: VRING_ADDR.pack(1, 1, 0, 0, 0, 0)),
+    "unknown vring address flags": Refusal(Request.SET_VRING_ADDR, lambda fe: VRING_ADDR.pack(1, 2, 0, 0, 0, 0)),
     "missing fds: SET_MEM_TABLE without descriptors": Refusal(
         Request.SET_MEM_TABLE, lambda fe: encode_mem_table(fe.ram.regions)),
     "missing fds: ADD_MEM_REG without descriptor": Refusal(
@@ -164,10 +164,10 @@ REFUSALS: dict[str, Refusal] = {
     "SET_MEM_TABLE with overlapping regions": Refusal(Request.SET_MEM_TABLE, _overlapping_table, fds=2),
     "SET_FEATURES not offered": Refusal(
         Request.SET_FEATURES, lambda fe: U64.pack(fe.negotiated_features | VirtioFeature.GUEST_UFO)),
-    "SET_FEATURES with dirty logging": Refusal(
-        Request.SET_FEATURES, lambda fe: U64.pack(fe.negotiated_features | VirtioFeature.LOG_ALL)),
+    "SET_FEATURES with an announce we do not offer": Refusal(
+        Request.SET_FEATURES, lambda fe: U64.pack(fe.negotiated_features | VirtioFeature.GUEST_ANNOUNCE)),
     "SET_PROTOCOL_FEATURES not offered": Refusal(
-        Request.SET_PROTOCOL_FEATURES, lambda fe: U64.pack(fe.protocol_features | ProtocolFeature.LOG_SHMFD)),
+        Request.SET_PROTOCOL_FEATURES, lambda fe: U64.pack(fe.protocol_features | ProtocolFeature.BACKEND_REQ)),
     "SET_STATUS not a byte": Refusal(Request.SET_STATUS, lambda fe: U64.pack(0x100)),
 }
 
@@ -233,6 +233,10 @@ BREACHES: dict[str, Breach] = {
                                            "GET_VRING_BASE"),
     "GET_VRING_BASE of a bad index": Breach([(encode_message(Request.GET_VRING_BASE, VRING_STATE.pack(9, 0)), 0)],
                                             "GET_VRING_BASE"),
+    "SET_LOG_BASE without LOG_SHMFD": Breach([(encode_message(Request.SET_LOG_BASE, LOG.pack(4096, 0)), 1)],
+                                             "SET_LOG_BASE"),
+    "SET_LOG_BASE of a size not in words": Breach([(encode_message(Request.SET_LOG_BASE, LOG.pack(4100, 0)), 1)],
+                                                  "SET_LOG_BASE"),
     "unsupported request that needs a reply": Breach([(encode_message(Request.GET_CONFIG, bytes(12)), 0)],
                                                      "GET_CONFIG"),
 }
