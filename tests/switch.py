@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from shardswitch.coordinator.control import ControlError, query
+from shardswitch.sandbox.privileges import process_status
 
 #: The default prefix: a fresh network namespace with only loopback, up, and unprivileged ICMP
 #: echo sockets allowed (what the switch maps the gateway to is this namespace's 127.0.0.1).
@@ -128,7 +129,6 @@ class Switch:
 
 def sandbox_status(pid: int) -> dict[str, str]:
     """What /proc/PID/status says a process may do (Uid, Cap*, NoNewPrivs, Seccomp...)."""
-    from shardswitch.sandbox.privileges import process_status
     return process_status(pid)
 
 

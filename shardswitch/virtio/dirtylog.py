@@ -117,10 +117,7 @@ class DirtyLog:
                 return
 
     def close(self) -> None:
-        """Unmap the bitmap."""
+        """Unmap the bitmap; marks made afterwards are refused (counted in :attr:`beyond`), never written."""
+        self.pages = 0
         self._base = 0
-        try:
-            self._map.close()
-        except BufferError:
-            # The ctypes view that gave us the address still exports the buffer; the mapping goes with it.
-            pass
+        self._map.close()

@@ -73,15 +73,6 @@ def bind_all(specs: tuple[str, ...], kind: int, option: str, copies: int) -> lis
     return per_copy
 
 
-def bind_detached(specs: tuple[str, ...], kind: int, option: str) -> tuple[PortFd, ...]:
-    """One worker's sockets for ``specs``, detached from their socket objects (a worker in this very
-    process adopts them: tests)."""
-    (copy,) = bind_all(specs, kind, option, 1)
-    for sock, _desc in copy:
-        sock.detach()
-    return tuple(desc for _sock, desc in copy)
-
-
 def adopt_listeners(ports: tuple[PortFd, ...], watch: Callable[[int, Callable[[], None]], None],
                     on_readable: Callable[[int], None]) -> dict[int, Listener]:
     """This worker's sockets of ``ports`` (inherited descriptors), watched; by descriptor."""

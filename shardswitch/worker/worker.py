@@ -173,6 +173,9 @@ class Worker(EpollWatches, CountingPort):
         elif isinstance(message, MemClear):
             self._stop_all()
             self._guard_memory(self.mem.clear)
+            if self.dirty is not None:          # the device was reset: its log goes with it
+                self.dirty.close()
+                self.dirty = None
         elif isinstance(message, StatusQuery):
             self.channel.send(self.status(message.seq))
         elif isinstance(message, Shutdown):

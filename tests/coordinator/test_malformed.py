@@ -168,6 +168,8 @@ REFUSALS: dict[str, Refusal] = {
         Request.SET_FEATURES, lambda fe: U64.pack(fe.negotiated_features | VirtioFeature.GUEST_ANNOUNCE)),
     "SET_PROTOCOL_FEATURES not offered": Refusal(
         Request.SET_PROTOCOL_FEATURES, lambda fe: U64.pack(fe.protocol_features | ProtocolFeature.BACKEND_REQ)),
+    "SET_LOG_FD without a descriptor": Refusal(Request.SET_LOG_FD, lambda fe: b""),
+    "SET_LOG_FD with an eventfd and a second one": Refusal(Request.SET_LOG_FD, lambda fe: b"", fds=2),
     "SET_STATUS not a byte": Refusal(Request.SET_STATUS, lambda fe: U64.pack(0x100)),
 }
 
@@ -233,7 +235,7 @@ BREACHES: dict[str, Breach] = {
                                            "GET_VRING_BASE"),
     "GET_VRING_BASE of a bad index": Breach([(encode_message(Request.GET_VRING_BASE, VRING_STATE.pack(9, 0)), 0)],
                                             "GET_VRING_BASE"),
-    "SET_LOG_BASE without LOG_SHMFD": Breach([(encode_message(Request.SET_LOG_BASE, LOG.pack(4096, 0)), 1)],
+    "SET_LOG_BASE with an eventfd as its log": Breach([(encode_message(Request.SET_LOG_BASE, LOG.pack(4096, 0)), 1)],
                                              "SET_LOG_BASE"),
     "SET_LOG_BASE of a size not in words": Breach([(encode_message(Request.SET_LOG_BASE, LOG.pack(4100, 0)), 1)],
                                                   "SET_LOG_BASE"),

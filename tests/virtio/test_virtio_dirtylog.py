@@ -103,3 +103,16 @@ def test_concurrent_marks_from_two_processes_lose_nothing() -> None:
         assert len(set_pages(fd, 8 * words)) == 64 * words
     finally:
         os.close(fd)
+
+
+def test_marks_after_close_are_refused_not_written() -> None:
+    """A closed log (the worker took a new one, or the device was reset) unmaps its bitmap; a late mark is
+    counted, never written to the old address."""
+    fd = log_file(8)
+    try:
+        log = DirtyLog(fd, 8, 0)
+        log.close()
+        log.mark(0, 1)
+        assert log.beyond == 1 and set_pages(fd, 8) == set()
+    finally:
+        os.close(fd)

@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 
 from shardswitch.frontend.client import VhostUserFrontend
-from shardswitch.ipc import Channel, ForwardSetup, ToWorker, WorkerSetup
+from shardswitch.ipc import Channel, ForwardSetup, PortFd, ToWorker, WorkerSetup
 from shardswitch.net import checksum, icmpv6, ipv4, ipv6, udp
 from shardswitch.net.drop import DropReason
 from shardswitch.net.params import GuestParams
 from shardswitch.shm.table import FlowTable
-from shardswitch.worker.listen import bind_detached
+from shardswitch.worker.listen import bind_all
 from shardswitch.worker.worker import Worker
 from shardswitch.net.udp import build_frame6, parse6
 from shardswitch.worker.udp import UDP_TIMEOUT, UDP_TIMEOUT_BOTH
@@ -102,6 +102,15 @@ def test_ipv6_codec_round_trip_and_errors() -> None:
 
 
 # -- in-process worker ----------------------------------------------------------------
+
+
+def bind_detached(specs: tuple[str, ...], kind: int, option: str) -> tuple[PortFd, ...]:
+    """One worker's sockets for ``specs`` as the coordinator binds them, detached from their socket objects
+    (the worker built in this very process adopts, and closes, them)."""
+    (copy,) = bind_all(specs, kind, option, 1)
+    for sock, _desc in copy:
+        sock.detach()
+    return tuple(desc for _sock, desc in copy)
 
 
 def free_port() -> int:
