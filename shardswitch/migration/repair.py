@@ -1,0 +1,157 @@
+"""TCP_REPAIR through a privileged helper: passt-repair's protocol, both ends.
+
+Putting a TCP socket into repair mode (``setsockopt(TCP_REPAIR)``) needs
+CAP_NET_ADMIN, which the switch gives up at start.  passt solves this with
+``passt-repair``, a tiny program run with that capability: it connects to a
+unix socket of passt's (``--repair-path``, by default the vhost-user socket's
+path with ``.repair`` appended) and serves requests until the connection
+closes.  We speak the same protocol, so either helper works:
+
+* a request is one byte, the command (:class:`RepairCommand`: 1 on, 0 off,
+  -1 off without window probe), with up to :data:`SCM_MAX_FD` socket
+  descriptors attached (SCM_RIGHTS);
+* the helper sets the mode on each and answers the same byte; on any failure
+  it closes the connection instead.
+
+:class:`RepairLink` is the switch's end, used by a worker during a migration
+(the coordinator accepts the helper and lends its connection to one worker at
+a time).  :func:`serve` is the helper's loop, which ``shardswitch
+repair-helper PATH`` runs after connecting: it accepts TCP sockets only.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import os
+import socket
+import struct
+from enum import IntEnum
+
+log = logging.getLogger("shardswitch.repair")
+
+#: Most descriptors in one SCM_RIGHTS message (the kernel's limit, not in its UAPI).
+SCM_MAX_FD = 253
+#: TCP socket options (linux/tcp.h) not in Python's socket module.
+TCP_REPAIR = 19
+#: How long the switch waits for the helper's answer.
+REPLY_TIMEOUT = 5.0
+_CMD = struct.Struct("b")
+
+
+class RepairCommand(IntEnum):
+    """What a request asks of each socket."""
+
+    OFF_NO_WINDOW_PROBE = -1
+    OFF = 0
+    ON = 1
+
+
+class RepairError(Exception):
+    """The helper is gone, refused, or answered something else."""
+
+
+class RepairLink:
+    """The switch's end of a helper connection (blocking, with a timeout per answer)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        """Use the connected ``sock`` (not closed here)."""
+        self.sock = sock
+
+    def set(self, command: RepairCommand, fds: list[int]) -> None:
+        """Set ``command``'s mode on every socket of ``fds``, in messages of at most SCM_MAX_FD."""
+        for start in range(0, len(fds), SCM_MAX_FD):
+            self._request(command, fds[start:start + SCM_MAX_FD])
+
+    def _request(self, command: RepairCommand, fds: list[int]) -> None:
+        """One request and its answer."""
+        request = _CMD.pack(command)
+        self.sock.settimeout(REPLY_TIMEOUT)
+        try:
+            self.sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            reply = self.sock.recv(1)
+        except OSError as err:
+            raise RepairError(f"TCP_REPAIR helper: {err}") from None
+        finally:
+            self.sock.settimeout(None)
+        if not reply:
+            raise RepairError("TCP_REPAIR helper closed the connection (it could not set the mode)")
+        if reply != request:
+            raise RepairError(f"TCP_REPAIR helper answered {reply!r} to {request!r}")
+
+
+def _is_tcp(fd: int) -> bool:
+    """Whether ``fd`` is a TCP socket."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return False
+    try:
+        return sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET, socket.AF_INET6) \
+            and sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) == socket.IPPROTO_TCP
+    except OSError:
+        return False
+    finally:
+        sock.detach()
+
+
+def handle_request(data: bytes, fds: list[int]) -> bytes | None:
+    """The helper's work for one request: the answer, or None to close (descriptors are closed here)."""
+    try:
+        if len(data) != 1:
+            log.error("request of %d bytes, expected 1", len(data))
+            return None
+        (value,) = _CMD.unpack(data)
+        try:
+            command = RepairCommand(value)
+        except ValueError:
+            log.error("unknown command %d", value)
+            return None
+        for fd in fds:
+            if not _is_tcp(fd):
+                log.error("descriptor %d is not a TCP socket", fd)
+                return None
+            try:
+                sock = socket.socket(fileno=fd)
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, int(command))
+                finally:
+                    sock.detach()
+            except OSError as err:
+                log.error("setting TCP_REPAIR %d: %s", command, err.strerror)
+                return None
+        return data
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def serve(sock: socket.socket) -> int:
+    """Answer the switch's requests on ``sock`` until it closes; the exit status (0: closed by the switch)."""
+    while True:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(sock, 1, SCM_MAX_FD)
+        except OSError as err:
+            log.error("receive: %s", err.strerror)
+            return 1
+        if not data and not fds:
+            return 0
+        answer = handle_request(data, list(fds))
+        if answer is None:
+            return 1
+        try:
+            sock.send(answer)
+        except OSError as err:
+            log.error("send: %s", err.strerror)
+            return 1
+
+
+def connect(path: str) -> socket.socket:
+    """Connect to the switch's repair socket at ``path``."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        raise
+    return sock
