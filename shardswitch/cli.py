@@ -137,6 +137,9 @@ def _add_start_options(parser: argparse.ArgumentParser) -> None:
                         help="started as root, become USER (default nobody) once sockets and ports are bound")
     parser.add_argument("--no-sandbox", dest="no_sandbox", action="store_true", default=None,
                         help="keep privileges and install no seccomp filter (debugging only)")
+    parser.add_argument("--repair-path", dest="repair_path", metavar="PATH",
+                        help="where the TCP_REPAIR helper connects, to move TCP connections in a live migration "
+                             "(default: the socket path + .repair; none: no helper)")
     parser.add_argument("--reflect", action="store_true", default=None, help=argparse.SUPPRESS)
 
 
@@ -157,6 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
         query.add_argument("--control", metavar="PATH",
                            help="control socket (default: the default socket path + .ctl)")
         query.add_argument("--json", action="store_true", help="print the raw answer as JSON")
+    helper = commands.add_parser(
+        "repair-helper", help="lend CAP_NET_ADMIN to a switch for TCP_REPAIR (live migration)",
+        description="Connect to a switch's repair socket and put the TCP sockets it sends into or out of repair "
+                    "mode (passt-repair's protocol), so that its TCP connections move in a live migration. "
+                    "Run as root (or with CAP_NET_ADMIN) beside a switch that dropped its privileges; it keeps "
+                    "CAP_NET_ADMIN alone and exits when the switch closes the connection.")
+    helper.add_argument("path", metavar="PATH", help="the switch's repair socket (its socket path + .repair)")
+    helper.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
+                        help="wait this long for the switch to listen (default 10)")
     return parser
 
 
@@ -265,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
         return _start(args)
     if args.command in ("status", "flows"):
         return _query(args)
+    if args.command == "repair-helper":
+        from shardswitch.migration import repair
+
+        setup_logging(False, False)
+        return repair.helper_main(args.path, args.wait)
     parser.print_usage(sys.stderr)
-    _error("a command is required (start, status, flows)")
+    _error("a command is required (start, status, flows, repair-helper)")
     return ExitCode.USAGE

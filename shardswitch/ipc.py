@@ -152,6 +152,43 @@ class LogBase(msgspec.Struct, tag=True):
     offset: int
 
 
+class MigrateSave(msgspec.Struct, tag=True):
+    """Live migration, source: write this worker's flows into the attached memfd, then close them.
+
+    Attached: the memfd, then the TCP_REPAIR helper's connection when ``has_repair`` (lent for this
+    request only: the worker closes its copy).  Answered with :class:`MigrateDone`.
+    """
+
+    seq: int
+    has_repair: bool
+
+
+class MigrateLoad(msgspec.Struct, tag=True):
+    """Live migration, target: restore the flows in the attached memfd (``size`` bytes, one pair's part).
+
+    Attached as for :class:`MigrateSave`.  ``guest_mac``: the guest's MAC as the source knew it.
+    """
+
+    seq: int
+    size: int
+    has_repair: bool
+    guest_mac: bytes | None = None
+
+
+class MigrateDone(msgspec.Struct, tag=True):
+    """Answer to MigrateSave and MigrateLoad: what moved; ``error`` is empty on success."""
+
+    seq: int
+    #: Bytes written to the memfd (MigrateSave).
+    size: int = 0
+    #: TCP connections moved with their sockets, and reset.
+    tcp_moved: int = 0
+    tcp_reset: int = 0
+    #: UDP and echo flows handed over.
+    other: int = 0
+    error: str = ""
+
+
 class SandboxProbe(msgspec.Struct, tag=True):
     """Test only (WorkerSetup.test_hooks): make a system call outside the worker's seccomp list."""
 
@@ -211,8 +248,9 @@ class WorkerStatus(msgspec.Struct, tag=True):
     flows: int = 0
 
 
-ToWorker = Union[MemAdd, MemRemove, MemClear, RingStart, RingStop, StatusQuery, Shutdown, SandboxProbe, LogBase]
-FromWorker = Union[RingStarted, RingStopped, WorkerStatus]
+ToWorker = Union[MemAdd, MemRemove, MemClear, RingStart, RingStop, StatusQuery, Shutdown, SandboxProbe, LogBase,
+                 MigrateSave, MigrateLoad]
+FromWorker = Union[RingStarted, RingStopped, WorkerStatus, MigrateDone]
 
 
 class Channel:

@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAC: Final = "9a:55:9a:55:9a:55"
 DEFAULT_MTU: Final = 65520
 CONTROL_SUFFIX: Final = ".ctl"
+#: The TCP_REPAIR helper's socket: the vhost-user socket path plus this, as passt's.
+REPAIR_SUFFIX: Final = ".repair"
 SOCKET_DIR_NAME: Final = "shardswitch"
 SOCKET_FILE_NAME: Final = "shardswitch.sock"
 
@@ -175,6 +177,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     runas: NonEmpty | None = None
     #: No privilege drop, no seccomp filters (debugging).
     no_sandbox: bool = False
+    #: Where the TCP_REPAIR helper connects (live migration of TCP connections); "none": nowhere.  None:
+    #: the vhost-user socket path plus ``.repair``, as passt's.
+    repair_path: NonEmpty | None = None
 
 
 #: Option spelling per field, for error messages about command-line values.
@@ -219,6 +224,7 @@ OPTION_NAMES: Final = {
     "map_guest_addr": "--map-guest-addr",
     "runas": "--runas",
     "no_sandbox": "--no-sandbox",
+    "repair_path": "--repair-path",
 }
 
 #: Settings that take an address of either family: the IPv4 field and where an IPv6 value goes.
@@ -226,7 +232,9 @@ FAMILY_FIELDS: Final = (("address", "address6"), ("gateway", "gateway6"), ("outb
                         ("dns_forward", "dns_forward6"))
 
 _FIELDS: Final = frozenset(Config.__struct_fields__)
-_PATH_FIELDS: Final = ("socket", "connect", "control")
+_PATH_FIELDS: Final = ("socket", "connect", "control", "repair_path")
+#: The value of repair_path that turns the repair socket off.
+NO_REPAIR: Final = "none"
 _EXCLUSIVE: Final = (("socket", "connect"), ("debug", "quiet"), ("map_host_loopback", "no_map_gw"),
                      ("ipv4_only", "ipv6_only"))
 _CONFIG_KEY: Final = "config"
@@ -428,7 +436,7 @@ def _absolutise(values: dict[str, Any], base_dir: str) -> dict[str, Any]:
     out = dict(values)
     for key in _PATH_FIELDS:
         path = out.get(key)
-        if isinstance(path, str) and path and not os.path.isabs(path):
+        if isinstance(path, str) and path and path != NO_REPAIR and not os.path.isabs(path):
             out[key] = os.path.normpath(os.path.join(base_dir, path))
     return out
 
@@ -512,7 +520,7 @@ def _check(cfg: Config, label: str) -> Config:
                                                 "the address mapped to the host's loopback")
     for field in _PATH_FIELDS:
         value = getattr(cfg, field)
-        if value is not None:
+        if value is not None and value != NO_REPAIR:
             _checked(label, field, _check_unix_path, value)
     for field, option in (("tcp_ports", "-t"), ("udp_ports", "-u")):
         specs = getattr(cfg, field)
@@ -580,4 +588,6 @@ def load_config(cli_args: argparse.Namespace | Mapping[str, Any]) -> Config:
         cfg.socket = default_socket_path()
     if cfg.control is None:
         cfg.control = default_control_path(cfg.socket)
+    if cfg.repair_path is None:
+        cfg.repair_path = (cfg.socket or cfg.connect or default_socket_path()) + REPAIR_SUFFIX
     return _check(cfg, "default paths")

@@ -110,7 +110,7 @@ def test_start_hands_config_to_coordinator(monkeypatch: pytest.MonkeyPatch, tmp_
             "--dns", "192.0.2.1", "--dns", "192.0.2.2", "--search", "a.example", "--reflect", "-q"]
     assert cli.main(argv) == 0
     (cfg,) = fake.configs
-    assert cfg == Config(workers=4, socket=str(sock), control=str(sock) + ".ctl", address="10.0.0.2",
+    assert cfg == Config(workers=4, socket=str(sock), control=str(sock) + ".ctl", repair_path=str(sock) + ".repair", address="10.0.0.2",
                          prefix_len=24, gateway="10.0.0.1", mac="02:00:00:00:00:09", mtu=1500,
                          interface="eth1", dns=["192.0.2.1", "192.0.2.2"], search=["a.example"],
                          quiet=True, reflect=True)

@@ -76,7 +76,7 @@ def test_defaults(tmp_path: Path) -> None:
     """No options: every default, socket and control under XDG_RUNTIME_DIR."""
     cfg = load_config({})
     sock = str(tmp_path / "run/shardswitch/shardswitch.sock")
-    assert cfg == Config(socket=sock, control=sock + ".ctl")
+    assert cfg == Config(socket=sock, control=sock + ".ctl", repair_path=sock + ".repair")
     assert (cfg.workers, cfg.mtu, cfg.mac) == (1, 65520, "9a:55:9a:55:9a:55")
     assert cfg.connect is None and cfg.dns is None and cfg.search is None
 

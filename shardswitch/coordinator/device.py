@@ -46,9 +46,11 @@ OFFERED_FEATURES = (VirtioFeature.VERSION_1 | VirtioFeature.MRG_RXBUF | VirtioFe
                     | VirtioFeature.CSUM | VirtioFeature.HOST_TSO4 | VirtioFeature.HOST_TSO6
                     | VirtioFeature.GUEST_CSUM | VirtioFeature.GUEST_TSO4 | VirtioFeature.GUEST_TSO6
                     | VirtioFeature.LOG_ALL)
-#: Protocol features offered in GET_PROTOCOL_FEATURES (LOG_SHMFD: the dirty-page log of live migration).
+#: Protocol features offered in GET_PROTOCOL_FEATURES (LOG_SHMFD: the dirty-page log of live migration;
+#: DEVICE_STATE: the flows move with it).
 OFFERED_PROTOCOL_FEATURES = (ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK
-                             | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.LOG_SHMFD)
+                             | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.LOG_SHMFD
+                             | ProtocolFeature.DEVICE_STATE)
 #: Largest ring size accepted (the split-ring maximum).
 MAX_RING_SIZE = 32768
 NO_FD = -1

@@ -27,6 +27,7 @@ came instead.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 
@@ -79,6 +80,21 @@ def _check_file(request: str, what: str, fd: int, offset: int, size: int, of: st
     if st.st_size < offset + size:
         raise DeviceError(f"{request}: {what} file of {st.st_size} bytes is shorter than {of} "
                           f"(offset {offset:#x} + size {size:#x})")
+
+
+def check_state_fd(request: str, fd: int, writing: bool) -> None:
+    """Refuse ``fd`` as a device-state channel unless it is a pipe or socket open for ``writing`` (or
+    reading)."""
+    try:
+        st = os.fstat(fd)
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    except OSError as err:
+        raise DeviceError(f"{request}: descriptor: {err.strerror}") from None
+    if not (stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode)):
+        raise DeviceError(f"{request}: descriptor is {describe(fd)}, not a pipe")
+    mode = flags & os.O_ACCMODE
+    if mode != os.O_RDWR and mode != (os.O_WRONLY if writing else os.O_RDONLY):
+        raise DeviceError(f"{request}: the pipe is not open for {'writing' if writing else 'reading'}")
 
 
 def check_eventfd(request: str, fd: int) -> None:

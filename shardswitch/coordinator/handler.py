@@ -26,9 +26,11 @@ from shardswitch.coordinator import fdcheck
 from shardswitch.coordinator.conn import FrontendConnection, Message
 from shardswitch.coordinator.device import (NO_FD, OFFERED_FEATURES, OFFERED_PROTOCOL_FEATURES, Device,
                                             DeviceError)
-from shardswitch.vhost.wire import (MAX_MEM_SLOTS, U64, VRING_IDX_MASK, VRING_NOFD_MASK, VRING_STATE, Request,
-                                    VhostProtocolError, decode_log, decode_mem_table, decode_single_region,
-                                    decode_u64, decode_vring_addr, decode_vring_state, request_name)
+from shardswitch.coordinator.migration import REPLY_FAILED, REPLY_USE_YOUR_FD, Migration
+from shardswitch.vhost.wire import (MAX_MEM_SLOTS, U64, VRING_IDX_MASK, VRING_NOFD_MASK, VRING_STATE,
+                                    ProtocolFeature, Request, VhostProtocolError, decode_log, decode_mem_table,
+                                    decode_single_region, decode_transfer_state, decode_u64, decode_vring_addr,
+                                    decode_vring_state, request_name)
 
 log = logging.getLogger("shardswitch.vhost")
 
@@ -57,9 +59,10 @@ def _no_fds(msg: Message, name: str) -> None:
 class RequestHandler:
     """Dispatches decoded requests of one front-end connection to the device."""
 
-    def __init__(self, device: Device) -> None:
-        """Serve ``device``."""
+    def __init__(self, device: Device, migration: Migration | None = None) -> None:
+        """Serve ``device``; ``migration``: the device-state transfers (None: refused)."""
         self.device = device
+        self.migration = migration
         #: Requests refused, by name, for ``shardswitch status``.
         self.refused: Counter[str] = Counter()
         self.table: dict[int, Handler] = {
@@ -87,6 +90,8 @@ class RequestHandler:
             Request.GET_STATUS: self.get_status,
             Request.SET_LOG_BASE: self.set_log_base,
             Request.SET_LOG_FD: self.set_log_fd,
+            Request.SET_DEVICE_STATE_FD: self.set_device_state_fd,
+            Request.CHECK_DEVICE_STATE: self.check_device_state,
         }
 
     # -- the boundary ------------------------------------------------------
@@ -220,6 +225,30 @@ class RequestHandler:
         fdcheck.check_eventfd("SET_LOG_FD", msg.fds[0])
         (fd,) = msg.take_fds()
         self.device.set_log_fd(fd)
+
+    def set_device_state_fd(self, msg: Message) -> bytes:
+        """SET_DEVICE_STATE_FD: a live migration's state goes out of (SAVE) or into (LOAD) the pipe sent.
+
+        Always answered (a refusal is an error code in the answer, not a disconnection).
+        """
+        migration = self.migration
+        try:
+            if migration is None or not self.device.acked_protocol_features & ProtocolFeature.DEVICE_STATE:
+                raise DeviceError("SET_DEVICE_STATE_FD: DEVICE_STATE was not negotiated")
+            direction, phase = decode_transfer_state(msg.payload)
+            if len(msg.fds) != 1:
+                raise DeviceError(f"SET_DEVICE_STATE_FD: expected 1 descriptor, got {len(msg.fds)}")
+        except VhostProtocolError as err:
+            self.refused["SET_DEVICE_STATE_FD"] += 1
+            log.error("refused %s", err)
+            return U64.pack(REPLY_USE_YOUR_FD | REPLY_FAILED)
+        (fd,) = msg.take_fds()
+        return U64.pack(migration.begin(direction, phase, fd))
+
+    def check_device_state(self, msg: Message) -> bytes:
+        """CHECK_DEVICE_STATE: 0 when the last device-state transfer succeeded."""
+        _no_fds(msg, "CHECK_DEVICE_STATE")
+        return U64.pack(self.migration.check() if self.migration is not None else REPLY_FAILED)
 
     def get_vring_base(self, msg: Message) -> bytes:
         """GET_VRING_BASE: stops the ring; answers its next avail index."""

@@ -39,6 +39,7 @@ from shardswitch.coordinator.conn import FrontendConnection, PeerGone
 from shardswitch.coordinator.control import serve_client, uptime_since
 from shardswitch.coordinator.device import Device
 from shardswitch.coordinator.handler import Disconnect, RequestHandler
+from shardswitch.coordinator.migration import Migration
 from shardswitch.coordinator.workers import WorkerHandle, WorkerPool
 from shardswitch.ipc import ForwardSetup, SandboxProbe, StatusQuery, WorkerSetup, WorkerStatus
 from shardswitch.net.endpoint import Service
@@ -144,9 +145,10 @@ class Coordinator:
     def __init__(self, *, workers: int, setup: WorkerSetup, socket_path: str, control_path: str,
                  connect: bool = False, max_flows: int = DEFAULT_CAPACITY,
                  ports: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
-                 sandbox: SandboxSetup | None = None) -> None:
+                 sandbox: SandboxSetup | None = None, repair_path: str = "") -> None:
         """Set up (nothing is bound, created or forked until :meth:`open`); ``setup``: the workers' template,
-        ``ports``: the -t and -u SPECs, ``sandbox``: how to sandbox (None: --no-sandbox)."""
+        ``ports``: the -t and -u SPECs, ``sandbox``: how to sandbox (None: --no-sandbox), ``repair_path``:
+        where the TCP_REPAIR helper connects ("": nowhere)."""
         params = setup.params
         self.params = params
         self.instance = instance_name(socket_path)
@@ -165,7 +167,8 @@ class Coordinator:
             setup, flow_table=self.instance, sandbox=sandbox is not None,
             test_hooks=sandbox is not None and sandbox.test_hooks))
         self.device = Device(workers, self.pool)
-        self.handler = RequestHandler(self.device)
+        self.migration = Migration(self.pool, self.sel, lambda: self.table, self.device.next_seq, repair_path)
+        self.handler = RequestHandler(self.device, self.migration)
         self.conn: FrontendConnection | None = None
         self.listener: socket.socket | None = None
         self.control: socket.socket | None = None
@@ -189,10 +192,16 @@ class Coordinator:
             self._owned_paths.append(self.socket_path)
             self.sel.register(self.listener, selectors.EVENT_READ, self._on_listener)
         self._bind_ports()
+        try:
+            self.migration.listen()
+        except OSError as err:
+            raise StartError(f"repair socket {self.migration.repair_path}: {err.strerror or err}") from err
+        if self.migration.repair_path:
+            self._owned_paths.append(self.migration.repair_path)
         if self.sandbox is not None:
             try:
                 drop_privileges(self.sandbox.runas,
-                                keep=[os.path.dirname(p) or "." for p in (self.socket_path, self.control_path)])
+                                keep=[os.path.dirname(p) or "." for p in self._owned_paths])
             except SandboxError as err:
                 raise StartError(f"cannot drop privileges ({err}); --no-sandbox runs without") from err
         try:
@@ -233,6 +242,7 @@ class Coordinator:
         """Stop workers, close sockets, remove the socket files we created."""
         if self.conn is not None:
             self._drop_frontend("shutting down")
+        self.migration.close()
         self.pool.stop()
         if self.table is not None:
             self.table.unlink()
@@ -354,8 +364,13 @@ class Coordinator:
             self.handler.serve(conn, msg)
         except Disconnect as err:
             self._drop_frontend(f"protocol error: {err}", error=True)
+            return
         except PeerGone as err:
             self._drop_frontend(f"front-end disconnected ({err})")
+            return
+        if self.migration.saved is not None and any(ring.started for ring in self.device.vrings):
+            # The rings run again on this side after a save: the migration failed, the guest resumed here.
+            self.migration.rollback()
 
     def _drop_frontend(self, reason: str, *, error: bool = False) -> None:
         """Forget the front-end: rings stop, memory is unmapped, we wait for the next one."""
@@ -365,6 +380,7 @@ class Coordinator:
         self.conn.close()
         self.conn = None
         self.handshake_deadline = 0.0
+        self.migration.reset()
         self.device.reset()
         self.next_connect = time.monotonic() + CONNECT_RETRY
 
@@ -449,6 +465,8 @@ class Coordinator:
                       "gateway": self.params.gateway, "mtu": self.params.mtu, "dns": list(self.params.dns)},
             "workers": workers,
             "sandbox": {"enabled": self.sandbox is not None, "uid": os.getuid(), "gid": os.getgid()},
+            "migration": {"repair_path": self.migration.repair_path,
+                          "repair_helper": self.migration.helper is not None, "last": self.migration.last},
             "flow_table": {"instance": self.instance, "capacity": self.max_flows,
                            **(self.table.counters() if self.table is not None else {})},
         }
@@ -457,11 +475,12 @@ class Coordinator:
 def run_coordinator(*, workers: int, setup: WorkerSetup, socket_path: str, control_path: str,
                     connect: bool = False, print_fragment: bool = True, max_flows: int = DEFAULT_CAPACITY,
                     ports: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
-                    sandbox: SandboxSetup | None = None) -> int:
+                    sandbox: SandboxSetup | None = None, repair_path: str = "") -> int:
     """Run shardswitch until SIGTERM/SIGINT; the exit status."""
     params = setup.params
     coordinator = Coordinator(workers=workers, setup=setup, socket_path=socket_path, control_path=control_path,
-                              connect=connect, max_flows=max_flows, ports=ports, sandbox=sandbox)
+                              connect=connect, max_flows=max_flows, ports=ports, sandbox=sandbox,
+                              repair_path=repair_path)
     try:
         coordinator.open()
     except StartError as err:
@@ -551,4 +570,5 @@ def run(cfg: "Config") -> int:
                         services=int(_services(cfg, addressing)), icmp=not cfg.no_icmp)
     return run_coordinator(workers=cfg.workers, setup=setup, socket_path=path, control_path=cfg.control,
                            connect=cfg.connect is not None, print_fragment=not cfg.quiet, max_flows=cfg.max_flows,
-                           ports=(tuple(cfg.tcp_ports), tuple(cfg.udp_ports)), sandbox=sandbox)
+                           ports=(tuple(cfg.tcp_ports), tuple(cfg.udp_ports)), sandbox=sandbox,
+                           repair_path="" if cfg.repair_path in (None, "none") else cfg.repair_path)

@@ -24,8 +24,8 @@ from typing import Any, Callable
 import msgspec
 import multiprocess
 
-from shardswitch.ipc import (Channel, FromWorker, IpcError, PortFd, RingStarted, RingStopped, Shutdown,
-                             WorkerSetup, WorkerStatus, channel_pair)
+from shardswitch.ipc import (Channel, FromWorker, IpcError, MigrateDone, PortFd, RingStarted, RingStopped,
+                             Shutdown, WorkerSetup, WorkerStatus, channel_pair)
 from shardswitch.worker.worker import worker_main
 from shardswitch.worker.peers import inbox_pairs
 
@@ -150,13 +150,15 @@ class WorkerPool:
             log.warning("worker %d unreachable: %s", pair, err)
             return False
 
-    def call(self, pair: int, message: object, fds: list[int] | tuple[int, ...] = ()) -> object | None:
-        """Send a request and wait for the answer with the same ``seq``; None on death or timeout."""
+    def call(self, pair: int, message: object, fds: list[int] | tuple[int, ...] = (),
+             timeout: float = CALL_TIMEOUT) -> object | None:
+        """Send a request and wait up to ``timeout`` for the answer with the same ``seq``; None on death or
+        timeout."""
         handle = self.handle(pair)
         if handle is None or not self.send(pair, message, fds):
             return None
         seq = getattr(message, "seq")
-        deadline = time.monotonic() + CALL_TIMEOUT
+        deadline = time.monotonic() + timeout
         sock = handle.channel.sock
         try:
             while (remaining := deadline - time.monotonic()) > 0:
@@ -164,7 +166,7 @@ class WorkerPool:
                 answer, extra = handle.channel.recv()
                 for fd in extra:
                     os.close(fd)
-                if isinstance(answer, (RingStarted, RingStopped, WorkerStatus)) and answer.seq == seq:
+                if isinstance(answer, (RingStarted, RingStopped, WorkerStatus, MigrateDone)) and answer.seq == seq:
                     return answer
                 log.debug("worker %d: dropping stale answer %r", pair, answer)
         except (IpcError, TimeoutError) as err:

@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from enum import IntEnum
 
 log = logging.getLogger("shardswitch.repair")
@@ -36,6 +37,8 @@ SCM_MAX_FD = 253
 TCP_REPAIR = 19
 #: How long the switch waits for the helper's answer.
 REPLY_TIMEOUT = 5.0
+#: The capability TCP_REPAIR needs (linux/capability.h).
+CAP_NET_ADMIN = 12
 _CMD = struct.Struct("b")
 
 
@@ -155,3 +158,39 @@ def connect(path: str) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def helper_main(path: str, wait: float) -> int:
+    """``shardswitch repair-helper PATH``: connect (retrying up to ``wait`` seconds while the switch is not
+    listening yet), keep CAP_NET_ADMIN alone, install the helper's seccomp filter, and serve.
+
+    Returns the exit status: 0 when the switch closed the connection.
+    """
+    from shardswitch.sandbox import privileges, seccomp
+
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            sock = connect(path)
+            break
+        except (FileNotFoundError, ConnectionRefusedError) as err:
+            if time.monotonic() >= deadline:
+                log.error("cannot connect to %s: %s", path, err.strerror)
+                return 1
+            time.sleep(0.1)
+        except OSError as err:
+            log.error("cannot connect to %s: %s", path, err.strerror)
+            return 1
+    try:
+        if os.geteuid() == 0:
+            privileges.keep_only_capability(CAP_NET_ADMIN)
+        privileges.prctl(privileges.Prctl.SET_NO_NEW_PRIVS, 1)
+        seccomp.install(seccomp.Role.REPAIR)
+    except (OSError, seccomp.SeccompError, privileges.SandboxError) as err:
+        log.error("cannot sandbox the helper: %s", err)
+        sock.close()
+        return 1
+    log.info("connected to %s: setting TCP_REPAIR on the sockets the switch sends", path)
+    status = serve(sock)
+    sock.close()
+    return status

@@ -190,6 +190,18 @@ def clear_capabilities() -> None:
     _check(_libc.capset(ctypes.byref(header), data), "capset")
 
 
+def keep_only_capability(cap: int) -> None:
+    """Hold ``cap`` alone (effective and permitted), nothing inheritable, and no other in the bounding set
+    (the TCP_REPAIR helper keeps CAP_NET_ADMIN only)."""
+    for other in range(last_capability() + 1):
+        if other != cap:
+            prctl(Prctl.CAPBSET_DROP, other)
+    header = _CapHeader(LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    data[cap // 32].effective = data[cap // 32].permitted = 1 << (cap % 32)
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
+
+
 def drop_bounding_set(last_cap: int) -> None:
     """Remove every capability up to ``last_cap`` from the bounding set (needs CAP_SETPCAP)."""
     for cap in range(last_cap + 1):

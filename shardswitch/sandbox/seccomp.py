@@ -75,7 +75,8 @@ SOCKETS: frozenset[str] = frozenset({
 
 class Ioctl(IntEnum):
     """The ioctl requests either process makes (any other kills): blocking mode, close-on-exec, whether
-    stdio is a terminal, and a TCP socket's unsent and unread byte counts."""
+    stdio is a terminal, and a TCP socket's queued, unsent and unread byte counts (SIOCOUTQ, SIOCOUTQNSD,
+    SIOCINQ: a migration dumps its queues)."""
 
     TCGETS = 0x5401
     TIOCOUTQ = 0x5411
@@ -83,6 +84,7 @@ class Ioctl(IntEnum):
     FIONBIO = 0x5421
     FIONCLEX = 0x5450
     FIOCLEX = 0x5451
+    SIOCOUTQNSD = 0x894B
 
 WORKER: frozenset[str] = RUNTIME | EVENTS | SOCKETS
 
@@ -96,6 +98,10 @@ COORDINATOR: frozenset[str] = WORKER | frozenset({
 })
 
 assert WORKER <= COORDINATOR, "a worker inherits the coordinator's filter: its list must be within it"
+
+#: The TCP_REPAIR helper: receive sockets, set one option on each, answer.
+REPAIR: frozenset[str] = RUNTIME | frozenset({"recvmsg", "sendto", "sendmsg", "setsockopt", "getsockopt",
+                                                "getsockname", "poll"})
 
 #: clone() flags that would create namespaces or share a parent's address space across processes.
 CLONE_REFUSED = 0x7E020000 | 0x00000100  # CLONE_NEW{NS,CGROUP,UTS,IPC,USER,PID,NET} | CLONE_VM
@@ -114,6 +120,7 @@ class Role(Enum):
 
     COORDINATOR = "coordinator"
     WORKER = "worker"
+    REPAIR = "repair-helper"
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +141,7 @@ POLICIES: dict[Role, Policy] = {
                              (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6), fork=True),
     Role.WORKER: Policy(WORKER, {"openat": errno.EACCES, "open": errno.EACCES, "clone3": errno.ENOSYS},
                         (socket.AF_INET, socket.AF_INET6)),
+    Role.REPAIR: Policy(REPAIR, {"openat": errno.EACCES, "open": errno.EACCES}),
 }
 
 

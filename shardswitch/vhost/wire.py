@@ -174,6 +174,8 @@ MEM_REGION = struct.Struct("<QQQQ")
 MEM_TABLE_HEAD = struct.Struct("<II")
 SINGLE_REGION = struct.Struct("<Q" + "QQQQ")
 LOG = struct.Struct("<QQ")
+#: SET_DEVICE_STATE_FD: direction, phase.
+TRANSFER_STATE = struct.Struct("<II")
 
 assert HEADER.size == 12
 assert U64.size == 8
@@ -289,6 +291,30 @@ def decode_log(payload: bytes) -> tuple[int, int]:
         raise VhostProtocolError(f"SET_LOG_BASE: log of {size} bytes at offset {offset} is not whole 64-bit "
                                  f"words within {MAX_LOG_SIZE} bytes")
     return int(size), int(offset)
+
+
+class TransferDirection(IntEnum):
+    """SET_DEVICE_STATE_FD's direction: the back-end writes its state (SAVE) or reads it (LOAD)."""
+
+    SAVE = 0
+    LOAD = 1
+
+
+class TransferPhase(IntEnum):
+    """SET_DEVICE_STATE_FD's phase: only STOPPED (the device is stopped) is defined."""
+
+    STOPPED = 0
+
+
+def decode_transfer_state(payload: bytes) -> tuple[TransferDirection, TransferPhase]:
+    """SET_DEVICE_STATE_FD's payload: (direction, phase), both known values."""
+    _expect_size("SET_DEVICE_STATE_FD", payload, TRANSFER_STATE.size)
+    direction, phase = TRANSFER_STATE.unpack(payload)
+    try:
+        return TransferDirection(direction), TransferPhase(phase)
+    except ValueError:
+        raise VhostProtocolError(f"SET_DEVICE_STATE_FD: direction {direction}, phase {phase}: "
+                                 "unknown (SAVE 0 / LOAD 1, STOPPED 0)") from None
 
 
 def _decode_region(name: str, guest_phys_addr: int, memory_size: int, userspace_addr: int,

@@ -31,6 +31,12 @@ class Event(IntEnum):
     UDP_HOST_ICMP_ERROR = 2
     #: A ring started marking the pages it writes in the dirty-page log (a live migration began).
     DIRTY_LOG_RING = 3
+    #: A TCP connection moved with its socket state (TCP_REPAIR), counted on each side of a migration.
+    TCP_MIGRATED = 4
+    #: A TCP connection could not move (no TCP_REPAIR helper, or its state did not allow it): reset both ways.
+    TCP_MIGRATION_RESET = 5
+    #: A UDP or echo flow was handed over in a migration (saved on the source, re-created on the target).
+    FLOW_MIGRATED = 6
 
 
 class Counters:

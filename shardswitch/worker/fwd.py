@@ -136,19 +136,24 @@ class Forwarding:
         """:meth:`is_unicast` for an IPv4 address as an int (the per-datagram check of guest UDP)."""
         return not (addr >> 28 == 0xE or addr >> 24 in (0, 127) or addr in self._broadcast4)
 
-    def bind_outbound(self, sock: socket.socket, target: InAny) -> None:
-        """Bind ``sock``, about to reach ``target``, to the outbound address and interface of its family.
+    def bind_outbound(self, sock: socket.socket, target: InAny, port: int = 0) -> None:
+        """Bind ``sock``, about to reach ``target``, to the outbound address and interface of its family,
+        and to local ``port`` when not 0 (a flow re-created by a migration keeps its port).
 
         Raises OSError when the kernel refuses (no such address or interface,
-        no CAP_NET_RAW for an interface).
+        no CAP_NET_RAW for an interface, the port taken).
         """
+        v4 = inany.is_v4(target)
+        any_addr = inany.ANY4 if v4 else inany.ANY6
         if inany.is_loopback(target):
+            if port:
+                sock.bind(inany.sockaddr(any_addr, port))
             return
-        addr, ifname = self.outbound[inany.is_v4(target)]
+        addr, ifname = self.outbound[v4]
         if ifname:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
-        if addr is not None:
-            sock.bind(inany.sockaddr(addr, 0))
+        if addr is not None or port:
+            sock.bind(inany.sockaddr(addr if addr is not None else any_addr, port))
 
     def seen_from(self, client: InAny) -> InAny | None:
         """The address a host client appears to come from in the guest (None: it cannot appear)."""

@@ -32,7 +32,7 @@ from shardswitch.net.icmpv6 import Icmpv6Message, Icmpv6Type
 from shardswitch.net.inany import InAny
 from shardswitch.net.ipv4 import IpProto, Ipv4Packet
 from shardswitch.net.ipv6 import Ipv6Packet
-from shardswitch.shm.layout import FlowSide, FlowType, Pif
+from shardswitch.shm.layout import FlowSide, FlowType, Pif, pack_key
 from shardswitch.worker.flow import FlowBase, FlowLayer
 from shardswitch.worker.port import WorkerPort
 
@@ -141,6 +141,10 @@ class PingFlows:
                         guest_addr=guest_side.ep_addr, remote=guest_side.our_addr)
         self.layer.add(flow, sock.fileno())
         return flow
+
+    def recreate(self, ftype: FlowType, guest_side: FlowSide, now: float) -> PingFlow:
+        """An echo flow re-created by a migration (PacketError when no socket can be made)."""
+        return self._create(ftype, pack_key(ftype, guest_side), guest_side, now)
 
     # -- flow layer hooks ----------------------------------------------------------
 

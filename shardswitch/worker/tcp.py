@@ -109,8 +109,8 @@ SO_PEEK_OFF = 42
 #: Discard area for MSG_TRUNC reads and for peeks without SO_PEEK_OFF (never touched by the former).
 DISCARD_SIZE = 1 << 24
 _INT = struct.Struct("i")
-_EDGE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
-_EDGE_OUT = _EDGE | select.EPOLLOUT
+EDGE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+EDGE_OUT = EDGE | select.EPOLLOUT
 _DATA = ACK | PSH
 
 
@@ -251,7 +251,7 @@ class TcpFlows:
         conn = TcpConn.from_syn(seg, isn, our_mss)
         flow = TcpFlow(ref=ref, ftype=FlowType.TCP, key=key, last=now, sock=sock, conn=conn, addr=addr, isn=isn,
                        our_mss=our_mss, timer=now, created=now)
-        self.layer.add(flow, sock.fileno(), _EDGE_OUT)
+        self.layer.add(flow, sock.fileno(), EDGE_OUT)
         if err == 0:
             self._connected(flow, now, out)
 
@@ -267,7 +267,7 @@ class TcpFlows:
             flow.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
         except OSError:
             flow.peek_off = False
-        self._set_events(flow, _EDGE)
+        self._set_events(flow, EDGE)
         flow.timer = now
         # Data may have come with the connection: it is peeked once the guest ACKs our SYN.
         flow.readable = True
@@ -359,7 +359,7 @@ class TcpFlows:
         if skip + sent < length:
             if not flow.out_wait:
                 flow.out_wait = True
-                self._set_events(flow, _EDGE_OUT)
+                self._set_events(flow, EDGE_OUT)
         elif seg.flags & FIN:
             try:
                 flow.sock.shutdown(socket.SHUT_WR)
@@ -419,7 +419,7 @@ class TcpFlows:
             if flow.closed:
                 continue
             if flow.unconsumed:
-                self._consume(flow)
+                self.consume(flow)
             if flow.readable:
                 self.to_guest(flow, now, pending)
             # A data frame to the guest may have carried this ACK already.
@@ -445,7 +445,7 @@ class TcpFlows:
         else:
             if flow.out_wait and self.space(flow) > 0:
                 flow.out_wait = False
-                self._set_events(flow, _EDGE)
+                self._set_events(flow, EDGE)
                 pending.append(self.ack(flow))
             flow.readable = True
             self.to_guest(flow, now, pending)
@@ -535,7 +535,7 @@ class TcpFlows:
         if pending:
             self.port.flush()
 
-    def _consume(self, flow: TcpFlow) -> None:
+    def consume(self, flow: TcpFlow) -> None:
         """Discard the bytes the guest ACKed from the socket (no copy: MSG_TRUNC)."""
         count = flow.unconsumed
         flow.unconsumed = 0
@@ -578,7 +578,7 @@ class TcpFlows:
             sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
         except OSError:
             flow.peek_off = False
-        self.layer.add(flow, sock.fileno(), _EDGE)
+        self.layer.add(flow, sock.fileno(), EDGE)
         self.port.queue.append(self.syn(flow))
 
     def syn(self, flow: TcpFlow) -> bytes:

@@ -175,8 +175,9 @@ class UdpFlows:
         flow.last = now
         flow.from_guest = True
 
-    def _create(self, key: bytes, guest_side: FlowSide, now: float) -> UdpFlow:
-        """Open a socket connected to where the destination maps, enter and index the flow."""
+    def _create(self, key: bytes, guest_side: FlowSide, now: float, local_port: int = 0) -> UdpFlow:
+        """Open a socket connected to where the destination maps (from ``local_port`` when not 0), enter and
+        index the flow."""
         src = guest_side.ep_addr
         target, tport = self.fwd.to_host(guest_side.our_addr, guest_side.our_port)
         family = inany.family(target)
@@ -188,7 +189,7 @@ class UdpFlows:
         try:
             sock.setblocking(False)
             sockerr.enable(sock, family == socket.AF_INET6)
-            self.fwd.bind_outbound(sock, target)
+            self.fwd.bind_outbound(sock, target, local_port)
             sock.connect(inany.sockaddr(target, tport))
             local = sock.getsockname()
             host_side = FlowSide(Pif.HOST, target, tport, inany.from_str(local[0]), local[1])
@@ -205,6 +206,19 @@ class UdpFlows:
                        target=target)
         self.layer.add(flow, sock.fileno())
         return flow
+
+    def recreate(self, guest_side: FlowSide, local_port: int, now: float) -> UdpFlow:
+        """A flow the guest started, re-created by a migration: from the same local port when it is free.
+
+        Raises PacketError when no socket can be made.
+        """
+        key = pack_key(FlowType.UDP, guest_side)
+        try:
+            return self._create(key, guest_side, now, local_port)
+        except PacketError:
+            if not local_port:
+                raise
+        return self._create(key, guest_side, now)
 
     # -- to the guest ----------------------------------------------------------------
 

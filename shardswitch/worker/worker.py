@@ -47,6 +47,9 @@ from shardswitch.ipc import (
     IpcError,
     LogBase,
     MemAdd,
+    MigrateDone,
+    MigrateLoad,
+    MigrateSave,
     MemClear,
     MemRemove,
     RingStart,
@@ -62,6 +65,8 @@ from shardswitch.ipc import (
     close_fds,
 )
 from shardswitch.loglimit import LogLimiter
+from shardswitch.migration import format as state_format
+from shardswitch.migration.repair import RepairLink
 from shardswitch.net.drop import DropReason
 from shardswitch.net.endpoint import GuestEndpoint, Service
 from shardswitch.net.params import ResolvedParams
@@ -76,6 +81,7 @@ from shardswitch.worker.counters import Counters, Event
 from shardswitch.worker.datapath import deliver_rx, drop_pending, publish_rx, service_inbox, service_tx
 from shardswitch.worker.flow import FlowLayer, HandOver
 from shardswitch.worker.fwd import Forwarding
+from shardswitch.worker.migrate import FlowMigration
 from shardswitch.worker.peers import Peers
 from shardswitch.worker.ping import PingFlows
 from shardswitch.worker.port import CountingPort, EpollWatches, RxOffloads
@@ -138,6 +144,7 @@ class Worker(EpollWatches, CountingPort):
         self.udp.plug_into(self.endpoint)
         if setup.icmp:
             self.ping.plug_into(self.endpoint)
+        self.migration = FlowMigration(self, self.flows, self.tcp, self.udp, self.ping)
         #: TX needs another round without waiting for a kick (batch limit hit, or polling).
         self.tx_again = False
 
@@ -157,6 +164,8 @@ class Worker(EpollWatches, CountingPort):
             self._ring_start(message, fds)
         elif isinstance(message, LogBase):
             self._log_base(message, fds)
+        elif isinstance(message, (MigrateSave, MigrateLoad)):
+            self._migrate(message, fds)
         else:
             close_fds(fds)
             self._handle(message)
@@ -222,6 +231,43 @@ class Worker(EpollWatches, CountingPort):
         if old is not None:
             old.close()
 
+    def _migrate(self, message: MigrateSave | MigrateLoad, fds: list[int]) -> None:
+        """A live migration's request: flows saved into, or loaded from, the attached memfd (closed here)."""
+        want = 2 if message.has_repair else 1
+        helper = None
+        try:
+            if len(fds) != want:
+                raise state_format.StateError(f"{type(message).__name__} with {len(fds)} descriptors, not {want}")
+            if message.has_repair:
+                helper = socket.socket(fileno=os.dup(fds[1]))
+            link = RepairLink(helper) if helper is not None else None
+            if isinstance(message, MigrateSave):
+                state, moved = self.migration.save(link)
+                data = state_format.encode_pair(state)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fds[0], view):]
+                size = len(data)
+            else:
+                if message.guest_mac is not None and self.endpoint.guest_mac is None:
+                    self.endpoint.guest_mac = message.guest_mac
+                pair_state = state_format.decode_pair(os.pread(fds[0], message.size, 0))
+                moved = self.migration.load(pair_state, link)
+                size = message.size
+        except (state_format.StateError, OSError) as err:
+            log.error("worker %d: migration: %s", self.pair, err)
+            self.channel.send(MigrateDone(seq=message.seq, error=str(err)))
+            return
+        finally:
+            if helper is not None:
+                helper.close()
+            close_fds(fds)
+        log.info("worker %d: migration %s: %d TCP connection(s) moved, %d reset, %d other flow(s)", self.pair,
+                 "saved" if isinstance(message, MigrateSave) else "loaded", moved.tcp_moved, moved.tcp_reset,
+                 moved.other)
+        self.channel.send(MigrateDone(seq=message.seq, size=size, tcp_moved=moved.tcp_moved,
+                                      tcp_reset=moved.tcp_reset, other=moved.other))
+
     def _slot(self, index: int) -> RingSlot | None:
         """The slot of vring ``index`` if it belongs to this worker."""
         if index == self.rx.index:
@@ -285,10 +331,12 @@ class Worker(EpollWatches, CountingPort):
             except (OSError, ValueError):
                 pass
         if slot.is_rx:
-            # Frames built while no RX ring runs keep full checksums: the next driver may not take DATA_VALID.
-            self.offloads.data_valid = self.offloads.tso4 = self.offloads.tso6 = False
-            if self.queue:
+            # Frames built for a running ring may rely on its offloads (DATA_VALID, TSO): they go with it.
+            # Frames built while no RX ring runs keep full checksums and wait for the next driver (the
+            # resets and data of flows a migration brought in, before the guest's rings start).
+            if self.queue and slot.state is not SlotState.STOPPED:
                 drop_pending(self.queue, self.counters)
+            self.offloads.data_valid = self.offloads.tso4 = self.offloads.tso6 = False
         return slot.stop()
 
     def _stop_all(self) -> None:
