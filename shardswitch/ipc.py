@@ -161,6 +161,8 @@ class MigrateSave(msgspec.Struct, tag=True):
 
     seq: int
     has_repair: bool
+    #: The helper is shardswitch's own and takes RepairCommand.FREEZE.
+    helper_freezes: bool = False
 
 
 class MigrateLoad(msgspec.Struct, tag=True):

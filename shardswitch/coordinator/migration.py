@@ -28,7 +28,9 @@ still being read then is finished at once, with a deadline.
 **Repair helper.**  With ``--repair-path`` the coordinator listens on a unix
 socket (mode 0600) for one helper (:mod:`shardswitch.migration.repair`), which
 must run as root or as the switch's own user.  Without one, connections are
-reset instead of moved, and counted.
+reset instead of moved, and counted.  Its connection is watched between
+requests: end of file drops it, and the HELLO byte our own helper sends marks
+it as one that also freezes connections (passt-repair does not).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from shardswitch.coordinator import fdcheck
 from shardswitch.coordinator.device import DeviceError
 from shardswitch.ipc import MigrateDone, MigrateLoad, MigrateSave
 from shardswitch.migration import format as fmt
+from shardswitch.migration import repair
 from shardswitch.shm.table import FlowTable
 from shardswitch.vhost.wire import TransferDirection, TransferPhase
 
@@ -98,6 +101,8 @@ class Migration:
         self.repair_path = repair_path
         self.listener: socket.socket | None = None
         self.helper: socket.socket | None = None
+        #: The helper said HELLO: it is ours and freezes connections (see migration.repair).
+        self.helper_freezes = False
         self.transfer: Transfer | None = None
         #: CHECK_DEVICE_STATE's answer: 0 after a transfer that succeeded; no transfer yet is a failure.
         self.result = REPLY_FAILED
@@ -162,7 +167,10 @@ class Migration:
         except OSError:
             data = b""
         if data:
-            self.helper.recv(len(data))          # a stray byte: not a request of ours
+            self.helper.recv(len(data))
+            if data == repair.HELLO and not self.helper_freezes:
+                self.helper_freezes = True
+                log.info("TCP_REPAIR helper is shardswitch's: connections are frozen while they move")
             return
         self._drop_helper("TCP_REPAIR helper disconnected: TCP connections will be reset, not moved")
 
@@ -173,6 +181,7 @@ class Migration:
             self.sel.unregister(self.helper)
             self.helper.close()
             self.helper = None
+            self.helper_freezes = False
 
     # -- SET_DEVICE_STATE_FD -----------------------------------------------------------
 
@@ -212,9 +221,11 @@ class Migration:
         self.result = REPLY_FAILED
 
     def on_pipe(self) -> None:
-        """QEMU's pipe is ready: write more of the document, or read more of it."""
+        """QEMU's pipe is ready: write more of the document, or read more of it (nothing when the transfer
+        ended since the selector saw the pipe ready: CHECK_DEVICE_STATE in the same batch finished it)."""
         transfer = self.transfer
-        assert transfer is not None
+        if transfer is None:
+            return
         try:
             if transfer.direction == TransferDirection.SAVE:
                 written = os.write(transfer.fd, transfer.out[:CHUNK])
@@ -273,8 +284,8 @@ class Migration:
         for pair in range(self.pool.count):
             memfd = os.memfd_create("shardswitch-state", os.MFD_CLOEXEC)
             try:
-                done = self._call(pair, MigrateSave(seq=self._next_seq(), has_repair=self.helper is not None),
-                                  memfd)
+                done = self._call(pair, MigrateSave(seq=self._next_seq(), has_repair=self.helper is not None,
+                                                          helper_freezes=self.helper_freezes), memfd)
                 if done is not None:
                     pairs.append(fmt.decode_pair(os.pread(memfd, done.size, 0)))
                     self._add(totals, done)
@@ -302,6 +313,7 @@ class Migration:
         try:
             state = fmt.decode(bytes(transfer.received))
         except fmt.StateError as err:
+            self.last = {"direction": "load", "error": str(err)}
             self._end(transfer, f"device state refused ({len(transfer.received)} bytes): {err}")
             return
         self._end(transfer)

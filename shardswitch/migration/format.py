@@ -71,7 +71,8 @@ class TcpSocketState(msgspec.Struct, frozen=True, kw_only=True):
     Sequence numbers are those of the first byte of each queue.  ``send_queue``
     holds what the guest sent that the peer has not ACKed, the last
     ``not_sent`` bytes of it not even sent; ``recv_queue`` what the peer sent
-    that the guest has not ACKed.
+    that the guest has not ACKed.  Our FIN, when sent (``tcpi_state``
+    FIN_WAIT1 or FIN_WAIT2), is in none of them.
     """
 
     #: TCP_INFO's tcpi_state and tcpi_options (TCPI_OPT_*), and the window scales.

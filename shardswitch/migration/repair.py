@@ -13,6 +13,17 @@ closes.  We speak the same protocol, so either helper works:
 * the helper sets the mode on each and answers the same byte; on any failure
   it closes the connection instead.
 
+Our helper knows one command more, :attr:`RepairCommand.FREEZE`: attach a
+socket filter that drops every incoming segment (:func:`freeze`).  A frozen
+connection takes no more data and answers nothing (no ACK, no RST) while the
+source dumps and closes it, and a frozen listener (a *guard*, see
+:mod:`~shardswitch.worker.tcp_migrate`) silently swallows what reaches a
+closed connection's port.  The kernel may refuse that filter to a process
+without CAP_NET_ADMIN, which is why the helper does it.  So that the switch
+never sends FREEZE to passt-repair (which exits on a command it does not
+know), our helper says :data:`HELLO` as soon as it is connected; passt-repair
+says nothing.
+
 :class:`RepairLink` is the switch's end, used by a worker during a migration
 (the coordinator accepts the helper and lends its connection to one worker at
 a time).  :func:`serve` is the helper's loop, which ``shardswitch
@@ -22,6 +33,7 @@ repair-helper PATH`` runs after connecting: it accepts TCP sockets only.
 from __future__ import annotations
 
 import array
+import ctypes
 import logging
 import os
 import socket
@@ -40,6 +52,11 @@ REPLY_TIMEOUT = 5.0
 #: The capability TCP_REPAIR needs (linux/capability.h).
 CAP_NET_ADMIN = 12
 _CMD = struct.Struct("b")
+#: What our helper sends once connected (passt-repair sends nothing unasked).
+HELLO = b"S"
+SO_ATTACH_FILTER = 26
+#: A classic BPF program of one instruction, "ret #0": drop the packet (struct sock_filter).
+DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)
 
 
 class RepairCommand(IntEnum):
@@ -48,6 +65,8 @@ class RepairCommand(IntEnum):
     OFF_NO_WINDOW_PROBE = -1
     OFF = 0
     ON = 1
+    #: Ours, not passt-repair's: attach the drop-all filter (:func:`freeze`).
+    FREEZE = 2
 
 
 class RepairError(Exception):
@@ -57,9 +76,10 @@ class RepairError(Exception):
 class RepairLink:
     """The switch's end of a helper connection (blocking, with a timeout per answer)."""
 
-    def __init__(self, sock: socket.socket) -> None:
-        """Use the connected ``sock`` (not closed here)."""
+    def __init__(self, sock: socket.socket, freezes: bool = False) -> None:
+        """Use the connected ``sock`` (not closed here); ``freezes``: the helper said :data:`HELLO`."""
         self.sock = sock
+        self.freezes = freezes
 
     def set(self, command: RepairCommand, fds: list[int]) -> None:
         """Set ``command``'s mode on every socket of ``fds``, in messages of at most SCM_MAX_FD."""
@@ -73,6 +93,9 @@ class RepairLink:
         try:
             self.sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
             reply = self.sock.recv(1)
+            if reply == HELLO:               # our helper's greeting, not yet read by the coordinator
+                self.freezes = True
+                reply = self.sock.recv(1)
         except OSError as err:
             raise RepairError(f"TCP_REPAIR helper: {err}") from None
         finally:
@@ -81,6 +104,14 @@ class RepairLink:
             raise RepairError("TCP_REPAIR helper closed the connection (it could not set the mode)")
         if reply != request:
             raise RepairError(f"TCP_REPAIR helper answered {reply!r} to {request!r}")
+
+
+def freeze(sock: socket.socket) -> None:
+    """Attach the drop-all filter to ``sock``: from now on it takes no incoming segment (OSError when the
+    kernel refuses, e.g. EPERM without CAP_NET_ADMIN on some kernels)."""
+    program = ctypes.create_string_buffer(DROP_ALL, len(DROP_ALL))
+    # struct sock_fprog: the instruction count, then a pointer to the program (copied by the kernel).
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, struct.pack("HL", 1, ctypes.addressof(program)))
 
 
 def _is_tcp(fd: int) -> bool:
@@ -117,11 +148,14 @@ def handle_request(data: bytes, fds: list[int]) -> bytes | None:
             try:
                 sock = socket.socket(fileno=fd)
                 try:
-                    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, int(command))
+                    if command == RepairCommand.FREEZE:
+                        freeze(sock)
+                    else:
+                        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, int(command))
                 finally:
                     sock.detach()
             except OSError as err:
-                log.error("setting TCP_REPAIR %d: %s", command, err.strerror)
+                log.error("%s: %s", command.name, err.strerror)
                 return None
         return data
     finally:
@@ -130,7 +164,13 @@ def handle_request(data: bytes, fds: list[int]) -> bytes | None:
 
 
 def serve(sock: socket.socket) -> int:
-    """Answer the switch's requests on ``sock`` until it closes; the exit status (0: closed by the switch)."""
+    """Say :data:`HELLO`, then answer the switch's requests on ``sock`` until it closes; the exit status
+    (0: closed by the switch)."""
+    try:
+        sock.send(HELLO)
+    except OSError as err:
+        log.error("send: %s", err.strerror)
+        return 1
     while True:
         try:
             data, fds, _flags, _addr = socket.recv_fds(sock, 1, SCM_MAX_FD)

@@ -37,6 +37,8 @@ class Event(IntEnum):
     TCP_MIGRATION_RESET = 5
     #: A UDP or echo flow was handed over in a migration (saved on the source, re-created on the target).
     FLOW_MIGRATED = 6
+    #: Moving connections (or their guards) could not be frozen: segments during the handover may be reset.
+    TCP_MIGRATION_UNFROZEN = 7
 
 
 class Counters:

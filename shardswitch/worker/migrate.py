@@ -13,8 +13,10 @@ request to the TCP_REPAIR helper, and are dumped
 of :mod:`~shardswitch.migration.format`: TCP with its sequence state towards
 the guest and, when dumped, its socket's; UDP flows the guest started and echo
 flows by their addresses.  Then every flow is closed: a dumped socket closes
-silently (repair mode), the others with a reset, so the host peer of a
-connection that cannot move learns at once.  Should the guest resume here
+silently (repair mode), behind a guard that drops what the peer sends until
+the target holds the connection (:func:`~shardswitch.worker.tcp_migrate.guard`,
+kept :data:`GUARD_TIME` seconds), the others with a reset, so the host peer of
+a connection that cannot move learns at once.  Should the guest resume here
 after all (the migration failed later, and the front-end starts the rings
 again), the coordinator has this worker load its own record back.
 
@@ -36,6 +38,7 @@ import socket
 import time
 
 from shardswitch.migration import format as fmt
+from shardswitch.migration import repair
 from shardswitch.migration.repair import RepairCommand, RepairError, RepairLink
 from shardswitch.net import inany, tcp
 from shardswitch.net.drop import PacketError
@@ -53,8 +56,11 @@ from shardswitch.worker.udp import UdpFlow, UdpFlows
 
 log = logging.getLogger("shardswitch.worker")
 
-#: Connection flags that keep a connection from moving (a FIN either way, a connect in progress).
-_NOT_MOVABLE = CONNECTING | SOCK_FIN_RCVD | FIN_SENT | GUEST_FIN_RCVD
+#: Connection flags that keep a connection from moving (the peer's FIN, a connect in progress); the guest's
+#: FIN does not (tcp_migrate sends ours again).
+_NOT_MOVABLE = CONNECTING | SOCK_FIN_RCVD | FIN_SENT
+#: How long a moved connection's guard stays (the target restores it within the migration's downtime).
+GUARD_TIME = 30.0
 
 
 class Moved:
@@ -94,6 +100,8 @@ class FlowMigration:
         self.tcp = tcp_flows
         self.udp = udp
         self.ping = ping
+        #: Guards of moved connections, with the time each may go.
+        self.guards: list[tuple[float, socket.socket]] = []
 
     # -- source ------------------------------------------------------------------
 
@@ -108,8 +116,10 @@ class FlowMigration:
                 self.tcp.consume(flow)
         dumped: dict[int, fmt.TcpSocketState] = {}
         if link is not None and movable:
+            self._freeze(link, [f.sock for f in movable], "connection")
             dumped = self._dump_all(link, movable)
         records = []
+        guarded = []
         for flow in tcp_flows:
             state = dumped.get(flow.fd)
             records.append(self._tcp_record(flow, state))
@@ -123,6 +133,11 @@ class FlowMigration:
             else:
                 moved.tcp_moved += 1
                 self.port.count(Event.TCP_MIGRATED)
+                if not flow.inbound:
+                    guarded.append(flow)
+        if link is not None and guarded:
+            self._guard(link, guarded)
+        for flow in tcp_flows:
             self.layer.close(flow)
         udp = [fmt.UdpState(_side(self._guest_side_udp(f)), _side(_sock_side(f.sock)))
                for f in flows if isinstance(f, UdpFlow) and f.peer is None and not f.closed]
@@ -136,6 +151,50 @@ class FlowMigration:
                     moved.other += 1
                     self.port.count(Event.FLOW_MIGRATED)
         return fmt.PairState(pair=self.port.pair, tcp=records, udp=udp, ping=ping), moved
+
+    def _freeze(self, link: RepairLink, socks: list[socket.socket], what: str) -> bool:
+        """Attach the drop-all filter to ``socks`` (through the helper when it is ours, else ourselves);
+        whether it worked (a warning when not: the handover is then exposed to what the peer sends)."""
+        try:
+            if link.freezes:
+                link.set(RepairCommand.FREEZE, [s.fileno() for s in socks])
+            else:
+                for sock in socks:
+                    repair.freeze(sock)
+            return True
+        except (RepairError, OSError) as err:
+            self.port.count(Event.TCP_MIGRATION_UNFROZEN)
+            log.warning("worker %d: cannot freeze %d %s socket(s) (%s): what the peer sends while they move may "
+                        "be reset; shardswitch repair-helper freezes them", self.port.pair, len(socks), what,
+                        err.strerror if isinstance(err, OSError) and err.strerror else err)
+            return False
+
+    def _guard(self, link: RepairLink, flows: list[TcpFlow]) -> None:
+        """Frozen guards for moved connections' local ports, until :meth:`expire` closes them."""
+        made = []
+        for flow in flows:
+            try:
+                made.append(tcp_migrate.guard(flow.sock))
+            except OSError as err:
+                log.warning("worker %d: no guard for the moved connection from guest port %d: %s",
+                            self.port.pair, flow.addr.src_port, err.strerror or err)
+        if made and self._freeze(link, made, "guard"):
+            until = time.monotonic() + GUARD_TIME
+            self.guards.extend((until, guarding) for guarding in made)
+        else:
+            for guarding in made:
+                guarding.close()
+
+    def expire(self, now: float) -> None:
+        """Close the guards whose time is over (the worker's once-a-second handler)."""
+        if self.guards and self.guards[0][0] <= now:
+            keep = []
+            for until, guarding in self.guards:
+                if until <= now:
+                    guarding.close()
+                else:
+                    keep.append((until, guarding))
+            self.guards = keep
 
     def _dump_all(self, link: RepairLink, movable: list[TcpFlow]) -> dict[int, fmt.TcpSocketState]:
         """Repair mode on for ``movable``, each dumped; those that fail are put back (to be reset)."""

@@ -112,6 +112,8 @@ _INT = struct.Struct("i")
 EDGE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 EDGE_OUT = EDGE | select.EPOLLOUT
 _DATA = ACK | PSH
+#: tcpi_state (the first byte of TCP_INFO) of a socket its peer reset: TCP_CLOSE.
+TCPI_STATE_CLOSE = 7
 
 
 
@@ -141,6 +143,15 @@ class TcpFlow(FlowBase):
     created: float = 0.0
     #: A host client opened it (port forwarding): our SYN went to the guest.
     inbound: bool = False
+
+
+def _was_reset(sock: socket.socket) -> bool:
+    """Whether ``sock``, whose read saw an end of stream with our side open, was reset rather than closed
+    (a FIN leaves it in CLOSE_WAIT)."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCPI_STATE_CLOSE
+    except OSError:
+        return True
 
 
 class TcpFlows:
@@ -494,7 +505,13 @@ class TcpFlows:
         conn.seq_ack_to_guest = conn.seq_from_guest
 
     def fin_to_guest(self, flow: TcpFlow, now: float, out: Frames) -> None:
-        """End of stream from the host: our FIN to the guest."""
+        """End of stream from the host: our FIN to the guest; a RST if the peer reset the connection (its
+        error was taken by another call, so the read saw an end of stream: the guest must not take a cut
+        stream for a whole one).  Only while our side is open: once we sent our FIN, the peer's FIN also
+        closes the socket (TIME_WAIT moves to a socket of its own)."""
+        if not flow.conn.flags & GUEST_FIN_RCVD and _was_reset(flow.sock):
+            self.reset_guest(flow, out)
+            return
         conn = flow.conn
         flow.readable = False
         conn.flags |= SOCK_FIN_RCVD | FIN_SENT

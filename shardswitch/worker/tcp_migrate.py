@@ -16,9 +16,34 @@ the receive queue and the sent part of the send queue written back, options
 and window set.  Once repair mode is off again (:func:`finish`), the part of
 the send queue the peer had not been sent yet is sent normally.
 
-Only established connections move (neither side has sent a FIN): the
-half-closed states would need the FIN itself to be replayed, which is left
-out; such connections are reset instead.  Sizes are bounded
+Established connections move, and those the guest half-closed (our socket
+sent its FIN: FIN_WAIT1 or FIN_WAIT2): the FIN is not data, so the dump
+leaves it out of the queues' counts, and the restore shuts the new socket
+down as passt does: in repair mode for FIN_WAIT2 (the peer has the FIN: the
+socket only changes state), after it for FIN_WAIT1 (the FIN goes out again,
+at the same sequence number, after whatever data is still queued).
+A connection whose peer sent its FIN
+(CLOSE_WAIT and later) is reset instead: the peer will not send its FIN again.
+
+**Freezing.**  A socket in repair mode still takes data and acknowledges it:
+a segment arriving after the dump would be acknowledged by the source and
+never reach the target.  So before repair mode the source freezes each
+connection (:func:`shardswitch.migration.repair.freeze`: a socket filter
+that drops every segment), and the peer sends again what it sees
+unacknowledged, to the target.
+
+**The gap** (source and target in one network namespace).  Between the
+source closing a dumped socket and the target connecting its new one, a
+segment from the peer would find no socket and the kernel would answer it
+with a RST.  A guard closes that gap: a listening socket on the same local
+address and port (:func:`guard`: SO_REUSEADDR and SO_REUSEPORT, set on the
+dumped socket too), frozen like the connection, so that what reaches the
+port is dropped silently.  The guard does not stop the target's socket,
+which binds in repair mode and whose connect() only refuses a second
+socket of the same four addresses.  Connections a host client opened to a
+forwarded port get none: their local port is the forwarding listener's.
+
+Sizes are bounded
 (:data:`~shardswitch.migration.format.MAX_QUEUE`): a larger queue resets its
 connection rather than making the state unbounded.
 """
@@ -70,6 +95,12 @@ class TcpState(IntEnum):
     """The kernel's TCP states that matter here (tcp_states.h)."""
 
     ESTABLISHED = 1
+    FIN_WAIT1 = 4
+    FIN_WAIT2 = 5
+
+
+#: The states a socket may move in.
+MOVABLE_STATES = frozenset({TcpState.ESTABLISHED, TcpState.FIN_WAIT1, TcpState.FIN_WAIT2})
 
 
 class TcpiOpt(IntEnum):
@@ -121,7 +152,7 @@ def _peek(sock: socket.socket, length: int) -> bytes:
 
 
 def dump(sock: socket.socket) -> TcpSocketState:
-    """The state of an established socket in repair mode; MigrateError when it cannot move."""
+    """The state of an established (or FIN_WAIT) socket in repair mode; MigrateError when it cannot move."""
     try:
         return _dump(sock)
     except OSError as err:
@@ -132,7 +163,7 @@ def _dump(sock: socket.socket) -> TcpSocketState:
     """:func:`dump` without the error translation."""
     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
     state, _ca, _retrans, _probes, _backoff, options, scales = TCP_INFO_HEAD.unpack_from(info)
-    if state != TcpState.ESTABLISHED:
+    if state not in MOVABLE_STATES:
         raise MigrateError(f"socket in TCP state {state}, not established")
     mss = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
     timestamp = sock.getsockopt(socket.IPPROTO_TCP, TCP_TIMESTAMP) & 0xFFFFFFFF \
@@ -147,7 +178,14 @@ def _dump(sock: socket.socket) -> TcpSocketState:
     notsent = _ioctl_int(sock, SIOCOUTQNSD)
     if not 0 <= notsent <= sndq or sndq > MAX_QUEUE:
         raise MigrateError(f"send queue of {sndq} bytes ({notsent} not sent) cannot move")
-    send_queue = _peek(sock, sndq)
+    # In FIN_WAIT1 our FIN is not acknowledged yet: it counts in the queue's sequence space (and in the part
+    # not sent, while it is not), but it is no data byte.
+    # In FIN_WAIT2 it is acknowledged, and the queue empty, but the sequence counts it: the restored queue
+    # starts at the FIN, which the restore replays in repair mode.
+    fin_queued = int(state == TcpState.FIN_WAIT1 and sndq > 0)
+    send_queue = _peek(sock, sndq - fin_queued)
+    if notsent and fin_queued:
+        notsent -= 1
     seq_snd = sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF
     _select(sock, RepairQueue.RECV)
     rcvq = _ioctl_int(sock, SIOCINQ)
@@ -158,7 +196,7 @@ def _dump(sock: socket.socket) -> TcpSocketState:
     snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup = window
     return TcpSocketState(
         tcpi_state=state, tcpi_options=options, snd_ws=scales & 0x0F, rcv_ws=scales >> 4, mss=mss,
-        timestamp=timestamp, seq_snd=(seq_snd - sndq) % _MOD, seq_rcv=(seq_rcv - rcvq) % _MOD,
+        timestamp=timestamp, seq_snd=(seq_snd - sndq - (state == TcpState.FIN_WAIT2)) % _MOD, seq_rcv=(seq_rcv - rcvq) % _MOD,
         snd_wl1=snd_wl1, snd_wnd=snd_wnd, max_window=max_window, rcv_wnd=rcv_wnd, rcv_wup=rcv_wup,
         send_queue=send_queue, not_sent=notsent, recv_queue=recv_queue)
 
@@ -175,6 +213,24 @@ def new_socket(host: Side) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def guard(sock: socket.socket) -> socket.socket:
+    """A listening socket on ``sock``'s local address and port, to be frozen before ``sock`` closes (see the
+    module's docstring); OSError when it cannot be made."""
+    for reuse in (socket.SO_REUSEADDR, socket.SO_REUSEPORT):
+        sock.setsockopt(socket.SOL_SOCKET, reuse, 1)
+    local = sock.getsockname()
+    guarding = socket.socket(sock.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    try:
+        for reuse in (socket.SO_REUSEADDR, socket.SO_REUSEPORT):
+            guarding.setsockopt(socket.SOL_SOCKET, reuse, 1)
+        guarding.bind(local)
+        guarding.listen(1)
+    except OSError:
+        guarding.close()
+        raise
+    return guarding
 
 
 def restore(sock: socket.socket, host: Side, st: TcpSocketState) -> None:
@@ -206,12 +262,15 @@ def _restore(sock: socket.socket, host: Side, st: TcpSocketState) -> None:
     if st.tcpi_options & TcpiOpt.TIMESTAMPS:
         opts.append((TcpOptCode.TIMESTAMP, 0))
     sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_OPTIONS, b"".join(REPAIR_OPT.pack(*o) for o in opts))
+    if st.tcpi_state == TcpState.FIN_WAIT2:
+        sock.shutdown(socket.SHUT_WR)      # in repair mode (options need ESTABLISHED): a state change, no FIN
     sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW,
                     REPAIR_WINDOW.pack(st.snd_wl1, st.snd_wnd, st.max_window, st.rcv_wnd, st.rcv_wup))
 
 
 def finish(sock: socket.socket, st: TcpSocketState) -> None:
-    """Out of repair mode: send what the peer had not been sent yet; MigrateError when that fails."""
+    """Out of repair mode: send what the peer had not been sent yet, then our FIN again if the peer had not
+    acknowledged it; MigrateError when that fails."""
     try:
         if st.not_sent:
             # The new socket's buffer may be smaller than the old one's: wait for room, a little.
@@ -220,6 +279,8 @@ def finish(sock: socket.socket, st: TcpSocketState) -> None:
                 sock.sendall(st.send_queue[len(st.send_queue) - st.not_sent:])
             finally:
                 sock.setblocking(False)
+        if st.tcpi_state == TcpState.FIN_WAIT1:
+            sock.shutdown(socket.SHUT_WR)
         sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
     except OSError as err:
         raise MigrateError(f"after repair: {err.strerror or err}") from None

@@ -240,7 +240,8 @@ class Worker(EpollWatches, CountingPort):
                 raise state_format.StateError(f"{type(message).__name__} with {len(fds)} descriptors, not {want}")
             if message.has_repair:
                 helper = socket.socket(fileno=os.dup(fds[1]))
-            link = RepairLink(helper) if helper is not None else None
+            freezes = isinstance(message, MigrateSave) and message.helper_freezes
+            link = RepairLink(helper, freezes) if helper is not None else None
             if isinstance(message, MigrateSave):
                 state, moved = self.migration.save(link)
                 data = state_format.encode_pair(state)
@@ -300,6 +301,10 @@ class Worker(EpollWatches, CountingPort):
         if slot.kick_fd != NO_FD:
             self.epoll.register(slot.kick_fd, select.EPOLLIN)
         self.channel.send(RingStarted(seq=message.seq, index=message.index))
+        # A restart (QEMU restarts the rings after a migration, for one): what we used under the previous
+        # call eventfd may never have reached the guest as an interrupt.  One interrupt too many is harmless.
+        if slot.vq is not None and slot.vq.used_idx():
+            slot.notify()
         # Work may already be waiting (a restart, or a guest that posted before we started).
         if slot.is_rx:
             self._guard_ring(slot, lambda: deliver_rx(self))
@@ -481,6 +486,7 @@ class Worker(EpollWatches, CountingPort):
         if self.endpoint.guest_mac is None and self.table is not None:
             self.endpoint.guest_mac = self.published_mac = self.table.guest_mac()
         self.flows.tick(now)
+        self.migration.expire(now)
         self.loglimit.flush()
         if self.pair == 0 and self.rx.state is SlotState.RUNNING:
             # Unsolicited router advertisements (RFC 4861 6.2.4): one worker sends them for the guest.

@@ -8,8 +8,10 @@ TCP by hand: SYN, ACKs, data, FIN, RST, and checks what the switch answers.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -584,3 +586,24 @@ def test_dns_forward_over_tcp(tmp_path: Path, netns: TestNetns, options: list[st
         assert flow["sides"][1]["ep_addr"] == resolver and flow["sides"][1]["ep_port"] == 53
         conn.send(ACK | PSH, b"\x00\x05query")
         assert conn.read(7) == b"\x00\x05query"
+
+
+def test_reset_seen_as_end_of_stream_still_resets_the_guest(
+        stand_in: tuple[TcpStandIn, TcpFlows, socket.socket]) -> None:
+    """The host peer resets the connection and another call takes the socket's error, so the read sees an
+    end of stream: the guest gets a RST, not a FIN that would make a cut stream look whole."""
+    w, flows, listener = stand_in
+    server, data = established_with_data(w, listener)
+    guest_acks_all(w, listener, data, time.monotonic())
+    (flow,) = w.flows.flows.values()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    server.close()                                    # a RST
+    time.sleep(0.1)
+    assert flow.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET   # taken here
+    segs: list[Seg] = []
+    deadline = time.monotonic() + 3
+    while not segs and time.monotonic() < deadline:
+        w.poll()
+        segs = w.take()
+    assert [seg.flags & (RST | FIN) for seg in segs] == [RST]
+    assert w.flows.flows == {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 
 import pytest
 
@@ -34,10 +35,12 @@ def _repair(sock: socket.socket, command: repair.RepairCommand) -> None:
     assert repair.handle_request(request, [os.dup(sock.fileno())]) == request
 
 
-def _pair(family: int = socket.AF_INET) -> tuple[socket.socket, socket.socket]:
-    """A connected (client, server) pair over the loopback."""
+def _pair(family: int = socket.AF_INET, rcvbuf: int = 0) -> tuple[socket.socket, socket.socket]:
+    """A connected (client, server) pair over the loopback; ``rcvbuf``: the server's receive buffer."""
     host = "127.0.0.1" if family == socket.AF_INET else "::1"
     with socket.socket(family, socket.SOCK_STREAM) as listener:
+        if rcvbuf:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         listener.bind((host, 0))
         listener.listen(1)
         client = socket.create_connection(listener.getsockname()[:2])
@@ -105,6 +108,61 @@ def test_connection_moves_with_both_queues(family: int) -> None:
     server.close()
 
 
+def _tcp_state(sock: socket.socket) -> int:
+    """The socket's TCP state (TCP_INFO's first byte)."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+
+
+@pytest.mark.parametrize("queued", [0, 2_000_000])
+def test_connection_half_closed_by_us_moves(queued: int) -> None:
+    """A socket that sent its FIN moves: FIN_WAIT2 (the peer has it), or FIN_WAIT1 with ``queued`` bytes and
+    the FIN still in the send queue (the peer's window full).  The peer keeps sending and the moved socket
+    reads it all; the peer reads our data and then the end of stream, not a reset."""
+    client, server = _pair(rcvbuf=4096 if queued else 0)
+    ours = b"request" + os.urandom(queued)
+    client.setblocking(False)
+    sent = client.send(ours)
+    assert queued or sent == len(ours)
+    client.setblocking(True)
+    client.shutdown(socket.SHUT_WR)
+    want = tcp_migrate.TcpState.FIN_WAIT1 if queued else tcp_migrate.TcpState.FIN_WAIT2
+    for _ in range(100):
+        if _tcp_state(client) == want:
+            break
+        time.sleep(0.01)
+    side = _host_side(client)
+    _repair(client, repair.RepairCommand.ON)
+    state = tcp_migrate.dump(client)
+    assert state.tcpi_state == want
+    client.close()
+
+    moved = tcp_migrate.new_socket(side)
+    _repair(moved, repair.RepairCommand.ON)
+    tcp_migrate.restore(moved, side, state)
+    _repair(moved, repair.RepairCommand.OFF)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(_recv_exactly(server, sent) + server.recv(1)))
+    reader.start()                                   # the peer reads again (room for what was not sent)
+    tcp_migrate.finish(moved, state)
+    moved.setblocking(True)
+    reader.join(timeout=10)
+    assert got == [ours[:sent]]                      # all our data, then the end of stream, not a reset
+    for _ in range(100):                             # and the peer acknowledged our FIN, at its place
+        if _tcp_state(moved) == tcp_migrate.TcpState.FIN_WAIT2:
+            break
+        time.sleep(0.02)
+    assert _tcp_state(moved) == tcp_migrate.TcpState.FIN_WAIT2
+    to_client = os.urandom(200_000)
+    writer = threading.Thread(target=server.sendall, args=(to_client,))
+    writer.start()
+    assert _recv_exactly(moved, len(to_client)) == to_client
+    writer.join(timeout=10)
+    server.close()
+    moved.settimeout(5)
+    assert moved.recv(1) == b""
+    moved.close()
+
+
 def test_dump_refuses_a_half_closed_connection() -> None:
     """A socket that got the peer's FIN (CLOSE_WAIT) does not move."""
     client, server = _pair()
@@ -145,6 +203,7 @@ def test_link_and_helper_over_a_socketpair() -> None:
     client, server = _pair()
     link = repair.RepairLink(ours)
     link.set(repair.RepairCommand.ON, [client.fileno()])
+    assert link.freezes                               # the helper's HELLO, read with the first answer
     tcp_migrate.dump(client)                          # works only in repair mode
     link.set(repair.RepairCommand.OFF, [client.fileno()])
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
@@ -153,5 +212,60 @@ def test_link_and_helper_over_a_socketpair() -> None:
     helper.join(timeout=5)
     assert status == [1]
     ours.close()
+    client.close()
+    server.close()
+
+
+def test_guard_keeps_the_peer_from_a_reset_in_the_gap() -> None:
+    """Source and target in one namespace: what the peer sends between the old socket's close and the new
+    socket's connect is dropped by the guard, not answered with a RST, and arrives once the connection moved."""
+    client, server = _pair()
+    side = _host_side(client)
+    _repair(client, repair.RepairCommand.ON)
+    state = tcp_migrate.dump(client)
+    guarding = tcp_migrate.guard(client)
+    _repair(guarding, repair.RepairCommand.FREEZE)
+    client.close()
+    data = os.urandom(100_000)
+    server.sendall(data)                              # into the gap
+    time.sleep(0.3)
+    assert server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    assert _tcp_state(server) == tcp_migrate.TcpState.ESTABLISHED
+
+    moved = tcp_migrate.new_socket(side)              # the guard does not stop the connect
+    _repair(moved, repair.RepairCommand.ON)
+    tcp_migrate.restore(moved, side, state)
+    _repair(moved, repair.RepairCommand.OFF)
+    tcp_migrate.finish(moved, state)
+    moved.setblocking(True)
+    assert _recv_exactly(moved, len(data)) == data   # sent again by the peer
+    guarding.close()
+    server.sendall(b"more")
+    assert _recv_exactly(moved, 4) == b"more"
+    moved.close()
+    server.close()
+
+
+def _unacked(sock: socket.socket) -> int:
+    """Bytes ``sock`` sent that its peer has not acknowledged (SIOCOUTQ)."""
+    return tcp_migrate._ioctl_int(sock, tcp_migrate.SIOCOUTQ)
+
+
+def test_repair_mode_alone_acknowledges_but_a_frozen_connection_takes_nothing() -> None:
+    """Why the source freezes: in repair mode the kernel still acknowledges what arrives (bytes a dump
+    taken before would lose); frozen, the connection takes nothing, so the peer keeps it to send again."""
+    client, server = _pair()
+    _repair(client, repair.RepairCommand.ON)
+    server.sendall(b"a" * 1000)
+    time.sleep(0.2)
+    assert _unacked(server) == 0                      # acknowledged in repair mode
+    _repair(client, repair.RepairCommand.FREEZE)
+    before = tcp_migrate.dump(client)
+    server.sendall(b"b" * 1000)
+    time.sleep(0.3)
+    assert _unacked(server) == 1000                   # frozen: neither taken nor acknowledged
+    after = tcp_migrate.dump(client)
+    assert after.recv_queue == before.recv_queue == b"a" * 1000
+    assert server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
     client.close()
     server.close()
