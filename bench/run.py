@@ -16,13 +16,17 @@ Four parts, configured from the environment:
   process and contended by 2 and 4, lock costs;
 * a real guest (:mod:`bench.guest`): shardswitch beside QEMU's user networking
   and, when ``PASST_BIN`` names a vhost-user passt, passt, measured in the same
-  run (iperf3 both ways, connections per second, ping); ``BENCH_GUEST=0`` skips it.
+  run (iperf3 both ways, connections per second, ping); ``BENCH_GUEST=0`` skips it;
+* live migration (:mod:`bench.migration`): the guest-visible gap, QEMU's
+  downtime and the total time of a migration between two shardswitches (1 and
+  2 queue pairs) and, with ``PASST_BIN``, between two passts;
+  ``BENCH_MIGRATION=0`` skips it.
 
 Variables: ``BENCH_SECONDS`` (default 3), ``BENCH_WARMUP`` (default 0.5),
 ``BENCH_RINGS`` (comma-separated ring sizes, default ``256,1024``),
 ``BENCH_WORKERS`` (comma-separated worker counts, default ``1,2``),
-``BENCH_GUEST``, ``PASST_BIN``.  With the defaults the whole run takes about
-six minutes, most of it the real guests.
+``BENCH_GUEST``, ``BENCH_MIGRATION``, ``PASST_BIN``.  With the defaults the
+whole run takes about eight minutes, most of it the real guests.
 
 A case that fails is reported and the run goes on; the exit status is then 1.
 The machine is usually shared, so the load average at the start is printed
@@ -41,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import flowtable, guest
+from bench import flowtable, guest, migration
 from bench.frames import BenchError, Case, CaseResult, run_case
 from bench.primitives import Reference, run_references
 
@@ -242,6 +246,12 @@ def main() -> int:
         print(guest.HEADER, flush=True)
         guest_results = guest.run(max(2, int(settings.seconds)))
         print("\n".join(guest.ratios(guest_results)), flush=True)
+    migration_results: dict[str, Any] = {}
+    if os.environ.get("BENCH_MIGRATION", "1") != "0":
+        print("\nlive migration (QEMU 10, same host; PASST_BIN names a vhost-user passt):", flush=True)
+        print(migration.HEADER, flush=True)
+        migration_results = migration.run(*guest.passt_binary())
+    guest_results["migration"] = migration_results
     write_results(RESULTS_FILE, _meta(settings, load), refs, results, table_rows, guest_results)
     print(f"wrote {RESULTS_FILE} ({time.monotonic() - started:.0f} s in all)")
     return 1 if any(isinstance(item, tuple) for item in results) else 0

@@ -175,7 +175,7 @@ def decode_pair(data: bytes | memoryview) -> PairState:
     """One pair's flows as :func:`encode_pair` wrote them; StateError when they do not decode or check."""
     try:
         state = PAIR_DECODER.decode(data)
-    except msgspec.DecodeError as err:
+    except (msgspec.DecodeError, RecursionError) as err:     # RecursionError: values nested too deeply
         raise StateError(f"flows of a queue pair: {err}") from None
     _check_pair(state)
     return state
@@ -197,7 +197,7 @@ def decode(data: bytes | memoryview) -> DeviceState:
                          f"this one reads version {VERSION}")
     try:
         state = _DECODER.decode(memoryview(data)[HEADER.size:])
-    except msgspec.DecodeError as err:
+    except (msgspec.DecodeError, RecursionError) as err:     # RecursionError: values nested too deeply
         raise StateError(f"device state body (version {version}): {err}") from None
     seen: set[int] = set()
     for pair in state.pairs:

@@ -42,7 +42,7 @@ from shardswitch.migration import repair
 from shardswitch.migration.repair import RepairCommand, RepairError, RepairLink
 from shardswitch.net import inany, tcp
 from shardswitch.net.drop import PacketError
-from shardswitch.net.tcp import (ACK, CONNECTING, ESTABLISHED, FIN_SENT, GUEST_FIN_RCVD, RST, SOCK_FIN_RCVD,
+from shardswitch.net.tcp import (ACK, CONNECTING, ESTABLISHED, FIN_SENT, RST, SOCK_FIN_RCVD,
                                  Addressing, TcpConn)
 from shardswitch.shm.layout import FlowSide, FlowType, Pif, pack_key
 from shardswitch.worker import tcp_migrate

@@ -30,7 +30,8 @@ import pytest
 from tests.conftest import in_ci
 from tests.guest.image import GuestImage
 from tests.guest.netns import TestNetns, stop_process
-from tests.guest.qmp import Qmp
+from tests.guest import migratekit
+from tests.guest.migratekit import Migrating, two_guests
 from tests.guest.vm import GuestVM, qemu10
 from tests.switch import Switch
 
@@ -118,8 +119,7 @@ class Pair(NamedTuple):
     switch_b: Switch
     vm_a: GuestVM
     vm_b: GuestVM
-    qmp_a: Path
-    migration: Path
+    guests: Migrating
 
 
 @contextmanager
@@ -130,7 +130,6 @@ def two_switches(tmp_path: Path, netns: TestNetns, image: GuestImage, script: st
     each switch."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    qmp_a, migration = tmp_path / "qmp-a.sock", tmp_path / "migration.sock"
     with ExitStack() as stack:
         switches = [stack.enter_context(Switch(tmp_path / side, workers=2, prefix=netns.exec_argv([]),
                                                addressing=[])) for side in "ab"]
@@ -141,13 +140,9 @@ def two_switches(tmp_path: Path, netns: TestNetns, image: GuestImage, script: st
                                     switch.socket + ".repair", "--wait", "10"], env=env)
                 stack.callback(stop_process, proc)
             wait_helpers(switches)
-        vm_a = stack.enter_context(GuestVM(image, script, socket=Path(switches[0].socket), queues=2, smp=2,
-                                           netns=netns, qemu=qemu10(),
-                                           extra_args=["-qmp", f"unix:{qmp_a},server=on,wait=off"]))
-        vm_b = stack.enter_context(GuestVM(image, script, socket=Path(switches[1].socket), queues=2, smp=2,
-                                           netns=netns, qemu=qemu10(),
-                                           extra_args=["-incoming", f"unix:{migration}"]))
-        yield Pair(switches[0], switches[1], vm_a, vm_b, qmp_a, migration)
+        guests = two_guests(stack, tmp_path, netns, image, script,
+                            (Path(switches[0].socket), Path(switches[1].socket)), queues=2)
+        yield Pair(switches[0], switches[1], guests.vm_a, guests.vm_b, guests)
 
 
 def wait_helpers(switches: list[Switch], timeout: float = 15.0) -> None:
@@ -161,12 +156,7 @@ def wait_helpers(switches: list[Switch], timeout: float = 15.0) -> None:
 
 def migrate(pair: Pair) -> dict[str, Any]:
     """Migrate QEMU A's guest to QEMU B; query-migrate's last answer."""
-    qmp = Qmp(pair.qmp_a)
-    try:
-        qmp.execute("migrate", uri=f"unix:{pair.migration}")
-        info: dict[str, Any] = qmp.wait_migration()
-    finally:
-        qmp.close()
+    info = migratekit.migrate(pair.guests)
     print(f"migration: {info.get('total-time')} ms in all, downtime {info.get('downtime')} ms")
     return info
 
