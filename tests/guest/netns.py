@@ -10,6 +10,14 @@ namespace of its own, so nothing a guest sends can leave the machine:
                       default via 10.200.Y.1
                       default via fe80::1 (IPv6)
 
+For a migration between two hosts, :meth:`TestNetns.add_twin` adds a second
+host namespace ``NAME-b`` that is the first one's twin (same interface, MAC,
+addresses and routes: the guest's addresses move with it, as passt requires)
+and puts a bridge ``br0`` in the upstream namespace, holding the upstream's
+addresses and a server address (``server_addr``); only one twin is on the
+bridge at a time, :meth:`TestNetns.move_to_twin` swaps them, as a network
+does when a host's address moves to another machine.
+
 The host namespace looks like a users' host: dual-stack, an interface with
 addresses and default routes for the back-end to mirror to the guest (the
 IPv6 router link-local, as routers advertise themselves), and a resolv.conf
@@ -38,6 +46,7 @@ test still leaves nothing behind.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -51,7 +60,7 @@ from typing import Any, Sequence
 NETNS_RUN_DIR = Path("/run/netns")
 NETNS_ETC_DIR = Path("/etc/netns")
 PREFIX = "ss"
-_OWN_NAME = re.compile(rf"^{PREFIX}-(?P<pid>\d+)-[0-9a-f]{{4}}(?:-up)?$")
+_OWN_NAME = re.compile(rf"^{PREFIX}-(?P<pid>\d+)-[0-9a-f]{{4}}(?:-up|-b)?$")
 _IP_TIMEOUT_S = 30.0
 
 
@@ -150,6 +159,8 @@ class TestNetns:
         self.prefix6 = f"2001:db8:{subnet:x}::"
         self.router6 = "fe80::1"
         self.stub_resolver = "127.0.0.53"
+        self.server_addr = f"10.200.{subnet}.100"
+        self.twin_name = f"{self.name}-b"
         self._procs: list[subprocess.Popen[Any]] = []
         self._created: list[str] = []
 
@@ -192,9 +203,43 @@ class TestNetns:
         _ip("-n", h, "-6", "route", "add", "default", "via", self.router6, "dev", self.host_if)
         self.run(["sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 2147483647"])
 
-    def exec_argv(self, argv: Sequence[str], *, upstream: bool = False) -> list[str]:
-        """``argv`` prefixed to run inside the host (or upstream) namespace."""
-        ns = self.upstream_name if upstream else self.name
+    def add_twin(self) -> None:
+        """The twin host namespace and the upstream's bridge (see the module's docstring); the twin is not on
+        the bridge yet."""
+        h, u, t = self.name, self.upstream_name, self.twin_name
+        _ip("-n", u, "link", "add", "br0", "type", "bridge")
+        for addr in (f"{self.upstream_addr}/{self.prefixlen}", f"{self.upstream_addr6}/64", f"{self.router6}/64"):
+            _ip("-n", u, "addr", "del", addr, "dev", self.upstream_if)
+        for addr in (f"{self.upstream_addr}/{self.prefixlen}", f"{self.server_addr}/{self.prefixlen}"):
+            _ip("-n", u, "addr", "add", addr, "dev", "br0")
+        for addr in (f"{self.upstream_addr6}/64", f"{self.router6}/64"):
+            _ip("-n", u, "addr", "add", addr, "dev", "br0", "nodad")
+        _ip("-n", u, "link", "set", self.upstream_if, "master", "br0")
+        _ip("-n", u, "link", "set", "br0", "up")
+        _ip("netns", "add", t)
+        self._created.append(t)
+        (NETNS_ETC_DIR / t).mkdir(parents=True, exist_ok=True)
+        (NETNS_ETC_DIR / t / "resolv.conf").write_text(f"nameserver {self.stub_resolver}\n")
+        mac = _ip("-n", h, "-j", "link", "show", self.host_if).stdout
+        _ip("-n", t, "link", "add", self.host_if, "type", "veth", "peer", "name", "downlink1", "netns", u)
+        _ip("-n", t, "link", "set", self.host_if, "address", json.loads(mac)[0]["address"])
+        _ip("-n", t, "addr", "add", f"{self.host_addr}/{self.prefixlen}", "dev", self.host_if)
+        _ip("-n", t, "addr", "add", f"{self.host_addr6}/64", "dev", self.host_if, "nodad")
+        for ns, ifname in ((t, "lo"), (t, self.host_if), (u, "downlink1")):
+            _ip("-n", ns, "link", "set", ifname, "up")
+        _ip("-n", t, "route", "add", "default", "via", self.upstream_addr)
+        _ip("-n", t, "-6", "route", "add", "default", "via", self.router6, "dev", self.host_if)
+        subprocess.run(["ip", "netns", "exec", t, "sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 2147483647"],
+                       check=True, timeout=_IP_TIMEOUT_S)
+
+    def move_to_twin(self) -> None:
+        """The upstream now reaches the host's addresses on the twin, no longer on this host."""
+        _ip("-n", self.upstream_name, "link", "set", self.upstream_if, "nomaster")
+        _ip("-n", self.upstream_name, "link", "set", "downlink1", "master", "br0")
+
+    def exec_argv(self, argv: Sequence[str], *, upstream: bool = False, twin: bool = False) -> list[str]:
+        """``argv`` prefixed to run inside the host (or upstream, or twin) namespace."""
+        ns = self.upstream_name if upstream else self.twin_name if twin else self.name
         return ["ip", "netns", "exec", ns, *argv]
 
     def popen(self, argv: Sequence[str], *, upstream: bool = False,
@@ -239,6 +284,7 @@ class TestNetns:
         while self._created:
             _ip("netns", "del", self._created.pop(), check=False)
         shutil.rmtree(NETNS_ETC_DIR / self.name, ignore_errors=True)
+        shutil.rmtree(NETNS_ETC_DIR / self.twin_name, ignore_errors=True)
 
     def __enter__(self) -> TestNetns:
         """Create the namespaces."""

@@ -7,7 +7,9 @@ LOG_ALL, each ring's used-ring address); QEMU B then restarts the rings where
 A stopped them.  The device state (SET_DEVICE_STATE_FD, CHECK_DEVICE_STATE)
 carries the flows: with a ``shardswitch repair-helper`` beside each switch the
 guest's TCP connections move (TCP_REPAIR); without one they are reset, and
-the guest sees the RST at once.
+the guest sees the RST at once.  Two hosts are a twin of the host namespace
+(tests/guest/netns.py: same addresses and MAC) for switch B, the server
+upstream, and the upstream switched over to the twin once the migration ended.
 
 The guest's serial console follows it: what it prints after the migration
 comes out of QEMU B.
@@ -45,11 +47,11 @@ STREAM_MB = 50
 #: The stream's pace: slow enough to be under way when the migration ends.
 STREAM_RATE = 4 << 20
 
-#: A paced stream server on 127.0.0.1: a client sends "big" (the file at the pace) or "small" (a short answer),
+#: A paced stream server (on 127.0.0.1, or the upstream's server address): a client sends "big" (the file at the pace) or "small" (a short answer),
 #: then half-closes.  It prints "ready", and "sent N" or "error <reason>" for each connection.
 STREAM_SERVER = """
 import socket, sys, threading, time
-port, path, rate = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+port, path, rate, addr = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
 data = open(path, "rb").read()
 def serve(conn):
     try:
@@ -76,7 +78,7 @@ def serve(conn):
         conn.close()
 srv = socket.socket()
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("127.0.0.1", port))
+srv.bind((addr, port))
 srv.listen(8)
 print("ready", flush=True)
 while True:
@@ -84,20 +86,22 @@ while True:
     threading.Thread(target=serve, args=(conn,), daemon=True).start()
 """
 
-#: The guest: a lease, the stream (its length, sha256, and the connections its TCP saw reset: EstabResets of
-#: /proc/net/snmp, since busybox nc ends with status 0 on a reset), then a new connection.  nc's input stays
-#: open (a half-closed connection would leave ESTABLISHED, where EstabResets no longer counts).
-STREAM_SCRIPT = f"""
+def stream_script(server: str = "$gw") -> str:
+    """The guest: a lease, the stream from ``server`` (its length, sha256, and the connections its TCP saw
+    reset: EstabResets of /proc/net/snmp, since busybox nc ends with status 0 on a reset), then a new
+    connection.  nc's input stays open (a half-closed connection would leave ESTABLISHED, where EstabResets
+    no longer counts)."""
+    return f"""
 dhcp || exit 1
 gw=$(ip route | awk '/default/ {{print $3}}')
 echo STREAMING
-{{ echo big; sleep 600; }} | nc $gw {STREAM_PORT} > /tmp/s 2> /tmp/nc.err &
+{{ echo big; sleep 600; }} | nc {server} {STREAM_PORT} > /tmp/s 2> /tmp/nc.err &
 nc=$!
 while kill -0 $nc 2> /dev/null; do sleep 0.1; done
 echo RESETS=$(awk '/^Tcp:/ {{n++; if (n == 2) print $9}}' /proc/net/snmp)
 echo STREAM-END $(cat /proc/uptime)
 echo DOWN=$(sha256sum < /tmp/s | cut -d' ' -f1) BYTES=$(wc -c < /tmp/s)
-echo AFTER=$(echo small | nc $gw {STREAM_PORT})
+echo AFTER=$(echo small | nc {server} {STREAM_PORT})
 echo GUEST-DONE
 sleep 60
 """
@@ -124,14 +128,15 @@ class Pair(NamedTuple):
 
 @contextmanager
 def two_switches(tmp_path: Path, netns: TestNetns, image: GuestImage, script: str, *,
-                 helpers: bool) -> Iterator[Pair]:
-    """Switches A and B (2 workers each) in the test's namespace, QEMU A (queues=2) running ``script`` on A,
-    QEMU B waiting for the migration on B; with ``helpers``, a ``shardswitch repair-helper`` (root) beside
-    each switch."""
+                 helpers: bool, twin: bool = False) -> Iterator[Pair]:
+    """Switches A and B (2 workers each) in the test's namespace (B in its twin with ``twin``: another host),
+    QEMU A (queues=2) running ``script`` on A, QEMU B waiting for the migration on B; with ``helpers``, a
+    ``shardswitch repair-helper`` (root) beside each switch."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     with ExitStack() as stack:
-        switches = [stack.enter_context(Switch(tmp_path / side, workers=2, prefix=netns.exec_argv([]),
+        switches = [stack.enter_context(Switch(tmp_path / side, workers=2,
+                                               prefix=netns.exec_argv([], twin=twin and side == "b"),
                                                addressing=[])) for side in "ab"]
         if helpers:
             env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
@@ -161,13 +166,16 @@ def migrate(pair: Pair) -> dict[str, Any]:
     return info
 
 
-def start_stream_server(netns: TestNetns, tmp_path: Path) -> tuple[bytes, subprocess.Popen[str]]:
-    """The paced stream server, serving STREAM_MB of random data; the data and the server."""
+def start_stream_server(netns: TestNetns, tmp_path: Path,
+                        upstream: bool = False) -> tuple[bytes, subprocess.Popen[str]]:
+    """The paced stream server, serving STREAM_MB of random data (on the host's loopback, or with ``upstream``
+    on the upstream's server address); the data and the server."""
     blob = os.urandom(STREAM_MB << 20)
     path = tmp_path / "blob"
     path.write_bytes(blob)
     server = netns.popen([sys.executable, "-u", "-c", STREAM_SERVER, str(STREAM_PORT), str(path),
-                          str(STREAM_RATE)], stdout=subprocess.PIPE, text=True)
+                          str(STREAM_RATE), netns.server_addr if upstream else "127.0.0.1"],
+                         stdout=subprocess.PIPE, text=True, upstream=upstream)
     assert server.stdout is not None and server.stdout.readline().strip() == "ready"
     return blob, server
 
@@ -235,7 +243,7 @@ def test_tcp_stream_moves_with_the_guest(tmp_path: Path, netns: TestNetns, guest
     connection is never reset on either side, and B lists the flow."""
     need_qemu10()
     blob, server = start_stream_server(netns, tmp_path)
-    with two_switches(tmp_path, netns, guest_image, STREAM_SCRIPT, helpers=True) as pair:
+    with two_switches(tmp_path, netns, guest_image, stream_script(), helpers=True) as pair:
         pair.vm_a.wait_for("STREAMING", timeout=240)
         time.sleep(3)                                   # some megabytes are through
         migrate(pair)
@@ -255,12 +263,38 @@ def test_tcp_stream_moves_with_the_guest(tmp_path: Path, netns: TestNetns, guest
         assert not any(w["restarts"] for w in status_b["workers"] + status_a["workers"])
 
 
+def test_tcp_stream_moves_to_another_host(tmp_path: Path, netns: TestNetns, guest_image: GuestImage) -> None:
+    """Two hosts: switch B runs in a twin of the host namespace (same interface, MAC and addresses, as
+    passt requires of two hosts) and the stream comes from a server upstream; once the migration ended the
+    upstream reaches the host's addresses on the twin.  The stream completes whole, never reset, and a new
+    connection goes through B."""
+    need_qemu10()
+    netns.add_twin()
+    blob, server = start_stream_server(netns, tmp_path, upstream=True)
+    with two_switches(tmp_path, netns, guest_image, stream_script(netns.server_addr), helpers=True,
+                      twin=True) as pair:
+        pair.vm_a.wait_for("STREAMING", timeout=240)
+        time.sleep(3)
+        migrate(pair)
+        netns.move_to_twin()
+        assert tcp_flows_to(pair.switch_b, STREAM_PORT), (pair.switch_b.query("flows"), pair.switch_b.log())
+        pair.vm_b.wait_for("GUEST-DONE", timeout=240)
+        output = pair.vm_b.output()
+        assert "RESETS=0" in output, output
+        assert f"DOWN={hashlib.sha256(blob).hexdigest()} BYTES={len(blob)}" in output, output
+        assert "AFTER=small-answer" in output, output
+        assert server_lines(server, 2) == [f"sent {len(blob)}", "sent small"]
+        status_b = pair.switch_b.status()
+        assert status_b["migration"]["last"]["tcp_moved"] >= 1, status_b["migration"]
+        assert status_b["migration"]["last"]["tcp_reset"] == 0, status_b["migration"]
+
+
 def test_tcp_reset_without_repair_helper(tmp_path: Path, netns: TestNetns, guest_image: GuestImage) -> None:
     """Acceptance 3: without a repair helper the guest's connection is reset (it sees the RST as soon as it
     runs on B), the reset is counted and logged, and new connections work."""
     need_qemu10()
     _blob, server = start_stream_server(netns, tmp_path)
-    with two_switches(tmp_path, netns, guest_image, STREAM_SCRIPT, helpers=False) as pair:
+    with two_switches(tmp_path, netns, guest_image, stream_script(), helpers=False) as pair:
         pair.vm_a.wait_for("STREAMING", timeout=240)
         time.sleep(2)
         migrate(pair)
