@@ -20,14 +20,18 @@ reply crosses the RX ring.  Frames are built by the independent helpers of
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
-from shardswitch.frontend.client import VhostUserFrontend
+from shardswitch.coordinator.migration import REPLY_USE_YOUR_FD
+from shardswitch.frontend.client import BASE_PROTOCOL_FEATURES, VhostUserFrontend
+from shardswitch.vhost.wire import ProtocolFeature, Request, TransferDirection, TransferPhase
 from tests.guest.netns import TestNetns
 from tests.net.net_testlib import GUEST_MAC, arp_frame, decode_arp_frame, ip
 from tests.switch import Switch
@@ -227,3 +231,67 @@ def start_server(netns: TestNetns, script: str, *args: str) -> subprocess.Popen[
     server = netns.popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE)
     assert server.stdout is not None and server.stdout.readline().strip() == b"ready", "server did not start"
     return server
+
+
+# -- live migration: the device state through a front-end ------------------------------
+
+#: Protocol features with DEVICE_STATE (SET_DEVICE_STATE_FD, CHECK_DEVICE_STATE).
+STATE_FEATURES = int(BASE_PROTOCOL_FEATURES | ProtocolFeature.DEVICE_STATE)
+
+
+def set_state_fd(fe: VhostUserFrontend, direction: int, fd: int, phase: int = TransferPhase.STOPPED) -> int:
+    """SET_DEVICE_STATE_FD with ``fd``: the back-end's u64 answer."""
+    reply = fe.request(Request.SET_DEVICE_STATE_FD, struct.pack("<II", direction, phase), [fd])
+    assert reply is not None
+    return int(struct.unpack("<Q", reply)[0])
+
+
+def check_state(fe: VhostUserFrontend) -> int:
+    """CHECK_DEVICE_STATE's answer (0: the transfer succeeded)."""
+    reply = fe.request(Request.CHECK_DEVICE_STATE)
+    assert reply is not None
+    return int(struct.unpack("<Q", reply)[0])
+
+
+def save_state(fe: VhostUserFrontend) -> bytes:
+    """The switch's document, read from the pipe as QEMU does, and checked."""
+    read_end, write_end = os.pipe()
+    try:
+        assert set_state_fd(fe, TransferDirection.SAVE, write_end) == REPLY_USE_YOUR_FD
+        os.close(write_end)
+        write_end = -1
+        chunks = []
+        while chunk := os.read(read_end, 1 << 16):
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    assert check_state(fe) == 0
+    return b"".join(chunks)
+
+
+def load_state(fe: VhostUserFrontend, document: bytes) -> int:
+    """Write ``document`` into the pipe of a LOAD (from a thread: it may exceed the pipe's buffer), close our
+    end, and answer CHECK_DEVICE_STATE."""
+    read_end, write_end = os.pipe()
+    try:
+        assert set_state_fd(fe, TransferDirection.LOAD, read_end) == REPLY_USE_YOUR_FD
+    finally:
+        os.close(read_end)
+
+    def write_all() -> None:
+        try:
+            view = memoryview(document)
+            while view:
+                view = view[os.write(write_end, view):]
+        except BrokenPipeError:
+            pass                                          # the switch gave up reading: refused
+        finally:
+            os.close(write_end)
+
+    writer = threading.Thread(target=write_all)
+    writer.start()
+    writer.join(timeout=20)
+    assert not writer.is_alive()
+    return check_state(fe)

@@ -432,16 +432,32 @@ class VhostUserFrontend:
             self._send_acked(Request.SET_MEM_TABLE, encode_mem_table(regions), [self.ram.fd] * len(regions))
         rings = self._queues[2 * pair:2 * pair + 2]
         for queue in rings:
-            ring = queue.ring
-            self.request(Request.SET_VRING_NUM, VRING_STATE.pack(queue.index, ring.num))
-            self.request(Request.SET_VRING_BASE, VRING_STATE.pack(queue.index, ring.avail_idx))
-            self.request(Request.SET_VRING_ADDR, VRING_ADDR.pack(queue.index, 0, ring.desc_vva,
-                                                                 ring.used_vva, ring.avail_vva, 0))
-            self.request(Request.SET_VRING_KICK, U64.pack(queue.index), [queue.kick])
-            self.request(Request.SET_VRING_CALL, U64.pack(queue.index), [queue.call])
+            self._start_ring(queue, queue.ring.avail_idx)
         if self.negotiated_features & VirtioFeature.PROTOCOL_FEATURES:
             for queue in rings:
                 self.request(Request.SET_VRING_ENABLE, VRING_STATE.pack(queue.index, 1))
+
+    def _start_ring(self, queue: _Queue, base: int) -> None:
+        """Configure one ring from ``base`` and start it (its kick descriptor starts it)."""
+        ring = queue.ring
+        self.request(Request.SET_VRING_NUM, VRING_STATE.pack(queue.index, ring.num))
+        self.request(Request.SET_VRING_BASE, VRING_STATE.pack(queue.index, base))
+        self.request(Request.SET_VRING_ADDR, VRING_ADDR.pack(queue.index, 0, ring.desc_vva,
+                                                             ring.used_vva, ring.avail_vva, 0))
+        self.request(Request.SET_VRING_KICK, U64.pack(queue.index), [queue.kick])
+        self.request(Request.SET_VRING_CALL, U64.pack(queue.index), [queue.call])
+
+    def stop_rings(self) -> list[int]:
+        """Stop every ring as QEMU does when the guest stops (before a migration saves the device state):
+        GET_VRING_BASE of each; the bases, by ring index."""
+        return [self.get_vring_base(queue.index)[1] for queue in self._queues]
+
+    def resume_rings(self, bases: list[int]) -> None:
+        """Start every ring again from ``bases`` (what :meth:`stop_rings` returned), as QEMU does when the
+        guest runs again: on the same back-end, or on the target of a migration."""
+        for queue, base in zip(self._queues, bases, strict=True):
+            self._start_ring(queue, base)
+        self.request(Request.GET_FEATURES)      # a barrier: the rings are started when this is answered
 
     def start_dirty_log(self, size: int, fd: int) -> None:
         """Begin logging as QEMU does when a migration starts: SET_LOG_BASE with the ``size``-byte bitmap in

@@ -13,21 +13,20 @@ from __future__ import annotations
 
 import os
 import struct
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from shardswitch.coordinator.migration import REPLY_FAILED, REPLY_USE_YOUR_FD
-from shardswitch.frontend.client import BASE_PROTOCOL_FEATURES, VhostUserFrontend
+from shardswitch.coordinator.migration import REPLY_FAILED
+from shardswitch.frontend.client import VhostUserFrontend
 from shardswitch.migration import format as fmt
-from shardswitch.vhost.wire import ProtocolFeature, Request, TransferDirection, TransferPhase
+from shardswitch.vhost.wire import ProtocolFeature, Request, TransferDirection
 from tests.switch import Switch
-from tests.switchkit import arp_roundtrip, is_periodic_ra
+from tests.switchkit import (STATE_FEATURES, arp_roundtrip, check_state, is_periodic_ra, load_state, save_state,
+                             set_state_fd)
 
 PAIRS = 2
-STATE_FEATURES = int(BASE_PROTOCOL_FEATURES | ProtocolFeature.DEVICE_STATE)
 
 
 @pytest.fixture
@@ -41,73 +40,15 @@ def target(tmp_path: Path) -> Iterator[tuple[Switch, VhostUserFrontend]]:
         yield switch, fe
 
 
-def set_state_fd(fe: VhostUserFrontend, direction: int, fd: int, phase: int = TransferPhase.STOPPED) -> int:
-    """SET_DEVICE_STATE_FD with ``fd``: the back-end's u64 answer."""
-    reply = fe.request(Request.SET_DEVICE_STATE_FD, struct.pack("<II", direction, phase), [fd])
-    assert reply is not None
-    return int(struct.unpack("<Q", reply)[0])
-
-
-def check(fe: VhostUserFrontend) -> int:
-    """CHECK_DEVICE_STATE's answer (0: the transfer succeeded)."""
-    reply = fe.request(Request.CHECK_DEVICE_STATE)
-    assert reply is not None
-    return int(struct.unpack("<Q", reply)[0])
-
-
-def save(fe: VhostUserFrontend) -> bytes:
-    """The switch's document, read from the pipe as QEMU does, and checked."""
-    read_end, write_end = os.pipe()
-    try:
-        assert set_state_fd(fe, TransferDirection.SAVE, write_end) == REPLY_USE_YOUR_FD
-        os.close(write_end)
-        write_end = -1
-        chunks = []
-        while chunk := os.read(read_end, 1 << 16):
-            chunks.append(chunk)
-    finally:
-        os.close(read_end)
-        if write_end >= 0:
-            os.close(write_end)
-    assert check(fe) == 0
-    return b"".join(chunks)
-
-
-def load(fe: VhostUserFrontend, document: bytes) -> int:
-    """Write ``document`` into the pipe of a LOAD (from a thread: it may exceed the pipe's buffer), close our
-    end, and answer CHECK_DEVICE_STATE."""
-    read_end, write_end = os.pipe()
-    try:
-        assert set_state_fd(fe, TransferDirection.LOAD, read_end) == REPLY_USE_YOUR_FD
-    finally:
-        os.close(read_end)
-
-    def write_all() -> None:
-        try:
-            view = memoryview(document)
-            while view:
-                view = view[os.write(write_end, view):]
-        except BrokenPipeError:
-            pass                                          # the switch gave up reading: refused
-        finally:
-            os.close(write_end)
-
-    writer = threading.Thread(target=write_all)
-    writer.start()
-    writer.join(timeout=20)
-    assert not writer.is_alive()
-    return check(fe)
-
-
 def test_saved_state_loads_back(target: tuple[Switch, VhostUserFrontend]) -> None:
     """A document saved by the switch decodes, names the guest's queue pairs, and loads into a switch."""
     switch, fe = target
     for pair in range(PAIRS):
         arp_roundtrip(fe, pair)                          # the guest's MAC is known
-    document = save(fe)
+    document = save_state(fe)
     state = fmt.decode(document)
     assert len(state.pairs) == PAIRS
-    assert load(fe, document) == 0
+    assert load_state(fe, document) == 0
     assert switch.status()["migration"]["last"]["direction"] == "loaded"
     for pair in range(PAIRS):
         arp_roundtrip(fe, pair)
@@ -130,9 +71,9 @@ def test_malformed_state_is_refused_and_the_switch_serves_on(target: tuple[Switc
     switch, fe = target
     for pair in range(PAIRS):
         arp_roundtrip(fe, pair)
-    good = save(fe)
+    good = save_state(fe)
     document = good[:len(good) - 3] if name == "truncated" else MALFORMED[name]
-    assert load(fe, document) == REPLY_FAILED
+    assert load_state(fe, document) == REPLY_FAILED
     status = switch.status()
     assert status["frontend"]["connected"], status
     assert status["migration"]["last"]["direction"] == "load" and status["migration"]["last"]["error"], status
@@ -140,7 +81,7 @@ def test_malformed_state_is_refused_and_the_switch_serves_on(target: tuple[Switc
     assert not any(w["restarts"] for w in status["workers"]), status
     for pair in range(PAIRS):
         arp_roundtrip(fe, pair)
-    assert load(fe, good) == 0                           # the next migration is not spoilt
+    assert load_state(fe, good) == 0                           # the next migration is not spoilt
 
 
 def test_bad_requests_are_refused_without_a_disconnection(target: tuple[Switch, VhostUserFrontend]) -> None:
@@ -162,7 +103,7 @@ def test_bad_requests_are_refused_without_a_disconnection(target: tuple[Switch, 
     finally:
         os.close(read_end)
         os.close(write_end)
-    assert check(fe) != 0
+    assert check_state(fe) != 0
     assert switch.status()["frontend"]["connected"]
     for pair in range(PAIRS):
         arp_roundtrip(fe, pair)
