@@ -257,6 +257,7 @@ def test_tcp_stream_moves_with_the_guest(tmp_path: Path, netns: TestNetns, guest
         assert f"DOWN={hashlib.sha256(blob).hexdigest()} BYTES={len(blob)}" in output, output
         assert "AFTER=small-answer" in output, output
         assert server_lines(server, 2) == [f"sent {len(blob)}", "sent small"]
+        assert "connections are frozen while they move" in pair.switch_a.log()    # our helper said HELLO
         assert status_a["migration"]["last"]["tcp_moved"] >= 1, status_a["migration"]
         assert status_b["migration"]["last"]["tcp_moved"] >= 1, status_b["migration"]
         assert status_b["migration"]["last"]["tcp_reset"] == 0, status_b["migration"]
