@@ -35,7 +35,8 @@ import sys
 from enum import IntEnum
 from typing import Any, Final
 
-from shardswitch import __version__
+from shardswitch import __version__, systemd
+from shardswitch.logfile import LogFile
 from shardswitch.settings import (DEFAULT_MAC, DEFAULT_MTU, Config, ConfigError, Limit,
                                   default_control_path, load_config)
 
@@ -140,6 +141,14 @@ def _add_start_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repair-path", dest="repair_path", metavar="PATH",
                         help="where the TCP_REPAIR helper connects, to move TCP connections in a live migration "
                              "(default: the socket path + .repair; none: no helper)")
+    parser.add_argument("--fd", type=int, metavar="N",
+                        help="serve this already open unix socket: listening (the vhost-user socket, e.g. from "
+                             "a parent process) or connected (one front-end; exit when it leaves)")
+    parser.add_argument("--pid", dest="pid_file", metavar="FILE", help="write the process ID into FILE")
+    parser.add_argument("-l", "--log-file", dest="log_file", metavar="FILE",
+                        help="log into FILE instead of stderr (its size kept under --log-size)")
+    parser.add_argument("--log-size", dest="log_size", type=int, metavar="BYTES",
+                        help="size limit of the log file; the oldest lines go first (default 1 MiB)")
     parser.add_argument("--reflect", action="store_true", default=None, help=argparse.SUPPRESS)
 
 
@@ -172,16 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(debug: bool, quiet: bool) -> None:
-    """Send log records to stderr with time, process name/pid and level.
+def setup_logging(debug: bool, quiet: bool, log_file: LogFile | None = None) -> None:
+    """Send log records to stderr (or ``log_file``) with time, process name/pid and level.
 
-    Level DEBUG with ``debug``, ERROR with ``quiet``, else INFO.  Replaces any
-    handlers already on the root logger, so it may be called again (workers
-    inherit the configuration when forked).
+    Level DEBUG with ``debug``, ERROR with ``quiet``, else INFO.  When stderr is the journal's stream
+    (systemd), records carry syslog priority prefixes and no timestamp.  Replaces any handlers already on
+    the root logger, so it may be called again (workers inherit the configuration when forked).
     """
     level = logging.DEBUG if debug else logging.ERROR if quiet else logging.INFO
-    logging.basicConfig(level=level, format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT,
-                        stream=sys.stderr, force=True)
+    formatter = logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT)
+    if log_file is not None:
+        handler = log_file.handler(formatter)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(systemd.JournalFormatter() if systemd.journal_stream(os.environ) else formatter)
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     # Library chatter (every netlink message at DEBUG) hides our own records.
     logging.getLogger("pyroute2").setLevel(max(level, logging.WARNING))
 
@@ -217,7 +231,14 @@ def _start(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _error(str(exc))
         return ExitCode.USAGE
-    setup_logging(cfg.debug, cfg.quiet)
+    log_file = None
+    if cfg.log_file is not None:
+        try:
+            log_file = LogFile(cfg.log_file, cfg.log_size)
+        except OSError as exc:
+            _error(f"cannot open the log file {cfg.log_file}: {exc.strerror or exc}")
+            return ExitCode.RUNTIME
+    setup_logging(cfg.debug, cfg.quiet, log_file)
     try:
         for path in (cfg.socket, cfg.control):
             if path is not None:
@@ -225,15 +246,15 @@ def _start(args: argparse.Namespace) -> int:
     except OSError as exc:
         _error(f"cannot prepare the socket directory: {exc}")
         return ExitCode.RUNTIME
-    return _run(cfg)
+    return _run(cfg, log_file)
 
 
-def _run(cfg: Config) -> int:
+def _run(cfg: Config, log_file: LogFile | None = None) -> int:
     """Call the coordinator, mapping its failures to exit codes and one-line messages."""
     from shardswitch.coordinator import server
 
     try:
-        return int(server.run(cfg))
+        return int(server.run(cfg, log_file))
     except ConfigError as exc:
         _error(str(exc))
         return ExitCode.USAGE

@@ -97,6 +97,11 @@ _PATTERN_TEXT: Final = {
 }
 
 Workers = Annotated[int, msgspec.Meta(ge=int(Limit.MIN_WORKERS), le=int(Limit.MAX_WORKERS))]
+#: A descriptor number passed in (0, 1 and 2 are the standard streams).
+FdNumber = Annotated[int, msgspec.Meta(ge=3, le=1 << 20)]
+#: The log file's size limit: at least 64 KiB (passt's minimum is similar), at most 1 GiB.
+DEFAULT_LOG_SIZE: Final = 1 << 20
+LogSize = Annotated[int, msgspec.Meta(ge=64 << 10, le=1 << 30)]
 Mtu = Annotated[int, msgspec.Meta(ge=int(Limit.MIN_MTU), le=int(Limit.MAX_MTU))]
 PrefixLen = Annotated[int, msgspec.Meta(ge=0, le=int(Limit.MAX_PREFIX_LEN))]
 Prefix6Len = Annotated[int, msgspec.Meta(ge=1, le=int(Limit.MAX_PREFIX6_LEN))]
@@ -180,6 +185,14 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Where the TCP_REPAIR helper connects (live migration of TCP connections); "none": nowhere.  None:
     #: the vhost-user socket path plus ``.repair``, as passt's.
     repair_path: NonEmpty | None = None
+    #: An already open unix stream socket to serve: listening (the vhost-user socket) or connected (one
+    #: front-end, then exit), as passt's --fd.
+    fd: FdNumber | None = None
+    #: Write the coordinator's PID into this file.
+    pid_file: NonEmpty | None = None
+    #: Log into this file instead of stderr, kept under ``log_size`` bytes.
+    log_file: NonEmpty | None = None
+    log_size: LogSize = DEFAULT_LOG_SIZE
 
 
 #: Option spelling per field, for error messages about command-line values.
@@ -225,6 +238,10 @@ OPTION_NAMES: Final = {
     "runas": "--runas",
     "no_sandbox": "--no-sandbox",
     "repair_path": "--repair-path",
+    "fd": "--fd",
+    "pid_file": "--pid",
+    "log_file": "-l/--log-file",
+    "log_size": "--log-size",
 }
 
 #: Settings that take an address of either family: the IPv4 field and where an IPv6 value goes.
@@ -233,10 +250,12 @@ FAMILY_FIELDS: Final = (("address", "address6"), ("gateway", "gateway6"), ("outb
 
 _FIELDS: Final = frozenset(Config.__struct_fields__)
 _PATH_FIELDS: Final = ("socket", "connect", "control", "repair_path")
+#: Paths of files (not sockets): made absolute as the sockets', no length limit.
+_FILE_FIELDS: Final = ("pid_file", "log_file")
 #: The value of repair_path that turns the repair socket off.
 NO_REPAIR: Final = "none"
 _EXCLUSIVE: Final = (("socket", "connect"), ("debug", "quiet"), ("map_host_loopback", "no_map_gw"),
-                     ("ipv4_only", "ipv6_only"))
+                     ("ipv4_only", "ipv6_only"), ("fd", "connect"))
 _CONFIG_KEY: Final = "config"
 _CLI_LABEL: Final = "command line"
 _ERROR_AT = re.compile(r"^(?P<problem>.*) - at `\$(?P<path>[^`]*)`$", re.DOTALL)
@@ -434,7 +453,7 @@ def read_config_file(path: str) -> dict[str, Any]:
 def _absolutise(values: dict[str, Any], base_dir: str) -> dict[str, Any]:
     """Return ``values`` with relative socket paths made absolute against ``base_dir``."""
     out = dict(values)
-    for key in _PATH_FIELDS:
+    for key in _PATH_FIELDS + _FILE_FIELDS:
         path = out.get(key)
         if isinstance(path, str) and path and path != NO_REPAIR and not os.path.isabs(path):
             out[key] = os.path.normpath(os.path.join(base_dir, path))

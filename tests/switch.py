@@ -37,9 +37,12 @@ class Switch:
 
     def __init__(self, tmp: Path, *, workers: int = 1, args: list[str] | None = None,
                  prefix: list[str] | None = None, addressing: list[str] | None = None,
-                 socket_path: str | None = None, connect: bool = False, test_hooks: bool = False) -> None:
+                 socket_path: str | None = None, connect: bool = False, test_hooks: bool = False,
+                 where: list[str] | None = None, pass_fds: tuple[int, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
         """Prepare (call :meth:`start`); ``connect``: client mode, connect to ``socket_path``; ``test_hooks``:
-        obey test-only control commands (SHARDSWITCH_TEST_HOOKS=1)."""
+        obey test-only control commands (SHARDSWITCH_TEST_HOOKS=1); ``where``: these options instead of
+        --socket/--connect (``--fd N``, with N in ``pass_fds``); ``env``: more environment variables."""
         self.socket = socket_path or str(tmp / "ss.sock")
         self.control = self.socket + ".ctl"
         self.log_path = tmp / f"switch-{int(time.monotonic() * 1000)}.log"
@@ -49,18 +52,24 @@ class Switch:
         self.addressing = DEFAULT_ADDRESSING if addressing is None else addressing
         self.connect = connect
         self.test_hooks = test_hooks
+        self.where = where
+        self.pass_fds = pass_fds
+        self.extra_env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 15.0) -> "Switch":
         """Start the switch and wait until its control socket answers."""
         where = ["--connect", self.socket, "--control", self.control] if self.connect else ["--socket", self.socket]
+        if self.where is not None:
+            where = [*self.where, "--control", self.control]
         argv = [*self.prefix, sys.executable, "-m", "shardswitch", "start", "-d", "--workers", str(self.workers),
                 *where, *self.addressing, *self.args]
         log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
         if self.test_hooks:
             env["SHARDSWITCH_TEST_HOOKS"] = "1"
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        env.update(self.extra_env)
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=self.pass_fds)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

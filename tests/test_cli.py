@@ -45,10 +45,12 @@ class FakeRun:
         """Remember what to return (an int) or raise (an exception)."""
         self.result = result
         self.configs: list[Config] = []
+        self.log_files: list[object] = []
 
-    def __call__(self, cfg: Config) -> int:
-        """Record ``cfg`` and return/raise the configured result."""
+    def __call__(self, cfg: Config, log_file: object = None) -> int:
+        """Record ``cfg`` (and the log file) and return/raise the configured result."""
         self.configs.append(cfg)
+        self.log_files.append(log_file)
         if isinstance(self.result, BaseException):
             raise self.result
         return self.result

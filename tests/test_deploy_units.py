@@ -50,3 +50,21 @@ def test_unprivileged_and_filtered(unit: Path) -> None:
     assert "@privileged" in keys["SystemCallFilter"][1] and keys["SystemCallFilter"][1].startswith("~")
     assert keys["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6 AF_NETLINK"]
     assert keys["ExecStart"][0].split()[1] == "start"
+
+
+def test_socket_unit_matches_the_service() -> None:
+    """shardswitch.socket listens where shardswitch.service serves, passes the socket by the name the
+    switch looks for (not one connection per service: Accept=no), and the service notifies readiness."""
+    socket_keys = settings(REPO / "deploy" / "shardswitch.socket")
+    service_keys = settings(REPO / "deploy" / "shardswitch.service")
+    assert socket_keys["Service"] == ["shardswitch.service"] and socket_keys["Accept"] == ["no"]
+    assert socket_keys["FileDescriptorName"] == ["vhost-user"]
+    exec_start = service_keys["ExecStart"][0].split()
+    assert exec_start[exec_start.index("--socket") + 1] == socket_keys["ListenStream"][0]
+    assert service_keys["Type"] == ["notify"] and service_keys["WatchdogSec"]
+    assert service_keys["RuntimeDirectoryPreserve"] == ["yes"]
+    tool = shutil.which("systemd-analyze")
+    assert tool, "systemd-analyze (Debian's systemd package) is needed"
+    done = subprocess.run([tool, "verify", "--man=no", str(REPO / "deploy" / "shardswitch.socket")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr

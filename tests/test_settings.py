@@ -212,6 +212,10 @@ def test_too_long_default_socket_path(monkeypatch: pytest.MonkeyPatch) -> None:
     (["--dns-forward", "224.0.0.1"], "--dns-forward: 224.0.0.1 is not a unicast"),
     (["-t", "80-70"], "-t/--tcp-ports"),
     (["-u", "99999"], "-u/--udp-ports"),
+    (["--fd", "2"], "--fd: Expected `int` >= 3"),
+    (["--fd", "3", "--connect", "/tmp/c"], "--fd and --connect exclude each other"),
+    (["--log-size", "1000"], "--log-size: Expected `int` >= 65536"),
+    (["--pid", ""], "--pid: Expected `str` of length >= 1"),
 ])
 def test_flow_and_forwarding_options_refuse_bad_values(argv: list[str], message: str) -> None:
     """The options of the flow table, loopback mapping, forwarding and DNS name the option and the problem."""
@@ -255,3 +259,19 @@ def test_addresses_of_either_family_split_by_family(tmp_path: Path) -> None:
     cfg = load_config({"config": path, "address": ["2001:db8::7"]})
     assert (cfg.address, cfg.address6, cfg.prefix6_len, cfg.gateway6) == ("10.0.0.7", "2001:db8::7", 48,
                                                                           "2001:db8::1")
+
+
+def test_hosting_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--fd, --pid, -l and --log-size land in the settings, file paths made absolute like the sockets';
+    the TOML keys are fd, pid_file, log_file and log_size."""
+    from shardswitch.cli import build_parser
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(build_parser().parse_args(["start", "--fd", "5", "--pid", "run/s.pid", "-l", "s.log",
+                                                 "--log-size", "131072"]))
+    assert (cfg.fd, cfg.pid_file, cfg.log_file, cfg.log_size) == (5, str(tmp_path / "run/s.pid"),
+                                                                   str(tmp_path / "s.log"), 131072)
+    path = write_toml(tmp_path, 'pid_file = "a.pid"\nlog_file = "/var/log/s.log"\n')
+    cfg = load_config({"config": path})
+    assert (cfg.pid_file, cfg.log_file, cfg.log_size, cfg.fd) == (str(tmp_path / "a.pid"), "/var/log/s.log",
+                                                                  1 << 20, None)

@@ -39,11 +39,15 @@ from shardswitch.coordinator.conn import FrontendConnection, PeerGone
 from shardswitch.coordinator.control import serve_client, uptime_since
 from shardswitch.coordinator.device import Device
 from shardswitch.coordinator.handler import Disconnect, RequestHandler
+from shardswitch.coordinator.hosting import Hosting, adopt, prepare, write_pid_file
+from shardswitch.logfile import LogFile
+from shardswitch.settings import NO_REPAIR
 from shardswitch.coordinator.migration import Migration
 from shardswitch.coordinator.workers import WorkerHandle, WorkerPool
 from shardswitch.ipc import ForwardSetup, SandboxProbe, StatusQuery, WorkerSetup, WorkerStatus
 from shardswitch.net.endpoint import Service
 from shardswitch.net.params import resolve
+from shardswitch import systemd
 from shardswitch.sandbox import SandboxSetup, seccomp
 from shardswitch.sandbox.privileges import SandboxError, drop_privileges, resolve_runas
 from shardswitch.shm.layout import DEFAULT_CAPACITY, Flow, FlowSide, FlowTableError, Pif, ip_of
@@ -145,10 +149,11 @@ class Coordinator:
     def __init__(self, *, workers: int, setup: WorkerSetup, socket_path: str, control_path: str,
                  connect: bool = False, max_flows: int = DEFAULT_CAPACITY,
                  ports: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
-                 sandbox: SandboxSetup | None = None, repair_path: str = "") -> None:
+                 sandbox: SandboxSetup | None = None, repair_path: str = "",
+                 hosting: Hosting | None = None) -> None:
         """Set up (nothing is bound, created or forked until :meth:`open`); ``setup``: the workers' template,
         ``ports``: the -t and -u SPECs, ``sandbox``: how to sandbox (None: --no-sandbox), ``repair_path``:
-        where the TCP_REPAIR helper connects ("": nowhere)."""
+        where the TCP_REPAIR helper connects ("": nowhere), ``hosting``: what the starter handed over."""
         params = setup.params
         self.params = params
         self.instance = instance_name(socket_path)
@@ -178,19 +183,35 @@ class Coordinator:
         self.handshake_deadline = 0.0
         self._owned_paths: list[str] = []
         self._wake_r, self._wake_w = socket.socketpair()
+        self.hosting = hosting if hosting is not None else Hosting()
+        #: Serving a front-end handed over connected (--fd): exit when it leaves.
+        self.one_off = False
 
     # -- set-up and tear-down -------------------------------------------
 
     def open(self) -> None:
         """Create the flow table, bind sockets, fork workers, install signal handling."""
         # Sockets first: "socket in use" is the clearest message for a second instance.
-        self.control = listen_unix(self.control_path)
-        self._owned_paths.append(self.control_path)
+        hosting = self.hosting
+        if hosting.control_fd is not None:
+            self.control = adopt(hosting.control_fd)
+        else:
+            self.control = listen_unix(self.control_path)
+            self._owned_paths.append(self.control_path)
         self.sel.register(self.control, selectors.EVENT_READ, self._on_control)
-        if not self.client_mode:
+        if hosting.listener_fd is not None:
+            self.listener = adopt(hosting.listener_fd)
+        elif not self.client_mode and hosting.frontend_fd is None:
             self.listener = listen_unix(self.socket_path)
             self._owned_paths.append(self.socket_path)
+        if self.listener is not None:
             self.sel.register(self.listener, selectors.EVENT_READ, self._on_listener)
+        if hosting.pid_file:
+            try:
+                write_pid_file(hosting.pid_file)
+            except OSError as err:
+                raise StartError(f"PID file {hosting.pid_file}: {err.strerror or err}") from err
+            self._owned_paths.append(hosting.pid_file)
         self._bind_ports()
         try:
             self.migration.listen()
@@ -219,6 +240,10 @@ class Coordinator:
         self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
+        if hosting.frontend_fd is not None:
+            log.info("serving the front-end connected on descriptor %d; exiting when it leaves", hosting.frontend_fd)
+            self.one_off = True
+            self._attach(adopt(hosting.frontend_fd))
         if self.sandbox is not None:
             try:
                 seccomp.install(seccomp.Role.COORDINATOR)
@@ -276,14 +301,15 @@ class Coordinator:
     # -- loop ---------------------------------------------------------------
 
     def serve(self) -> None:
-        """Run until SIGTERM/SIGINT."""
+        """Run until SIGTERM/SIGINT (or, serving a handed-over front-end, until it leaves)."""
         while not self.stopping:
-            timeout = None
+            timeout = self._periodic(time.monotonic())
             if self.client_mode and self.conn is None:
-                timeout = max(0.0, self.next_connect - time.monotonic())
-                if timeout == 0.0:
+                wait = max(0.0, self.next_connect - time.monotonic())
+                if wait == 0.0:
                     self._try_connect()
                     continue
+                timeout = wait if timeout is None else min(timeout, wait)
             left = self._handshake_left()
             if left == 0.0:
                 continue
@@ -294,6 +320,14 @@ class Coordinator:
                 if self.stopping:
                     break
         log.info("stopping")
+
+    def _periodic(self, now: float) -> float | None:
+        """The watchdog ping and the log file's size check when due; seconds until the next one is."""
+        waits = [self.hosting.notifier.watchdog_timeout(now)]
+        if self.hosting.log_file is not None:
+            waits.append(self.hosting.log_file.trim(now))
+        due = [wait for wait in waits if wait is not None]
+        return min(due) if due else None
 
     def _handshake_left(self) -> float | None:
         """Seconds the connected front-end has left to send SET_OWNER (None: no deadline runs); a front-end
@@ -383,6 +417,8 @@ class Coordinator:
         self.migration.reset()
         self.device.reset()
         self.next_connect = time.monotonic() + CONNECT_RETRY
+        if self.one_off:
+            self.stopping = True
 
     def _on_control(self) -> None:
         """A control client: answer it."""
@@ -475,17 +511,20 @@ class Coordinator:
 def run_coordinator(*, workers: int, setup: WorkerSetup, socket_path: str, control_path: str,
                     connect: bool = False, print_fragment: bool = True, max_flows: int = DEFAULT_CAPACITY,
                     ports: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
-                    sandbox: SandboxSetup | None = None, repair_path: str = "") -> int:
+                    sandbox: SandboxSetup | None = None, repair_path: str = "",
+                    hosting: Hosting | None = None) -> int:
     """Run shardswitch until SIGTERM/SIGINT; the exit status."""
     params = setup.params
     coordinator = Coordinator(workers=workers, setup=setup, socket_path=socket_path, control_path=control_path,
                               connect=connect, max_flows=max_flows, ports=ports, sandbox=sandbox,
-                              repair_path=repair_path)
+                              repair_path=repair_path, hosting=hosting)
+    notifier = coordinator.hosting.notifier
     try:
         coordinator.open()
     except StartError as err:
         log.error("%s", err)
         coordinator.close()
+        notifier.close(f"failed to start: {err}")
         return 1
     families = [f"{params.address}/{params.prefix_len} gateway {params.gateway}"
                 if setup.services & Service.IPV4 else "",
@@ -496,9 +535,11 @@ def run_coordinator(*, workers: int, setup: WorkerSetup, socket_path: str, contr
              ", ".join(f for f in families if f), params.mtu)
     if print_fragment:
         print("QEMU options for this back-end:\n  " + qemu_fragment(socket_path, workers), flush=True)
+    notifier.ready(f"{workers} worker(s), {'connecting to' if connect else 'serving'} {socket_path}")
     try:
         coordinator.serve()
     finally:
+        notifier.close()
         coordinator.close()
     return 0
 
@@ -529,9 +570,16 @@ def raise_nofile_limit() -> int:
     return hard
 
 
-def run(cfg: "Config") -> int:
-    """``shardswitch start``: resolve addressing (mirroring the host), then run the coordinator."""
+def run(cfg: "Config", log_file: LogFile | None = None) -> int:
+    """``shardswitch start``: take what the starter handed over, resolve addressing (mirroring the host),
+    then run the coordinator."""
     from shardswitch.guest_addressing import guest_params, host_addressing
+
+    try:
+        hosting = prepare(cfg, log_file)
+    except systemd.ActivationError as err:
+        log.error("%s", err)
+        return 1
 
     log.debug("open-file limit: %d", raise_nofile_limit())
     sandbox: SandboxSetup | None = None
@@ -546,8 +594,6 @@ def run(cfg: "Config") -> int:
 
     addressing = host_addressing(cfg)
     params = guest_params(cfg, addressing)
-    path = cfg.connect if cfg.connect is not None else cfg.socket
-    assert path is not None and cfg.control is not None
     if cfg.no_map_gw:
         mapped: tuple[str, ...] = ()
     elif cfg.map_host_loopback is not None:
@@ -568,7 +614,9 @@ def run(cfg: "Config") -> int:
                            outbound_if6=cfg.outbound_if6 or "")
     setup = WorkerSetup(pair=0, params=params, reflect=cfg.reflect, forward=forward,
                         services=int(_services(cfg, addressing)), icmp=not cfg.no_icmp)
-    return run_coordinator(workers=cfg.workers, setup=setup, socket_path=path, control_path=cfg.control,
-                           connect=cfg.connect is not None, print_fragment=not cfg.quiet, max_flows=cfg.max_flows,
+    return run_coordinator(workers=cfg.workers, setup=setup, socket_path=hosting.socket_path,
+                           control_path=hosting.control_path, connect=cfg.connect is not None,
+                           print_fragment=not cfg.quiet, max_flows=cfg.max_flows,
                            ports=(tuple(cfg.tcp_ports), tuple(cfg.udp_ports)), sandbox=sandbox,
-                           repair_path="" if cfg.repair_path in (None, "none") else cfg.repair_path)
+                           repair_path="" if hosting.repair_path == NO_REPAIR else hosting.repair_path,
+                           hosting=hosting)
