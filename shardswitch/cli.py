@@ -149,6 +149,8 @@ def _add_start_options(parser: argparse.ArgumentParser) -> None:
                         help="log into FILE instead of stderr (its size kept under --log-size)")
     parser.add_argument("--log-size", dest="log_size", type=int, metavar="BYTES",
                         help="size limit of the log file; the oldest lines go first (default 1 MiB)")
+    parser.add_argument("--metrics", metavar="ADDR:PORT",
+                        help="serve Prometheus metrics on http://ADDR:PORT/metrics (e.g. 127.0.0.1:9410)")
     parser.add_argument("--reflect", action="store_true", default=None, help=argparse.SUPPRESS)
 
 
@@ -164,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Run the back-end in the foreground.")
     _add_start_options(start)
     for name, what in (("status", "the state of a running instance"),
-                       ("flows", "the live flows of a running instance")):
+                       ("flows", "the live flows of a running instance"),
+                       ("metrics", "the Prometheus metrics of a running instance")):
         query = commands.add_parser(name, help=f"show {what}", description=f"Show {what}.")
         query.add_argument("--control", metavar="PATH",
                            help="control socket (default: the default socket path + .ctl)")
@@ -279,8 +282,9 @@ def _query(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(answer, indent=2, sort_keys=True))
     else:
-        formatter = control.format_status if args.command == "status" else control.format_flows
-        print(formatter(answer))
+        formatters = {"status": control.format_status, "flows": control.format_flows,
+                      "metrics": lambda metrics: str(metrics["text"]).rstrip("\n")}
+        print(formatters[args.command](answer))
     return ExitCode.OK
 
 
@@ -296,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.OK
     if args.command == "start":
         return _start(args)
-    if args.command in ("status", "flows"):
+    if args.command in ("status", "flows", "metrics"):
         return _query(args)
     if args.command == "repair-helper":
         from shardswitch.migration import repair
@@ -304,5 +308,5 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(False, False)
         return repair.helper_main(args.path, args.wait)
     parser.print_usage(sys.stderr)
-    _error("a command is required (start, status, flows, repair-helper)")
+    _error("a command is required (start, status, flows, metrics, repair-helper)")
     return ExitCode.USAGE

@@ -193,6 +193,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Log into this file instead of stderr, kept under ``log_size`` bytes.
     log_file: NonEmpty | None = None
     log_size: LogSize = DEFAULT_LOG_SIZE
+    #: Serve Prometheus metrics over HTTP on this ADDR:PORT.
+    metrics: NonEmpty | None = None
 
 
 #: Option spelling per field, for error messages about command-line values.
@@ -242,6 +244,7 @@ OPTION_NAMES: Final = {
     "pid_file": "--pid",
     "log_file": "-l/--log-file",
     "log_size": "--log-size",
+    "metrics": "--metrics",
 }
 
 #: Settings that take an address of either family: the IPv4 field and where an IPv6 value goes.
@@ -358,6 +361,20 @@ def _check_mac(value: str) -> str:
     if not any(octets):
         raise ValueError(f"{value} is the all-zero MAC address")
     return value.lower()
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``ADDR:PORT`` or ``[ADDR6]:PORT`` (an IP address and a port 1..65535) as (address, port); ValueError
+    with a message fit for the user when malformed."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not ADDR:PORT")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{text!r}: {host!r} is not an IP address") from None
+    return host, int(port)
 
 
 def _check_unix_path(value: str) -> str:
@@ -548,6 +565,11 @@ def _check(cfg: Config, label: str) -> Config:
                 portspec.parse_all(specs, option)
             except portspec.PortSpecError as exc:
                 raise _fail(label, field, str(exc)) from None
+    if cfg.metrics is not None:
+        try:
+            parse_listen(cfg.metrics)
+        except ValueError as exc:
+            raise _fail(label, "metrics", str(exc)) from None
     if cfg.dns is not None:
         changes["dns"] = [_checked(label, f"dns[{i}]", _check_ip, server, "a DNS server for the guest")
                           for i, server in enumerate(cfg.dns)]

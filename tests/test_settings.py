@@ -216,6 +216,9 @@ def test_too_long_default_socket_path(monkeypatch: pytest.MonkeyPatch) -> None:
     (["--fd", "3", "--connect", "/tmp/c"], "--fd and --connect exclude each other"),
     (["--log-size", "1000"], "--log-size: Expected `int` >= 65536"),
     (["--pid", ""], "--pid: Expected `str` of length >= 1"),
+    (["--metrics", "9410"], "--metrics: '9410' is not ADDR:PORT"),
+    (["--metrics", "localhost:9410"], "--metrics: 'localhost:9410': 'localhost' is not an IP address"),
+    (["--metrics", "127.0.0.1:0"], "--metrics: '127.0.0.1:0' is not ADDR:PORT"),
 ])
 def test_flow_and_forwarding_options_refuse_bad_values(argv: list[str], message: str) -> None:
     """The options of the flow table, loopback mapping, forwarding and DNS name the option and the problem."""

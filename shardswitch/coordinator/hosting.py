@@ -47,6 +47,8 @@ class Hosting:
     notifier: systemd.Notifier = field(default_factory=lambda: systemd.Notifier({}, 0))
     pid_file: str = ""
     log_file: LogFile | None = None
+    #: --metrics ADDR:PORT ("": no HTTP endpoint).
+    metrics: str = ""
 
 
 def _socket_name(fd: int) -> str:
@@ -74,7 +76,7 @@ def prepare(cfg: Config, log_file: LogFile | None = None) -> Hosting:
     hosting = Hosting(listener_fd=roles.get("vhost-user"), control_fd=roles.get("control"),
                       frontend_fd=roles.get("frontend"), socket_path=path, control_path=cfg.control,
                       repair_path=cfg.repair_path, notifier=systemd.Notifier(os.environ, os.getpid()),
-                      pid_file=cfg.pid_file or "", log_file=log_file)
+                      pid_file=cfg.pid_file or "", log_file=log_file, metrics=cfg.metrics or "")
     if hosting.listener_fd is not None:
         name = _socket_name(hosting.listener_fd)
         hosting.socket_path = name or f"descriptor {hosting.listener_fd}"

@@ -40,6 +40,7 @@ from shardswitch.coordinator.control import serve_client, uptime_since
 from shardswitch.coordinator.device import Device
 from shardswitch.coordinator.handler import Disconnect, RequestHandler
 from shardswitch.coordinator.hosting import Hosting, adopt, prepare, write_pid_file
+from shardswitch.coordinator.metrics import MetricsServer, exposition
 from shardswitch.logfile import LogFile
 from shardswitch.settings import NO_REPAIR
 from shardswitch.coordinator.migration import Migration
@@ -186,6 +187,7 @@ class Coordinator:
         self.hosting = hosting if hosting is not None else Hosting()
         #: Serving a front-end handed over connected (--fd): exit when it leaves.
         self.one_off = False
+        self.metrics: MetricsServer | None = None
 
     # -- set-up and tear-down -------------------------------------------
 
@@ -213,6 +215,12 @@ class Coordinator:
                 raise StartError(f"PID file {hosting.pid_file}: {err.strerror or err}") from err
             self._owned_paths.append(hosting.pid_file)
         self._bind_ports()
+        if hosting.metrics:
+            try:
+                self.metrics = MetricsServer(self.sel, hosting.metrics, lambda: (self.status(), self.flows()))
+            except (OSError, ValueError) as err:
+                raise StartError(f"--metrics {hosting.metrics}: {err}") from err
+            log.info("metrics on http://%s:%d/metrics", *self.metrics.address[:2])
         try:
             self.migration.listen()
         except OSError as err:
@@ -268,6 +276,8 @@ class Coordinator:
         if self.conn is not None:
             self._drop_frontend("shutting down")
         self.migration.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self.pool.stop()
         if self.table is not None:
             self.table.unlink()
@@ -324,6 +334,8 @@ class Coordinator:
     def _periodic(self, now: float) -> float | None:
         """The watchdog ping and the log file's size check when due; seconds until the next one is."""
         waits = [self.hosting.notifier.watchdog_timeout(now)]
+        if self.metrics is not None:
+            waits.append(self.metrics.expire(now))
         if self.hosting.log_file is not None:
             waits.append(self.hosting.log_file.trim(now))
         due = [wait for wait in waits if wait is not None]
@@ -428,7 +440,8 @@ class Coordinator:
         except BlockingIOError:
             return
         sock.setblocking(True)
-        commands = {"status": self.status, "flows": self.flows}
+        commands = {"status": self.status, "flows": self.flows,
+                    "metrics": lambda: {"text": exposition(self.status(), self.flows()).decode()}}
         if self.sandbox is not None and self.sandbox.test_hooks:
             for pair in range(self.pool.count):
                 commands[f"test-forbidden-syscall-{pair}"] = self._probe_callback(pair)
