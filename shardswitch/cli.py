@@ -151,6 +151,11 @@ def _add_start_options(parser: argparse.ArgumentParser) -> None:
                         help="size limit of the log file; the oldest lines go first (default 1 MiB)")
     parser.add_argument("--metrics", metavar="ADDR:PORT",
                         help="serve Prometheus metrics on http://ADDR:PORT/metrics (e.g. 127.0.0.1:9410)")
+    parser.add_argument("--pcap", metavar="FILE",
+                        help="capture every frame to and from the guest into FILE (pcap; FILE.1 takes over "
+                             "when FILE reaches --pcap-size)")
+    parser.add_argument("--pcap-size", dest="pcap_size", type=int, metavar="BYTES",
+                        help="size limit of each capture file (default 256 MiB; 0: none)")
     parser.add_argument("--reflect", action="store_true", default=None, help=argparse.SUPPRESS)
 
 
@@ -172,6 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
         query.add_argument("--control", metavar="PATH",
                            help="control socket (default: the default socket path + .ctl)")
         query.add_argument("--json", action="store_true", help="print the raw answer as JSON")
+    capture = commands.add_parser(
+        "capture", help="start or stop a packet capture of a running instance",
+        description="Start (or stop) capturing every frame to and from the guest into a pcap file, at run "
+                    "time. The files (FILE and FILE.1) are opened here, with your rights, and handed over.")
+    capture.add_argument("action", choices=("start", "stop"))
+    capture.add_argument("file", nargs="?", metavar="FILE", help="the pcap file (start)")
+    capture.add_argument("--size", type=int, default=256 << 20, metavar="BYTES",
+                         help="size limit of each file, then the other takes over (default 256 MiB; 0: none)")
+    capture.add_argument("--control", metavar="PATH",
+                         help="control socket (default: the default socket path + .ctl)")
     helper = commands.add_parser(
         "repair-helper", help="lend CAP_NET_ADMIN to a switch for TCP_REPAIR (live migration)",
         description="Connect to a switch's repair socket and put the TCP sockets it sends into or out of repair "
@@ -288,6 +303,36 @@ def _query(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _capture(args: argparse.Namespace) -> int:
+    """``shardswitch capture start FILE`` / ``stop``: open the files here, hand them to the instance."""
+    from shardswitch.coordinator import control
+    from shardswitch.pcap import open_pair
+
+    path = args.control or default_control_path()
+    fds: tuple[int, ...] = ()
+    try:
+        if args.action == "start":
+            if not args.file:
+                _error("capture start needs a FILE")
+                return ExitCode.USAGE
+            fds = open_pair(args.file)
+            answer = control.query(path, "capture-start", args={"size": args.size, "file": args.file}, fds=fds)
+            print(f"capturing into {answer['capture']['file']}")
+        else:
+            answer = control.query(path, "capture-stop")
+            print("capture stopped" if answer["stopped"] else "no capture was running")
+    except OSError as exc:
+        _error(f"cannot open {args.file}: {exc.strerror or exc}")
+        return ExitCode.RUNTIME
+    except control.ControlError as exc:
+        _error(str(exc))
+        return ExitCode.RUNTIME
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return ExitCode.OK
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default: sys.argv[1:]), run the sub-command and return the exit code."""
     parser = build_parser()
@@ -302,11 +347,13 @@ def main(argv: list[str] | None = None) -> int:
         return _start(args)
     if args.command in ("status", "flows", "metrics"):
         return _query(args)
+    if args.command == "capture":
+        return _capture(args)
     if args.command == "repair-helper":
         from shardswitch.migration import repair
 
         setup_logging(False, False)
         return repair.helper_main(args.path, args.wait)
     parser.print_usage(sys.stderr)
-    _error("a command is required (start, status, flows, metrics, repair-helper)")
+    _error("a command is required (start, status, flows, metrics, capture, repair-helper)")
     return ExitCode.USAGE

@@ -152,6 +152,11 @@ class LogBase(msgspec.Struct, tag=True):
     offset: int
 
 
+class Capture(msgspec.Struct, tag=True):
+    """Packet capture: append every frame to the attached pcap file from now on (it replaces the one before,
+    flushed and closed); without a descriptor, stop capturing."""
+
+
 class MigrateSave(msgspec.Struct, tag=True):
     """Live migration, source: write this worker's flows into the attached memfd, then close them.
 
@@ -251,7 +256,7 @@ class WorkerStatus(msgspec.Struct, tag=True):
 
 
 ToWorker = Union[MemAdd, MemRemove, MemClear, RingStart, RingStop, StatusQuery, Shutdown, SandboxProbe, LogBase,
-                 MigrateSave, MigrateLoad]
+                 MigrateSave, MigrateLoad, Capture]
 FromWorker = Union[RingStarted, RingStopped, WorkerStatus, MigrateDone]
 
 

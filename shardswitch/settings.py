@@ -102,6 +102,10 @@ FdNumber = Annotated[int, msgspec.Meta(ge=3, le=1 << 20)]
 #: The log file's size limit: at least 64 KiB (passt's minimum is similar), at most 1 GiB.
 DEFAULT_LOG_SIZE: Final = 1 << 20
 LogSize = Annotated[int, msgspec.Meta(ge=64 << 10, le=1 << 30)]
+#: Each capture file's size limit (0: none): at least 1 MiB.
+DEFAULT_PCAP_SIZE: Final = 256 << 20
+PCAP_MIN_SIZE: Final = 1 << 20
+PcapSize = Annotated[int, msgspec.Meta(ge=0, le=1 << 40)]
 Mtu = Annotated[int, msgspec.Meta(ge=int(Limit.MIN_MTU), le=int(Limit.MAX_MTU))]
 PrefixLen = Annotated[int, msgspec.Meta(ge=0, le=int(Limit.MAX_PREFIX_LEN))]
 Prefix6Len = Annotated[int, msgspec.Meta(ge=1, le=int(Limit.MAX_PREFIX6_LEN))]
@@ -195,6 +199,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log_size: LogSize = DEFAULT_LOG_SIZE
     #: Serve Prometheus metrics over HTTP on this ADDR:PORT.
     metrics: NonEmpty | None = None
+    #: Capture every frame into this pcap file (and FILE.1 once it holds ``pcap_size`` bytes; 0: no limit).
+    pcap: NonEmpty | None = None
+    pcap_size: PcapSize = DEFAULT_PCAP_SIZE
 
 
 #: Option spelling per field, for error messages about command-line values.
@@ -245,6 +252,8 @@ OPTION_NAMES: Final = {
     "log_file": "-l/--log-file",
     "log_size": "--log-size",
     "metrics": "--metrics",
+    "pcap": "--pcap",
+    "pcap_size": "--pcap-size",
 }
 
 #: Settings that take an address of either family: the IPv4 field and where an IPv6 value goes.
@@ -254,7 +263,7 @@ FAMILY_FIELDS: Final = (("address", "address6"), ("gateway", "gateway6"), ("outb
 _FIELDS: Final = frozenset(Config.__struct_fields__)
 _PATH_FIELDS: Final = ("socket", "connect", "control", "repair_path")
 #: Paths of files (not sockets): made absolute as the sockets', no length limit.
-_FILE_FIELDS: Final = ("pid_file", "log_file")
+_FILE_FIELDS: Final = ("pid_file", "log_file", "pcap")
 #: The value of repair_path that turns the repair socket off.
 NO_REPAIR: Final = "none"
 _EXCLUSIVE: Final = (("socket", "connect"), ("debug", "quiet"), ("map_host_loopback", "no_map_gw"),
@@ -565,6 +574,8 @@ def _check(cfg: Config, label: str) -> Config:
                 portspec.parse_all(specs, option)
             except portspec.PortSpecError as exc:
                 raise _fail(label, field, str(exc)) from None
+    if 0 < cfg.pcap_size < PCAP_MIN_SIZE:
+        raise _fail(label, "pcap_size", f"{cfg.pcap_size} is below {PCAP_MIN_SIZE} bytes (0: no limit)")
     if cfg.metrics is not None:
         try:
             parse_listen(cfg.metrics)

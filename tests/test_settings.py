@@ -219,6 +219,8 @@ def test_too_long_default_socket_path(monkeypatch: pytest.MonkeyPatch) -> None:
     (["--metrics", "9410"], "--metrics: '9410' is not ADDR:PORT"),
     (["--metrics", "localhost:9410"], "--metrics: 'localhost:9410': 'localhost' is not an IP address"),
     (["--metrics", "127.0.0.1:0"], "--metrics: '127.0.0.1:0' is not ADDR:PORT"),
+    (["--pcap-size", "1000"], "--pcap-size: 1000 is below 1048576 bytes (0: no limit)"),
+    (["--pcap-size=-1"], "--pcap-size: Expected `int` >= 0"),
 ])
 def test_flow_and_forwarding_options_refuse_bad_values(argv: list[str], message: str) -> None:
     """The options of the flow table, loopback mapping, forwarding and DNS name the option and the problem."""

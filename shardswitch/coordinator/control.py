@@ -3,12 +3,16 @@
 A unix stream socket beside the vhost-user socket (``<socket>.ctl`` by
 default).  A client sends one JSON line ``{"cmd": "status"}`` and reads one
 JSON line back; the coordinator answers from its main loop and closes the
-connection.  Answers are plain JSON so that scripts can use ``--json``.
+connection.  Answers are plain JSON so that scripts can use ``--json``.  A
+request may carry descriptors (SCM_RIGHTS, at most :data:`MAX_FDS`: the files
+of ``shardswitch capture start``, which the client opens with its own rights);
+they go to the commands that take them and are closed otherwise.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from typing import Any, Callable
@@ -17,43 +21,66 @@ from typing import Any, Callable
 MAX_REQUEST = 4096
 #: How long a client may take to send its request line.
 REQUEST_DEADLINE = 1.0
+#: Most descriptors one request may carry.
+MAX_FDS = 2
+#: A command: the request's fields and the descriptors it carried (owned by the command) to an answer.
+FdCommand = Callable[[dict[str, Any], list[int]], dict[str, Any]]
 
 
 class ControlError(Exception):
     """The control socket could not be reached, or it answered with an error."""
 
 
-def serve_client(sock: socket.socket, commands: dict[str, Callable[[], dict[str, Any]]]) -> None:
+def serve_client(sock: socket.socket, commands: dict[str, Callable[[], dict[str, Any]]],
+                 fd_commands: dict[str, FdCommand] | None = None) -> None:
     """Read one request from an accepted client, answer it, close the connection."""
+    fds: list[int] = []
+    fd_commands = fd_commands or {}
     try:
         sock.settimeout(REQUEST_DEADLINE)
         data = b""
         while b"\n" not in data and len(data) < MAX_REQUEST:
-            chunk = sock.recv(MAX_REQUEST)
+            chunk, got, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, MAX_FDS)
+            fds += got
             if not chunk:
                 break
             data += chunk
         try:
             request = json.loads(data.split(b"\n", 1)[0] or b"{}")
-            command = commands[request["cmd"]]
+            name = request["cmd"]
+            if name not in commands and name not in fd_commands:
+                raise KeyError(name)
         except (ValueError, KeyError, TypeError):
-            answer: dict[str, Any] = {"error": f"bad request {data[:100]!r}; commands: {sorted(commands)}"}
+            known = sorted([*commands, *fd_commands])
+            answer: dict[str, Any] = {"error": f"bad request {data[:100]!r}; commands: {known}"}
         else:
-            answer = command()
+            if name in fd_commands:
+                given, fds = fds, []
+                answer = fd_commands[name](request, given)
+            else:
+                answer = commands[name]()
         sock.sendall(json.dumps(answer).encode() + b"\n")
     except OSError:
         pass
     finally:
+        for fd in fds:
+            os.close(fd)
         sock.close()
 
 
-def query(path: str, cmd: str, timeout: float = 10.0) -> dict[str, Any]:
-    """Send ``cmd`` to the control socket at ``path`` and return the decoded answer."""
+def query(path: str, cmd: str, timeout: float = 10.0, args: dict[str, Any] | None = None,
+          fds: list[int] | tuple[int, ...] = ()) -> dict[str, Any]:
+    """Send ``cmd`` (with ``args`` and the descriptors ``fds``) to the control socket at ``path`` and return
+    the decoded answer."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(path)
-            sock.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
+            request = json.dumps({**(args or {}), "cmd": cmd}).encode() + b"\n"
+            if fds:
+                socket.send_fds(sock, [request], list(fds))      # one short line: sent whole
+            else:
+                sock.sendall(request)
             data = b""
             while not data.endswith(b"\n"):
                 chunk = sock.recv(65536)

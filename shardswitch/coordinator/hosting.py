@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from shardswitch import systemd
 from shardswitch.logfile import LogFile
+from shardswitch.pcap import open_pair
 from shardswitch.settings import CONTROL_SUFFIX, REPAIR_SUFFIX, default_control_path, default_socket_path
 
 if TYPE_CHECKING:
@@ -49,6 +50,10 @@ class Hosting:
     log_file: LogFile | None = None
     #: --metrics ADDR:PORT ("": no HTTP endpoint).
     metrics: str = ""
+    #: --pcap: FILE and FILE.1 opened (None: no capture at start), the size limit, the name.
+    pcap: tuple[int, int] | None = None
+    pcap_size: int = 0
+    pcap_name: str = ""
 
 
 def _socket_name(fd: int) -> str:
@@ -88,6 +93,12 @@ def prepare(cfg: Config, log_file: LogFile | None = None) -> Hosting:
                 hosting.repair_path = name + REPAIR_SUFFIX
     elif hosting.frontend_fd is not None:
         hosting.socket_path = f"descriptor {hosting.frontend_fd}"
+    if cfg.pcap is not None:
+        try:
+            hosting.pcap = open_pair(cfg.pcap)
+        except OSError as err:
+            raise systemd.ActivationError(f"--pcap {cfg.pcap}: {err.strerror or err}") from None
+        hosting.pcap_size, hosting.pcap_name = cfg.pcap_size, cfg.pcap
     return hosting
 
 

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import msgspec
 
 from shardswitch import __version__
+from shardswitch.coordinator.capture import CaptureControl, CaptureError
 from shardswitch.coordinator.conn import FrontendConnection, PeerGone
 from shardswitch.coordinator.control import serve_client, uptime_since
 from shardswitch.coordinator.device import Device
@@ -188,6 +189,8 @@ class Coordinator:
         #: Serving a front-end handed over connected (--fd): exit when it leaves.
         self.one_off = False
         self.metrics: MetricsServer | None = None
+        self.capture = CaptureControl(self.pool,
+                                      lambda pair: self.pool.call(pair, StatusQuery(seq=self.device.next_seq())))
 
     # -- set-up and tear-down -------------------------------------------
 
@@ -248,6 +251,11 @@ class Coordinator:
         self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
+        if hosting.pcap is not None:
+            try:
+                self.capture.start(list(hosting.pcap), hosting.pcap_size, hosting.pcap_name)
+            except CaptureError as err:
+                raise StartError(f"--pcap {hosting.pcap_name}: {err}") from err
         if hosting.frontend_fd is not None:
             log.info("serving the front-end connected on descriptor %d; exiting when it leaves", hosting.frontend_fd)
             self.one_off = True
@@ -278,6 +286,7 @@ class Coordinator:
         self.migration.close()
         if self.metrics is not None:
             self.metrics.close()
+        self.capture.stop()
         self.pool.stop()
         if self.table is not None:
             self.table.unlink()
@@ -333,7 +342,7 @@ class Coordinator:
 
     def _periodic(self, now: float) -> float | None:
         """The watchdog ping and the log file's size check when due; seconds until the next one is."""
-        waits = [self.hosting.notifier.watchdog_timeout(now)]
+        waits = [self.hosting.notifier.watchdog_timeout(now), self.capture.tick(now)]
         if self.metrics is not None:
             waits.append(self.metrics.expire(now))
         if self.hosting.log_file is not None:
@@ -445,7 +454,28 @@ class Coordinator:
         if self.sandbox is not None and self.sandbox.test_hooks:
             for pair in range(self.pool.count):
                 commands[f"test-forbidden-syscall-{pair}"] = self._probe_callback(pair)
-        serve_client(sock, commands)
+        serve_client(sock, commands, {"capture-start": self._capture_start, "capture-stop": self._capture_stop})
+
+    def _capture_start(self, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """``shardswitch capture start``: the client opened the files and sent them."""
+        size = request.get("size", 0)
+        name = request.get("file", "capture")
+        try:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not isinstance(name, str):
+                for fd in fds:
+                    os.close(fd)
+                raise CaptureError(f"bad capture request {request!r}")
+            self.capture.start(fds, size, name[:4096])
+        except CaptureError as err:
+            log.error("capture not started: %s", err)
+            return {"error": f"capture not started: {err}"}
+        return {"capture": self.capture.status()}
+
+    def _capture_stop(self, _request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """``shardswitch capture stop``."""
+        for fd in fds:
+            os.close(fd)
+        return {"stopped": self.capture.stop()}
 
     def _probe_callback(self, pair: int) -> Callable[[], dict[str, Any]]:
         """Test only: a control command that makes worker ``pair`` call outside its seccomp list."""
@@ -464,6 +494,7 @@ class Coordinator:
         new = self.pool.reap(handle, self._release_worker)
         self.sel.register(new.pidfd, selectors.EVENT_READ, self._death_callback(new.pidfd))
         self.device.restore_pair(new.pair)
+        self.capture.restore(new.pair)
 
     def _release_worker(self, handle: WorkerHandle) -> None:
         """Repair what a dead worker held in the flow table and free its flows (their sockets died with it)."""
@@ -514,6 +545,7 @@ class Coordinator:
                       "gateway": self.params.gateway, "mtu": self.params.mtu, "dns": list(self.params.dns)},
             "workers": workers,
             "sandbox": {"enabled": self.sandbox is not None, "uid": os.getuid(), "gid": os.getgid()},
+            "capture": self.capture.status(),
             "migration": {"repair_path": self.migration.repair_path,
                           "repair_helper": self.migration.helper is not None, "last": self.migration.last},
             "flow_table": {"instance": self.instance, "capacity": self.max_flows,

@@ -71,10 +71,13 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum, IntFlag
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 from shardswitch.vhost.wire import VirtioFeature
 from shardswitch.virtio.virtqueue import Virtqueue, VirtqueueError
+
+if TYPE_CHECKING:
+    from shardswitch.pcap import PcapWriter
 
 
 class VnetHdrFlags(IntFlag):
@@ -236,6 +239,8 @@ class RxWriter:
         #: Frames refused because they can never fit (head chain too small without
         #: MRG_RXBUF, or more than a whole ring of chains with it): drop, do not retry.
         self.too_big = 0
+        #: Packet capture: every frame written is also recorded here (None: no capture).
+        self.capture: PcapWriter | None = None
 
     @property
     def hdr_len(self) -> int:
@@ -276,6 +281,8 @@ class RxWriter:
             buf[:hdr_len] = hdr
             buf[hdr_len:need] = frame
             vq.push(head, need)
+            if self.capture is not None:
+                self.capture.add(frame)
             return True
         try:
             capacity = _capacity(head, writable)
@@ -286,6 +293,8 @@ class RxWriter:
             raise
         if capacity >= need:
             self._write([(head, writable)], hdr, frame)
+            if self.capture is not None:
+                self.capture.add(frame)
             return True
         if not self._mrg:
             vq.unpop(1)
@@ -314,6 +323,8 @@ class RxWriter:
             vq.unpop(len(chains))
             raise
         self._write(chains, self._header(frame, len(chains)), frame)
+        if self.capture is not None:
+            self.capture.add(frame)
         return True
 
     def _header(self, frame: Frame, num_buffers: int) -> bytes:
@@ -388,6 +399,8 @@ class RxWriter:
         unused = len(span.heads) - used
         if unused:
             vq.unpop(unused)
+        if self.capture is not None:
+            self.capture.add_views(span.views(hdr_size, length), length)
         if hdr_size == VNET_HDR_LEN:
             VNET_HDR.pack_into(span.bufs[0][0], 0, self._flags, gso_type, hdr_len, gso_size, 0, 0, used)
         else:

@@ -69,6 +69,7 @@ def service_tx(w: Worker) -> bool:
     # (too_big rises): tell them apart like deliver_rx does, or status blames missing buffers
     # for frames the guest's buffers are too small for (seen with testpmd's mrg_rxbuf=0).
     too_big_seen = mirror.too_big if mirror is not None else 0
+    capture = w.capture
     replies: list[bytes] = []
     while True:
         vq.disable_kicks()
@@ -85,6 +86,8 @@ def service_tx(w: Worker) -> bool:
             frame = tx_frame(readable, hdr_len)
             count += 1
             nbytes += len(frame)
+            if capture is not None and frame:
+                capture.add(frame)
             if not frame:
                 drops[TX_EMPTY_FRAME] += 1
             elif mirror is not None:

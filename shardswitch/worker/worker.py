@@ -42,7 +42,9 @@ import time
 from collections import deque
 from typing import Callable
 
+from shardswitch.pcap import PcapWriter
 from shardswitch.ipc import (
+    Capture,
     Channel,
     IpcError,
     LogBase,
@@ -111,6 +113,8 @@ class Worker(EpollWatches, CountingPort):
         self.mem = GuestMemory()
         #: The dirty-page log of a live migration (LogBase), once the front-end gave one.
         self.dirty: DirtyLog | None = None
+        #: Packet capture (--pcap, shardswitch capture): every frame to and from the guest.
+        self.capture: PcapWriter | None = None
         self.rx = RingSlot(2 * pair)
         self.tx = RingSlot(2 * pair + 1)
         self.endpoint = GuestEndpoint(params, Service(setup.services & Service.ALL))
@@ -166,6 +170,8 @@ class Worker(EpollWatches, CountingPort):
             self._log_base(message, fds)
         elif isinstance(message, (MigrateSave, MigrateLoad)):
             self._migrate(message, fds)
+        elif isinstance(message, Capture):
+            self._capture(fds)
         else:
             close_fds(fds)
             self._handle(message)
@@ -210,6 +216,19 @@ class Worker(EpollWatches, CountingPort):
             log.error("worker %d: MemAdd with %d descriptors", self.pair, len(fds))
             return
         self._guard_memory(lambda: self.mem.add_region(message.region, fds[0]))
+
+    def _capture(self, fds: list[int]) -> None:
+        """Start capturing into the attached file, or stop (no descriptor); the previous file is flushed."""
+        if self.capture is not None:
+            self.capture.close()
+            self.capture = None
+        if len(fds) > 1:
+            close_fds(fds)
+            log.error("worker %d: Capture with %d descriptors", self.pair, len(fds))
+        elif fds:
+            self.capture = PcapWriter(fds[0])
+        if self.rx.writer is not None:
+            self.rx.writer.capture = self.capture
 
     def _log_base(self, message: LogBase, fds: list[int]) -> None:
         """Map the dirty-page log (the descriptor is closed here); rings logging now log into it."""
@@ -288,6 +307,8 @@ class Worker(EpollWatches, CountingPort):
         self._stop_slot(slot)
         try:
             slot.start(self.mem, message, fds)
+            if slot.writer is not None:
+                slot.writer.capture = self.capture
         except (VirtqueueError, GuestMemoryError) as err:
             slot.stop()
             slot.error = str(err)
@@ -527,9 +548,13 @@ class Worker(EpollWatches, CountingPort):
                     callback = sockets.get(fd)
                     if callback is not None:
                         callback()
+            if self.capture is not None:
+                self.capture.flush()
             now = time.monotonic()
             if now >= self.next_tick:
                 self._tick(now)
+        if self.capture is not None:
+            self.capture.close()
         self._stop_all()
         self._guard_memory(self.mem.clear)
         self.tcp.close()
