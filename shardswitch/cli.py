@@ -177,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
         query.add_argument("--control", metavar="PATH",
                            help="control socket (default: the default socket path + .ctl)")
         query.add_argument("--json", action="store_true", help="print the raw answer as JSON")
+        if name == "status":
+            query.add_argument("--watch", action="store_true",
+                               help="refresh every --interval seconds with per-second rates (Ctrl-C ends)")
+            query.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                               help="refresh interval of --watch (default 1)")
+            query.add_argument("--count", type=int, default=0, metavar="N", help="stop --watch after N refreshes")
     capture = commands.add_parser(
         "capture", help="start or stop a packet capture of a running instance",
         description="Start (or stop) capturing every frame to and from the guest into a pcap file, at run "
@@ -289,6 +295,8 @@ def _query(args: argparse.Namespace) -> int:
     from shardswitch.coordinator import control
 
     path = args.control or default_control_path()
+    if getattr(args, "watch", False):
+        return _watch(path, args.interval, args.count)
     try:
         answer: dict[str, Any] = control.query(path, args.command)
     except control.ControlError as exc:
@@ -300,6 +308,29 @@ def _query(args: argparse.Namespace) -> int:
         formatters = {"status": control.format_status, "flows": control.format_flows,
                       "metrics": lambda metrics: str(metrics["text"]).rstrip("\n")}
         print(formatters[args.command](answer))
+    return ExitCode.OK
+
+
+def _watch(path: str, interval: float, count: int) -> int:
+    """``shardswitch status --watch``: per-second rates, refreshed (the screen cleared on a terminal)."""
+    import time
+
+    from shardswitch.coordinator import control
+
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+    shown = 0
+    try:
+        before, since = control.query(path, "status"), time.monotonic()
+        while not count or shown < count:
+            time.sleep(max(interval, 0.1))
+            after, now = control.query(path, "status"), time.monotonic()
+            print(clear + control.format_rates(before, after, now - since), flush=True)
+            before, since, shown = after, now, shown + 1
+    except control.ControlError as exc:
+        _error(f"{exc} (is shardswitch running?)")
+        return ExitCode.RUNTIME
+    except KeyboardInterrupt:
+        pass
     return ExitCode.OK
 
 

@@ -153,6 +153,39 @@ def format_status(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _rate(value: float, unit: str) -> str:
+    """A per-second rate with a k/M/G prefix."""
+    for factor, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= factor:
+            return f"{value / factor:.1f} {prefix}{unit}/s"
+    return f"{value:.0f} {unit}/s"
+
+
+def format_rates(before: dict[str, Any], after: dict[str, Any], seconds: float) -> str:
+    """``shardswitch status --watch``: per queue pair, frames, bits and drops per second between two status
+    answers ``seconds`` apart, then the totals and the flows."""
+    seconds = max(seconds, 1e-6)
+    old = {w["pair"]: w for w in before.get("workers", [])}
+    lines = [f"shardswitch {after.get('version', '?')}, pid {after.get('pid')}, up {_age(after.get('uptime', 0.0))}"
+             f"; front-end {'connected' if after.get('frontend', {}).get('connected') else 'not connected'}",
+             f"{'pair':>4} {'from guest':>26} {'to guest':>26} {'drops':>10} {'flows':>7}  rings"]
+    totals = [0.0, 0.0, 0.0, 0.0, 0.0]
+    for w in after.get("workers", []):
+        prev = old.get(w["pair"], {})
+        delta = [(w.get(key, 0) - prev.get(key, 0)) / seconds
+                 for key in ("tx_frames", "tx_bytes", "rx_frames", "rx_bytes")]
+        drops = (sum((w.get("drops") or {}).values()) - sum((prev.get("drops") or {}).values())) / seconds
+        totals = [t + d for t, d in zip(totals, [*delta, drops])]
+        rings = ",".join(r["state"] for r in w.get("rings", [])) or "-"
+        lines.append(f"{w['pair']:>4} {_rate(delta[0], 'f'):>12} {_rate(delta[1] * 8, 'b'):>13} "
+                     f"{_rate(delta[2], 'f'):>12} {_rate(delta[3] * 8, 'b'):>13} {_rate(drops, 'f'):>10} "
+                     f"{w.get('flows', 0):>7}  {rings}" + ("" if w.get("answered", True) else "  not answering"))
+    lines.append(f" all {_rate(totals[0], 'f'):>12} {_rate(totals[1] * 8, 'b'):>13} {_rate(totals[2], 'f'):>12} "
+                 f"{_rate(totals[3] * 8, 'b'):>13} {_rate(totals[4], 'f'):>10} "
+                 f"{sum(w.get('flows', 0) for w in after.get('workers', [])):>7}")
+    return "\n".join(lines)
+
+
 def _side(side: dict[str, Any]) -> str:
     """One flow side as ``pif ep_addr:ep_port -> our_addr:our_port``."""
     def end(addr: str, port: int) -> str:
