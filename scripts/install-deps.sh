@@ -15,6 +15,7 @@ TEST_PACKAGES=(
     python3-venv python3-dev gcc libc6-dev
     qemu-system-x86 linux-image-cloud-amd64 busybox-static iperf3
     dpdk-dev dnsmasq-base cpio kmod iproute2 procps libseccomp2 libatomic1 systemd tcpdump
+    libvirt-daemon-system libvirt-clients
 )
 
 usage() {
