@@ -31,6 +31,9 @@ SHARDSWITCH_MTU              ``-m MTU``
 SHARDSWITCH_INTERFACE        ``-i IFACE``
 SHARDSWITCH_DNS              ``--dns ADDR`` per comma/space-separated entry
 SHARDSWITCH_SEARCH           ``--search DOMAIN`` per comma/space-separated entry
+SHARDSWITCH_METRICS          ``--metrics ADDR:PORT`` (Prometheus)
+SHARDSWITCH_PCAP             ``--pcap FILE``
+SHARDSWITCH_LOG_FILE         ``--log-file FILE``
 SHARDSWITCH_DEBUG            ``-d`` when true (1, true, yes, on)
 SHARDSWITCH_QUIET            ``-q`` when true
 ===========================  =========================================
@@ -66,6 +69,9 @@ SINGLE: Final = (
     ("MAC", "-M"),
     ("MTU", "-m"),
     ("INTERFACE", "-i"),
+    ("METRICS", "--metrics"),
+    ("PCAP", "--pcap"),
+    ("LOG_FILE", "--log-file"),
 )
 #: Variables holding a comma- or space-separated list: suffix -> repeated option.
 LISTS: Final = (("ADDRESS", "-a"), ("NETMASK", "-n"), ("GATEWAY", "-g"), ("DNS", "--dns"), ("SEARCH", "--search"))

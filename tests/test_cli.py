@@ -264,10 +264,12 @@ def test_environ_to_argv(entrypoint: ModuleType) -> None:
            "SHARDSWITCH_MTU": "1500", "SHARDSWITCH_INTERFACE": "eth0",
            "SHARDSWITCH_DNS": "192.0.2.1, 192.0.2.2", "SHARDSWITCH_SEARCH": "a.example b.example",
            "SHARDSWITCH_DEBUG": "yes", "SHARDSWITCH_QUIET": "0", "SHARDSWITCH_CONNECT": "",
-           "OTHER": "x"}
+           "SHARDSWITCH_METRICS": "0.0.0.0:9410", "SHARDSWITCH_PCAP": "/tmp/c.pcap",
+           "SHARDSWITCH_LOG_FILE": "/var/log/s.log", "OTHER": "x"}
     assert entrypoint.environ_to_argv(env) == [
         "--workers", "4", "--socket", "/run/shardswitch/s.sock", "--control", "/run/c.ctl",
         "--config", "/etc/ss.toml", "-M", "02:00:00:00:00:01", "-m", "1500", "-i", "eth0",
+        "--metrics", "0.0.0.0:9410", "--pcap", "/tmp/c.pcap", "--log-file", "/var/log/s.log",
         "-a", "10.0.0.2", "-a", "2001:db8::2", "-n", "255.255.255.0", "-g", "10.0.0.1",
         "--dns", "192.0.2.1", "--dns", "192.0.2.2", "--search", "a.example", "--search", "b.example",
         "-d"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import secrets
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,9 @@ from shardswitch.frontend.client import VhostUserFrontend
 from tests.guest.netns import TestNetns
 from tests.switch import Switch
 from tests.switchkit import arp_roundtrip, is_periodic_ra
+
+#: A frame the switch drops (an unknown EtherType): traffic to count.
+FILLER = bytes.fromhex("9a559a559a55" "525400123456" "88b5") + b"f" * 1000
 
 FETCH = r"""
 import socket, sys
@@ -88,16 +93,33 @@ def metrics_switch(tmp_path: Path, netns: TestNetns) -> Any:
 
 def test_scrape_matches_status(metrics_switch: tuple[Switch, int], netns: TestNetns) -> None:
     """Scraped while the front-end sends on both pairs: each counter lies between the status taken before
-    and the one taken after, ring states and flows agree; the log names the endpoint."""
+    and the one taken after (and grew meanwhile), ring states agree; the log names the endpoint."""
     switch, port = metrics_switch
     with VhostUserFrontend.connect(switch.socket, queue_pairs=2, ignore=is_periodic_ra) as fe:
         fe.handshake()
         for _ in range(5):
             for pair in range(2):
                 arp_roundtrip(fe, pair)
-        before = switch.status()
-        answer = fetch(netns, port, "GET /metrics HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
-        after = switch.status()
+        sending = threading.Event()
+        done = threading.Event()
+
+        def transfer() -> None:                       # frames on both pairs while the scrape runs
+            while not done.is_set():
+                for pair in range(2):
+                    fe.send_frames(pair, [FILLER] * 16)
+                sending.set()
+                time.sleep(0.002)
+
+        sender = threading.Thread(target=transfer)
+        sender.start()
+        try:
+            sending.wait(5)
+            before = switch.status()
+            answer = fetch(netns, port, "GET /metrics HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+            after = switch.status()
+        finally:
+            done.set()
+            sender.join(10)
     head, _, body = answer.partition("\n\n")           # text mode: \r\n read as \n
     assert head.startswith("HTTP/1.1 200 OK") and "Content-Type: text/plain" in head, head
     got = samples(body)
@@ -106,7 +128,7 @@ def test_scrape_matches_status(metrics_switch: tuple[Switch, int], netns: TestNe
         for direction in ("tx", "rx"):
             value = got[("shardswitch_frames_total", (("direction", direction), ("pair", pair)))]
             assert b[f"{direction}_frames"] <= value <= a[f"{direction}_frames"], (direction, b, value, a)
-        assert b["tx_frames"] >= 5
+        assert b["tx_frames"] >= 5 and a["tx_frames"] > b["tx_frames"]
         for ring in a["rings"]:
             assert got[("shardswitch_ring_state", (("pair", pair), ("ring", str(ring["index"])),
                                                    ("state", ring["state"])))] == 1
