@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import msgspec
 
-from shardswitch import __version__
+from shardswitch import __version__, systemd
 from shardswitch.coordinator.capture import CaptureControl, CaptureError
 from shardswitch.coordinator.conn import FrontendConnection, PeerGone
 from shardswitch.coordinator.control import serve_client, uptime_since
@@ -42,16 +42,15 @@ from shardswitch.coordinator.device import Device
 from shardswitch.coordinator.handler import Disconnect, RequestHandler
 from shardswitch.coordinator.hosting import Hosting, adopt, prepare, write_pid_file
 from shardswitch.coordinator.metrics import MetricsServer, exposition
-from shardswitch.logfile import LogFile
-from shardswitch.settings import NO_REPAIR
 from shardswitch.coordinator.migration import Migration
 from shardswitch.coordinator.workers import WorkerHandle, WorkerPool
 from shardswitch.ipc import ForwardSetup, SandboxProbe, StatusQuery, WorkerSetup, WorkerStatus
+from shardswitch.logfile import LogFile
 from shardswitch.net.endpoint import Service
 from shardswitch.net.params import resolve
-from shardswitch import systemd
 from shardswitch.sandbox import SandboxSetup, seccomp
 from shardswitch.sandbox.privileges import SandboxError, drop_privileges, resolve_runas
+from shardswitch.settings import NO_REPAIR
 from shardswitch.shm.layout import DEFAULT_CAPACITY, Flow, FlowSide, FlowTableError, Pif, ip_of
 from shardswitch.shm.table import FlowTable
 from shardswitch.vhost.wire import VhostProtocolError, VirtioFeature

@@ -21,9 +21,9 @@ sent its FIN: FIN_WAIT1 or FIN_WAIT2): the FIN is not data, so the dump
 leaves it out of the queues' counts, and the restore shuts the new socket
 down as passt does: in repair mode for FIN_WAIT2 (the peer has the FIN: the
 socket only changes state), after it for FIN_WAIT1 (the FIN goes out again,
-at the same sequence number, after whatever data is still queued).
-A connection whose peer sent its FIN
-(CLOSE_WAIT and later) is reset instead: the peer will not send its FIN again.
+at the same sequence number, after whatever data is still queued).  A
+connection whose peer sent its FIN (CLOSE_WAIT and later) is reset instead:
+the peer will not send its FIN again.
 
 **Freezing.**  A socket in repair mode still takes data and acknowledges it:
 a segment arriving after the dump would be acknowledged by the source and
@@ -196,7 +196,8 @@ def _dump(sock: socket.socket) -> TcpSocketState:
     snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup = window
     return TcpSocketState(
         tcpi_state=state, tcpi_options=options, snd_ws=scales & 0x0F, rcv_ws=scales >> 4, mss=mss,
-        timestamp=timestamp, seq_snd=(seq_snd - sndq - (state == TcpState.FIN_WAIT2)) % _MOD, seq_rcv=(seq_rcv - rcvq) % _MOD,
+        timestamp=timestamp, seq_snd=(seq_snd - sndq - (state == TcpState.FIN_WAIT2)) % _MOD,
+        seq_rcv=(seq_rcv - rcvq) % _MOD,
         snd_wl1=snd_wl1, snd_wnd=snd_wnd, max_window=max_window, rcv_wnd=rcv_wnd, rcv_wup=rcv_wup,
         send_queue=send_queue, not_sent=notsent, recv_queue=recv_queue)
 

@@ -149,3 +149,18 @@ def test_log_file(tmp_path: Path, netns: TestNetns) -> None:
     assert len(text) < 65536, len(text)
     assert "worker 0 started" in text and "worker 1 started" in text and "front-end connected" in text, text
     assert "front-end connected" not in switch.log()        # stderr has only what Python prints itself
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--pcap", "/nonexistent-dir/c.pcap"], "--pcap /nonexistent-dir/c.pcap: No such file or directory"),
+    (["--pid", "/nonexistent-dir/s.pid"], "PID file /nonexistent-dir/s.pid: No such file or directory"),
+    (["-l", "/nonexistent-dir/s.log"], "cannot open the log file /nonexistent-dir/s.log: No such file"),
+    (["--metrics", "192.0.2.1:9410"], "--metrics 192.0.2.1:9410: [Errno 99] Cannot assign requested address"),
+])
+def test_unusable_files_and_addresses_stop_the_start_clearly(tmp_path: Path, netns: TestNetns, args: list[str],
+                                                             message: str) -> None:
+    """A file or an address the switch cannot use: one clear line and a non-zero exit, nothing left running."""
+    switch = Switch(tmp_path, prefix=netns.exec_argv([]), args=args)
+    with pytest.raises(RuntimeError, match="exited with 1") as failed:
+        switch.start()
+    assert message in str(failed.value), str(failed.value)
