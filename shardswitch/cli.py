@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 Three entry points, parsed with argparse::
 
-    shardswitch start [--workers N] [--socket PATH | --connect PATH] [--control PATH]
+    shardswitch start [--workers N] [--socket PATH | --connect PATH] [--control PATH] [--control-group GROUP]
                       [-a ADDR]... [-n PREFIX]... [-g GW]... [-M MAC] [-m MTU] [-i IFACE] [-4 | -6]
                       [--dns ADDR]... [--search DOMAIN]... [--config FILE] [-d | -q] ...
     shardswitch status [--control PATH] [--json]
@@ -75,6 +75,9 @@ def _add_start_options(parser: argparse.ArgumentParser) -> None:
                        help="connect to a front-end listening on this unix socket (QEMU server=on)")
     parser.add_argument("--control", metavar="PATH",
                         help="control socket for 'shardswitch status' (default: socket path + .ctl)")
+    parser.add_argument("--control-group", dest="control_group", metavar="GROUP",
+                        help="processes whose primary group is GROUP (name or number) may use the control socket "
+                             "too (default: only root and the switch's own user)")
     parser.add_argument("-a", "--address", action="append", metavar="ADDR",
                         help="guest IPv4 address, or IPv6 address[/prefix length] (once per family; "
                              "default: the host's)")
@@ -105,6 +108,12 @@ def _add_start_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--map-guest-addr", dest="map_guest_addr", metavar="ADDR",
                         help="guest traffic to ADDR goes to the host's own address (the one the guest's "
                              "address shadows)")
+    parser.add_argument("--deny", action="append", metavar="ADDR[/LEN]",
+                        help="the guest's flows may not reach these destinations (IPv4 or IPv6 address or "
+                             "prefix; repeatable)")
+    parser.add_argument("--allow-link-local", dest="allow_link_local", action="store_true", default=None,
+                        help="let the guest reach link-local addresses and cloud metadata services "
+                             "(169.254.169.254...), as passt does (refused by default)")
     parser.add_argument("--dns", action="append", metavar="ADDR",
                         help="DNS server offered to the guest (repeatable; default: the host's)")
     parser.add_argument("--search", action="append", metavar="DOMAIN",

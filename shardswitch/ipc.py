@@ -50,6 +50,10 @@ class ForwardSetup(msgspec.Struct, frozen=True, kw_only=True):
     outbound: tuple[str, ...] = ()
     outbound_if4: str = ""
     outbound_if6: str = ""
+    #: Destinations (ADDR[/LEN]) the guest's flows may not reach (shardswitch.worker.policy).
+    deny: tuple[str, ...] = ()
+    #: Let the guest reach link-local and cloud metadata addresses (refused by default).
+    allow_link_local: bool = False
 
 
 class PortFd(msgspec.Struct, frozen=True):
@@ -68,7 +72,7 @@ class WorkerSetup(msgspec.Struct, frozen=True, kw_only=True):
     pair: int
     params: GuestParams
     reflect: bool = False
-    #: Name of the shared flow table segment to attach ("" = none).
+    #: Id of the flow table the worker inherits from the coordinator with the fork ("" = none).
     flow_table: str = ""
     #: This worker's inbox (frames other workers hand it), a SOCK_DGRAM descriptor.
     inbox_fd: int = -1
@@ -284,14 +288,17 @@ class Channel:
         except OSError as err:
             raise IpcError(f"control channel send failed: {err}") from err
 
-    def recv(self) -> tuple[object, list[int]]:
-        """Receive one message and the descriptors that came with it.
+    def recv(self, flags: int = 0) -> tuple[object, list[int]]:
+        """Receive one message and the descriptors that came with it (``flags``: MSG_DONTWAIT, when
+        BlockingIOError says none is waiting).
 
         Raises :class:`IpcError` on EOF or on a message that does not decode;
         descriptors received with a bad message are closed.
         """
         try:
-            data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_MESSAGE, MAX_FDS)
+            data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_MESSAGE, MAX_FDS, flags)
+        except BlockingIOError:
+            raise
         except OSError as err:
             raise IpcError(f"control channel receive failed: {err}") from err
         if not data:

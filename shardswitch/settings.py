@@ -44,6 +44,7 @@ from typing import Annotated, Any, Final
 import msgspec
 
 from shardswitch import portspec
+from shardswitch.worker import policy
 
 log = logging.getLogger(__name__)
 
@@ -182,10 +183,16 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     outbound_if6: IfName | None = None
     #: Guest traffic to this address goes to the host's own address that the guest's address shadows.
     map_guest_addr: str | None = None
+    #: Destinations (ADDR[/LEN], either family) the guest's flows may not reach (shardswitch.worker.policy).
+    deny: list[NonEmpty] = []
+    #: Let the guest's flows reach link-local and cloud metadata addresses (refused by default).
+    allow_link_local: bool = False
     #: Started as root: the user (and group) to become once sockets are bound (None: nobody).
     runas: NonEmpty | None = None
     #: No privilege drop, no seccomp filters (debugging).
     no_sandbox: bool = False
+    #: A group (name or number) whose members (by their primary group) may use the control socket too.
+    control_group: NonEmpty | None = None
     #: Where the TCP_REPAIR helper connects (live migration of TCP connections); "none": nowhere.  None:
     #: the vhost-user socket path plus ``.repair``, as passt's.
     repair_path: NonEmpty | None = None
@@ -244,8 +251,11 @@ OPTION_NAMES: Final = {
     "outbound_if4": "--outbound-if4",
     "outbound_if6": "--outbound-if6",
     "map_guest_addr": "--map-guest-addr",
+    "deny": "--deny",
+    "allow_link_local": "--allow-link-local",
     "runas": "--runas",
     "no_sandbox": "--no-sandbox",
+    "control_group": "--control-group",
     "repair_path": "--repair-path",
     "fd": "--fd",
     "pid_file": "--pid",
@@ -581,6 +591,11 @@ def _check(cfg: Config, label: str) -> Config:
             parse_listen(cfg.metrics)
         except ValueError as exc:
             raise _fail(label, "metrics", str(exc)) from None
+    for i, entry in enumerate(cfg.deny):
+        try:
+            policy.parse_prefix(entry)
+        except policy.PolicyError as exc:
+            raise _fail(label, f"deny[{i}]", str(exc)) from None
     if cfg.dns is not None:
         changes["dns"] = [_checked(label, f"dns[{i}]", _check_ip, server, "a DNS server for the guest")
                           for i, server in enumerate(cfg.dns)]

@@ -7,7 +7,9 @@ One single-threaded selector loop watches:
 * the one front-end connection: each readable event is one vhost-user
   message, handled by :class:`~shardswitch.coordinator.handler.RequestHandler`;
   a second concurrent front-end is refused and logged;
-* the control socket (``shardswitch status``);
+* the control socket (``shardswitch status``): its clients too, each without
+  blocking the loop (:mod:`.control`, :mod:`.streams`), only those its
+  access policy allows (:mod:`.access`);
 * one pidfd per worker, readable the instant that worker dies: it is replaced
   and handed the device state again;
 * a signal wake-up socket: SIGTERM/SIGINT end the loop cleanly.
@@ -20,7 +22,6 @@ action in the guest.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import logging
 import os
@@ -35,9 +36,10 @@ from typing import TYPE_CHECKING, Any, Callable
 import msgspec
 
 from shardswitch import __version__, systemd
+from shardswitch.coordinator.access import AccessError, AccessPolicy, resolve_group, restrict_socket_file
 from shardswitch.coordinator.capture import CaptureControl, CaptureError
 from shardswitch.coordinator.conn import FrontendConnection, PeerGone
-from shardswitch.coordinator.control import serve_client, uptime_since
+from shardswitch.coordinator.control import MAX_CLIENTS, ControlServer, FdCommand, uptime_since
 from shardswitch.coordinator.device import Device
 from shardswitch.coordinator.handler import Disconnect, RequestHandler
 from shardswitch.coordinator.hosting import Hosting, adopt, prepare, write_pid_file
@@ -71,12 +73,6 @@ CONNECT_RETRY = 0.5
 HANDSHAKE_TIMEOUT = 5.0
 
 Callback = Callable[[], None]
-
-
-def instance_name(socket_path: str) -> str:
-    """The name of this instance's shared objects: stable for a socket path, unique between paths."""
-    digest = hashlib.sha256(os.path.abspath(socket_path).encode()).hexdigest()[:16]
-    return f"i{digest}"
 
 
 def flow_entry(flow: Flow, now: float) -> dict[str, Any]:
@@ -121,8 +117,9 @@ def prepare_socket_path(path: str) -> None:
     raise StartError(f"{path} is in use by a running process; stop it first or choose another --socket")
 
 
-def listen_unix(path: str) -> socket.socket:
-    """A non-blocking listening unix socket at ``path`` (stale files replaced)."""
+def listen_unix(path: str, backlog: int = 4) -> socket.socket:
+    """A non-blocking listening unix socket at ``path`` (stale files replaced), ``backlog`` connections
+    waiting at most."""
     prepare_socket_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -130,7 +127,7 @@ def listen_unix(path: str) -> socket.socket:
     except OSError as err:
         sock.close()
         raise StartError(f"cannot listen on {path}: {err.strerror}") from err
-    sock.listen(4)
+    sock.listen(backlog)
     sock.setblocking(False)
     return sock
 
@@ -157,7 +154,6 @@ class Coordinator:
         where the TCP_REPAIR helper connects ("": nowhere), ``hosting``: what the starter handed over."""
         params = setup.params
         self.params = params
-        self.instance = instance_name(socket_path)
         self.max_flows = max_flows
         self.table: FlowTable | None = None
         self.socket_path = socket_path
@@ -170,14 +166,17 @@ class Coordinator:
         #: The listening sockets of forwarded ports, every worker's (kept for replacements).
         self.port_sockets: list[socket.socket] = []
         self.pool = WorkerPool(workers, msgspec.structs.replace(
-            setup, flow_table=self.instance, sandbox=sandbox is not None,
-            test_hooks=sandbox is not None and sandbox.test_hooks))
+            setup, sandbox=sandbox is not None,
+            test_hooks=sandbox is not None and sandbox.test_hooks), self.sel)
         self.device = Device(workers, self.pool)
-        self.migration = Migration(self.pool, self.sel, lambda: self.table, self.device.next_seq, repair_path)
+        self.migration = Migration(self.pool, self.sel, lambda: self.table, self.device.next_seq, repair_path,
+                                   capacity=max_flows)
         self.handler = RequestHandler(self.device, self.migration)
         self.conn: FrontendConnection | None = None
+        #: The front-end's socket is in the selector (not while the migration holds its requests back).
+        self.conn_watched = False
         self.listener: socket.socket | None = None
-        self.control: socket.socket | None = None
+        self.control: ControlServer | None = None
         self.stopping = False
         self.next_connect = 0.0
         #: When the connected front-end must have sent SET_OWNER by (0: it has, or none is connected).
@@ -198,11 +197,14 @@ class Coordinator:
         # Sockets first: "socket in use" is the clearest message for a second instance.
         hosting = self.hosting
         if hosting.control_fd is not None:
-            self.control = adopt(hosting.control_fd)
+            control = adopt(hosting.control_fd)
         else:
-            self.control = listen_unix(self.control_path)
+            control = listen_unix(self.control_path, MAX_CLIENTS)
             self._owned_paths.append(self.control_path)
-        self.sel.register(self.control, selectors.EVENT_READ, self._on_control)
+            why_not = restrict_socket_file(self.control_path, hosting.control_group)
+            if why_not:
+                log.warning("control socket: %s", why_not)
+        self.control = ControlServer(self.sel, control, AccessPolicy(hosting.control_group), *self._commands())
         if hosting.listener_fd is not None:
             self.listener = adopt(hosting.listener_fd)
         elif not self.client_mode and hosting.frontend_fd is None:
@@ -235,11 +237,15 @@ class Coordinator:
                                 keep=[os.path.dirname(p) or "." for p in self._owned_paths])
             except SandboxError as err:
                 raise StartError(f"cannot drop privileges ({err}); --no-sandbox runs without") from err
+        self.control.access.settle()
+        log.info("control socket %s: serves %s", self.control_path, self.control.access.describe())
         try:
-            self.table = FlowTable.create(self.instance, capacity=self.max_flows)
+            self.table = FlowTable.create(capacity=self.max_flows)
         except FlowTableError as err:
             raise StartError(f"flow table: {err}") from err
-        log.info("flow table %s: %d flows", self.instance, self.max_flows)
+        # Workers inherit the table with the fork (nothing of it can be opened by name).
+        self.pool.template = msgspec.structs.replace(self.pool.template, flow_table=self.table.instance)
+        log.info("flow table %s: %d flows", self.table.instance, self.max_flows)
         self.pool.start()
         for handle in self.pool.handles:
             assert handle is not None
@@ -285,12 +291,14 @@ class Coordinator:
         self.migration.close()
         if self.metrics is not None:
             self.metrics.close()
+        if self.control is not None:
+            self.control.close()
         self.capture.stop()
         self.pool.stop()
         if self.table is not None:
-            self.table.unlink()
+            self.table.close()
             self.table = None
-        for sock in (self.listener, self.control, *self.port_sockets):
+        for sock in (self.listener, *self.port_sockets):
             if sock is not None:
                 sock.close()
         for path in self._owned_paths:
@@ -344,10 +352,31 @@ class Coordinator:
         waits = [self.hosting.notifier.watchdog_timeout(now), self.capture.tick(now)]
         if self.metrics is not None:
             waits.append(self.metrics.expire(now))
+        if self.control is not None:
+            waits.append(self.control.expire(now))
         if self.hosting.log_file is not None:
             waits.append(self.hosting.log_file.trim(now))
+        waits.append(self.migration.tick(now))
+        self._follow_migration()
         due = [wait for wait in waits if wait is not None]
         return min(due) if due else None
+
+    def _follow_migration(self) -> None:
+        """Send the answer to a CHECK_DEVICE_STATE that waited, once there is one, and read the front-end's
+        requests only while the migration does not hold them back (:meth:`Migration.holds_frontend`)."""
+        answer = self.migration.answer()
+        if answer is not None and self.conn is not None:
+            try:
+                self.handler.answer_check(self.conn, answer)
+            except PeerGone as err:
+                self._drop_frontend(f"front-end disconnected ({err})")
+        watch = self.conn is not None and not self.migration.holds_frontend()
+        if self.conn is not None and watch != self.conn_watched:
+            if watch:
+                self.sel.register(self.conn.sock, selectors.EVENT_READ, self._on_frontend)
+            else:
+                self.sel.unregister(self.conn.sock)
+            self.conn_watched = watch
 
     def _handshake_left(self) -> float | None:
         """Seconds the connected front-end has left to send SET_OWNER (None: no deadline runs); a front-end
@@ -400,6 +429,7 @@ class Coordinator:
         self.conn = FrontendConnection(sock)
         self.handshake_deadline = time.monotonic() + HANDSHAKE_TIMEOUT
         self.sel.register(self.conn.sock, selectors.EVENT_READ, self._on_frontend)
+        self.conn_watched = True
 
     def _on_frontend(self) -> None:
         """One message from the front-end."""
@@ -425,12 +455,15 @@ class Coordinator:
         if self.migration.saved is not None and any(ring.started for ring in self.device.vrings):
             # The rings run again on this side after a save: the migration failed, the guest resumed here.
             self.migration.rollback()
+        self._follow_migration()
 
     def _drop_frontend(self, reason: str, *, error: bool = False) -> None:
         """Forget the front-end: rings stop, memory is unmapped, we wait for the next one."""
         (log.error if error else log.info)("%s; resetting the device", reason)
         assert self.conn is not None
-        self.sel.unregister(self.conn.sock)
+        if self.conn_watched:
+            self.sel.unregister(self.conn.sock)
+        self.conn_watched = False
         self.conn.close()
         self.conn = None
         self.handshake_deadline = 0.0
@@ -440,20 +473,14 @@ class Coordinator:
         if self.one_off:
             self.stopping = True
 
-    def _on_control(self) -> None:
-        """A control client: answer it."""
-        assert self.control is not None
-        try:
-            sock, _addr = self.control.accept()
-        except BlockingIOError:
-            return
-        sock.setblocking(True)
+    def _commands(self) -> tuple[dict[str, Callable[[], dict[str, Any]]], dict[str, FdCommand]]:
+        """The control socket's commands: those without descriptors, and those that take them."""
         commands = {"status": self.status, "flows": self.flows,
                     "metrics": lambda: {"text": exposition(self.status(), self.flows()).decode()}}
         if self.sandbox is not None and self.sandbox.test_hooks:
             for pair in range(self.pool.count):
                 commands[f"test-forbidden-syscall-{pair}"] = self._probe_callback(pair)
-        serve_client(sock, commands, {"capture-start": self._capture_start, "capture-stop": self._capture_stop})
+        return commands, {"capture-start": self._capture_start, "capture-stop": self._capture_stop}
 
     def _capture_start(self, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         """``shardswitch capture start``: the client opened the files and sent them."""
@@ -514,7 +541,7 @@ class Coordinator:
         if self.table is None:
             return {"flows": [], "capacity": 0}
         now = time.monotonic()
-        return {"capacity": self.max_flows, "instance": self.instance,
+        return {"capacity": self.max_flows, "instance": self.table.instance,
                 "flows": [flow_entry(flow, now) for flow in self.table.list_flows()]}
 
     def status(self) -> dict[str, Any]:
@@ -525,7 +552,8 @@ class Coordinator:
             entry: dict[str, Any] = {"pair": pair, "pid": handle.pid if handle else None,
                                      "restarts": handle.restarts if handle else 0,
                                      "last_exit": handle.last_exit if handle else ""}
-            answer = self.pool.call(pair, StatusQuery(seq=self.device.next_seq()))
+            answer = self.pool.call(pair, StatusQuery(seq=self.device.next_seq()), wait_posted=False)
+            entry["busy"] = self.pool.busy(pair)          # restoring migrated flows: not asked, not waited for
             if isinstance(answer, WorkerStatus):
                 details = msgspec.to_builtins(answer)
                 del details["seq"], details["type"]
@@ -545,9 +573,12 @@ class Coordinator:
             "workers": workers,
             "sandbox": {"enabled": self.sandbox is not None, "uid": os.getuid(), "gid": os.getgid()},
             "capture": self.capture.status(),
+            "control": self.control.status() if self.control is not None else {},
             "migration": {"repair_path": self.migration.repair_path,
-                          "repair_helper": self.migration.helper is not None, "last": self.migration.last},
-            "flow_table": {"instance": self.instance, "capacity": self.max_flows,
+                          "repair_helper": self.migration.helper is not None, "last": self.migration.last,
+                          "transfer": self.migration.progress()},
+            "flow_table": {"instance": self.table.instance if self.table is not None else "",
+                           "capacity": self.max_flows,
                            **(self.table.counters() if self.table is not None else {})},
         }
 
@@ -635,6 +666,11 @@ def run(cfg: "Config", log_file: LogFile | None = None) -> int:
         except SandboxError as err:
             log.error("%s", err)
             return 1
+    try:
+        hosting.control_group = resolve_group(cfg.control_group)      # before the sandbox hides /etc
+    except AccessError as err:
+        log.error("%s", err)
+        return 1
 
     addressing = host_addressing(cfg)
     params = guest_params(cfg, addressing)
@@ -655,7 +691,8 @@ def run(cfg: "Config", log_file: LogFile | None = None) -> int:
     forward = ForwardSetup(map_host_loopback=mapped, dns_forward=tuple(addressing.dns_forward.items()),
                            map_guest_addr=cfg.map_guest_addr or "",
                            outbound=outbound, outbound_if4=cfg.outbound_if4 or "",
-                           outbound_if6=cfg.outbound_if6 or "")
+                           outbound_if6=cfg.outbound_if6 or "", deny=tuple(cfg.deny),
+                           allow_link_local=cfg.allow_link_local)
     setup = WorkerSetup(pair=0, params=params, reflect=cfg.reflect, forward=forward,
                         services=int(_services(cfg, addressing)), icmp=not cfg.no_icmp)
     return run_coordinator(workers=cfg.workers, setup=setup, socket_path=hosting.socket_path,

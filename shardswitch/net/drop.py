@@ -130,6 +130,25 @@ class DropReason(IntEnum):
     #: Well-formed DHCPv6 message we do not answer (server messages, relays, another
     #: server's identifier, not to us, no address to give).
     DHCPV6_IGNORED = 50
+    #: IPv6 packet whose source or destination is IPv4-mapped (::ffff:0:0/96): never on the wire
+    #: (RFC 4291 section 2.5.5.2; Linux drops them too), and ambiguous with IPv4 in a flow's addresses.
+    IPV6_V4_MAPPED = 51
+    # -- the flow policy's refusals (shardswitch.worker.policy): a new flow the guest may not start --
+    #: A new flow from an unspecified, multicast or loopback source address.
+    FLOW_BAD_SOURCE = 52
+    #: A new flow to an unspecified address (0.0.0.0/8, ::) or to port 0.
+    FLOW_DST_UNSPECIFIED = 53
+    #: A new flow to the host's loopback by its own address (127.0.0.0/8, ::1): only mapped addresses lead
+    #: there.
+    FLOW_DST_LOOPBACK = 54
+    #: A new flow to a multicast or broadcast address (limited, or the guest subnet's directed one; the
+    #: reserved 240.0.0.0/4 too).
+    FLOW_DST_MULTICAST = 55
+    #: A new flow to a link-local address (169.254.0.0/16, fe80::/10: the cloud's metadata service among
+    #: them) or to a known metadata address, refused by default (--allow-link-local lifts it).
+    FLOW_DST_LINK_LOCAL = 56
+    #: A new flow to an address of the operator's deny list (--deny).
+    FLOW_DST_DENIED = 57
 
 
 class PacketError(Exception):

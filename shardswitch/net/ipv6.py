@@ -3,8 +3,11 @@
 Theory of operation: :func:`parse` takes the Ethernet payload of an IPv6
 frame as a ``memoryview`` and checks, before trusting any field: the 40-byte
 fixed header fits, the version is 6, the payload length fits the buffer
-(trailing Ethernet padding is cut off) and the source is not multicast
-(RFC 4291 section 2.7).  It then walks the extension headers (RFC 8200
+(trailing Ethernet padding is cut off), the source is not multicast
+(RFC 4291 section 2.7) and neither address is IPv4-mapped (``::ffff:0:0/96``,
+RFC 4291 section 2.5.5.2: never on the wire; above this layer an address is a
+16-byte :mod:`~shardswitch.net.inany` value where IPv4-mapped *means* IPv4, so
+such a packet would be an IPv4 flow in an IPv6 frame).  It then walks the extension headers (RFC 8200
 section 4) that may precede the upper-layer header:
 
 * hop-by-hop options (only directly after the fixed header), destination
@@ -65,6 +68,8 @@ MAX_PAYLOAD = 0xFFFF
 UNSPECIFIED = bytes(IPV6_ALEN)
 #: ::1
 LOOPBACK = bytes(IPV6_ALEN - 1) + b"\x01"
+#: The first 12 bytes of an IPv4-mapped address (::ffff:0:0/96).
+V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 #: The link-local all-nodes multicast address ff02::1.
 ALL_NODES = bytes.fromhex("ff020000000000000000000000000001")
 #: The link-local all-routers multicast address ff02::2.
@@ -138,6 +143,8 @@ def parse(data: memoryview) -> Ipv6Packet:
                           f"payload length {payload_len} in {available} bytes")
     if is_multicast(src):
         raise PacketError(DropReason.IPV6_MALFORMED, "multicast source")
+    if src[:12] == V4_MAPPED_PREFIX or dst[:12] == V4_MAPPED_PREFIX:
+        raise PacketError(DropReason.IPV6_V4_MAPPED, "IPv4-mapped address")
     datagram = data[:end]
     next_header, offset = walk_extension_headers(datagram, next_header)
     return Ipv6Packet(src, dst, next_header, hop_limit, (first >> 20) & 0xFF, datagram,

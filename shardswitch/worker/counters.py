@@ -39,6 +39,14 @@ class Event(IntEnum):
     FLOW_MIGRATED = 6
     #: Moving connections (or their guards) could not be frozen: segments during the handover may be reset.
     TCP_MIGRATION_UNFROZEN = 7
+    #: A handler of a flow (its socket, its timer) raised an unexpected error: that flow was closed, the
+    #: worker went on (the traceback is logged, rate-limited).
+    FLOW_FAULT = 8
+    #: A handler outside any flow (a listener, an inbox, a batch flush, a control message) raised an
+    #: unexpected error; the worker went on (the traceback is logged, rate-limited).
+    HANDLER_FAULT = 9
+    #: A flow of a migration's device state that the flow policy refused (not restored; TCP: reset).
+    MIGRATED_FLOW_REFUSED = 10
 
 
 class Counters:

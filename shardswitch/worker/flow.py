@@ -33,8 +33,19 @@ own.
   in one batch (one write lock), the activity times that changed are
   published (one unlocked store each: only the owner writes its entries'
   times), and each protocol's deferred hook runs (e.g. refilling pools).
-* **Address translation** is :class:`~shardswitch.worker.fwd.Forwarding`'s,
-  reached as :attr:`FlowLayer.fwd`.
+* **Where a new flow goes** is decided in one place,
+  :meth:`~shardswitch.worker.fwd.Forwarding.target` (reached as
+  :attr:`FlowLayer.fwd`): :meth:`FlowLayer.find` asks it for every guest
+  frame that starts a flow and returns the answer as a :class:`NewFlow`, or
+  raises its refusal; flows restored by a migration ask
+  :meth:`FlowLayer.new_flow`, the same question.  A protocol never computes a
+  target itself.  The policy's cheap class checks (loopback, multicast...)
+  run before the table's lock is taken, so refused frames cost no lock.
+* **Faults stay with their flow.**  Every handler the layer calls for a flow
+  (socket readiness, timers) runs under :meth:`FlowLayer.guard`: an
+  unexpected exception is counted (``FLOW_FAULT``), logged rate-limited with
+  its traceback, and ends that flow only (the protocol's ``abort`` hook, a
+  reset where it can), never the worker.
 
 Without a table (unit tests of one worker) every flow is this worker's and
 gets a dummy reference.
@@ -45,11 +56,13 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Callable, NamedTuple, Protocol, TypeVar
 
 from shardswitch.net.drop import DropReason, PacketError
+from shardswitch.net.inany import InAny
 from shardswitch.shm.layout import FlowRef, FlowSide, FlowTableError, FlowType, Pif, TableFullError, pack_key
 from shardswitch.shm.table import FlowTable
+from shardswitch.worker.counters import Event
 from shardswitch.worker.fwd import Forwarding
 from shardswitch.worker.port import READABLE, WorkerPort
 
@@ -66,6 +79,18 @@ class HandOver(Exception):
         """``owner``: the queue pair whose worker owns the flow."""
         super().__init__(f"flow owned by queue pair {owner}")
         self.owner = owner
+
+
+class NewFlow(NamedTuple):
+    """A flow the guest may start, not created yet: its key and where the flow policy says it goes."""
+
+    #: Key of its guest side in the local index.
+    key: bytes
+    #: The guest side as the guest's frame has it.
+    guest_side: FlowSide
+    #: Where it goes on the host (after the mapping) and the port there.
+    target: InAny
+    port: int
 
 
 @dataclass(slots=True, eq=False, kw_only=True)
@@ -111,6 +136,10 @@ class FlowHooks(Protocol[F_contra]):
     def deferred(self, now: float) -> None:
         """Once a second, after the flows' timers (pools, caches)."""
 
+    def abort(self, flow: F_contra) -> None:
+        """A handler of the flow raised unexpectedly: end it as a failure (TCP: reset both ways); the
+        layer closes it afterwards if this did not."""
+
 
 class FlowLayer:
     """Every flow this worker owns, whatever its protocol."""
@@ -135,17 +164,21 @@ class FlowLayer:
 
     # -- finding and entering ---------------------------------------------------
 
-    def find(self, ftype: FlowType, guest_side: FlowSide) -> tuple[bytes, FlowBase | None]:
-        """The key of a guest frame's flow and the flow, if this worker has it.
+    def find(self, ftype: FlowType, guest_side: FlowSide) -> FlowBase | NewFlow:
+        """The flow of a guest frame, if this worker has it, else where a new one would go.
 
-        Raises :class:`HandOver` when another worker owns it.  None: the flow
-        is new here (an entry left by this pair's previous process is removed
-        first) and the caller may create it.
+        Raises :class:`HandOver` when another worker owns it, PacketError
+        when the flow policy refuses a new flow (its reason says why).  A
+        :class:`NewFlow`: the flow is new here (an entry left by this pair's
+        previous process is removed first) and the caller may create it.
         """
         key = pack_key(ftype, guest_side)
         flow = self.flows.get(key)
         if flow is not None:
-            return key, flow
+            return flow
+        fwd = self.fwd
+        # No flow has such addresses: refused before the table's lock.
+        fwd.policy.screen(guest_side.ep_addr, guest_side.our_addr, None)
         table = self.table
         if table is not None:
             hit = table.lookup_key(key)
@@ -153,7 +186,14 @@ class FlowLayer:
                 if hit.owner != self.port.pair:
                     raise HandOver(hit.owner)
                 table.remove_many([hit.ref])
-        return key, None
+        target, port = fwd.target(ftype, guest_side)
+        return NewFlow(key, guest_side, target, port)
+
+    def new_flow(self, ftype: FlowType, guest_side: FlowSide) -> NewFlow:
+        """Where a guest-side flow restored by a migration goes: the same decision as :meth:`find`'s
+        (PacketError when the policy refuses it)."""
+        target, port = self.fwd.target(ftype, guest_side)
+        return NewFlow(pack_key(ftype, guest_side), guest_side, target, port)
 
     def enter(self, ftype: FlowType, initiator: FlowSide, target: FlowSide, now: float) -> FlowRef:
         """Enter a new flow in the table (the whole life cycle at once).
@@ -192,10 +232,37 @@ class FlowLayer:
             self.port.watch(sock_fd, functools.partial(self._on_fd, sock_fd), events)
 
     def _on_fd(self, fd: int) -> None:
-        """A flow's socket is ready: its protocol's hook, with the flow."""
+        """A flow's socket is ready: its protocol's hook, with the flow (guarded)."""
         flow = self.by_fd.get(fd)
         if flow is not None:
-            self._hooks[flow.ftype].on_socket(flow)
+            self.guard(flow, self._hooks[flow.ftype].on_socket, flow)
+
+    def guard(self, flow: FlowBase, action: Callable[..., object], *args: Any) -> bool:
+        """Run ``action(*args)`` for ``flow``; an unexpected exception costs that flow only: counted
+        (FLOW_FAULT), logged rate-limited with its traceback, the flow aborted and closed.  Whether the
+        action ran to its end."""
+        try:
+            action(*args)
+            return True
+        except Exception:
+            self.fault(flow)
+            return False
+
+    def fault(self, flow: FlowBase) -> None:
+        """A handler of ``flow`` raised (called from an ``except`` block): count, log, end the flow."""
+        port = self.port
+        port.count(Event.FLOW_FAULT)
+        port.loglimit.error("flow fault", "worker %d: %s flow closed after an internal error", port.pair,
+                            flow.ftype.name, exc_info=True)
+        if flow.closed:
+            return
+        try:
+            self._hooks[flow.ftype].abort(flow)
+        except Exception:
+            port.loglimit.error("flow fault", "worker %d: aborting the %s flow failed too", port.pair,
+                                flow.ftype.name, exc_info=True)
+        if not flow.closed:
+            self.close(flow)
 
     # -- closing ----------------------------------------------------------------------
 
@@ -228,8 +295,17 @@ class FlowLayer:
         """Once a second: every flow's timers, the finished ones removed in one batch, activity published."""
         hooks = self._hooks
         # A timer may close another flow of the same pass (e.g. a reset): closed flows are skipped.
-        over = [flow for flow in list(self.flows.values())
-                if not flow.closed and hooks[flow.ftype].timer(flow, now) and not flow.closed]
+        over = []
+        for flow in list(self.flows.values()):
+            if flow.closed:
+                continue
+            try:
+                ended = hooks[flow.ftype].timer(flow, now)
+            except Exception:
+                self.fault(flow)
+                continue
+            if ended and not flow.closed:
+                over.append(flow)
         for flow in over:
             self._forget(flow)
         table = self.table
@@ -241,7 +317,12 @@ class FlowLayer:
                     table.touch(flow.ref.entry, flow.last)
                     flow.published = flow.last
         for kind in self._kinds:
-            kind.deferred(now)
+            try:
+                kind.deferred(now)
+            except Exception:
+                self.port.count(Event.HANDLER_FAULT)
+                self.port.loglimit.error("handler fault", "worker %d: deferred handler failed", self.port.pair,
+                                         exc_info=True)
 
     def count(self) -> int:
         """Flows this worker owns."""

@@ -4,19 +4,25 @@ Theory of operation.  The guest sees one network; the host sockets that carry
 its flows see another.  Every protocol asks this module, in both directions,
 instead of building the mapping itself:
 
-* guest -> host (:meth:`Forwarding.to_host`): where a flow the guest starts
-  really goes.  A DNS forwarding address (``--dns-forward``, or the gateway
+* guest -> host (:meth:`Forwarding.target`): where a flow the guest starts
+  really goes, and whether it may go at all: the one place that decides it,
+  for TCP, UDP and echo flows, new or restored by a migration (passt's
+  flow_target / fwd_nat_from_tap).  The flow policy
+  (:mod:`~shardswitch.worker.policy`) screens the guest's addresses first
+  (no loopback, unspecified, multicast or broadcast destination, no port 0),
+  then the mapping (:meth:`Forwarding.to_host`) applies: a DNS forwarding address (``--dns-forward``, or the gateway
   on hosts whose resolvers are on their loopback) on port 53 means the host
   resolver paired with it (chosen by :mod:`shardswitch.guest_addressing`).  A destination that is a *mapped* address
   (``--map-host-loopback``, the gateways by default) means the host itself:
   the host's loopback of that family.  ``--map-guest-addr`` means the host's
   own address that the guest's address (mirrored from the host) shadows.
-  Anything else goes where the guest sent it.
+  Anything else goes where the guest sent it, if the policy's deny lists
+  (``--deny``, link-local and metadata addresses by default) allow it.
 * the host socket of a flow the guest starts (:meth:`Forwarding.bind_outbound`):
   bound to ``-o``'s source address and ``--outbound-if4/6``'s interface of
   its family, unless it goes to the host's loopback (which no interface
-  binding could reach).
-* host -> guest (:meth:`Forwarding.seen_from`): the address a host client of
+  binding could reach), and connected (:meth:`Forwarding.connect`).
+* host -> guest (:meth:`Forwarding.inbound`, :meth:`Forwarding.seen_from`): the address a host client of
   a forwarded port (``-t``/``-u``) appears to come from.  A client on the
   host's loopback appears as the first mapped address of its family (the
   reverse of the mapping above; None when there is none); a client on the
@@ -37,16 +43,21 @@ flow's socket and frame builders take them as they are.
 
 from __future__ import annotations
 
+import errno
 import socket
 from typing import Protocol
 
 from shardswitch.ipc import ForwardSetup
 from shardswitch.net import inany, ipv6
 from shardswitch.net.inany import InAny
+from shardswitch.shm.layout import FlowSide, FlowType
+from shardswitch.worker.policy import FlowPolicy
 from shardswitch.worker.port import WorkerPort
 
 #: The DNS port.
 DNS_PORT = 53
+#: Flow types whose destination has a port (0 is refused).
+_PORTED = frozenset({FlowType.TCP, FlowType.UDP})
 
 
 def _parse_all(texts: tuple[str, ...]) -> list[InAny]:
@@ -105,13 +116,31 @@ class Forwarding:
             self.outbound[v4] = (addr, self.outbound[v4][1])
         #: The guest's global IPv6 address as last seen (None: not seen yet).
         self.guest6: InAny | None = params.address6
-        #: IPv4 broadcast addresses: the limited one, and the guest subnet's directed one.
+        #: What the guest may address (IPv4 broadcast: the limited one, and the guest subnet's directed one).
         host_bits = ~params.netmask & 0xFFFFFFFF
-        self._broadcast4 = frozenset({0xFFFFFFFF, params.address | host_bits} if params.prefix_len <= 30
-                                     else {0xFFFFFFFF})
+        self.policy = FlowPolicy(setup.deny, setup.allow_link_local,
+                                 frozenset({0xFFFFFFFF, params.address | host_bits} if params.prefix_len <= 30
+                                           else {0xFFFFFFFF}))
+
+    def target(self, ftype: FlowType, guest_side: FlowSide) -> tuple[InAny, int]:
+        """Where a flow the guest starts with ``guest_side`` goes on the host: the one place that decides it.
+
+        The flow policy screens the guest's addresses, the mapping translates
+        the destination, and a destination no mapping claimed must pass the
+        policy's deny lists (:mod:`~shardswitch.worker.policy`).  Raises
+        PacketError with the refusing rule's reason.  Every guest-started flow
+        asks here - TCP, UDP and echo, new or restored by a migration - and
+        opens its socket with :meth:`connect`.
+        """
+        dst, port = guest_side.our_addr, guest_side.our_port
+        self.policy.screen(guest_side.ep_addr, dst, port if ftype in _PORTED else None)
+        target = self.to_host(dst, port)
+        if target == (dst, port):
+            self.policy.egress(dst)
+        return target
 
     def to_host(self, dst: InAny, port: int) -> tuple[InAny, int]:
-        """Where guest traffic to ``dst``:``port`` goes on the host (``port`` 0 for echo)."""
+        """The mapping alone: where guest traffic to ``dst``:``port`` goes (``port`` 0 for echo)."""
         if port == DNS_PORT:
             resolver = self.dns.get(dst)
             if resolver is not None:
@@ -124,17 +153,14 @@ class Forwarding:
                 return own, port
         return dst, port
 
-    def is_unicast(self, dst: InAny) -> bool:
-        """Whether the guest may start a flow to ``dst``: not unspecified, multicast, broadcast (limited,
-        or directed to the guest's own subnet) or loopback (the host's loopback is reached through a
-        mapped address, never by its own address)."""
-        if inany.is_v4(dst):
-            return self.is_unicast4(int.from_bytes(dst[12:], "big"))
-        return not (ipv6.is_multicast(dst) or ipv6.is_unspecified(dst) or dst == ipv6.LOOPBACK)
-
-    def is_unicast4(self, addr: int) -> bool:
-        """:meth:`is_unicast` for an IPv4 address as an int (the per-datagram check of guest UDP)."""
-        return not (addr >> 28 == 0xE or addr >> 24 in (0, 127) or addr in self._broadcast4)
+    def connect(self, sock: socket.socket, target: InAny, port: int, local_port: int = 0) -> int:
+        """Bind ``sock`` as :meth:`bind_outbound` does and connect it to ``target``:``port`` (a
+        :meth:`target`); the errno (0, or EINPROGRESS for a non-blocking TCP socket, when it worked)."""
+        try:
+            self.bind_outbound(sock, target, local_port)
+        except OSError as exc:
+            return exc.errno or errno.EADDRNOTAVAIL
+        return sock.connect_ex(inany.sockaddr(target, port))
 
     def bind_outbound(self, sock: socket.socket, target: InAny, port: int = 0) -> None:
         """Bind ``sock``, about to reach ``target``, to the outbound address and interface of its family,
@@ -165,6 +191,15 @@ class Forwarding:
                 return self.map_guest
             return self.shown4 if v4 else self.shown6
         return client
+
+    def inbound(self, client: InAny) -> tuple[InAny, InAny] | None:
+        """The guest side of a flow a host ``client`` starts on a forwarded port: (the address it appears
+        from, the guest's address of its family); None when either is unknown (the caller refuses it)."""
+        remote = self.seen_from(client)
+        guest = self.guest_address(inany.is_v4(client))
+        if remote is None or guest is None:
+            return None
+        return remote, guest
 
     def learn_guest(self, src: InAny) -> None:
         """A flow the guest started from ``src``: remember its global IPv6 address (unicast sources only),

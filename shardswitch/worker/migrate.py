@@ -41,7 +41,7 @@ from shardswitch.migration import format as fmt
 from shardswitch.migration import repair
 from shardswitch.migration.repair import RepairCommand, RepairError, RepairLink
 from shardswitch.net import inany, tcp
-from shardswitch.net.drop import PacketError
+from shardswitch.net.drop import DropReason, PacketError
 from shardswitch.net.tcp import (ACK, CONNECTING, ESTABLISHED, FIN_SENT, RST, SOCK_FIN_RCVD,
                                  Addressing, TcpConn)
 from shardswitch.shm.layout import FlowSide, FlowType, Pif, pack_key
@@ -49,6 +49,7 @@ from shardswitch.worker import tcp_migrate
 from shardswitch.worker.counters import Event
 from shardswitch.worker.flow import FlowLayer
 from shardswitch.worker.ping import PingFlow, PingFlows
+from shardswitch.worker.policy import REFUSALS
 from shardswitch.worker.port import WorkerPort
 from shardswitch.worker.tcp import EDGE, TcpFlow, TcpFlows
 from shardswitch.worker.tcp_forward import LINGER_RESET
@@ -263,7 +264,7 @@ class FlowMigration:
         """Restore ``state``'s flows here (see the module's docstring)."""
         moved = Moved()
         now = time.monotonic()
-        with_socket = [t for t in state.tcp if t.socket is not None]
+        with_socket = [t for t in state.tcp if t.socket is not None and self._admitted(t)]
         restored = self._restore_all(with_socket, link, now) if link is not None and with_socket else {}
         for record in state.tcp:
             flow = restored.get(id(record))
@@ -274,11 +275,16 @@ class FlowMigration:
             else:
                 moved.tcp_moved += 1
                 self.port.count(Event.TCP_MIGRATED)
+        failed_udp = failed_ping = 0
         for udp in state.udp:
             try:
                 self.udp.recreate(_flow_side(udp.guest), udp.host.our_port, now)
             except PacketError as err:
-                log.warning("worker %d: UDP flow not re-created: %s", self.port.pair, err)
+                if err.reason in REFUSALS:
+                    self.port.count(Event.MIGRATED_FLOW_REFUSED)
+                self.port.loglimit.warning("migrated UDP flow", "worker %d: UDP flow not re-created: %s",
+                                           self.port.pair, err)
+                failed_udp += 1
                 continue
             moved.other += 1
             self.port.count(Event.FLOW_MIGRATED)
@@ -286,13 +292,51 @@ class FlowMigration:
             try:
                 self.ping.recreate(FlowType.PING6 if ping.v6 else FlowType.PING4, _flow_side(ping.guest), now)
             except PacketError as err:
-                log.warning("worker %d: echo flow not re-created: %s", self.port.pair, err)
+                if err.reason in REFUSALS:
+                    self.port.count(Event.MIGRATED_FLOW_REFUSED)
+                self.port.loglimit.warning("migrated echo flow", "worker %d: echo flow not re-created: %s",
+                                           self.port.pair, err)
+                failed_ping += 1
                 continue
             moved.other += 1
             self.port.count(Event.FLOW_MIGRATED)
+        for failed, kind in ((failed_udp, "UDP"), (failed_ping, "echo")):
+            if failed:
+                log.warning("worker %d: %d %s flow(s) of the migration not re-created", self.port.pair, failed, kind)
         if self.port.queue:
             self.port.flush()
         return moved
+
+    def _admitted(self, record: fmt.TcpState) -> bool:
+        """Whether the flow policy lets a connection of the document be restored as it names it (else it is
+        reset, counted and logged): a connection the guest started must go where the same guest side would
+        go now (:meth:`FlowLayer.new_flow`), from a local address of the same kind; one a host client
+        started must come to a port this switch forwards, to the guest port it forwards to, and appear in the
+        guest from where such a client would."""
+        guest, host = _flow_side(record.guest), _flow_side(record.host)
+        try:
+            if record.inbound:
+                forwarder = self.tcp.forwarder
+                listener = forwarder.listening_on(host.our_port) if forwarder is not None else None
+                sides = self.layer.fwd.inbound(host.ep_addr)
+                if (listener is None or listener.guest_port != guest.ep_port or sides is None
+                        or sides[0] != guest.our_addr):
+                    raise PacketError(DropReason.FLOW_DST_DENIED, "not a client of a forwarded port")
+                self.layer.fwd.policy.screen(guest.ep_addr, host.ep_addr, host.ep_port)
+            else:
+                new = self.layer.new_flow(FlowType.TCP, guest)
+                if (new.target, new.port) != (host.ep_addr, host.ep_port):
+                    raise PacketError(DropReason.FLOW_DST_DENIED, f"the guest side leads to "
+                                      f"{inany.to_str(new.target)} port {new.port}, not where the document says")
+                if inany.is_loopback(host.our_addr) != inany.is_loopback(new.target):
+                    raise PacketError(DropReason.FLOW_DST_DENIED, "local address of another kind")
+        except PacketError as err:
+            self.port.count(Event.MIGRATED_FLOW_REFUSED)
+            self.port.loglimit.warning("migrated flow refused", "worker %d: migrated TCP connection %s port %d "
+                                       "-> %s port %d refused: %s", self.port.pair, inany.to_str(guest.ep_addr),
+                                       guest.ep_port, inany.to_str(host.ep_addr), host.ep_port, err)
+            return False
+        return True
 
     def _restore_all(self, records: list[fmt.TcpState], link: RepairLink,
                      now: float) -> dict[int, TcpFlow]:
@@ -302,7 +346,8 @@ class FlowMigration:
             try:
                 socks[id(record)] = tcp_migrate.new_socket(record.host)
             except OSError as err:
-                log.warning("worker %d: no socket for a migrated TCP connection: %s", self.port.pair, err)
+                self.port.loglimit.warning("migrated TCP socket", "worker %d: no socket for a migrated TCP "
+                                           "connection: %s", self.port.pair, err)
         try:
             link.set(RepairCommand.ON, [s.fileno() for s in socks.values()])
         except RepairError as err:
@@ -320,8 +365,8 @@ class FlowMigration:
                 tcp_migrate.restore(repairing, record.host, record.socket)
                 ok.add(id(record))
             except tcp_migrate.MigrateError as err:
-                log.warning("worker %d: TCP connection to port %d not restored: %s", self.port.pair,
-                            record.guest.our_port, err)
+                self.port.loglimit.warning("migrated TCP restore", "worker %d: TCP connection to port %d not "
+                                           "restored: %s", self.port.pair, record.guest.our_port, err)
         try:
             link.set(RepairCommand.OFF, [socks[key].fileno() for key in ok])
         except RepairError as err:
@@ -350,8 +395,8 @@ class FlowMigration:
             ref = self.layer.enter(FlowType.TCP, host if record.inbound else guest,
                                    guest if record.inbound else host, now)
         except (tcp_migrate.MigrateError, PacketError) as err:
-            log.warning("worker %d: TCP connection to port %d not taken over: %s", self.port.pair,
-                        record.guest.our_port, err)
+            self.port.loglimit.warning("migrated TCP adopt", "worker %d: TCP connection to port %d not taken "
+                                       "over: %s", self.port.pair, record.guest.our_port, err)
             return None
         # What was in flight to the guest is sent again: the receive queue starts at the guest's ACK.
         conn = TcpConn(record.seq_ack_from_guest, record.seq_ack_from_guest, record.seq_from_guest,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 from dataclasses import dataclass
 
@@ -32,8 +33,8 @@ from shardswitch.net.icmpv6 import Icmpv6Message, Icmpv6Type
 from shardswitch.net.inany import InAny
 from shardswitch.net.ipv4 import IpProto, Ipv4Packet
 from shardswitch.net.ipv6 import Ipv6Packet
-from shardswitch.shm.layout import FlowSide, FlowType, Pif, pack_key
-from shardswitch.worker.flow import FlowBase, FlowLayer
+from shardswitch.shm.layout import FlowSide, FlowType, Pif
+from shardswitch.worker.flow import FlowBase, FlowLayer, NewFlow
 from shardswitch.worker.port import WorkerPort
 
 log = logging.getLogger("shardswitch.worker")
@@ -95,16 +96,11 @@ class PingFlows:
                  now: float) -> None:
         """Send one echo request on its flow's socket, creating the flow first if needed.
 
-        Requests to broadcast, multicast or local addresses are dropped (ICMP_IGNORED / ICMPV6_IGNORED):
-        no host socket may send them, and a guest must not make the host ping a whole network.
+        Requests to broadcast, multicast or other addresses the flow policy refuses are dropped under its
+        reason: no host socket may send them, and a guest must not make the host ping a whole network.
         """
-        if not self.layer.fwd.is_unicast(dst):
-            raise PacketError(DropReason.ICMP_IGNORED if ftype == FlowType.PING4 else DropReason.ICMPV6_IGNORED,
-                              f"echo to {inany.to_str(dst)}: not a unicast address")
-        guest_side = FlowSide(Pif.GUEST, src, ident, dst, 0)
-        key, flow = self.layer.find(ftype, guest_side)
-        if flow is None:
-            flow = self._create(ftype, key, guest_side, now)
+        found = self.layer.find(ftype, FlowSide(Pif.GUEST, src, ident, dst, 0))
+        flow = self._create(ftype, found, now) if isinstance(found, NewFlow) else found
         assert isinstance(flow, PingFlow)
         try:
             flow.sock.send(request)
@@ -113,9 +109,9 @@ class PingFlows:
             raise PacketError(DropReason.PING_SEND_ERROR, err.strerror or "") from None
         flow.last = now
 
-    def _create(self, ftype: FlowType, key: bytes, guest_side: FlowSide, now: float) -> PingFlow:
-        """Open a ping socket to where the destination maps, enter and index the flow."""
-        target, _ = self.layer.fwd.to_host(guest_side.our_addr, 0)
+    def _create(self, ftype: FlowType, new: NewFlow, now: float) -> PingFlow:
+        """Open a ping socket to the policy's target, enter and index the flow."""
+        target, guest_side = new.target, new.guest_side
         proto = socket.IPPROTO_ICMP if ftype == FlowType.PING4 else socket.IPPROTO_ICMPV6
         try:
             sock = socket.socket(inany.family(target), socket.SOCK_DGRAM, proto)
@@ -126,8 +122,9 @@ class PingFlows:
             raise PacketError(DropReason.PING_SOCKET_ERROR, err.strerror or "") from None
         try:
             sock.setblocking(False)
-            self.layer.fwd.bind_outbound(sock, target)
-            sock.connect(inany.sockaddr(target, 0))
+            failed = self.layer.fwd.connect(sock, target, 0)
+            if failed:
+                raise OSError(failed, os.strerror(failed))
             # A ping socket's local "port" is the echo identifier the kernel puts on the host side.
             host_side = FlowSide(Pif.HOST, target, 0, inany.ANY6, sock.getsockname()[1])
             ref = self.layer.enter(ftype, guest_side, host_side, now)
@@ -137,14 +134,15 @@ class PingFlows:
         except BaseException:
             sock.close()
             raise
-        flow = PingFlow(ref=ref, ftype=ftype, key=key, last=now, sock=sock, guest_ident=guest_side.ep_port,
+        flow = PingFlow(ref=ref, ftype=ftype, key=new.key, last=now, sock=sock, guest_ident=guest_side.ep_port,
                         guest_addr=guest_side.ep_addr, remote=guest_side.our_addr)
         self.layer.add(flow, sock.fileno())
         return flow
 
     def recreate(self, ftype: FlowType, guest_side: FlowSide, now: float) -> PingFlow:
-        """An echo flow re-created by a migration (PacketError when no socket can be made)."""
-        return self._create(ftype, pack_key(ftype, guest_side), guest_side, now)
+        """An echo flow re-created by a migration, where the flow policy says it goes (PacketError when the
+        policy refuses it or no socket can be made)."""
+        return self._create(ftype, self.layer.new_flow(ftype, guest_side), now)
 
     # -- flow layer hooks ----------------------------------------------------------
 
@@ -182,3 +180,6 @@ class PingFlows:
 
     def deferred(self, now: float) -> None:
         """Nothing beyond the flows' own timers."""
+
+    def abort(self, flow: PingFlow) -> None:
+        """A handler of the flow raised: nothing to tell anyone (the layer closes it)."""

@@ -93,7 +93,7 @@ from shardswitch.net.tcp import (
 from shardswitch.shm.layout import FlowRef, FlowSide, FlowType, Pif
 from shardswitch.virtio.netdev import GsoType
 from shardswitch.worker import tcp_buf, tcp_timers, tcp_vu
-from shardswitch.worker.flow import FlowBase, FlowLayer
+from shardswitch.worker.flow import FlowBase, FlowLayer, NewFlow
 from shardswitch.worker.port import WorkerPort
 from shardswitch.worker.sockpool import SocketPool
 from shardswitch.worker.tcp_forward import LINGER_RESET, TcpForwarder
@@ -196,19 +196,25 @@ class TcpFlows:
         self._segment(packet.src, packet.dst, tcp.parse6(packet, not packet.csum_partial), now, out)
 
     def _segment(self, src: InAny, dst: InAny, seg: TcpSegment, now: float, out: Frames) -> None:
-        """Find the segment's flow (or its owner, or create it) and process the segment."""
+        """Find the segment's flow (or its owner, or create it) and process the segment; a new connection
+        the flow policy refuses gets a RST."""
         guest_side = FlowSide(Pif.GUEST, src, seg.src_port, dst, seg.dst_port)
-        key, flow = self.layer.find(FlowType.TCP, guest_side)
-        if flow is not None:
-            assert isinstance(flow, TcpFlow)
-            self._from_guest(flow, seg, now, out)
-            return
         flags = seg.flags
+        try:
+            found = self.layer.find(FlowType.TCP, guest_side)
+        except PacketError:
+            if not flags & RST:
+                out.append(self._reset_for(self._addressing(src, dst, seg), seg))
+            raise
+        if not isinstance(found, NewFlow):
+            assert isinstance(found, TcpFlow)
+            self._from_guest(found, seg, now, out)
+            return
         if flags & RST:
             raise PacketError(DropReason.TCP_IGNORED, "RST without a flow")
         addr = self._addressing(src, dst, seg)
         if flags & SYN and not flags & ACK:
-            self._connect(key, guest_side, addr, seg, now, out)
+            self._connect(found, addr, seg, now, out)
             return
         out.append(self._reset_for(addr, seg))
         raise PacketError(DropReason.TCP_IGNORED, "no flow: reset")
@@ -227,17 +233,12 @@ class TcpFlows:
         length = len(seg.payload) + (1 if seg.flags & SYN else 0) + (1 if seg.flags & FIN else 0)
         return tcp.build(addr, 0, tcp.seq_add(seg.seq, length), RST | ACK, 0)
 
-    def _connect(self, key: bytes, guest_side: FlowSide, addr: Addressing, seg: TcpSegment, now: float,
-                 out: Frames) -> None:
-        """A new connection from the guest: connect() a socket, enter the flow; RST when that fails."""
-        target, port = self.layer.fwd.to_host(guest_side.our_addr, guest_side.our_port)
+    def _connect(self, new: NewFlow, addr: Addressing, seg: TcpSegment, now: float, out: Frames) -> None:
+        """A new connection from the guest: connect() a socket to the policy's target, enter the flow; RST
+        when that fails."""
+        target, port = new.target, new.port
         sock = self.pool.take(inany.family(target))
-        try:
-            self.layer.fwd.bind_outbound(sock, target)
-        except OSError as exc:
-            err = exc.errno or errno.EADDRNOTAVAIL
-        else:
-            err = sock.connect_ex(inany.sockaddr(target, port))
+        err = self.layer.fwd.connect(sock, target, port)
         if err not in (0, errno.EINPROGRESS):
             sock.close()
             out.append(self._reset_for(addr, seg))
@@ -245,7 +246,7 @@ class TcpFlows:
             return
         try:
             local = sock.getsockname()
-            ref = self.layer.enter(FlowType.TCP, guest_side,
+            ref = self.layer.enter(FlowType.TCP, new.guest_side,
                                    FlowSide(Pif.HOST, target, port, inany.from_str(local[0]), local[1]), now)
         except OSError:
             sock.close()
@@ -260,8 +261,8 @@ class TcpFlows:
         isn = secrets.randbits(32)
         our_mss = tcp.mss_for(self.mtu, addr.v6)
         conn = TcpConn.from_syn(seg, isn, our_mss)
-        flow = TcpFlow(ref=ref, ftype=FlowType.TCP, key=key, last=now, sock=sock, conn=conn, addr=addr, isn=isn,
-                       our_mss=our_mss, timer=now, created=now)
+        flow = TcpFlow(ref=ref, ftype=FlowType.TCP, key=new.key, last=now, sock=sock, conn=conn, addr=addr,
+                       isn=isn, our_mss=our_mss, timer=now, created=now)
         self.layer.add(flow, sock.fileno(), EDGE_OUT)
         if err == 0:
             self._connected(flow, now, out)
@@ -427,17 +428,21 @@ class TcpFlows:
         pending = self.port.queue
         now = time.monotonic()
         for flow in due:
-            if flow.closed:
-                continue
-            if flow.unconsumed:
-                self.consume(flow)
-            if flow.readable:
-                self.to_guest(flow, now, pending)
-            # A data frame to the guest may have carried this ACK already.
-            if not flow.closed and flow.conn.seq_ack_to_guest != flow.conn.seq_from_guest:
-                pending.append(self.ack(flow))
+            if not flow.closed:
+                self.layer.guard(flow, self._flush_one, flow, now, pending)
         if pending:
             self.port.flush()
+
+    def _flush_one(self, flow: TcpFlow, now: float, pending: Frames) -> None:
+        """One due flow at the end of a batch: discard what the guest ACKed, send what its window allows,
+        ACK its data if no data frame did."""
+        if flow.unconsumed:
+            self.consume(flow)
+        if flow.readable:
+            self.to_guest(flow, now, pending)
+        # A data frame to the guest may have carried this ACK already.
+        if not flow.closed and flow.conn.seq_ack_to_guest != flow.conn.seq_from_guest:
+            pending.append(self.ack(flow))
 
     # -- from the host ------------------------------------------------------------
 
@@ -548,7 +553,7 @@ class TcpFlows:
         pending = self.port.queue
         for flow in blocked:
             if not flow.closed and flow.readable:
-                self.to_guest(flow, now, pending)
+                self.layer.guard(flow, self.to_guest, flow, now, pending)
         if pending:
             self.port.flush()
 
@@ -630,6 +635,13 @@ class TcpFlows:
                 except OSError:
                     pass
         self.pool.close()
+
+    def abort(self, flow: TcpFlow) -> None:
+        """A handler of the flow raised: a RST to the guest (when one can be built) and to the host peer."""
+        try:
+            self.reset_guest(flow, self.port.queue)
+        finally:
+            self._close(flow, reset_host=True)
 
     def timer(self, flow: TcpFlow, now: float) -> bool:
         """Once a second: retransmission, SYN and idle timeouts (they close the flow themselves)."""

@@ -47,6 +47,10 @@ class TcpForwarder:
         self.port = flows.port
         self.listeners = adopt_listeners(ports, self.port.watch, self.on_listener)
 
+    def listening_on(self, port: int) -> Listener | None:
+        """This worker's listener of forwarded host ``port`` (None: the port is not forwarded)."""
+        return next((listener for listener in self.listeners.values() if listener.port == port), None)
+
     def on_listener(self, fd: int) -> None:
         """Host clients connected to a forwarded port: each becomes a flow, with our SYN to the guest."""
         listener = self.listeners.get(fd)
@@ -74,12 +78,11 @@ class TcpForwarder:
         """Make the flow of an accepted host client and send the guest our SYN; PacketError refuses it."""
         client = inany.from_str(peer[0])
         cport: int = peer[1]
-        fwd = self.flows.layer.fwd
-        remote = fwd.seen_from(client)
-        guest = fwd.guest_address(inany.is_v4(client))
+        sides = self.flows.layer.fwd.inbound(client)
         mac = self.port.guest_mac
-        if remote is None or guest is None or mac is None:
+        if sides is None or mac is None:
             raise PacketError(DropReason.TCP_NO_GUEST_ADDRESS)
+        remote, guest = sides
         guest_side = FlowSide(Pif.GUEST, guest, listener.guest_port, remote, cport)
         key = pack_key(FlowType.TCP, guest_side)
         if key in self.flows.layer.flows:

@@ -58,13 +58,14 @@ built by :mod:`shardswitch.net.flowframes`, which picks the family.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from shardswitch.ipc import PortFd
-from shardswitch.net import eth, flowframes, inany, ipv6
+from shardswitch.net import eth, flowframes, inany
 from shardswitch.net.drop import DropReason, PacketError
 from shardswitch.net.endpoint import GuestEndpoint
 from shardswitch.net.inany import InAny
@@ -74,7 +75,7 @@ from shardswitch.net.udp import UdpDatagram
 from shardswitch.shm.layout import FlowSide, FlowType, Pif, pack_key
 from shardswitch.worker import sockerr
 from shardswitch.worker.counters import Event
-from shardswitch.worker.flow import FlowBase, FlowLayer
+from shardswitch.worker.flow import FlowBase, FlowLayer, NewFlow
 from shardswitch.worker.listen import Listener, adopt_listeners
 from shardswitch.worker.port import WorkerPort
 
@@ -144,25 +145,20 @@ class UdpFlows:
     def handle4(self, eth_src: bytes, packet: Ipv4Packet, datagram: UdpDatagram, now: float,
                 out: list[bytes]) -> None:
         """A UDP datagram over IPv4 from the guest (endpoint default UDP handler)."""
-        if not datagram.dst_port or not self.fwd.is_unicast4(packet.dst):
-            raise PacketError(DropReason.UDP_PORT_UNHANDLED, "multicast, broadcast or local destination")
         self._from_guest(inany.from_v4(packet.src), datagram.src_port, inany.from_v4(packet.dst),
                          datagram.dst_port, datagram.payload, now)
 
     def handle6(self, eth_src: bytes, packet: Ipv6Packet, datagram: UdpDatagram, now: float,
                 out: list[bytes]) -> None:
         """A UDP datagram over IPv6 from the guest (endpoint default IPv6 UDP handler)."""
-        dst = packet.dst
-        if not self.fwd.is_unicast(dst) or not datagram.dst_port or ipv6.is_unspecified(packet.src):
-            raise PacketError(DropReason.UDP_PORT_UNHANDLED, "multicast or local destination")
-        self._from_guest(packet.src, datagram.src_port, dst, datagram.dst_port, datagram.payload, now)
+        self._from_guest(packet.src, datagram.src_port, packet.dst, datagram.dst_port, datagram.payload, now)
 
     def _from_guest(self, src: InAny, sport: int, dst: InAny, dport: int, payload: memoryview, now: float) -> None:
-        """Send one guest datagram on its flow, creating the flow first if needed."""
-        guest_side = FlowSide(Pif.GUEST, src, sport, dst, dport)
-        key, flow = self.layer.find(FlowType.UDP, guest_side)
-        if flow is None:
-            flow = self._create(key, guest_side, now)
+        """Send one guest datagram on its flow, creating the flow first if needed (datagrams to broadcast,
+        multicast and other addresses the flow policy refuses are dropped under its reason, with no socket
+        and no log line)."""
+        found = self.layer.find(FlowType.UDP, FlowSide(Pif.GUEST, src, sport, dst, dport))
+        flow = self._create(found, now) if isinstance(found, NewFlow) else found
         assert isinstance(flow, UdpFlow)
         try:
             if flow.peer is None:
@@ -175,11 +171,11 @@ class UdpFlows:
         flow.last = now
         flow.from_guest = True
 
-    def _create(self, key: bytes, guest_side: FlowSide, now: float, local_port: int = 0) -> UdpFlow:
-        """Open a socket connected to where the destination maps (from ``local_port`` when not 0), enter and
-        index the flow."""
-        src = guest_side.ep_addr
-        target, tport = self.fwd.to_host(guest_side.our_addr, guest_side.our_port)
+    def _create(self, new: NewFlow, now: float, local_port: int = 0) -> UdpFlow:
+        """Open a socket connected to the policy's target (from ``local_port`` when not 0), enter and index
+        the flow."""
+        guest_side = new.guest_side
+        target, tport = new.target, new.port
         family = inany.family(target)
         try:
             sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -189,8 +185,9 @@ class UdpFlows:
         try:
             sock.setblocking(False)
             sockerr.enable(sock, family == socket.AF_INET6)
-            self.fwd.bind_outbound(sock, target, local_port)
-            sock.connect(inany.sockaddr(target, tport))
+            failed = self.fwd.connect(sock, target, tport, local_port)
+            if failed:
+                raise OSError(failed, os.strerror(failed))
             local = sock.getsockname()
             host_side = FlowSide(Pif.HOST, target, tport, inany.from_str(local[0]), local[1])
             ref = self.layer.enter(FlowType.UDP, guest_side, host_side, now)
@@ -201,24 +198,25 @@ class UdpFlows:
         except BaseException:
             sock.close()
             raise
-        flow = UdpFlow(ref=ref, ftype=FlowType.UDP, key=key, last=now, sock=sock, guest_addr=src,
+        flow = UdpFlow(ref=ref, ftype=FlowType.UDP, key=new.key, last=now, sock=sock, guest_addr=guest_side.ep_addr,
                        guest_port=guest_side.ep_port, remote=guest_side.our_addr, remote_port=guest_side.our_port,
                        target=target)
         self.layer.add(flow, sock.fileno())
         return flow
 
     def recreate(self, guest_side: FlowSide, local_port: int, now: float) -> UdpFlow:
-        """A flow the guest started, re-created by a migration: from the same local port when it is free.
+        """A flow the guest started, re-created by a migration: where the flow policy says it goes (as a
+        new flow would), from the same local port when it is free.
 
-        Raises PacketError when no socket can be made.
+        Raises PacketError when the policy refuses it or no socket can be made.
         """
-        key = pack_key(FlowType.UDP, guest_side)
+        new = self.layer.new_flow(FlowType.UDP, guest_side)
         try:
-            return self._create(key, guest_side, now, local_port)
+            return self._create(new, now, local_port)
         except PacketError:
             if not local_port:
                 raise
-        return self._create(key, guest_side, now)
+        return self._create(new, now)
 
     # -- to the guest ----------------------------------------------------------------
 
@@ -314,10 +312,10 @@ class UdpFlows:
         """A new host client (``peer``, a socket address) of a forwarded port: a flow towards the guest."""
         cport: int = peer[1]
         client = inany.from_str(peer[0])
-        remote = self.fwd.seen_from(client)
-        guest = self.fwd.guest_address(inany.is_v4(client))
-        if remote is None or guest is None:
+        sides = self.fwd.inbound(client)
+        if sides is None:
             raise PacketError(DropReason.UDP_NO_GUEST_ADDRESS)
+        remote, guest = sides
         host_side = FlowSide(Pif.HOST, client, cport, listener.bound, listener.port)
         guest_side = FlowSide(Pif.GUEST, guest, listener.guest_port, remote, cport)
         key = pack_key(FlowType.UDP, guest_side)
@@ -347,6 +345,9 @@ class UdpFlows:
 
     def deferred(self, now: float) -> None:
         """Nothing beyond the flows' own timers."""
+
+    def abort(self, flow: UdpFlow) -> None:
+        """A handler of the flow raised: nothing to tell anyone (the layer closes it)."""
 
     def close(self) -> None:
         """Close the listeners (the worker is stopping; its flow layer closes the flows first)."""

@@ -16,7 +16,8 @@ from shardswitch.net.drop import DropReason, PacketError
 from shardswitch.net.params import GuestParams
 from shardswitch.shm.layout import FlowSide, FlowType, Pif, ip16
 from shardswitch.shm.table import FlowTable
-from shardswitch.worker.flow import NO_REF, FlowBase, FlowLayer, HandOver
+from shardswitch.worker.counters import Event
+from shardswitch.worker.flow import NO_REF, FlowBase, FlowLayer, HandOver, NewFlow
 from shardswitch.worker.fwd import Forwarding
 from tests.worker.conftest import TABLE_CAPACITY
 from tests.worker.standin import StandInWorker
@@ -51,6 +52,7 @@ class RecordingHooks:
         """Nothing seen yet."""
         self.ready: list[FlowBase] = []
         self.released: list[FlowBase] = []
+        self.aborted: list[FlowBase] = []
         self.deferred_calls = 0
 
     def on_socket(self, flow: ToyFlow) -> None:
@@ -69,6 +71,10 @@ class RecordingHooks:
         """Count the calls."""
         self.deferred_calls += 1
 
+    def abort(self, flow: ToyFlow) -> None:
+        """Record the abort."""
+        self.aborted.append(flow)
+
 
 @pytest.fixture
 def rig(table: FlowTable) -> Iterator[tuple[StandInWorker, FlowLayer, RecordingHooks]]:
@@ -84,10 +90,10 @@ def rig(table: FlowTable) -> Iterator[tuple[StandInWorker, FlowLayer, RecordingH
 
 def new_flow(layer: FlowLayer, port: int, now: float = 100.0, fd: int = -1) -> ToyFlow:
     """Find (absent), enter and add one toy flow."""
-    key, found = layer.find(FlowType.UDP, guest_side(port))
-    assert found is None
+    found = layer.find(FlowType.UDP, guest_side(port))
+    assert isinstance(found, NewFlow)
     ref = layer.enter(FlowType.UDP, guest_side(port), host_side(port), now)
-    flow = ToyFlow(ref=ref, ftype=FlowType.UDP, key=key, last=now)
+    flow = ToyFlow(ref=ref, ftype=FlowType.UDP, key=found.key, last=now)
     layer.add(flow, fd)
     return flow
 
@@ -99,7 +105,7 @@ def test_find_enter_add_then_find_locally(rig: tuple[StandInWorker, FlowLayer, R
     flow = new_flow(layer, 1000)
     (entry,) = table.list_flows()
     assert entry.owner == 0 and entry.ref == flow.ref
-    assert layer.find(FlowType.UDP, guest_side(1000)) == (flow.key, flow)
+    assert layer.find(FlowType.UDP, guest_side(1000)) is flow
     assert layer.count() == 1
 
 
@@ -135,7 +141,7 @@ def test_stale_entry_of_this_pair_is_removed(rig: tuple[StandInWorker, FlowLayer
     """An entry of this pair that the local index lacks (a previous process's) is removed: the flow is new."""
     _w, layer, _hooks = rig
     assert table.enter(FlowType.UDP, guest_side(1003), host_side(1003), 0, 100.0) is not None
-    assert layer.find(FlowType.UDP, guest_side(1003))[1] is None
+    assert isinstance(layer.find(FlowType.UDP, guest_side(1003)), NewFlow)
     assert table.list_flows() == []
 
 
@@ -208,6 +214,72 @@ def test_without_a_table_every_flow_is_local() -> None:
     w = StandInWorker(PARAMS)
     layer = FlowLayer(w, None, Forwarding(w))
     layer.register((FlowType.UDP,), RecordingHooks())
-    assert layer.find(FlowType.UDP, guest_side(1))[1] is None
+    assert isinstance(layer.find(FlowType.UDP, guest_side(1)), NewFlow)
     assert layer.enter(FlowType.UDP, guest_side(1), host_side(1), 0.0) == NO_REF
     w.close()
+
+
+def test_new_flows_get_the_policys_target(rig: tuple[StandInWorker, FlowLayer, RecordingHooks],
+                                          table: FlowTable) -> None:
+    """find() answers a new flow with where it goes; a refused one raises before the table is asked."""
+    _w, layer, _hooks = rig
+    found = layer.find(FlowType.UDP, FlowSide(Pif.GUEST, ip16("10.0.2.15"), 5, ip16("192.0.2.1"), 53))
+    assert isinstance(found, NewFlow) and (found.target, found.port) == (ip16("192.0.2.1"), 53)
+    table.close()          # a refused flow never reaches the table (closed: any use would raise)
+    with pytest.raises(PacketError) as refused:
+        layer.find(FlowType.UDP, FlowSide(Pif.GUEST, ip16("10.0.2.15"), 5, ip16("127.0.0.1"), 53))
+    assert refused.value.reason is DropReason.FLOW_DST_LOOPBACK
+
+
+def test_a_faulty_socket_handler_costs_its_flow_only(rig: tuple[StandInWorker, FlowLayer, RecordingHooks],
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """on_socket raising: the flow is aborted and closed, counted and logged with its traceback; the other
+    flow, whose socket is ready in the same poll, is served."""
+    w, layer, hooks = rig
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        bad = new_flow(layer, 1011, fd=pairs[0][0].fileno())
+        good = new_flow(layer, 1012, fd=pairs[1][0].fileno())
+
+        def on_socket(flow: ToyFlow) -> None:
+            """A bug in the protocol, for one flow."""
+            if flow is bad:
+                raise ValueError("a bug")
+            hooks.ready.append(flow)
+
+        hooks.on_socket = on_socket  # type: ignore[method-assign]
+        for _ours, theirs in pairs:
+            theirs.send(b"x")
+        w.poll()
+        assert hooks.ready == [good] and hooks.aborted == [bad] and bad.closed and not good.closed
+        assert w.counters.events[Event.FLOW_FAULT] == 1 and layer.count() == 1
+        assert "ValueError: a bug" in caplog.text
+    finally:
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
+
+
+def test_faulty_timers_cost_their_flow_only(rig: tuple[StandInWorker, FlowLayer, RecordingHooks]) -> None:
+    """A timer or a deferred hook raising: that flow is closed, the pass goes on, the deferred hook's fault is
+    counted; a second fault of an abort is contained too."""
+    w, layer, hooks = rig
+    bad, good = new_flow(layer, 1013), new_flow(layer, 1014)
+    good.done = True
+
+    def timer(flow: ToyFlow, now: float) -> bool:
+        """Raise for one flow."""
+        if flow is bad:
+            raise KeyError("timer bug")
+        return flow.done
+
+    def failing(*_args: object) -> None:
+        """Raise always."""
+        raise RuntimeError("bug")
+
+    hooks.timer = timer  # type: ignore[method-assign]
+    hooks.abort = failing  # type: ignore[method-assign]
+    hooks.deferred = failing  # type: ignore[method-assign]
+    layer.tick(200.0)
+    assert bad.closed and good.closed and layer.count() == 0 and hooks.released == [bad, good]
+    assert w.counters.events[Event.FLOW_FAULT] == 1 and w.counters.events[Event.HANDLER_FAULT] == 1

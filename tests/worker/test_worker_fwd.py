@@ -121,14 +121,3 @@ def test_guest_address_learnt_on_one_worker_serves_all(table: FlowTable) -> None
     fwd0.learn_guest(A("2001:db8::5054:ff:fe12:3456"))
     assert fwd1.guest_address(False) == A("2001:db8::5054:ff:fe12:3456")
     assert fwd0.guest_address(True) == A("10.0.2.15")
-
-
-@pytest.mark.parametrize(("dst", "unicast"), [
-    ("10.0.2.2", True), ("192.0.2.7", True), ("2001:db8::7", True), ("fe80::1", True),
-    ("10.0.2.255", False), ("255.255.255.255", False), ("224.0.0.1", False), ("0.0.0.0", False),
-    ("127.0.0.1", False), ("ff02::1", False), ("::", False), ("::1", False),
-])
-def test_is_unicast(dst: str, unicast: bool) -> None:
-    """Flows may go to unicast addresses only: not broadcast (the guest's /24 too), multicast, loopback."""
-    _w, fwd = forwarding()
-    assert fwd.is_unicast(A(dst)) is unicast

@@ -26,7 +26,7 @@ from shardswitch.frontend.client import VhostUserFrontend
 from shardswitch.net import ipv4, ipv6, tcp
 from shardswitch.net.params import GuestParams
 from shardswitch.net.tcp import Addressing, TcpFlag
-from shardswitch.worker.tcp import TcpFlows
+from shardswitch.worker.tcp import TcpFlow, TcpFlows
 from shardswitch.worker.tcp_timers import IDLE_TIMEOUT, KEEPALIVE_INTERVAL, MAX_RETRIES, RTO_INIT
 from tests.guest.netns import TestNetns
 from tests.switch import Switch
@@ -42,6 +42,8 @@ GUEST6_CONFIGURED = "2001:db8:2::15"
 ROUTER6 = "fe80::9855:9aff:fe55:9a55"
 ECHO, BLOB, SINK, CLOSED = 7001, 7002, 7003, 9
 BLOB_SIZE = 300_000
+#: How far the synthetic times of timer tests stay from the deadline they test (seconds).
+MARGIN = 0.05
 SYN, ACK, FIN, RST, PSH = TcpFlag.SYN, TcpFlag.ACK, TcpFlag.FIN, TcpFlag.RST, TcpFlag.PSH
 
 #: Servers in the test namespace: echo (until EOF, also on ::1), blob (BLOB_SIZE bytes then close), sink (sha256 back).
@@ -440,18 +442,22 @@ def test_retransmission_backs_off_then_resets(stand_in: tuple[TcpStandIn, TcpFlo
     """Unacknowledged data: resent after 1, 2, 4 ... s from the same sequence; after 7 tries a RST both ways."""
     w, flows, listener = stand_in
     server, data = established_with_data(w, listener)
-    t = time.monotonic()
-    w.flows.tick(t + 0.5)
+    # Each tick is MARGIN clear of the deadline it tests (the flow's timer: when the data went, then the
+    # last retransmission's ``now``), so no sum of floats lands on a deadline whose rounding could go either
+    # way, and no wall time passing between two lines of the test matters.
+    (flow,) = w.flows.flows.values()
+    assert isinstance(flow, TcpFlow)
+    fired = flow.timer
+    w.flows.tick(fired + RTO_INIT - MARGIN)
     assert w.take() == []
     for attempt in range(MAX_RETRIES):
-        t += RTO_INIT * 2 ** attempt
-        w.flows.tick(t)
+        fired += RTO_INIT * 2 ** attempt + MARGIN
+        w.flows.tick(fired)
         (again,) = w.take()
         assert again.seq == data.seq and again.payload == data.payload, attempt
-        w.flows.tick(t + RTO_INIT * 2 ** (attempt + 1) - 0.01)
+        w.flows.tick(fired + RTO_INIT * 2 ** (attempt + 1) - MARGIN)
         assert w.take() == [], attempt
-    t += RTO_INIT * 2 ** MAX_RETRIES
-    w.flows.tick(t)
+    w.flows.tick(fired + RTO_INIT * 2 ** MAX_RETRIES + MARGIN)
     (rst,) = w.take()
     assert rst.flags & RST and w.flows.flows == {}
     server.settimeout(2)

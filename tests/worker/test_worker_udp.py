@@ -243,16 +243,17 @@ def test_forwarded_ipv6_port_before_the_guest_mac_is_known(table: FlowTable) -> 
 
 
 def test_local_and_multicast_destinations_are_dropped(table: FlowTable) -> None:
-    """Broadcast, multicast and loopback destinations never get a socket."""
+    """Broadcast, multicast and loopback destinations never get a socket: each is the flow policy's drop."""
     w, socks = make_worker(table)
     try:
-        for dst in ("255.255.255.255", "224.0.0.251", "127.0.0.1"):
+        for dst, reason in (("255.255.255.255", DropReason.FLOW_DST_MULTICAST),
+                            ("224.0.0.251", DropReason.FLOW_DST_MULTICAST),
+                            ("127.0.0.1", DropReason.FLOW_DST_LOOPBACK)):
             out: list[bytes] = []
-            assert w.endpoint.handle_frame(memoryview(frame4(5353, 5353, b"x", dst=dst)), 0.0, out) \
-                == DropReason.UDP_PORT_UNHANDLED
+            assert w.endpoint.handle_frame(memoryview(frame4(5353, 5353, b"x", dst=dst)), 0.0, out) == reason
         out = []
         assert w.endpoint.handle_frame(memoryview(frame6(5353, 5353, b"x", dst="ff02::fb")), 0.0, out) \
-            == DropReason.UDP_PORT_UNHANDLED
+            == DropReason.FLOW_DST_MULTICAST
         assert w.flows.flows == {} and table.list_flows() == []
     finally:
         close_worker(w, socks)
