@@ -29,6 +29,11 @@ Errors meet one boundary, :meth:`Worker.handle_frame`: a guest frame the
 packet layer refuses (PacketError) is a counted drop, a frame of a flow
 another worker owns (:class:`~shardswitch.worker.flow.HandOver`) goes to
 that worker's inbox, and anything else is a bug contained to that frame.
+Handlers that run for no frame are guarded the same way: a flow's socket
+and timer handlers by the flow layer (the fault costs that flow), every
+other handler of the loop (listeners, the inbox, batch flushes, control
+messages, the deferred handler) here (:meth:`Worker.handler_fault`): an
+exception is counted and logged, rate-limited, and the worker serves on.
 """
 
 from __future__ import annotations
@@ -491,6 +496,13 @@ class Worker(EpollWatches, CountingPort):
             self.table.publish_guest_mac(mac)
             self.published_mac = mac
 
+    def handler_fault(self) -> None:
+        """A handler outside any one flow raised (called from an ``except`` block; flows' own handlers are
+        guarded by the flow layer): counted, logged rate-limited with the traceback, and the worker goes on."""
+        self.counters.events[Event.HANDLER_FAULT] += 1
+        self.loglimit.error("handler fault", "worker %d: internal error in a handler; serving on", self.pair,
+                            exc_info=True)
+
     # -- timers ----------------------------------------------------------------------
 
     def _timeout(self, now: float) -> float:
@@ -536,23 +548,29 @@ class Worker(EpollWatches, CountingPort):
                 if self.rx.state is SlotState.RUNNING and self.queue:
                     self._guard_ring(self.rx, lambda: deliver_rx(self))
             for fd, _mask in events:
-                if fd == channel_fd:
-                    self.on_control()
-                elif fd == self.tx.kick_fd:
-                    self.on_kick(self.tx)
-                elif fd == self.rx.kick_fd:
-                    self.on_kick(self.rx)
-                elif fd == inbox_fd:
-                    service_inbox(self)
-                else:
-                    callback = sockets.get(fd)
-                    if callback is not None:
-                        callback()
+                try:
+                    if fd == channel_fd:
+                        self.on_control()
+                    elif fd == self.tx.kick_fd:
+                        self.on_kick(self.tx)
+                    elif fd == self.rx.kick_fd:
+                        self.on_kick(self.rx)
+                    elif fd == inbox_fd:
+                        service_inbox(self)
+                    else:
+                        callback = sockets.get(fd)
+                        if callback is not None:
+                            callback()
+                except Exception:
+                    self.handler_fault()
             if self.capture is not None:
                 self.capture.flush()
             now = time.monotonic()
             if now >= self.next_tick:
-                self._tick(now)
+                try:
+                    self._tick(now)
+                except Exception:
+                    self.handler_fault()
         if self.capture is not None:
             self.capture.close()
         self._stop_all()
@@ -581,7 +599,8 @@ def _isolate(keep: set[int], pair: int) -> None:
 
 def worker_main(setup: WorkerSetup, sock: socket.socket) -> None:
     """Entry point of a forked worker process."""
-    keep = {sock.fileno(), *setup.peer_fds, *(p.fd for p in setup.tcp_listeners + setup.udp_listeners)}
+    keep = {sock.fileno(), *setup.peer_fds, *(p.fd for p in setup.tcp_listeners + setup.udp_listeners),
+            *FlowTable.inherited_fds(setup.flow_table)}
     if setup.inbox_fd >= 0:
         keep.add(setup.inbox_fd)
     pair = setup.pair

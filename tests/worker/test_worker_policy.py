@@ -2,19 +2,34 @@
 
 from __future__ import annotations
 
+import socket
+import time
+from pathlib import Path
+
 import pytest
 
+from shardswitch.frontend.client import VhostUserFrontend
 from shardswitch.ipc import ForwardSetup
-from shardswitch.net import inany
+from shardswitch.net import flowframes, inany, ipv6, tcp
 from shardswitch.net.drop import DropReason, PacketError
 from shardswitch.net.params import GuestParams
 from shardswitch.shm.layout import FlowSide, FlowType, Pif
+from shardswitch.net.tcp import Addressing
+from shardswitch.worker.counters import Event
 from shardswitch.worker.fwd import Forwarding
 from shardswitch.worker.policy import FlowPolicy, PolicyError, parse_prefix
+from shardswitch.worker.tcp import TcpFlows
+from tests.guest.netns import TestNetns
+from tests.switch import Switch
+from tests.switchkit import drops, ready_frontend, start_server, worker_pids
+from tests.worker import tcpkit
 from tests.worker.standin import StandInWorker
+from tests.worker.tcpkit import SERVERS
 
 A = inany.from_str
 GUEST4, GUEST6 = "10.0.2.15", "2001:db8::15"
+#: The UDP echo server's port on the test namespace's loopback.
+UDP_PORT = 7201
 
 
 def forwarding(**setup: object) -> Forwarding:
@@ -115,3 +130,131 @@ def test_prefixes() -> None:
     with pytest.raises(PacketError):
         policy.egress(A("192.0.2.1"))
     policy.egress(A("2001:db8::1"))
+
+
+# -- attacks, the way a guest makes them: frames through a running switch --------------------------------
+
+#: A UDP echo server on the test namespace's loopback (both families), printing "ready".
+UDP_ECHO = f"""
+import socket, threading
+def serve(family, host):
+    s = socket.socket(family, socket.SOCK_DGRAM); s.bind((host, {UDP_PORT}))
+    while True:
+        data, peer = s.recvfrom(65535); s.sendto(data, peer)
+for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+    threading.Thread(target=serve, args=(family, host), daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+
+def running_switch(tmp_path: Path, netns: TestNetns, *args: str, workers: int = 1) -> Switch:
+    """A switch in ``netns`` with ``args``, the TCP servers and the UDP echo server on its loopback."""
+    start_server(netns, SERVERS)
+    start_server(netns, UDP_ECHO)
+    return Switch(tmp_path, workers=workers, args=list(args), prefix=netns.exec_argv([])).start()
+
+
+def udp_to(fe: VhostUserFrontend, dst: str, payload: bytes, port: int = UDP_PORT) -> bool:
+    """Send ``payload`` from the guest to ``dst``:``port``; whether an echo of it came back."""
+    v4 = inany.is_v4(A(dst))
+    src = A(tcpkit.GUEST4 if v4 else tcpkit.GUEST6)
+    fe.send_frame(0, flowframes.udp_frame(tcpkit.OUR_MAC, tcpkit.GUEST_MAC, src, A(dst), 40999, port, payload,
+                                          True))
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        frames = fe.recv_frames(0, timeout=0.2)
+        fe.post_rx(0, len(frames))
+        if any(payload in frame for frame in frames):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_no_map_gw_keeps_the_hosts_loopback_out_of_reach(tmp_path: Path, netns: TestNetns, v6: bool) -> None:
+    """--no-map-gw maps nothing: SYNs to the loopback and unspecified addresses, where services listen, are
+    reset at once and counted; datagrams to them are dropped; no flow is made."""
+    with running_switch(tmp_path, netns, "--no-map-gw") as sw, ready_frontend(sw, pairs=1, rx=64) as fe:
+        targets = ("::1", "::") if v6 else ("127.0.0.1", "0.0.0.0")
+        for n, dst in enumerate(targets):
+            conn = tcpkit.GuestTcp(fe, tcpkit.ECHO, 41000 + n, v6=v6, dst=dst)
+            conn.send(tcpkit.SYN, options=tcp.syn_options(1400, 7))
+            (answer,) = conn.recv()
+            assert answer.flags & tcpkit.RST and not answer.flags & tcpkit.SYN, dst
+            assert not udp_to(fe, dst, b"probe %d" % n), dst
+        assert sw.query("flows")["flows"] == []
+        drops = sw.status()["workers"][0]["drops"]
+        assert drops == {"FLOW_DST_LOOPBACK": 2, "FLOW_DST_UNSPECIFIED": 2}, drops
+
+
+def test_the_default_mapping_still_reaches_the_loopback(tmp_path: Path, netns: TestNetns) -> None:
+    """Without --no-map-gw the same services answer through the gateway, over TCP and UDP."""
+    with running_switch(tmp_path, netns) as sw, ready_frontend(sw, pairs=1, rx=64) as fe:
+        conn = tcpkit.GuestTcp(fe, tcpkit.ECHO, 41010)
+        conn.connect()
+        conn.send(tcpkit.ACK | tcpkit.PSH, b"through the gateway")
+        assert conn.read(19) == b"through the gateway"
+        assert udp_to(fe, tcpkit.GATEWAY4, b"udp through the gateway")
+
+
+def test_v4_mapped_frames_cannot_kill_a_worker(tmp_path: Path, netns: TestNetns) -> None:
+    """IPv6 SYNs to IPv4-mapped addresses (the gateway's, the loopback's) are dropped and counted at the IPv6
+    parser; the worker lives on (same pid, no restart) and serves the next connection."""
+    with running_switch(tmp_path, netns, workers=2) as sw, ready_frontend(sw, pairs=2, rx=64) as fe:
+        pids = worker_pids(sw.status())
+        for n, dst in enumerate(("::ffff:10.0.2.2", "::ffff:127.0.0.1")):
+            conn = tcpkit.GuestTcp(fe, tcpkit.ECHO, 41020 + n, v6=True, dst=dst)
+            conn.send(tcpkit.SYN, options=tcp.syn_options(1400, 7))
+            assert conn.recv(timeout=0.5) == []
+        status = sw.status()
+        assert worker_pids(status) == pids and drops(status, 0)["IPV6_V4_MAPPED"] == 2
+        assert all(w.get("restarts", 0) == 0 for w in status["workers"])
+        conn = tcpkit.GuestTcp(fe, tcpkit.ECHO, 41030, v6=True)
+        conn.connect()
+
+
+def test_link_local_metadata_and_denied_destinations(tmp_path: Path, netns: TestNetns) -> None:
+    """The cloud metadata address and other link-local ones are refused by default, the operator's --deny
+    entries always: a RST before any socket exists (nothing leaves the namespace), counted by reason."""
+    with (running_switch(tmp_path, netns, "--deny", "192.0.2.0/24", "--deny", "2001:db8:9::/48") as sw,
+          ready_frontend(sw, pairs=1, rx=64) as fe):
+        for n, (dst, v6) in enumerate((("169.254.169.254", False), ("192.0.2.80", False),
+                                       ("2001:db8:9::1", True))):
+            conn = tcpkit.GuestTcp(fe, 80, 41040 + n, v6=v6, dst=dst)
+            conn.send(tcpkit.SYN, options=tcp.syn_options(1400, 7))
+            (answer,) = conn.recv()
+            assert answer.flags & tcpkit.RST, dst
+        assert not udp_to(fe, "169.254.169.254", b"metadata?", port=80)
+        drops = sw.status()["workers"][0]["drops"]
+        assert drops == {"FLOW_DST_LINK_LOCAL": 2, "FLOW_DST_DENIED": 2}, drops
+
+
+def test_the_guard_contains_a_crashing_socket_handler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bug behind the v4-mapped attack, with the parser's check taken away: the SYN-ACK cannot be built
+    in the socket handler; the flow layer's guard counts it and resets that connection, nothing else."""
+    monkeypatch.setattr(ipv6, "V4_MAPPED_PREFIX", b"never matches")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    w = StandInWorker(GuestParams(address=tcpkit.GUEST4, prefix_len=24, gateway=tcpkit.GATEWAY4),
+                      (tcpkit.GATEWAY4,))
+    flows = TcpFlows(w, w.flows)
+    flows.plug_into(w.endpoint)
+    try:
+        guest = Addressing(True, tcpkit.OUR_MAC, tcpkit.GUEST_MAC, socket.inet_pton(socket.AF_INET6, tcpkit.GUEST6),
+                           socket.inet_pton(socket.AF_INET6, "::ffff:10.0.2.2"), 41050, listener.getsockname()[1])
+        w.endpoint.handle_frame(memoryview(tcp.build(guest, 1000, 0, int(tcpkit.SYN), 65535)), time.monotonic(), [])
+        assert len(w.flows.flows) == 1
+        deadline = time.monotonic() + 3
+        while w.flows.flows and time.monotonic() < deadline:
+            w.poll()
+        assert w.flows.flows == {} and w.counters.events[Event.FLOW_FAULT] == 1
+        server, _ = listener.accept()
+        server.settimeout(2)
+        with pytest.raises(ConnectionResetError):
+            server.recv(10)
+        server.close()
+    finally:
+        flows.close()
+        w.close()
+        listener.close()
