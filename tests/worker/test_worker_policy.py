@@ -10,6 +10,7 @@ import pytest
 
 from shardswitch.frontend.client import VhostUserFrontend
 from shardswitch.ipc import ForwardSetup
+from shardswitch.migration import format as fmt
 from shardswitch.net import flowframes, inany, ipv6, tcp
 from shardswitch.net.drop import DropReason, PacketError
 from shardswitch.net.params import GuestParams
@@ -21,7 +22,8 @@ from shardswitch.worker.policy import FlowPolicy, PolicyError, parse_prefix
 from shardswitch.worker.tcp import TcpFlows
 from tests.guest.netns import TestNetns
 from tests.switch import Switch
-from tests.switchkit import drops, ready_frontend, start_server, worker_pids
+from tests.switchkit import (STATE_FEATURES, drops, events, is_periodic_ra, load_state, ready_frontend,
+                             start_server, worker_pids)
 from tests.worker import tcpkit
 from tests.worker.standin import StandInWorker
 from tests.worker.tcpkit import SERVERS
@@ -155,11 +157,11 @@ def running_switch(tmp_path: Path, netns: TestNetns, *args: str, workers: int = 
     return Switch(tmp_path, workers=workers, args=list(args), prefix=netns.exec_argv([])).start()
 
 
-def udp_to(fe: VhostUserFrontend, dst: str, payload: bytes, port: int = UDP_PORT) -> bool:
-    """Send ``payload`` from the guest to ``dst``:``port``; whether an echo of it came back."""
+def udp_to(fe: VhostUserFrontend, dst: str, payload: bytes, port: int = UDP_PORT, sport: int = 40999) -> bool:
+    """Send ``payload`` from the guest's ``sport`` to ``dst``:``port``; whether an echo of it came back."""
     v4 = inany.is_v4(A(dst))
     src = A(tcpkit.GUEST4 if v4 else tcpkit.GUEST6)
-    fe.send_frame(0, flowframes.udp_frame(tcpkit.OUR_MAC, tcpkit.GUEST_MAC, src, A(dst), 40999, port, payload,
+    fe.send_frame(0, flowframes.udp_frame(tcpkit.OUR_MAC, tcpkit.GUEST_MAC, src, A(dst), sport, port, payload,
                                           True))
     deadline = time.monotonic() + 1.0
     while time.monotonic() < deadline:
@@ -258,3 +260,45 @@ def test_the_guard_contains_a_crashing_socket_handler(monkeypatch: pytest.Monkey
         flows.close()
         w.close()
         listener.close()
+
+
+def _restored_side(dst: str, port: int, sport: int) -> tuple[fmt.Side, fmt.Side]:
+    """The guest side (from the guest's ``sport`` to ``dst``:``port``) and a host side that names the same
+    destination, as a source's document would."""
+    return (fmt.Side(Pif.GUEST, A(tcpkit.GUEST4), sport, A(dst), port),
+            fmt.Side(Pif.HOST, A(dst), port, inany.ANY6, 0))
+
+
+def test_a_migration_source_cannot_name_where_flows_go(tmp_path: Path, netns: TestNetns) -> None:
+    """Restored flows go through the same policy as new ones: a document asking for UDP and echo flows to
+    the host's unmapped loopback (where a service listens) or to the metadata address, or a TCP connection
+    whose host side is not where its guest side leads, gets none of them (counted per flow); the flow the
+    guest could start itself is re-created and answers."""
+    fake_socket = fmt.TcpSocketState(tcpi_state=1, tcpi_options=0, snd_ws=0, rcv_ws=0, mss=1400, timestamp=0,
+                                     seq_snd=1, seq_rcv=1, snd_wl1=1, snd_wnd=65535, max_window=65535,
+                                     rcv_wnd=65535, rcv_wup=1)
+    tcp_guest = fmt.Side(Pif.GUEST, A(tcpkit.GUEST4), 5002, A("192.0.2.1"), 80)
+    tcp_host = fmt.Side(Pif.HOST, A("127.0.0.1"), tcpkit.ECHO, A("127.0.0.1"), 45000)
+    document = fmt.encode(fmt.DeviceState(pairs=[fmt.PairState(
+        pair=0,
+        tcp=[fmt.TcpState(guest=tcp_guest, host=tcp_host, isn=1, our_mss=1400, seq_to_guest=2,
+                          seq_ack_from_guest=2, seq_from_guest=1001, seq_ack_to_guest=1001, mss=1400,
+                          ws_from_guest=0, ws_to_guest=0, wnd_from_guest=65535, wnd_to_guest=65535, flags=0,
+                          socket=fake_socket)],
+        udp=[fmt.UdpState(*_restored_side("127.0.0.1", UDP_PORT, 5000)),
+             fmt.UdpState(*_restored_side("169.254.169.254", 80, 5001)),
+             fmt.UdpState(*_restored_side(tcpkit.GATEWAY4, UDP_PORT, 5003))],
+        ping=[fmt.PingState(False, *_restored_side("127.0.0.1", 0, 77))])]))
+    with running_switch(tmp_path, netns) as sw, \
+            VhostUserFrontend.connect(sw.socket, queue_pairs=1, ignore=is_periodic_ra,
+                                      protocol_features=STATE_FEATURES) as fe:
+        fe.handshake()
+        fe.post_rx(0, 64)
+        bases = fe.stop_rings()
+        assert load_state(fe, document) == 0
+        fe.resume_rings(bases)
+        (flow,) = sw.query("flows")["flows"]
+        assert flow["type"] == "udp" and flow["sides"][0]["our_addr"] == tcpkit.GATEWAY4, flow
+        assert events(sw.status(), 0)["MIGRATED_FLOW_REFUSED"] == 4
+        assert udp_to(fe, tcpkit.GATEWAY4, b"restored", sport=5003)
+        assert len(sw.query("flows")["flows"]) == 1
