@@ -43,7 +43,9 @@ def test_unprivileged_and_filtered(unit: Path) -> None:
     """Not root, no capability, no_new_privs, a system-call filter without @privileged, only the socket
     families shardswitch uses."""
     keys = settings(unit)
-    assert keys["DynamicUser"] == ["yes"] and keys["User"] == ["shardswitch"]
+    assert keys["DynamicUser"] == ["yes"] and keys["User"][0].startswith("shardswitch-")
+    # systemd refuses a dynamic user whose name a static group holds (the QEMU group "shardswitch").
+    assert keys["Group"] == ["shardswitch"] and keys["User"] != keys["Group"]
     assert keys["CapabilityBoundingSet"] == [""] and keys["AmbientCapabilities"] == [""]
     assert keys["NoNewPrivileges"] == ["yes"]
     assert keys["SystemCallFilter"][0] == "@system-service"
@@ -68,3 +70,13 @@ def test_socket_unit_matches_the_service() -> None:
     done = subprocess.run([tool, "verify", "--man=no", str(REPO / "deploy" / "shardswitch.socket")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+
+
+def test_each_instance_has_its_own_user() -> None:
+    """shardswitch@NAME runs as a user of its own (shardswitch-NAME): another instance, or another VM's
+    QEMU (in the group of the vhost-user sockets), cannot use its control socket, which the switch makes
+    mode 0600 for root and its own user; the units do not widen that."""
+    keys = settings(REPO / "deploy" / "shardswitch@.service")
+    assert keys["User"] == ["shardswitch-%i"] and keys["RuntimeDirectory"] == ["shardswitch/%i"]
+    for unit in UNITS:
+        assert "--control-group" not in settings(unit)["ExecStart"][0]

@@ -280,3 +280,16 @@ def test_hosting_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     cfg = load_config({"config": path})
     assert (cfg.pid_file, cfg.log_file, cfg.log_size, cfg.fd) == (str(tmp_path / "a.pid"), "/var/log/s.log",
                                                                   1 << 20, None)
+
+
+def test_control_group(tmp_path: Path) -> None:
+    """--control-group and the TOML key control_group: a name or a number, kept as given (resolved at start,
+    before the sandbox); none by default; an empty value refused."""
+    from shardswitch.cli import build_parser
+
+    assert load_config({}).control_group is None
+    cfg = load_config(build_parser().parse_args(["start", "--control-group", "kvm"]))
+    assert cfg.control_group == "kvm"
+    assert load_config({"config": write_toml(tmp_path, 'control_group = "4242"\n')}).control_group == "4242"
+    with pytest.raises(ConfigError, match="control_group"):
+        load_config({"config": write_toml(tmp_path, 'control_group = ""\n')})

@@ -7,20 +7,41 @@ connection.  Answers are plain JSON so that scripts can use ``--json``.  A
 request may carry descriptors (SCM_RIGHTS, at most :data:`MAX_FDS`: the files
 of ``shardswitch capture start``, which the client opens with its own rights);
 they go to the commands that take them and are closed otherwise.
+
+:class:`ControlServer` serves each client inside the coordinator's loop
+(:mod:`.streams`): a client that dribbles its request holds nobody else, a
+front-end's handshake nor the watchdog.  Each client has :data:`DEADLINE`
+seconds from its connection for its request (at most :data:`MAX_REQUEST`
+bytes) and the answer; at most :data:`MAX_CLIENTS` at once.  Only root, the
+switch's own user and ``--control-group`` are served (:mod:`.access`).  A
+client refused (not allowed, busy, too slow, too long) gets a one-line error
+answer where its socket takes it, is counted (``shardswitch status``) and
+logged, at most a few lines per 10 s (:mod:`shardswitch.loglimit`).
 """
 
 from __future__ import annotations
 
 import json
-import os
+import logging
+import selectors
 import socket
 import time
+from collections import Counter
 from typing import Any, Callable
+
+from shardswitch.coordinator.access import AccessPolicy, peer_of
+from shardswitch.coordinator.streams import Drop, Limits, StreamClient, StreamService
+from shardswitch.loglimit import LogLimiter
+from shardswitch.sandbox.hostpids import host_view
+
+log = logging.getLogger("shardswitch")
 
 #: Longest request line accepted.
 MAX_REQUEST = 4096
-#: How long a client may take to send its request line.
-REQUEST_DEADLINE = 1.0
+#: Seconds a client has, from its connection, to send its request and take the answer.
+DEADLINE = 5.0
+#: Clients served at once; one more is refused with an error answer.
+MAX_CLIENTS = 8
 #: Most descriptors one request may carry.
 MAX_FDS = 2
 #: A command: the request's fields and the descriptors it carried (owned by the command) to an answer.
@@ -31,41 +52,106 @@ class ControlError(Exception):
     """The control socket could not be reached, or it answered with an error."""
 
 
-def serve_client(sock: socket.socket, commands: dict[str, Callable[[], dict[str, Any]]],
-                 fd_commands: dict[str, FdCommand] | None = None) -> None:
-    """Read one request from an accepted client, answer it, close the connection."""
-    fds: list[int] = []
-    fd_commands = fd_commands or {}
-    try:
-        sock.settimeout(REQUEST_DEADLINE)
-        data = b""
-        while b"\n" not in data and len(data) < MAX_REQUEST:
-            chunk, got, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, MAX_FDS)
-            fds += got
-            if not chunk:
-                break
-            data += chunk
+def _line(answer: dict[str, Any]) -> bytes:
+    """An answer as the JSON line sent."""
+    return json.dumps(answer).encode() + b"\n"
+
+
+class ControlServer:
+    """The control socket's clients, served from the coordinator's selector loop."""
+
+    def __init__(self, sel: selectors.BaseSelector, sock: socket.socket, access: AccessPolicy,
+                 commands: dict[str, Callable[[], dict[str, Any]]], fd_commands: dict[str, FdCommand]) -> None:
+        """Serve the listening ``sock`` in ``sel``: ``commands`` answer requests, ``fd_commands`` requests
+        with descriptors; ``access`` says who may ask."""
+        self.access = access
+        self.commands = commands
+        self.fd_commands = fd_commands
+        #: Clients refused or dropped, by reason (``shardswitch status``).
+        self.refused: Counter[str] = Counter()
+        self.limiter = LogLimiter(log)
+        self.stream = StreamService(sel, sock, Limits(MAX_CLIENTS, MAX_REQUEST, DEADLINE, MAX_FDS), self)
+
+    def admit(self, client: StreamClient) -> bytes | None:
+        """Serve a peer that :class:`~shardswitch.coordinator.access.AccessPolicy` allows; refuse others."""
         try:
-            request = json.loads(data.split(b"\n", 1)[0] or b"{}")
+            peer = peer_of(client.sock)
+        except OSError as err:
+            self.refused["not_allowed"] += 1
+            self.limiter.warning("control-peer", "control socket: refused a client without credentials (%s)", err)
+            return b""
+        client.label = str(peer)
+        if self.access.allows(peer):
+            return None
+        self.refused["not_allowed"] += 1
+        self.limiter.warning("control-peer", "control socket: refused %s (allowed: %s)", peer,
+                             self.access.describe())
+        return _line({"error": f"not allowed: uid {peer.uid}"})
+
+    def respond(self, client: StreamClient) -> bytes | None:
+        """The answer to a complete request line."""
+        line, newline, _rest = bytes(client.request).partition(b"\n")
+        if not newline:
+            return None
+        known = sorted([*self.commands, *self.fd_commands])
+        try:
+            request = json.loads(line or b"{}")
             name = request["cmd"]
-            if name not in commands and name not in fd_commands:
+            if name not in self.commands and name not in self.fd_commands:
                 raise KeyError(name)
-        except (ValueError, KeyError, TypeError):
-            known = sorted([*commands, *fd_commands])
-            answer: dict[str, Any] = {"error": f"bad request {data[:100]!r}; commands: {known}"}
-        else:
-            if name in fd_commands:
-                given, fds = fds, []
-                answer = fd_commands[name](request, given)
-            else:
-                answer = commands[name]()
-        sock.sendall(json.dumps(answer).encode() + b"\n")
-    except OSError:
-        pass
-    finally:
-        for fd in fds:
-            os.close(fd)
-        sock.close()
+        except (ValueError, KeyError, TypeError, RecursionError):
+            return _line({"error": f"bad request {line[:100]!r}; commands: {known}"})
+        if client.too_many_fds:
+            return _line({"error": f"a request carries at most {MAX_FDS} descriptors"})
+        if name in self.fd_commands:
+            given, client.fds = client.fds, []
+            return _line(self.fd_commands[name](request, given))
+        return _line(self.commands[name]())
+
+    def overflow(self, client: StreamClient) -> bytes:
+        """A request line longer than MAX_REQUEST."""
+        self.refused["too_long"] += 1
+        self.limiter.warning("control-long", "control socket: %s sent more than %d bytes without a request line",
+                             client.label, MAX_REQUEST)
+        return _line({"error": f"request longer than {MAX_REQUEST} bytes"})
+
+    def dropped(self, client: StreamClient, reason: Drop) -> bytes:
+        """Count and log a client let go; its error answer."""
+        self.refused[reason.name.lower()] += 1
+        if reason == Drop.BUSY:
+            self.limiter.warning("control-busy", "control socket: refused %s: %d clients already served",
+                                 client.label, MAX_CLIENTS)
+            return _line({"error": f"busy: {MAX_CLIENTS} control clients at once; try again"})
+        self.limiter.warning("control-deadline", "control socket: dropped %s: no complete request within %g s",
+                             client.label, DEADLINE)
+        return _line({"error": f"no complete request within {DEADLINE:g} s"})
+
+    def expire(self, now: float) -> float | None:
+        """Drop clients past their deadline; the seconds until the next deadline (None: no client)."""
+        self.limiter.flush()
+        return self.stream.expire(now)
+
+    def status(self) -> dict[str, Any]:
+        """Clients served now, those refused so far by reason, and the control group."""
+        return {"clients": len(self.stream.clients), "refused": dict(self.refused), "group": self.access.group}
+
+    def close(self) -> None:
+        """Close every client and the listening socket."""
+        self.stream.close()
+
+
+def _connect(sock: socket.socket, path: str, timeout: float) -> None:
+    """Connect ``sock`` to ``path``, waiting up to ``timeout`` while the switch's queue of connections
+    waiting to be accepted is full (EAGAIN)."""
+    give_up = time.monotonic() + timeout
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= give_up:
+                raise
+            time.sleep(0.01)
 
 
 def query(path: str, cmd: str, timeout: float = 10.0, args: dict[str, Any] | None = None,
@@ -75,20 +161,28 @@ def query(path: str, cmd: str, timeout: float = 10.0, args: dict[str, Any] | Non
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
-            sock.connect(path)
+            _connect(sock, path, timeout)
             request = json.dumps({**(args or {}), "cmd": cmd}).encode() + b"\n"
-            if fds:
-                socket.send_fds(sock, [request], list(fds))      # one short line: sent whole
-            else:
-                sock.sendall(request)
+            try:
+                if fds:
+                    socket.send_fds(sock, [request], list(fds))      # one short line: sent whole
+                else:
+                    sock.sendall(request)
+            except (BrokenPipeError, ConnectionResetError):
+                pass                           # refused at once (not allowed, busy): its answer may wait
             data = b""
             while not data.endswith(b"\n"):
-                chunk = sock.recv(65536)
+                try:
+                    chunk = sock.recv(65536)
+                except ConnectionResetError:
+                    break
                 if not chunk:
                     break
                 data += chunk
     except OSError as err:
         raise ControlError(f"cannot reach shardswitch at {path}: {err.strerror or err}") from err
+    if not data:
+        raise ControlError(f"shardswitch at {path} closed the connection without an answer")
     try:
         answer = json.loads(data)
     except ValueError as err:
@@ -97,7 +191,7 @@ def query(path: str, cmd: str, timeout: float = 10.0, args: dict[str, Any] | Non
         raise ControlError(f"unexpected answer from {path}")
     if "error" in answer:
         raise ControlError(str(answer["error"]))
-    return answer
+    return host_view(answer) if cmd == "status" else answer      # PIDs as this host sees them
 
 
 def _age(seconds: float) -> str:
@@ -125,6 +219,8 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append("refused requests: " + ", ".join(f"{k} {v}" for k, v in sorted(fe["refused"].items())))
     sandbox = status.get("sandbox", {})
     lines.append(f"sandbox: uid {sandbox.get('uid')}, gid {sandbox.get('gid')}, no capabilities, seccomp"
+                 + ("" if sandbox.get("seccomp", "kill") == "kill" else f" ({sandbox['seccomp']})")
+                 + (", PID namespace" if sandbox.get("pid_namespace") else "")
                  if sandbox.get("enabled") else "sandbox: off (--no-sandbox)")
     lines.append(f"guest: {status.get('guest', {}).get('address')}/{status.get('guest', {}).get('prefix_len')} "
                  f"gateway {status.get('guest', {}).get('gateway')} mtu {status.get('guest', {}).get('mtu')}")

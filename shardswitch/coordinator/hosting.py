@@ -54,6 +54,8 @@ class Hosting:
     pcap: tuple[int, int] | None = None
     pcap_size: int = 0
     pcap_name: str = ""
+    #: --control-group's ID (None: only root and the switch's own user use the control socket).
+    control_group: int | None = None
 
 
 def _socket_name(fd: int) -> str:
@@ -109,12 +111,12 @@ def adopt(fd: int) -> socket.socket:
     return sock
 
 
-def write_pid_file(path: str) -> None:
-    """Write our PID into ``path`` (replaced atomically; mode 0644)."""
+def write_pid_file(path: str, pid: int | None = None) -> None:
+    """Write ``pid`` (default: ours) into ``path`` (replaced atomically; mode 0644)."""
     tmp = f"{path}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.write(fd, f"{os.getpid() if pid is None else pid}\n".encode())
     finally:
         os.close(fd)
     os.replace(tmp, path)

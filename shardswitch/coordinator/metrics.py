@@ -12,14 +12,14 @@ interrupts; for the switch: flows by type and state, the flow table's
 counters, whether a front-end is connected, refused front-end requests.
 
 The HTTP endpoint (:class:`MetricsServer`) runs in the coordinator's selector
-loop, without threads (the coordinator's seccomp filter forbids them): each
+loop, without threads, as the control socket does (:mod:`.streams`): each
 client's request is read into a bounded buffer (:data:`MAX_REQUEST`), must be
 complete within :data:`DEADLINE` seconds, and the answer is written as the
 socket takes it, then the rest of the request is read and dropped until the
-client closes (closing with unread bytes would reset the connection and lose
-the answer); at most :data:`MAX_CLIENTS` at once, each within its deadline.  ``GET /metrics`` (or
-``/``) is answered; anything else gets 404, a malformed request 400.  The
-listening socket is bound before the sandbox, like the forwarded ports.
+client closes; at most :data:`MAX_CLIENTS` at once (one more is closed at
+once), each within its deadline.  ``GET /metrics`` (or ``/``) is answered;
+anything else gets 404, a malformed request 400.  The listening socket is
+bound before the sandbox, like the forwarded ports.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import selectors
 import socket
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -36,6 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from shardswitch.coordinator.streams import Drop, Limits, StreamClient, StreamService
 from shardswitch.settings import parse_listen
 
 log = logging.getLogger("shardswitch")
@@ -135,19 +135,8 @@ def exposition(status: dict[str, Any], flows: dict[str, Any]) -> bytes:
     return generate_latest(registry)
 
 
-class _Client:
-    """One HTTP client: its request so far, then its answer."""
-
-    def __init__(self, sock: socket.socket, now: float) -> None:
-        """Accepted at ``now``."""
-        self.sock = sock
-        self.deadline = now + DEADLINE
-        self.request = b""
-        self.answer = memoryview(b"")
-
-
 class MetricsServer:
-    """The ``--metrics`` HTTP endpoint, served from the coordinator's selector loop."""
+    """The ``--metrics`` HTTP endpoint, served from the coordinator's selector loop (:mod:`.streams`)."""
 
     def __init__(self, sel: selectors.BaseSelector, listen: str,
                  snapshot: Callable[[], tuple[dict[str, Any], dict[str, Any]]]) -> None:
@@ -163,107 +152,46 @@ class MetricsServer:
         except OSError:
             sock.close()
             raise
-        self.sel = sel
-        self.sock = sock
         self.snapshot = snapshot
-        self.clients: dict[int, _Client] = {}
         self.address = sock.getsockname()
-        sel.register(sock, selectors.EVENT_READ, self._on_accept)
+        self.stream = StreamService(sel, sock, Limits(MAX_CLIENTS, MAX_REQUEST, DEADLINE), self)
 
-    def _on_accept(self) -> None:
-        """A client connects."""
-        try:
-            sock, _addr = self.sock.accept()
-        except OSError:
-            return
-        if len(self.clients) >= MAX_CLIENTS:
-            sock.close()
-            return
-        sock.setblocking(False)
-        client = _Client(sock, time.monotonic())
-        self.clients[sock.fileno()] = client
-        self.sel.register(sock, selectors.EVENT_READ, lambda: self._on_read(client))
+    def admit(self, client: StreamClient) -> bytes | None:
+        """Anybody who can reach the address may scrape."""
+        return None
 
-    def _on_read(self, client: _Client) -> None:
-        """More of a request."""
-        try:
-            data = client.sock.recv(MAX_REQUEST)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._close(client)
-            return
-        client.request += data
-        if b"\r\n\r\n" not in client.request and b"\n\n" not in client.request:
-            if len(client.request) >= MAX_REQUEST:
-                self._answer(client, 400, b"request too long\n")
-            return
-        line = client.request.split(b"\n", 1)[0].split()
+    def respond(self, client: StreamClient) -> bytes | None:
+        """The answer once the request's head is complete."""
+        request = bytes(client.request)
+        if b"\r\n\r\n" not in request and b"\n\n" not in request:
+            return None
+        line = request.split(b"\n", 1)[0].split()
         if len(line) != 3 or line[0] != b"GET" or not line[2].startswith(b"HTTP/"):
-            self._answer(client, 400, b"expected GET /metrics\n")
-        elif line[1].split(b"?", 1)[0] not in (b"/metrics", b"/"):
-            self._answer(client, 404, b"only /metrics here\n")
-        else:
-            self._answer(client, 200, exposition(*self.snapshot()), CONTENT_TYPE_LATEST)
+            return _http(400, b"expected GET /metrics\n")
+        if line[1].split(b"?", 1)[0] not in (b"/metrics", b"/"):
+            return _http(404, b"only /metrics here\n")
+        return _http(200, exposition(*self.snapshot()), CONTENT_TYPE_LATEST)
 
-    def _answer(self, client: _Client, code: int, body: bytes, content_type: str = "text/plain") -> None:
-        """Start writing the answer."""
-        reason = {200: "OK", 400: "Bad Request", 404: "Not Found"}[code]
-        head = (f"HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-                "Connection: close\r\n\r\n").encode()
-        client.answer = memoryview(head + body)
-        self.sel.modify(client.sock, selectors.EVENT_WRITE, lambda: self._on_write(client))
-        self._on_write(client)
+    def overflow(self, client: StreamClient) -> bytes:
+        """A request head longer than MAX_REQUEST."""
+        return _http(400, b"request too long\n")
 
-    def _on_write(self, client: _Client) -> None:
-        """More of the answer."""
-        try:
-            sent = client.sock.send(client.answer)
-        except BlockingIOError:
-            return
-        except OSError:
-            self._close(client)
-            return
-        client.answer = client.answer[sent:]
-        if not client.answer:
-            # Closing with unread request bytes would reset the connection and lose the answer: say we
-            # are done, then read what is left until the client closes (or its deadline).
-            try:
-                client.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                self._close(client)
-                return
-            self.sel.modify(client.sock, selectors.EVENT_READ, lambda: self._on_drain(client))
-
-    def _on_drain(self, client: _Client) -> None:
-        """Discard what the client still sends after its answer; close at its end of stream."""
-        try:
-            if client.sock.recv(MAX_REQUEST):
-                return
-        except BlockingIOError:
-            return
-        except OSError:
-            pass
-        self._close(client)
-
-    def _close(self, client: _Client) -> None:
-        """Forget a client."""
-        if self.clients.pop(client.sock.fileno(), None) is not None:
-            self.sel.unregister(client.sock)
-        client.sock.close()
+    def dropped(self, client: StreamClient, reason: Drop) -> bytes:
+        """Busy or too slow: closed without an answer."""
+        return b""
 
     def expire(self, now: float) -> float | None:
         """Close clients past their deadline; the seconds until the next deadline (None: no client)."""
-        for client in list(self.clients.values()):
-            if client.deadline <= now:
-                self._close(client)
-        return min((c.deadline - now for c in self.clients.values()), default=None)
+        return self.stream.expire(now)
 
     def close(self) -> None:
         """Close every client and the listening socket."""
-        for client in list(self.clients.values()):
-            self._close(client)
-        self.sel.unregister(self.sock)
-        self.sock.close()
+        self.stream.close()
+
+
+def _http(code: int, body: bytes, content_type: str = "text/plain") -> bytes:
+    """A whole HTTP/1.1 answer that closes the connection."""
+    reason = {200: "OK", 400: "Bad Request", 404: "Not Found"}[code]
+    head = (f"HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode()
+    return head + body

@@ -1,10 +1,21 @@
-"""The control socket's rendering for people: drops and events apart."""
+"""The control socket (coordinator/control.py): its rendering for people, and its clients served without
+holding the coordinator's loop, as a local client that dribbles, stalls or crowds the socket would try it."""
 
 from __future__ import annotations
 
+import socket
+import threading
 from pathlib import Path
 
-from shardswitch.coordinator.control import format_status
+import pytest
+
+from shardswitch.coordinator.control import DEADLINE, MAX_CLIENTS, ControlError, format_status, query
+from shardswitch.loglimit import BURST
+from tests.switch import Switch
+from tests.switchkit import serve_fresh_frontend, wait_until
+
+#: What a stalled client is told when its deadline passes.
+TOO_SLOW = b'{"error": "no complete request within %g s"}\n' % DEADLINE
 
 
 def test_status_shows_drops_and_events_apart() -> None:
@@ -51,3 +62,98 @@ def test_watch_command(tmp_path: Path) -> None:
                               timeout=30, env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("from guest") == 2 and " all " in done.stdout
+
+
+def connect(path: str) -> socket.socket:
+    """A control client that has connected (waiting while the switch's queue of connections is full) and
+    sent nothing yet; its reads time out generously."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    sock.settimeout(DEADLINE * 4)
+    return sock
+
+
+def read_to_end(sock: socket.socket) -> bytes:
+    """All the switch sends until it closes."""
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    return data
+
+
+def control_clients(switch: Switch) -> int:
+    """Control clients the switch serves now, the one asking included."""
+    return int(switch.status()["control"]["clients"])
+
+
+def test_slow_client_holds_nobody(tmp_path: Path) -> None:
+    """A client that sends its request a byte every 0.3 s: meanwhile another client's status comes back and
+    a front-end completes its handshake (and gets an ARP answer), while the slow client is still
+    connected."""
+    with Switch(tmp_path) as switch:
+        slow = connect(switch.control)
+        stop = threading.Event()
+
+        def dribble() -> None:
+            for byte in b'{"cmd": "status", "pad": "' + b"x" * 200:
+                if stop.wait(0.3):
+                    return
+                try:
+                    slow.send(bytes([byte]))
+                except OSError:
+                    return
+
+        sender = threading.Thread(target=dribble)
+        sender.start()
+        try:
+            assert control_clients(switch) == 2                 # the slow one is being served
+            serve_fresh_frontend(switch, 1)
+            assert control_clients(switch) == 2                 # and still is
+        finally:
+            stop.set()
+            sender.join(10)
+        assert read_to_end(slow) == TOO_SLOW
+        slow.close()
+
+
+def test_stalled_request_is_dropped_at_its_deadline(tmp_path: Path) -> None:
+    """A client that sends half a request and waits is told so and closed at its deadline (counted, logged);
+    the switch serves on."""
+    with Switch(tmp_path) as switch:
+        stalled = connect(switch.control)
+        stalled.sendall(b'{"cmd": "sta')
+        assert read_to_end(stalled) == TOO_SLOW
+        stalled.close()
+        assert switch.status()["control"]["refused"] == {"deadline": 1}
+        assert "no complete request within" in switch.log()
+
+
+def test_concurrent_clients_are_bounded(tmp_path: Path) -> None:
+    """MAX_CLIENTS idle clients take every slot: one more is refused at once with a clear error; when one
+    leaves, a client is served again; the idle ones are dropped at their deadline, the log lines about them
+    rate-limited."""
+    with Switch(tmp_path) as switch:
+        idle = [connect(switch.control) for _ in range(MAX_CLIENTS - 1)]
+        assert control_clients(switch) == MAX_CLIENTS            # all taken, the one asking included
+        idle.append(connect(switch.control))                    # accepted before the next connection
+        with pytest.raises(ControlError, match=f"busy: {MAX_CLIENTS} control clients at once"):
+            query(switch.control, "status")
+        idle.pop().close()
+        status = wait_until(lambda: _status_unless_busy(switch.control), "a free slot", timeout=DEADLINE * 4)
+        assert status["control"]["refused"].get("busy", 0) >= 1
+        for sock in idle:
+            assert read_to_end(sock) == TOO_SLOW
+            sock.close()
+        wait_until(lambda: switch.status()["control"]["refused"].get("deadline") == len(idle),
+                   "the deadline drops to be counted", timeout=DEADLINE * 4)
+        assert switch.log().count("no complete request within") <= BURST
+
+
+def _status_unless_busy(path: str) -> dict[str, object] | None:
+    """The status, or None while the control socket is busy."""
+    try:
+        return query(path, "status")
+    except ControlError as err:
+        if "busy" in str(err):
+            return None
+        raise

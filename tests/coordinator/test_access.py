@@ -1,0 +1,168 @@
+"""Who may use the control socket (coordinator/access.py): the peer's credentials against root, the switch's
+own user and --control-group, checked as an attacker would try it: a process of another user (a child of
+the test that gives up root) connecting to a real switch's control socket to start a packet capture."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from shardswitch.coordinator.access import (AccessError, AccessPolicy, Peer, resolve_group,
+                                            restrict_socket_file)
+from tests.conftest import NOBODY
+from tests.switch import Switch
+
+#: IDs no account uses: the attacker's, and the group the operator names.
+STRANGER = 65533
+OPERATORS = 65532
+CAPTURE_REQUEST = b'{"cmd": "capture-start", "file": "stolen.pcap", "size": 0}\n'
+STATUS_REQUEST = b'{"cmd": "status"}\n'
+
+
+def as_user(uid: int, gid: int, action: Callable[[], str]) -> str:
+    """Run ``action`` in a child process that became ``uid``/``gid`` (no supplementary group); what it
+    returned, or why it failed."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                         # the child: never returns into pytest
+        text = ""
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            text = action()
+        except BaseException as err:                     # noqa: B036 - reported to the parent
+            text = f"child failed: {err!r}"
+        finally:
+            data = text.encode()
+            while data:
+                data = data[os.write(write_end, data):]
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as stream:
+        out = stream.read().decode()
+    os.waitpid(pid, 0)
+    return out
+
+
+def ask(path: str, request: bytes, fds: list[int] | None = None) -> Callable[[], str]:
+    """An action for :func:`as_user`: connect to ``path``, send ``request`` (with ``fds``), return all that
+    came back (or why the connection failed)."""
+    def action() -> str:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(20)
+            try:
+                sock.connect(path)
+            except OSError as err:
+                return f"connect: {err.strerror}"
+            try:
+                socket.send_fds(sock, [request], fds or [])
+            except OSError:
+                pass                                     # refused at once: the answer may still be there
+            data = b""
+            try:
+                while chunk := sock.recv(65536):
+                    data += chunk
+            except OSError as err:
+                data += f" ({err.strerror})".encode()
+            return data.decode()
+    return action
+
+
+def answer_of(text: str) -> dict[str, object]:
+    """The JSON line an action got."""
+    return dict(json.loads(text.split("\n", 1)[0]))
+
+
+@pytest.fixture
+def open_dir(nobody_dir: Path) -> Path:
+    """A socket directory any user may enter (the switch's own user owns it)."""
+    nobody_dir.chmod(0o755)
+    return nobody_dir
+
+
+def test_other_users_cannot_capture(open_dir: Path, tmp_path: Path) -> None:
+    """The control socket is mode 0600: another user cannot even connect.  Made writable for all (a wide
+    UMask, a socket handed over), it still refuses that user, who gets "not allowed" and starts no
+    capture; root and the switch's own user (nobody) are served; the refusal is counted and logged."""
+    with Switch(tmp_path, socket_path=str(open_dir / "ss.sock")) as switch:
+        assert stat.S_IMODE(os.stat(switch.control).st_mode) == 0o600
+        files = [os.open(tmp_path / name, os.O_WRONLY | os.O_CREAT, 0o666) for name in ("a.pcap", "b.pcap")]
+        try:
+            assert as_user(STRANGER, STRANGER, ask(switch.control, CAPTURE_REQUEST, files)) == \
+                "connect: Permission denied"
+            os.chmod(switch.control, 0o666)
+            stolen = as_user(STRANGER, STRANGER, ask(switch.control, CAPTURE_REQUEST, files))
+        finally:
+            for fd in files:
+                os.close(fd)
+        assert answer_of(stolen) == {"error": f"not allowed: uid {STRANGER}"}, stolen
+        own = answer_of(as_user(NOBODY, NOBODY, ask(switch.control, STATUS_REQUEST)))
+        status = switch.status()                                     # root
+        assert own["socket"] == status["socket"] == switch.socket
+        assert status["capture"] == {"active": False}
+        assert status["control"]["refused"] == {"not_allowed": 1}
+        assert f"uid {STRANGER} gid {STRANGER} (allowed: root, uid {NOBODY})" in switch.log()
+
+
+def test_control_group_members_are_served(open_dir: Path, tmp_path: Path) -> None:
+    """--control-group: the socket file is the group's, mode 0660; a process whose group it is may use the
+    control socket; a process of another group cannot connect, nor is it served where the file lets it."""
+    with Switch(tmp_path, socket_path=str(open_dir / "ss.sock"), args=["--control-group", str(OPERATORS)]) as sw:
+        info = os.stat(sw.control)
+        assert (stat.S_IMODE(info.st_mode), info.st_gid) == (0o660, OPERATORS)
+        member = answer_of(as_user(STRANGER, OPERATORS, ask(sw.control, STATUS_REQUEST)))
+        assert member["socket"] == sw.socket
+        assert member["control"] == {"clients": 1, "refused": {}, "group": OPERATORS}
+        assert as_user(STRANGER, STRANGER, ask(sw.control, STATUS_REQUEST)) == "connect: Permission denied"
+        os.chmod(sw.control, 0o666)
+        assert answer_of(as_user(STRANGER, STRANGER, ask(sw.control, STATUS_REQUEST))) == \
+            {"error": f"not allowed: uid {STRANGER}"}
+        assert sw.status()["control"]["refused"] == {"not_allowed": 1}
+
+
+def test_unknown_control_group_is_a_start_error(tmp_path: Path) -> None:
+    """A group that does not exist: the switch does not start, and says why."""
+    with pytest.raises(RuntimeError, match="--control-group: no group named 'no-such-group-here'"):
+        Switch(tmp_path, args=["--control-group", "no-such-group-here"]).start()
+    assert not (tmp_path / "ss.sock.ctl").exists()
+
+
+def test_resolve_group() -> None:
+    """Names through the group database, numbers as they are; unknown names and impossible numbers refused."""
+    assert resolve_group(None) is None
+    assert resolve_group("root") == 0 and resolve_group("4242") == 4242
+    with pytest.raises(AccessError, match="no group named 'nope-nope'"):
+        resolve_group("nope-nope")
+    with pytest.raises(AccessError, match="not a group ID"):
+        resolve_group("4294967295")
+
+
+def test_policy() -> None:
+    """Root, our own uid and the group's gid are allowed; in a user namespace of our own the overflow ids
+    (every unmapped peer, root included) match nothing, even when they are ours."""
+    me = os.geteuid()
+    policy = AccessPolicy(group=OPERATORS)
+    assert policy.allows(Peer(1, 0, 0)) and policy.allows(Peer(1, me, 5)) and policy.allows(Peer(1, 7, OPERATORS))
+    assert not policy.allows(Peer(1, STRANGER, STRANGER)) and not AccessPolicy().allows(Peer(1, 7, OPERATORS))
+    unmapped = AccessPolicy(group=NOBODY, unmapped=(me, NOBODY))
+    assert not unmapped.allows(Peer(1, me, NOBODY))
+    assert AccessPolicy(unmapped=(NOBODY, NOBODY)).allows(Peer(1, 0, 0))
+
+
+def test_restrict_socket_file(tmp_path: Path) -> None:
+    """Mode 0600 without a group; the group's with mode 0660 with one."""
+    path = tmp_path / "s"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(str(path))
+        assert restrict_socket_file(str(path), None) == ""
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert restrict_socket_file(str(path), OPERATORS) == ""
+        assert (stat.S_IMODE(path.stat().st_mode), path.stat().st_gid) == (0o660, OPERATORS)
