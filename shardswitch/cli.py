@@ -309,7 +309,7 @@ def _query(args: argparse.Namespace) -> int:
     try:
         answer: dict[str, Any] = control.query(path, args.command)
     except control.ControlError as exc:
-        _error(f"{exc} (is shardswitch running?)")
+        _error(str(exc) if isinstance(exc, control.ControlRefused) else f"{exc} (is shardswitch running?)")
         return ExitCode.RUNTIME
     if args.json:
         print(json.dumps(answer, indent=2, sort_keys=True))
@@ -336,7 +336,7 @@ def _watch(path: str, interval: float, count: int) -> int:
             print(clear + control.format_rates(before, after, now - since), flush=True)
             before, since, shown = after, now, shown + 1
     except control.ControlError as exc:
-        _error(f"{exc} (is shardswitch running?)")
+        _error(str(exc) if isinstance(exc, control.ControlRefused) else f"{exc} (is shardswitch running?)")
         return ExitCode.RUNTIME
     except KeyboardInterrupt:
         pass

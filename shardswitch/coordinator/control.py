@@ -52,6 +52,10 @@ class ControlError(Exception):
     """The control socket could not be reached, or it answered with an error."""
 
 
+class ControlRefused(ControlError):
+    """The switch answered with an error (not allowed, busy, a bad request...): it runs."""
+
+
 def _line(answer: dict[str, Any]) -> bytes:
     """An answer as the JSON line sent."""
     return json.dumps(answer).encode() + b"\n"
@@ -190,7 +194,7 @@ def query(path: str, cmd: str, timeout: float = 10.0, args: dict[str, Any] | Non
     if not isinstance(answer, dict):
         raise ControlError(f"unexpected answer from {path}")
     if "error" in answer:
-        raise ControlError(str(answer["error"]))
+        raise ControlRefused(str(answer["error"]))
     return host_view(answer) if cmd == "status" else answer      # PIDs as this host sees them
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from shardswitch.coordinator.access import (AccessError, AccessPolicy, Peer, resolve_group,
                                             restrict_socket_file)
+from shardswitch.coordinator.control import ControlError, query
 from tests.conftest import NOBODY
 from tests.switch import Switch
 
@@ -76,6 +77,17 @@ def ask(path: str, request: bytes, fds: list[int] | None = None) -> Callable[[],
     return action
 
 
+def with_query(path: str) -> Callable[[], str]:
+    """An action for :func:`as_user`: ``shardswitch status``'s query; the error it raised."""
+    def action() -> str:
+        try:
+            query(path, "status", timeout=20)
+        except ControlError as err:
+            return f"{type(err).__name__}: {err}"
+        return "served"
+    return action
+
+
 def answer_of(text: str) -> dict[str, object]:
     """The JSON line an action got."""
     return dict(json.loads(text.split("\n", 1)[0]))
@@ -104,11 +116,14 @@ def test_other_users_cannot_capture(open_dir: Path, tmp_path: Path) -> None:
             for fd in files:
                 os.close(fd)
         assert answer_of(stolen) == {"error": f"not allowed: uid {STRANGER}"}, stolen
+        for _ in range(3):      # refused at once, whether or not the request was sent before the close
+            assert as_user(STRANGER, STRANGER, with_query(switch.control)) == \
+                f"ControlRefused: not allowed: uid {STRANGER}"
         own = answer_of(as_user(NOBODY, NOBODY, ask(switch.control, STATUS_REQUEST)))
         status = switch.status()                                     # root
         assert own["socket"] == status["socket"] == switch.socket
         assert status["capture"] == {"active": False}
-        assert status["control"]["refused"] == {"not_allowed": 1}
+        assert status["control"]["refused"] == {"not_allowed": 4}
         assert f"uid {STRANGER} gid {STRANGER} (allowed: root, uid {NOBODY})" in switch.log()
 
 

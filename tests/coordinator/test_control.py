@@ -76,8 +76,11 @@ def connect(path: str) -> socket.socket:
 def read_to_end(sock: socket.socket) -> bytes:
     """All the switch sends until it closes."""
     data = b""
-    while chunk := sock.recv(4096):
-        data += chunk
+    try:
+        while chunk := sock.recv(4096):
+            data += chunk
+    except ConnectionResetError:                       # closed with bytes of ours unread: after its answer
+        pass
     return data
 
 
