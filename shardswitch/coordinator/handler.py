@@ -13,7 +13,10 @@ is the single boundary where errors turn into answers:
   an acknowledgement; the connection goes on;
 * a request that must carry a reply but cannot be answered, and anything that
   breaks the framing, disconnects that front-end (logged); the switch keeps
-  listening for the next one.
+  listening for the next one;
+* CHECK_DEVICE_STATE asked while the device state is still on its way is
+  answered later (:class:`AnswerLater`, :meth:`RequestHandler.answer_check`);
+  the server reads no further request until then.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ Handler = Callable[[Message], "bytes | None"]
 
 class Disconnect(Exception):
     """This front-end must be dropped (the reason is the message)."""
+
+
+class AnswerLater(Exception):
+    """Raised by a request's handler whose answer comes later (:meth:`RequestHandler.answer_check`)."""
 
 
 def _no_fds(msg: Message, name: str) -> None:
@@ -109,6 +116,8 @@ class RequestHandler:
                 raise DeviceError(f"{name} is not supported by this back-end")
             reply = handler(msg)
             ok = True
+        except AnswerLater:
+            return
         except VhostProtocolError as err:
             self.refused[name] += 1
             if err.fatal or request in REPLY_REQUESTS:
@@ -246,9 +255,18 @@ class RequestHandler:
         return U64.pack(migration.begin(direction, phase, fd))
 
     def check_device_state(self, msg: Message) -> bytes:
-        """CHECK_DEVICE_STATE: 0 when the last device-state transfer succeeded."""
+        """CHECK_DEVICE_STATE: 0 when the last device-state transfer succeeded; AnswerLater while it is
+        still under way."""
         _no_fds(msg, "CHECK_DEVICE_STATE")
-        return U64.pack(self.migration.check() if self.migration is not None else REPLY_FAILED)
+        result = self.migration.check() if self.migration is not None else REPLY_FAILED
+        if result is None:
+            raise AnswerLater("CHECK_DEVICE_STATE")
+        return U64.pack(result)
+
+    @staticmethod
+    def answer_check(conn: FrontendConnection, result: int) -> None:
+        """The answer to a CHECK_DEVICE_STATE that had to wait."""
+        conn.send_reply(Request.CHECK_DEVICE_STATE, U64.pack(result))
 
     def get_vring_base(self, msg: Message) -> bytes:
         """GET_VRING_BASE: stops the ring; answers its next avail index."""

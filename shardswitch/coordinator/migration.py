@@ -14,16 +14,26 @@ rings start again on this side afterwards (the migration failed later and the
 guest resumes here), :meth:`Migration.rollback` loads it back.
 
 **Load** (target, direction LOAD).  The selector loop reads QEMU's pipe until
-end of file, at most :data:`~shardswitch.migration.format.MAX_STATE` bytes;
-then the document is decoded and checked whole, the guest's addresses go
-into the flow table's header and each pair's part to its worker
-(``MigrateLoad``).  A document that does not decode or check is refused: the
-error is logged, nothing is applied, and CHECK_DEVICE_STATE answers failure,
-so QEMU fails the migration and the switch serves on.
+end of file, a chunk per call, and stops at the bounds of this switch's flow
+table (:class:`~shardswitch.migration.admit.Bounds`: the bytes a document of
+as many flows as the table holds may take): a larger document is refused
+there, unread beyond.  At end of file the document's header and outline are
+checked (more flows than the table holds is refused before any flow is
+decoded), then a :class:`~shardswitch.coordinator.restore.Restore` checks its
+flows a batch per loop iteration and, all checked, has each pair's part
+restored by its worker, the answers read by the loop.  A document that does
+not decode or check is refused: the error is logged, nothing is applied, and
+CHECK_DEVICE_STATE answers failure, so QEMU fails the migration and the
+switch serves on.  The coordinator's loop is never held by the document:
+no step costs more than one read, one outline or one batch of flows.
 
 **CHECK_DEVICE_STATE** answers 0 when the last transfer succeeded.  QEMU sends
-it once it has read our end of file (save) or closed its end (load); a load
-still being read then is finished at once, with a deadline.
+it once it has read our end of file (save) or closed its end (load).  Asked
+while a transfer or a restore is still under way, the answer waits for its
+end (:meth:`Migration.check` gives None, :meth:`Migration.answer` the answer
+later), and so does every later request of the front-end
+(:meth:`Migration.holds_frontend`), while the loop serves everything else; a
+transfer still open :data:`FINISH_TIMEOUT` seconds after the question fails.
 
 **Repair helper.**  With ``--repair-path`` the coordinator listens on a unix
 socket (mode 0600) for one helper (:mod:`shardswitch.migration.repair`), which
@@ -45,7 +55,9 @@ from typing import Callable, Protocol
 
 from shardswitch.coordinator import fdcheck
 from shardswitch.coordinator.device import DeviceError
-from shardswitch.ipc import MigrateDone, MigrateLoad, MigrateSave
+from shardswitch.coordinator.restore import WORKER_TIMEOUT, Restore
+from shardswitch.ipc import MigrateDone, MigrateSave
+from shardswitch.migration import admit
 from shardswitch.migration import format as fmt
 from shardswitch.migration import repair
 from shardswitch.shm.table import FlowTable
@@ -57,9 +69,7 @@ log = logging.getLogger("shardswitch.migration")
 REPLY_USE_YOUR_FD = 0x100
 #: Error code in SET_DEVICE_STATE_FD's answer, and CHECK_DEVICE_STATE's failure.
 REPLY_FAILED = 1
-#: How long a worker may take to save or load its flows.
-WORKER_TIMEOUT = 30.0
-#: How long CHECK_DEVICE_STATE waits for the rest of a load.
+#: How long CHECK_DEVICE_STATE waits for the rest of a transfer.
 FINISH_TIMEOUT = 10.0
 CHUNK = 1 << 20
 _UCRED = struct.Struct("iII")
@@ -74,6 +84,13 @@ class WorkerCalls(Protocol):
              timeout: float = ...) -> object | None:
         """Send and wait for the answer; None when the worker died or timed out."""
 
+    def post(self, pair: int, message: object, fds: list[int] | tuple[int, ...],
+             done: Callable[[object | None], None], timeout: float) -> bool:
+        """Send a request whose answer goes to ``done`` once the loop reads it; False when not sent."""
+
+    def expire(self, now: float) -> float | None:
+        """Answer None to posted requests past their deadline; seconds until the next deadline."""
+
 
 class Transfer:
     """One device-state transfer through QEMU's pipe."""
@@ -83,18 +100,21 @@ class Transfer:
         self.direction = direction
         self.fd = fd
         self.out = memoryview(data)
+        self.size = len(data)
         self.received = bytearray()
-        self.error = ""
 
 
 class Migration:
     """Live-migration state of one coordinator."""
 
     def __init__(self, pool: WorkerCalls, sel: selectors.BaseSelector, table: Callable[[], FlowTable | None],
-                 next_seq: Callable[[], int], repair_path: str = "") -> None:
+                 next_seq: Callable[[], int], repair_path: str = "", capacity: int = 0) -> None:
         """Serve ``pool``'s workers in ``sel``'s loop; ``table``: the flow table once created; ``next_seq``:
-        request numbers shared with the device's (an answer is matched by its number)."""
+        request numbers shared with the device's (an answer is matched by its number); ``capacity``: the
+        flows the table holds, which bounds the documents loaded (0: the format's limits alone)."""
         self.pool = pool
+        self.bounds = admit.Bounds.for_table(capacity) if capacity else \
+            admit.Bounds(fmt.MAX_FLOWS * fmt.MAX_PAIRS, fmt.MAX_STATE)
         self._next_seq = next_seq
         self.sel = sel
         self.table = table
@@ -104,6 +124,11 @@ class Migration:
         #: The helper said HELLO: it is ours and freezes connections (see migration.repair).
         self.helper_freezes = False
         self.transfer: Transfer | None = None
+        #: A document being checked or restored (after a load, or a rollback).
+        self.restore: Restore | None = None
+        #: CHECK_DEVICE_STATE was asked while a transfer or restore was under way; the answer is due by then.
+        self.check_waiting = False
+        self.check_deadline = 0.0
         #: CHECK_DEVICE_STATE's answer: 0 after a transfer that succeeded; no transfer yet is a failure.
         self.result = REPLY_FAILED
         #: The last document saved, for a rollback (None after a load or a reset).
@@ -207,12 +232,17 @@ class Migration:
         return REPLY_USE_YOUR_FD
 
     def cancel(self) -> None:
-        """Drop a transfer in progress (a new one replaces it, or the front-end went away)."""
+        """Drop a transfer or restore in progress (a new one replaces it, or the front-end went away)."""
         transfer, self.transfer = self.transfer, None
         if transfer is not None:
             log.warning("device-state transfer (%s) abandoned", transfer.direction.name)
             self.sel.unregister(transfer.fd)
             os.close(transfer.fd)
+        restore, self.restore = self.restore, None
+        if restore is not None:
+            log.warning("device state %s abandoned while %s", restore.verb, restore.stage)
+            restore.abandon()
+        self.check_waiting = False
 
     def reset(self) -> None:
         """The front-end went away: no transfer, nothing to roll back."""
@@ -236,8 +266,9 @@ class Migration:
                 data = os.read(transfer.fd, CHUNK)
                 if not data:
                     self._finish_load(transfer)
-                elif len(transfer.received) + len(data) > fmt.MAX_STATE:
-                    self._end(transfer, f"device state refused: more than {fmt.MAX_STATE} bytes")
+                elif len(transfer.received) + len(data) > self.bounds.size:
+                    self._refuse(transfer, len(transfer.received) + len(data),
+                                 f"larger than {self.bounds.describe()}")
                 else:
                     transfer.received += data
         except BlockingIOError:
@@ -245,33 +276,68 @@ class Migration:
         except OSError as err:
             self._end(transfer, f"device-state pipe: {err.strerror or err}")
 
-    def check(self) -> int:
-        """CHECK_DEVICE_STATE: finish a load still being read, then 0 if the last transfer succeeded."""
-        transfer = self.transfer
-        if transfer is not None:
-            deadline = time.monotonic() + FINISH_TIMEOUT
-            while self.transfer is transfer and time.monotonic() < deadline:
-                ready = selectors.DefaultSelector()
-                try:
-                    ready.register(transfer.fd, selectors.EVENT_WRITE if transfer.direction ==
-                                   TransferDirection.SAVE else selectors.EVENT_READ)
-                    if ready.select(max(deadline - time.monotonic(), 0)):
-                        self.on_pipe()
-                finally:
-                    ready.close()
-            if self.transfer is transfer:
-                self._end(transfer, "device-state transfer not finished when QEMU asked for its result")
+    def check(self) -> int | None:
+        """CHECK_DEVICE_STATE: 0 if the last transfer succeeded; None while a transfer or restore is still
+        under way (the answer comes from :meth:`answer` once it is over)."""
+        if self.transfer is None and self.restore is None:
+            return self.result
+        self.check_waiting = True
+        self.check_deadline = time.monotonic() + FINISH_TIMEOUT
+        return None
+
+    def answer(self) -> int | None:
+        """The answer to a CHECK_DEVICE_STATE asked while the transfer was under way, once it is over (once)."""
+        if not self.check_waiting or self.transfer is not None or self.restore is not None:
+            return None
+        self.check_waiting = False
         return self.result
 
-    def _end(self, transfer: Transfer, error: str = "") -> None:
-        """Close the pipe; ``error`` (logged) makes the result a failure."""
+    def holds_frontend(self) -> bool:
+        """Whether the front-end's requests must wait: its CHECK_DEVICE_STATE is not answered yet, or its
+        workers are being given a document (its requests would need them)."""
+        return self.check_waiting or self.restore is not None
+
+    def tick(self, now: float) -> float | None:
+        """The loop's turn: one step of a restore, the deadlines of a transfer asked about and of the workers'
+        answers; seconds until the next turn is due (0: at once; None: nothing due)."""
+        waits = [self.pool.expire(now)]
+        transfer = self.transfer
+        if transfer is not None and self.check_waiting:
+            if now >= self.check_deadline:
+                self._end(transfer, "device-state transfer not finished when QEMU asked for its result")
+            else:
+                waits.append(self.check_deadline - now)
+        restore = self.restore
+        if restore is not None:
+            if restore.step():
+                waits.append(0.0)
+            if restore.finished:
+                self._restored(restore)
+        due = [wait for wait in waits if wait is not None]
+        return min(due) if due else None
+
+    def progress(self) -> dict[str, object] | None:
+        """The transfer or restore under way, for ``shardswitch status`` (None: none)."""
+        if self.transfer is not None:
+            transfer = self.transfer
+            done = len(transfer.received) if transfer.direction == TransferDirection.LOAD else \
+                transfer.size - len(transfer.out)
+            return {"direction": transfer.direction.name.lower(), "stage": "transfer", "bytes": done,
+                    "limit": self.bounds.size, "check_waiting": self.check_waiting}
+        if self.restore is not None:
+            return {"direction": self.restore.verb, **self.restore.progress(), "check_waiting": self.check_waiting}
+        return None
+
+    def _end(self, transfer: Transfer, error: str = "", *, keep_result: bool = False) -> None:
+        """Close the pipe; ``error`` (logged) makes the result a failure, none a success (unless
+        ``keep_result``: a restore decides)."""
         self.sel.unregister(transfer.fd)
         os.close(transfer.fd)
         self.transfer = None
         if error:
             log.error("%s", error)
             self.result = REPLY_FAILED
-        else:
+        elif not keep_result:
             self.result = 0
 
     # -- save -----------------------------------------------------------------------
@@ -309,16 +375,21 @@ class Migration:
     # -- load -----------------------------------------------------------------------
 
     def _finish_load(self, transfer: Transfer) -> None:
-        """End of file: decode, check, apply; the result says whether it was."""
+        """End of file: the document's outline is checked, then a restore checks and applies its flows."""
+        size = len(transfer.received)
         try:
-            state = fmt.decode(bytes(transfer.received))
+            admission = admit.outline(memoryview(transfer.received), self.bounds)
         except fmt.StateError as err:
-            self.last = {"direction": "load", "error": str(err)}
-            self._end(transfer, f"device state refused ({len(transfer.received)} bytes): {err}")
+            self._refuse(transfer, size, str(err))
             return
-        self._end(transfer)
+        self._end(transfer, keep_result=True)
         self.saved = None
-        self._apply(state, "loaded")
+        self.restore = self._restore(admission, "loaded")
+
+    def _refuse(self, transfer: Transfer, size: int, why: str) -> None:
+        """A document refused after ``size`` bytes: the pipe closes, nothing is applied, the result fails."""
+        self.last = {"direction": "load", "bytes": size, "error": why}
+        self._end(transfer, f"device state refused ({size} bytes): {why}")
 
     def rollback(self) -> None:
         """The guest resumed here after a save: its flows come back from the saved document."""
@@ -327,40 +398,38 @@ class Migration:
             return
         log.warning("the guest resumed on this side after its state was saved (the migration failed): "
                     "restoring its flows")
-        self._apply(fmt.decode(data), "restored")
+        try:                     # our own document, from our own table: only the byte limit could be too low
+            admission = admit.outline(data, admit.Bounds(self.bounds.flows, max(len(data), self.bounds.size)))
+        except fmt.StateError as err:
+            log.error("the saved device state cannot be restored: %s", err)
+            return
+        self.cancel()
+        self.restore = self._restore(admission, "restored")
 
-    def _apply(self, state: fmt.DeviceState, verb: str) -> None:
-        """The guest's addresses into the flow table's header, each pair's flows to its worker."""
-        table = self.table()
-        if table is not None:
-            if state.guest_mac is not None:
-                table.publish_guest_mac(state.guest_mac)
-            if state.guest6 is not None:
-                table.publish_guest6(state.guest6)
-        totals = {"tcp_moved": 0, "tcp_reset": 0, "other": 0}
-        for part in state.pairs:
-            pair = part.pair % self.pool.count
-            if pair != part.pair:
-                log.warning("flows of queue pair %d go to queue pair %d (this switch has %d)", part.pair, pair,
-                            self.pool.count)
-            data = fmt.encode_pair(part)
-            memfd = os.memfd_create("shardswitch-state", os.MFD_CLOEXEC)
-            try:
-                os.write(memfd, data)
-                done = self._call(pair, MigrateLoad(seq=self._next_seq(), size=len(data),
-                                                    has_repair=self.helper is not None,
-                                                    guest_mac=state.guest_mac), memfd)
-                if done is not None:
-                    self._add(totals, done)
-            finally:
-                os.close(memfd)
-        self.last = {"direction": verb, "flows": state.flow_count(), **totals}
-        log.info("device state %s: %d TCP connection(s) moved, %d reset, %d other flow(s)", verb,
+    def _restore(self, admission: admit.Admission, verb: str) -> Restore:
+        """A restore of ``admission`` by the workers, driven by :meth:`tick`."""
+        return Restore(admission, verb, self.pool, self.table, self._next_seq, lambda: self.helper)
+
+    def _restored(self, restore: Restore) -> None:
+        """A restore is over: the result, the status and the log say how it went."""
+        self.restore = None
+        admission = restore.admission
+        if restore.error:
+            self.last = {"direction": "load", "bytes": admission.size, "error": restore.error}
+            log.error("device state refused (%d bytes): %s", admission.size, restore.error)
+            if restore.verb == "loaded":
+                self.result = REPLY_FAILED
+            return
+        if restore.verb == "loaded":
+            self.result = 0
+        totals = restore.totals
+        self.last = {"direction": restore.verb, "flows": admission.flows, **totals}
+        log.info("device state %s: %d TCP connection(s) moved, %d reset, %d other flow(s)", restore.verb,
                  totals["tcp_moved"], totals["tcp_reset"], totals["other"])
 
     # -- helpers ----------------------------------------------------------------------
 
-    def _call(self, pair: int, message: MigrateSave | MigrateLoad, memfd: int) -> MigrateDone | None:
+    def _call(self, pair: int, message: MigrateSave, memfd: int) -> MigrateDone | None:
         """One worker request with the memfd (and the helper's connection); None when it failed."""
         fds = [memfd] + ([self.helper.fileno()] if self.helper is not None else [])
         answer = self.pool.call(pair, message, fds, timeout=WORKER_TIMEOUT)

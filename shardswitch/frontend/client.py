@@ -312,14 +312,30 @@ class VhostUserFrontend:
         (which sets the NEED_REPLY flag); a REPLY_ACK status is returned as
         its 8 raw bytes, not interpreted (see :meth:`request_status`).
         """
-        flags = HeaderFlags.VERSION | (HeaderFlags.NEED_REPLY if need_reply else 0)
-        self.send_raw(encode_message(int(req), payload, flags), fds)
+        self.send_request(req, payload, fds, need_reply)
         if req not in REPLY_REQUESTS and not need_reply:
             return None
+        return self.read_reply(req)
+
+    def send_request(self, req: Request | int, payload: bytes = b"", fds: Sequence[int] = (),
+                     need_reply: bool = False) -> None:
+        """Send one message and read no reply (:meth:`read_reply` reads it later: a test of a back-end that
+        answers late)."""
+        flags = HeaderFlags.VERSION | (HeaderFlags.NEED_REPLY if need_reply else 0)
+        self.send_raw(encode_message(int(req), payload, flags), fds)
+
+    def read_reply(self, req: Request | int) -> bytes:
+        """Read the reply to ``req``, sent before (within :attr:`timeout`)."""
         reply = self._read_reply(int(req), _deadline(self.timeout))
         if (req in EIGHT_BYTE_REPLIES or req not in REPLY_REQUESTS) and len(reply) != 8:
             raise FrontendError(f"reply to {request_name(req)} is {len(reply)} bytes, expected 8")
         return reply
+
+    def reply_waiting(self) -> bool:
+        """Whether the back-end has sent something not read yet (without waiting)."""
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
 
     def request_status(self, req: Request | int, payload: bytes = b"", fds: Sequence[int] = ()) -> int:
         """Send with NEED_REPLY and return the back-end's u64 status (0 = success)."""

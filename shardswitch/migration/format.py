@@ -20,6 +20,7 @@ ever returned, so a target applies a state whole or not at all.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from typing import Annotated
 
 import msgspec
@@ -32,7 +33,7 @@ assert HEADER.size == 16
 MAGIC = b"SHRDSWST"
 VERSION = 1
 COMPAT_VERSION = 1
-#: Largest document accepted (bounds what a front-end can make the target buffer).
+#: Largest document accepted whatever the flow table (a target accepts less: :mod:`.admit`).
 MAX_STATE = 256 << 20
 #: Largest send or receive queue of one connection that moves (larger ones are reset).
 MAX_QUEUE = 32 << 20
@@ -185,16 +186,7 @@ def decode(data: bytes | memoryview) -> DeviceState:
     """The state in ``data``, checked whole; StateError saying what is wrong otherwise."""
     if len(data) > MAX_STATE:
         raise StateError(f"device state of {len(data)} bytes: more than the {MAX_STATE} accepted")
-    if len(data) < HEADER.size:
-        raise StateError(f"device state truncated: {len(data)} bytes, less than its {HEADER.size}-byte header")
-    magic, version, compat = HEADER.unpack_from(data)
-    if magic != MAGIC:
-        raise StateError(f"not a shardswitch device state (magic {bytes(magic)!r})")
-    if not compat or compat > version:
-        raise StateError(f"device state header: version {version}, compatible down to {compat}")
-    if not compat <= VERSION:
-        raise StateError(f"device state version {version} needs a reader of version {compat} or later; "
-                         f"this one reads version {VERSION}")
+    version = check_header(data)
     try:
         state = _DECODER.decode(memoryview(data)[HEADER.size:])
     except (msgspec.DecodeError, RecursionError) as err:     # RecursionError: values nested too deeply
@@ -208,18 +200,40 @@ def decode(data: bytes | memoryview) -> DeviceState:
     return state
 
 
+def check_header(data: bytes | bytearray | memoryview) -> int:
+    """The version of the document ``data`` begins, checked; StateError when it is not one a reader of
+    :data:`VERSION` can read."""
+    if len(data) < HEADER.size:
+        raise StateError(f"device state truncated: {len(data)} bytes, less than its {HEADER.size}-byte header")
+    magic, version, compat = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise StateError(f"not a shardswitch device state (magic {bytes(magic)!r})")
+    if not compat or compat > version:
+        raise StateError(f"device state header: version {version}, compatible down to {compat}")
+    if not compat <= VERSION:
+        raise StateError(f"device state version {version} needs a reader of version {compat} or later; "
+                         f"this one reads version {VERSION}")
+    return int(version)
+
+
 def _check_pair(pair: PairState) -> None:
-    """What the types cannot say: interface kinds and queue lengths."""
-    for tcp in pair.tcp:
-        _check_sides(pair.pair, "TCP", tcp.guest, tcp.host)
-        sock = tcp.socket
+    """What the types cannot say about a pair's flows (see :func:`check_flows`)."""
+    check_flows(pair.pair, pair.tcp, pair.udp, pair.ping)
+
+
+def check_flows(pair: int, tcp: Sequence[TcpState] = (), udp: Sequence[UdpState] = (),
+                ping: Sequence[PingState] = ()) -> None:
+    """What the types cannot say about flows of queue pair ``pair``: interface kinds and queue lengths."""
+    for record in tcp:
+        _check_sides(pair, "TCP", record.guest, record.host)
+        sock = record.socket
         if sock is not None and sock.not_sent > len(sock.send_queue):
-            raise StateError(f"queue pair {pair.pair}: TCP flow with {sock.not_sent} bytes not sent "
+            raise StateError(f"queue pair {pair}: TCP flow with {sock.not_sent} bytes not sent "
                              f"of a {len(sock.send_queue)}-byte send queue")
-    for udp in pair.udp:
-        _check_sides(pair.pair, "UDP", udp.guest, udp.host)
-    for ping in pair.ping:
-        _check_sides(pair.pair, "echo", ping.guest, ping.host)
+    for udp_record in udp:
+        _check_sides(pair, "UDP", udp_record.guest, udp_record.host)
+    for ping_record in ping:
+        _check_sides(pair, "echo", ping_record.guest, ping_record.host)
 
 
 def _check_sides(pair: int, kind: str, guest: Side, host: Side) -> None:

@@ -47,7 +47,7 @@ from shardswitch.net.tcp import (ACK, CONNECTING, ESTABLISHED, FIN_SENT, RST, SO
 from shardswitch.shm.layout import FlowSide, FlowType, Pif, pack_key
 from shardswitch.worker import tcp_migrate
 from shardswitch.worker.counters import Event
-from shardswitch.worker.flow import FlowLayer
+from shardswitch.worker.flow import FlowLayer, HandOver
 from shardswitch.worker.ping import PingFlow, PingFlows
 from shardswitch.worker.policy import REFUSALS
 from shardswitch.worker.port import WorkerPort
@@ -279,8 +279,8 @@ class FlowMigration:
         for udp in state.udp:
             try:
                 self.udp.recreate(_flow_side(udp.guest), udp.host.our_port, now)
-            except PacketError as err:
-                if err.reason in REFUSALS:
+            except (PacketError, HandOver) as err:      # HandOver: the document gave another worker the flow
+                if isinstance(err, PacketError) and err.reason in REFUSALS:
                     self.port.count(Event.MIGRATED_FLOW_REFUSED)
                 self.port.loglimit.warning("migrated UDP flow", "worker %d: UDP flow not re-created: %s",
                                            self.port.pair, err)
@@ -291,8 +291,8 @@ class FlowMigration:
         for ping in state.ping:
             try:
                 self.ping.recreate(FlowType.PING6 if ping.v6 else FlowType.PING4, _flow_side(ping.guest), now)
-            except PacketError as err:
-                if err.reason in REFUSALS:
+            except (PacketError, HandOver) as err:
+                if isinstance(err, PacketError) and err.reason in REFUSALS:
                     self.port.count(Event.MIGRATED_FLOW_REFUSED)
                 self.port.loglimit.warning("migrated echo flow", "worker %d: echo flow not re-created: %s",
                                            self.port.pair, err)
@@ -394,7 +394,7 @@ class FlowMigration:
             tcp_migrate.finish(sock, record.socket)
             ref = self.layer.enter(FlowType.TCP, host if record.inbound else guest,
                                    guest if record.inbound else host, now)
-        except (tcp_migrate.MigrateError, PacketError) as err:
+        except (tcp_migrate.MigrateError, PacketError, HandOver) as err:
             self.port.loglimit.warning("migrated TCP adopt", "worker %d: TCP connection to port %d not taken "
                                        "over: %s", self.port.pair, record.guest.our_port, err)
             return None
