@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 One table of the default capacity (131071 flows, about 18 MB of shared
 memory) is created for the run.  For 1, 2 and 4 processes (children started
-with ``multiprocess``, each attached by name, as workers are) three phases
+with ``multiprocess``, forked after the creation and each attached to the table
+it inherited, as workers are) three phases
 run back to back, separated by a barrier:
 
 * ``insert``: the full creation life cycle (alloc, set_initiator, set_target,
@@ -32,7 +33,6 @@ prints the rows.
 
 from __future__ import annotations
 
-import os
 import queue
 import sys
 import time
@@ -131,10 +131,11 @@ def _collect(results: Any, procs: list[Any], count: int, timeout: float) -> list
     return reports
 
 
-def contended(instance: str, processes: int, phase_seconds: float) -> list[dict[str, Any]]:
+def contended(processes: int, phase_seconds: float) -> list[dict[str, Any]]:
     """The three phase rates with ``processes`` processes on one fresh table."""
     rows: list[dict[str, Any]] = []
-    with FlowTable.create(instance) as table:
+    with FlowTable.create() as table:
+        instance = table.instance
         share = (table.capacity - 16) // processes
         barrier = multiprocess.Barrier(processes)
         results = multiprocess.Queue()
@@ -160,10 +161,10 @@ def contended(instance: str, processes: int, phase_seconds: float) -> list[dict[
     return rows
 
 
-def lock_costs(instance: str, seconds: float) -> list[dict[str, Any]]:
+def lock_costs(seconds: float) -> list[dict[str, Any]]:
     """Uncontended lock acquire+release (read, write), touch and one hash, in this process."""
     rows: list[dict[str, Any]] = []
-    with FlowTable.create(instance, capacity=1024) as table:
+    with FlowTable.create(capacity=1024) as table:
         lock = table._lock          # the lock alone, without any table work around it
         store = table._store
         key = pack_key(FlowType.UDP, _sides(1)[0])
@@ -198,11 +199,10 @@ def lock_costs(instance: str, seconds: float) -> list[dict[str, Any]]:
 
 def run(seconds: float) -> list[dict[str, Any]]:
     """Every figure; about ``3 * seconds + 2`` s of wall time."""
-    instance = f"bench-{os.getpid()}"
     phase_seconds = max(0.2, seconds / 3)
-    rows = lock_costs(instance, min(1.0, seconds / 4))
+    rows = lock_costs(min(1.0, seconds / 4))
     for processes in PROCESS_COUNTS:
-        rows += contended(instance, processes, phase_seconds)
+        rows += contended(processes, phase_seconds)
     return rows
 
 

@@ -56,6 +56,8 @@ class Switch:
         self.pass_fds = pass_fds
         self.extra_env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
+        #: The coordinator's PID on this host, once it answered (see :attr:`pid`).
+        self.coordinator_pid = 0
 
     def start(self, timeout: float = 15.0) -> "Switch":
         """Start the switch and wait until its control socket answers."""
@@ -76,7 +78,7 @@ class Switch:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"shardswitch exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                query(self.control, "status", timeout=2.0)
+                self.coordinator_pid = int(query(self.control, "status", timeout=2.0)["pid"])
                 return self
             except ControlError:
                 time.sleep(0.05)
@@ -99,9 +101,10 @@ class Switch:
 
     @property
     def pid(self) -> int:
-        """The switch's PID."""
+        """The coordinator's PID on this host: in a PID namespace of its own, the child of the process
+        started here (its keeper, see shardswitch.sandbox.pidns), else that process itself."""
         assert self.proc is not None
-        return self.proc.pid
+        return self.coordinator_pid or self.proc.pid
 
     def alive(self) -> bool:
         """True while the process runs."""

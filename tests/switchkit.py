@@ -19,6 +19,7 @@ reply crosses the RX ring.  Frames are built by the independent helpers of
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import subprocess
@@ -43,6 +44,37 @@ GATEWAY_IP = "10.0.2.2"
 GUEST_RAM_NAME = "shardswitch-guest-ram"
 
 T = TypeVar("T")
+
+#: The user a root-started switch becomes by default.
+NOBODY = 65534
+
+
+def in_child(action: Callable[[], object], uid: int | None = None) -> object:
+    """Run ``action`` in a forked child (as ``uid``, its group the same number, if given) and return what it
+    returned (JSON through a pipe); an exception in the child fails the calling test with its text."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            if uid is not None:
+                os.setgroups([])
+                os.setresgid(uid, uid, uid)
+                os.setresuid(uid, uid, uid)
+            result: object = {"ok": action()}
+        except Exception as err:  # noqa: BLE001 - reported to the parent
+            result = {"error": f"{type(err).__name__}: {err}"}
+        os.write(w, json.dumps(result).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    _pid, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    answer = json.loads(data)
+    if "error" in answer:
+        raise AssertionError(answer["error"])
+    return answer["ok"]
 
 
 def wait_until(probe: Callable[[], T | None], what: str, timeout: float = 3.0, interval: float = 0.02) -> T:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import msgspec
 
 from shardswitch import __version__, systemd
+from shardswitch.coordinator import confine
 from shardswitch.coordinator.access import AccessError, AccessPolicy, resolve_group, restrict_socket_file
 from shardswitch.coordinator.capture import CaptureControl, CaptureError
 from shardswitch.coordinator.conn import FrontendConnection, PeerGone
@@ -51,7 +52,7 @@ from shardswitch.logfile import LogFile
 from shardswitch.net.endpoint import Service
 from shardswitch.net.params import resolve
 from shardswitch.sandbox import SandboxSetup, seccomp
-from shardswitch.sandbox.privileges import SandboxError, drop_privileges, resolve_runas
+from shardswitch.sandbox.privileges import Confinement, SandboxError, drop_privileges, resolve_runas
 from shardswitch.settings import NO_REPAIR
 from shardswitch.shm.layout import DEFAULT_CAPACITY, Flow, FlowSide, FlowTableError, Pif, ip_of
 from shardswitch.shm.table import FlowTable
@@ -162,6 +163,8 @@ class Coordinator:
         self.started = time.monotonic()
         self.sel = selectors.DefaultSelector()
         self.sandbox = sandbox
+        #: What the sandbox could build (None: not built, or --no-sandbox).
+        self.confinement: Confinement | None = None
         self.port_specs = ports
         #: The listening sockets of forwarded ports, every worker's (kept for replacements).
         self.port_sockets: list[socket.socket] = []
@@ -182,6 +185,8 @@ class Coordinator:
         #: When the connected front-end must have sent SET_OWNER by (0: it has, or none is connected).
         self.handshake_deadline = 0.0
         self._owned_paths: list[str] = []
+        #: Of those, the files this process cannot remove after the privilege drop.
+        self._left_paths: list[str] = []
         self._wake_r, self._wake_w = socket.socketpair()
         self.hosting = hosting if hosting is not None else Hosting()
         #: Serving a front-end handed over connected (--fd): exit when it leaves.
@@ -232,9 +237,11 @@ class Coordinator:
         if self.migration.repair_path:
             self._owned_paths.append(self.migration.repair_path)
         if self.sandbox is not None:
+            kept = confine.kept_dirs(self._owned_paths, self.sandbox, self.socket_path if self.client_mode else "")
+            self._left_paths = kept.left
             try:
-                drop_privileges(self.sandbox.runas,
-                                keep=[os.path.dirname(p) or "." for p in self._owned_paths])
+                self.confinement = drop_privileges(self.sandbox.runas, keep=kept.dirs,
+                                                   on_fork=confine.keeper_duties(hosting))
             except SandboxError as err:
                 raise StartError(f"cannot drop privileges ({err}); --no-sandbox runs without") from err
         self.control.access.settle()
@@ -270,10 +277,9 @@ class Coordinator:
                 seccomp.install(seccomp.Role.COORDINATOR)
             except seccomp.SeccompError as err:
                 raise StartError(str(err)) from err
-            runas = self.sandbox.runas
-            log.info("sandbox: %s, no capabilities, no_new_privs, seccomp allow-lists",
-                     f"running as {runas.name} (uid {runas.uid}, gid {runas.gid})" if runas
-                     else f"running as uid {os.getuid()}")
+            assert self.confinement is not None
+            log.info("%s", confine.describe(self.sandbox, self.confinement))
+            confine.warn_if_log_only()
 
     def _bind_ports(self) -> None:
         """Bind every worker's listening sockets of the -t and -u ports (before privileges go)."""
@@ -302,6 +308,9 @@ class Coordinator:
             if sock is not None:
                 sock.close()
         for path in self._owned_paths:
+            if path in self._left_paths:
+                log.info("cannot remove %s (no write access to its directory after dropping root)", path)
+                continue
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -571,7 +580,7 @@ class Coordinator:
             "guest": {"address": self.params.address, "prefix_len": self.params.prefix_len,
                       "gateway": self.params.gateway, "mtu": self.params.mtu, "dns": list(self.params.dns)},
             "workers": workers,
-            "sandbox": {"enabled": self.sandbox is not None, "uid": os.getuid(), "gid": os.getgid()},
+            "sandbox": confine.status(self.sandbox, self.confinement),
             "capture": self.capture.status(),
             "control": self.control.status() if self.control is not None else {},
             "migration": {"repair_path": self.migration.repair_path,

@@ -5,11 +5,14 @@ so each holds only what it needs once serving starts, as passt does:
 
 * started as root (systemd, libvirt), the coordinator binds its sockets and
   forwarded ports, then becomes ``--runas USER[:GROUP]`` (default
-  ``nobody``) with new IPC, UTS and mount namespaces, an empty filesystem
-  view (:mod:`.mounts`), no capability in any set (bounding included) and
-  no_new_privs (:mod:`.privileges`); started as another user it keeps that
-  user and makes the same inside a user namespace of its own, where the
-  host allows one;
+  ``nobody``) with new IPC, UTS, PID and mount namespaces, an empty
+  filesystem view (:mod:`.mounts`), no capability in any set (bounding
+  included), no_new_privs and not dumpable (:mod:`.privileges`); started as
+  another user it keeps that user and makes the same inside a user namespace
+  of its own, where the host allows one.  For the PID namespace it forks
+  itself: its parent stays behind as the keeper (:mod:`.pidns`), and
+  ``shardswitch status`` translates the namespace's PIDs for the host
+  (:mod:`.hostpids`);
 * the coordinator then creates the flow table, forks the workers and
   installs its seccomp allow-list; each worker installs its own, narrower
   one once its rings, table and sockets are set up (:mod:`.seccomp`).  A

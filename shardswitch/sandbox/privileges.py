@@ -10,19 +10,27 @@ that :func:`resolve_runas` looked up earlier (while /etc/passwd could still
 be read):
 
 1. :func:`unshare` new IPC and UTS namespaces (SysV IPC and the host name
-   are then out of reach; POSIX shared memory lives in /dev/shm and is not
-   affected), and a mount namespace whose root is empty but for what the
-   processes still use (:mod:`shardswitch.sandbox.mounts`).  A start that is
-   not root makes them inside a user namespace of its own that maps only
-   its user (:func:`own_user_namespace`), where the host allows one;
-2. every capability leaves the bounding set (PR_CAPBSET_DROP) and the
+   are then out of reach).  A start that is not root makes them inside a
+   user namespace of its own that maps only its user
+   (:func:`own_user_namespace`), where the host allows one;
+2. a PID namespace of its own (:mod:`shardswitch.sandbox.pidns`): the
+   process forks; the child goes on as the coordinator, PID 1 of the new
+   namespace, and its parent stays behind as the keeper, which relays
+   signals and exit status and gives up its privileges too;
+3. a mount namespace whose root is empty but for what the processes still
+   use, a private /dev/shm and a read-only /proc among them
+   (:mod:`shardswitch.sandbox.mounts`);
+4. every capability leaves the bounding set (PR_CAPBSET_DROP) and the
    ambient set, so nothing executed later can get one back;
-3. setgroups, setresgid, setresuid to the target user: with all three user
+5. setgroups, setresgid, setresuid to the target user: with all three user
    IDs non-zero the kernel clears the permitted and effective sets;
-4. :func:`clear_capabilities` empties the sets explicitly (the inheritable
+6. :func:`clear_capabilities` empties the sets explicitly (the inheritable
    set survives setuid, and a non-root start may hold file capabilities);
-5. PR_SET_NO_NEW_PRIVS: no execve can gain privileges, and seccomp filters
-   may be installed without CAP_SYS_ADMIN.
+7. PR_SET_NO_NEW_PRIVS: no execve can gain privileges, and seccomp filters
+   may be installed without CAP_SYS_ADMIN; PR_SET_DUMPABLE 0: no other
+   process of the same user may ptrace it or open its /proc/PID/fd,
+   /proc/PID/root or /proc/PID/mem (a change of user does that already; a
+   start that is not root needs it said).
 
 Workers are forked afterwards and inherit all of it.  Each step is a
 syscall through libc (ctypes, loaded here once: after the seccomp filter
@@ -39,9 +47,11 @@ import importlib
 import os
 import logging
 import pwd
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 
+from shardswitch.sandbox import pidns
 from shardswitch.sandbox.mounts import MountError, empty_root
 
 log = logging.getLogger("shardswitch")
@@ -58,6 +68,7 @@ class Prctl(IntEnum):
     """prctl(2) options used here."""
 
     SET_PDEATHSIG = 1
+    SET_DUMPABLE = 4
     SET_NAME = 15
     CAPBSET_DROP = 24
     SET_NO_NEW_PRIVS = 38
@@ -105,6 +116,18 @@ class RunAs:
     name: str
     uid: int
     gid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Confinement:
+    """What the sandbox could build (for the status and the log)."""
+
+    #: New IPC and UTS (and user) namespaces and the empty filesystem view.
+    namespaces: bool = False
+    #: A PID namespace of its own (this process is its init).
+    pid_namespace: bool = False
+    #: This process's PID as its starter sees it (differs from getpid() in a PID namespace).
+    host_pid: int = 0
 
 
 def _check(result: int, what: str) -> None:
@@ -220,25 +243,45 @@ def preload() -> None:
         importlib.import_module(name)
 
 
-def drop_privileges(runas: RunAs | None, keep: list[str] | None = None) -> None:
-    """Become ``runas`` (if given: a root start) with no capability and no_new_privs set; a root start also
-    leaves an empty filesystem view holding the directories ``keep`` (see shardswitch.sandbox.mounts).
+def drop_privileges(runas: RunAs | None, keep: list[str] | None = None,
+                    on_fork: Callable[[int], None] | None = None) -> Confinement:
+    """Become ``runas`` (if given: a root start) with no capability, no_new_privs set and not dumpable, in
+    namespaces of its own and an empty filesystem view holding the directories ``keep`` (see
+    shardswitch.sandbox.mounts), where the host allows them.
 
-    See the module's theory of operation for the order and why.  Raises
-    SandboxError when a step fails.
+    In a PID namespace, this returns in a child of the caller (see shardswitch.sandbox.pidns): the caller
+    itself stays behind as the keeper, runs ``on_fork`` with the child's PID and never returns.  See the
+    module's theory of operation for the order and why.  Raises SandboxError when a step fails.
     """
     preload()
     last_cap = last_capability()
     _libc.prctl(int(Prctl.CAP_AMBIENT), PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     if runas is None:
-        why_not = own_user_namespace() or _empty_root(keep)
-        if not why_not:
-            drop_bounding_set(last_cap)
+        why_not = own_user_namespace()
     else:
-        why_not = _namespaces(keep)
-        drop_bounding_set(last_cap)
+        why_not = _unshare_quietly(CloneFlag.NEWIPC | CloneFlag.NEWUTS)
+    drop_bounding = runas is not None or not why_not     # a user namespace of its own gives the right to
+    inside: pidns.Inside | None = None
+    if not why_not:
+        entered = pidns.enter(on_fork or (lambda _pid: None), lambda: _give_up(runas, last_cap, drop_bounding))
+        if isinstance(entered, str):
+            log.info("sandbox: no PID namespace of its own (%s): it could signal any process of its user",
+                     entered)
+        else:
+            inside = entered
+        why_not = _empty_root(keep, inside is not None)
     if why_not:
         log.info("sandbox: no namespaces of its own (%s): IPC, host name and files stay as they are", why_not)
+    _give_up(runas, last_cap, drop_bounding)
+    if inside is not None:
+        pidns.arm(inside)
+    return Confinement(not why_not, inside is not None, inside.host_pid if inside is not None else os.getpid())
+
+
+def _give_up(runas: RunAs | None, last_cap: int, drop_bounding: bool) -> None:
+    """Steps 4 to 7 of the theory of operation (the keeper takes them too)."""
+    if drop_bounding:
+        drop_bounding_set(last_cap)
     if runas is not None:
         try:
             os.setgroups([])
@@ -249,22 +292,23 @@ def drop_privileges(runas: RunAs | None, keep: list[str] | None = None) -> None:
                                f"{err.strerror}") from err
     clear_capabilities()
     prctl(Prctl.SET_NO_NEW_PRIVS, 1)
+    prctl(Prctl.SET_DUMPABLE, 0)
 
 
-def _namespaces(keep: list[str] | None) -> str:
-    """A root start: new IPC and UTS namespaces and the empty filesystem view; "" or why not (a container
-    without CAP_SYS_ADMIN, or whose seccomp profile refuses unshare)."""
+def _unshare_quietly(flags: CloneFlag) -> str:
+    """unshare(2) ``flags``: "" or why not (a container without CAP_SYS_ADMIN, or whose seccomp profile
+    refuses unshare)."""
     try:
-        unshare(CloneFlag.NEWIPC | CloneFlag.NEWUTS)
+        unshare(flags)
     except SandboxError as err:
         return str(err)
-    return _empty_root(keep)
+    return ""
 
 
-def _empty_root(keep: list[str] | None) -> str:
+def _empty_root(keep: list[str] | None, fresh_proc: bool) -> str:
     """mounts.empty_root: "" or why it could not be built (nothing changed then)."""
     try:
-        empty_root(keep or [])
+        empty_root(keep or [], fresh_proc)
     except MountError as err:
         return str(err)
     return ""

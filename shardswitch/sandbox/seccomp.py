@@ -27,12 +27,23 @@ descriptors it already has):
   sockets), forks and reaps workers (``clone`` without any namespace flag;
   ``clone3`` fails with ENOSYS so that a thread library falls back to
   ``clone``), checks descriptors a front-end sends (fstat, readlink of
-  /proc/self/fd), and removes its socket files and shared memory at exit.
+  /proc/self/fd), and removes its socket files at exit.  It signals only
+  as it stops a worker: ``kill`` with SIGKILL or SIGTERM to a process ID
+  >= 0 (never -1, every process it may signal, nor a group by -PGID; 0 is
+  its own process group, a session of its own in a PID namespace of its own),
+  and ``tgkill`` to its own threads (raise(), abort()).  In its PID
+  namespace (:mod:`shardswitch.sandbox.pidns`) the only processes it can
+  name are its workers;
+* the keeper, the coordinator's parent left in the starter's PID namespace
+  (:mod:`shardswitch.sandbox.pidns`), waits for the coordinator and relays
+  signals to it: ``wait4`` and ``kill`` of the coordinator's and its own
+  process ID only, nothing else beyond :data:`RUNTIME`, no file, no socket.
 
 Neither may execve, ptrace, mount, change user, load modules, or use any
 other call not listed.  ``SHARDSWITCH_SECCOMP_LOG=1`` in the environment
 replaces killing with logging to the kernel log (audit type 1326 lines
-naming the call), a developer's aid to extend a list.
+naming the call), a developer's aid to extend a list: ``shardswitch status``
+then says ``seccomp (log only)`` and the start-up log warns (:func:`mode`).
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import socket
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
@@ -89,8 +101,8 @@ class Ioctl(IntEnum):
 WORKER: frozenset[str] = RUNTIME | EVENTS | SOCKETS
 
 COORDINATOR: frozenset[str] = WORKER | frozenset({
-    # Forking and reaping workers; stopping them.
-    "set_tid_address", "wait4", "waitid", "pidfd_open", "kill", "tgkill", "prctl", "seccomp",
+    # Forking and reaping workers (kill and tgkill: see Policy.kill_signals and own_tgkill).
+    "set_tid_address", "wait4", "waitid", "pidfd_open", "prctl", "seccomp",
     "arch_prctl", "socketpair",
     # Descriptors a front-end sends (fdcheck), the control socket, files at exit.
     "openat", "readlink", "readlinkat", "getdents64", "unlink", "unlinkat", "ftruncate", "memfd_create",
@@ -98,6 +110,9 @@ COORDINATOR: frozenset[str] = WORKER | frozenset({
 })
 
 assert WORKER <= COORDINATOR, "a worker inherits the coordinator's filter: its list must be within it"
+
+#: The keeper: wait for the coordinator, relay signals to it (kill: see install's kill_pids).
+KEEPER: frozenset[str] = RUNTIME | frozenset({"wait4"})
 
 #: The TCP_REPAIR helper: receive sockets, set one option on each, answer.
 REPAIR: frozenset[str] = RUNTIME | frozenset({"recvmsg", "sendto", "sendmsg", "setsockopt", "getsockopt",
@@ -113,6 +128,8 @@ SECCOMP_RET_ERRNO = 0x00050000
 ATTR_OPTIMIZE = 8
 ARG_EQ = 4
 ARG_MASKED_EQ = 7
+#: The sign bit of a 32-bit pid_t, whatever the upper half of the 64-bit register holds.
+PID_SIGN = 0x80000000
 
 
 class Role(Enum):
@@ -120,6 +137,7 @@ class Role(Enum):
 
     COORDINATOR = "coordinator"
     WORKER = "worker"
+    KEEPER = "keeper"
     REPAIR = "repair-helper"
 
 
@@ -134,13 +152,19 @@ class Policy:
     socket_domains: tuple[int, ...] = ()
     #: clone() allowed (without CLONE_REFUSED flags).
     fork: bool = False
+    #: Signals kill() may send to a process ID >= 0 (not to -1 nor to a group by -PGID); () = none.
+    kill_signals: tuple[int, ...] = ()
+    #: tgkill() to this process's own threads (raise(), abort()).
+    own_tgkill: bool = False
 
 
 POLICIES: dict[Role, Policy] = {
     Role.COORDINATOR: Policy(COORDINATOR, {"clone3": errno.ENOSYS},
-                             (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6), fork=True),
+                             (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6), fork=True,
+                             kill_signals=(signal.SIGKILL, signal.SIGTERM), own_tgkill=True),
     Role.WORKER: Policy(WORKER, {"openat": errno.EACCES, "open": errno.EACCES, "clone3": errno.ENOSYS},
                         (socket.AF_INET, socket.AF_INET6)),
+    Role.KEEPER: Policy(KEEPER, {"openat": errno.EACCES, "open": errno.EACCES}),
     Role.REPAIR: Policy(REPAIR, {"openat": errno.EACCES, "open": errno.EACCES}),
 }
 
@@ -152,6 +176,11 @@ class SeccompError(Exception):
 def default_action() -> int:
     """Kill the process; log only when SHARDSWITCH_SECCOMP_LOG=1 (developers extending a list)."""
     return SECCOMP_RET_LOG if os.environ.get("SHARDSWITCH_SECCOMP_LOG") == "1" else SECCOMP_RET_KILL_PROCESS
+
+
+def mode() -> str:
+    """What a call off a list does, in words for the status and the log: "kill" or "log only"."""
+    return "log only" if default_action() == SECCOMP_RET_LOG else "kill"
 
 
 def _import_binding() -> tuple[Any, str]:
@@ -172,8 +201,9 @@ def _import_binding() -> tuple[Any, str]:
 _BINDING, _BINDING_ERROR = _import_binding()
 
 
-def install(role: Role) -> None:
-    """Install ``role``'s filter in this process (no_new_privs must be set, or CAP_SYS_ADMIN held).
+def install(role: Role, kill_pids: tuple[int, ...] = ()) -> None:
+    """Install ``role``'s filter in this process (no_new_privs must be set, or CAP_SYS_ADMIN held); ``kill_pids``:
+    processes kill() may send any signal to (the keeper's coordinator and itself).
 
     Raises SeccompError when libseccomp is missing or refuses the filter.
     """
@@ -198,6 +228,12 @@ def install(role: Role) -> None:
             _add(sc, filt, SECCOMP_RET_ALLOW, "ioctl", sc.Arg(1, ARG_EQ, request))
         if policy.fork:
             _add(sc, filt, SECCOMP_RET_ALLOW, "clone", sc.Arg(0, ARG_MASKED_EQ, CLONE_REFUSED, 0))
+        for signum in policy.kill_signals:
+            _add(sc, filt, SECCOMP_RET_ALLOW, "kill", sc.Arg(0, ARG_MASKED_EQ, PID_SIGN, 0), sc.Arg(1, ARG_EQ, signum))
+        for pid in kill_pids:
+            _add(sc, filt, SECCOMP_RET_ALLOW, "kill", sc.Arg(0, ARG_EQ, pid))
+        if policy.own_tgkill:
+            _add(sc, filt, SECCOMP_RET_ALLOW, "tgkill", sc.Arg(0, ARG_EQ, os.getpid()))
         filt.load()
     except OSError as err:
         raise SeccompError(f"cannot install the {role.value}'s seccomp filter: {err}") from err

@@ -1,7 +1,7 @@
-"""The shared flow table: POSIX shared memory, a crash-recoverable readers-writer lock, recovery.
+"""The shared flow table: shared memory, a crash-recoverable readers-writer lock, recovery.
 
 Modules: :mod:`~shardswitch.shm.layout` (binary layout and codecs),
-:mod:`~shardswitch.shm.segment` (the named POSIX objects of an instance),
+:mod:`~shardswitch.shm.segment` (an instance's memfd and semaphores, shared by fork only),
 :mod:`~shardswitch.shm.rwlock` (the lock and the participant slots),
 :mod:`~shardswitch.shm.store` (entries, hash index, free list),
 :mod:`~shardswitch.shm.recovery` (repair after a participant died),
@@ -9,11 +9,11 @@ Modules: :mod:`~shardswitch.shm.layout` (binary layout and codecs),
 """
 
 from shardswitch.shm.layout import (DEFAULT_CAPACITY, Flow, FlowRef, FlowSide, FlowTableError,
-                                    FlowType, Hit, HookPoint, InstanceInUseError, Pif,
+                                    FlowType, Hit, HookPoint, Pif,
                                     StaleReferenceError, State, TableFullError, ip16, ip_of,
                                     pack_key)
 from shardswitch.shm.table import FlowTable
 
 __all__ = ["DEFAULT_CAPACITY", "Flow", "FlowRef", "FlowSide", "FlowTable", "FlowTableError",
-           "FlowType", "Hit", "HookPoint", "InstanceInUseError", "Pif", "StaleReferenceError",
+           "FlowType", "Hit", "HookPoint", "Pif", "StaleReferenceError",
            "State", "TableFullError", "ip16", "ip_of", "pack_key"]

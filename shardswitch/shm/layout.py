@@ -20,7 +20,7 @@ Header (``HEADER``, u32 word index in brackets, see :class:`HeaderWord`)::
 
     0   magic 8s "SHSWFLOW"      8   version u32 [2]     12  capacity u32 [3]
     16  index_size u32 [4]       20  max_participants [5] 24 entry_size [6]
-    28  creator_pid u32 [7]      32  creator_start u64 (process start time, clock ticks)
+    28  creator_pid u32 [7]      32  creator_start u64 (process start time, clock ticks): who created it
     40  secret 16s (hash key)    56  epoch u32 [14]: recovery epoch, odd = recovering
     60  recoverer_pid [15]       64  readers [16]: reader count of the lock
     68  writer_pid [17]          72  mutation pid [18], 76 mutation op [19], 80 mutation entry [20]
@@ -76,13 +76,9 @@ class StaleReferenceError(FlowTableError):
     """A (index, generation) reference no longer names the flow it was taken for."""
 
 
-class InstanceInUseError(FlowTableError):
-    """A live process still owns the segment of this instance name."""
-
-
 #: Magic at offset 0 of a segment.
 MAGIC = b"SHSWFLOW"
-#: Layout version; attach refuses any other.
+#: Layout version (in the header, for whoever reads a segment's bytes: a debugger, a core dump).
 VERSION = 1
 #: Default number of flows, as passt.
 DEFAULT_CAPACITY = 131071

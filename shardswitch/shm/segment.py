@@ -1,35 +1,53 @@
-"""The named POSIX objects of one instance: its shared-memory segment and semaphores.
+"""The kernel objects of one flow table, which no process outside the switch can open.
 
 Theory of operation
 -------------------
-An instance name ``NAME`` owns four POSIX objects (Linux shows them in
-/dev/shm): the segment ``/shardswitch-NAME.flows`` and the semaphores
-``/shardswitch-NAME.turnstile``, ``.room`` and ``.mutex`` (files
-``sem.shardswitch-NAME.*``).  The coordinator creates them
-(:meth:`Segment.create`) and finally unlinks them (:meth:`Segment.unlink`);
-workers open them by name (:meth:`Segment.open`).
+An instance is a shared-memory segment and three POSIX semaphores (the
+readers-writer lock of :mod:`shardswitch.shm.rwlock`).  They are shared by
+inheritance only, never opened by name:
 
-Stale instances: ``create`` uses ``O_CREAT|O_EXCL``.  If the segment already
-exists, its header names the creating process (pid and start time, so a
-recycled pid is not mistaken for it); if that process is still alive the
-name is refused (:class:`InstanceInUseError`), otherwise the segment and the
-semaphores are unlinked and the creation retried.  Semaphores found without a
-segment are leftovers of an interrupted start and are replaced too.  The
-creator writes its identity first and the magic last, so a segment whose
-creator field is still 0 is treated as stale; two coordinators racing to
-create the same name are outside the contract (one coordinator per name).
+* the segment is a memfd (:func:`os.memfd_create`): it has no name in
+  /dev/shm or anywhere else, and its size is sealed (F_SEAL_SHRINK,
+  F_SEAL_GROW), so no process holding it can truncate it under the others'
+  mappings;
+* the semaphores are POSIX named semaphores, the only kind posix_ipc offers,
+  each under a random name of 128 bits (:func:`secrets.token_hex`), created
+  exclusively (O_CREAT|O_EXCL) with mode 0600 and unlinked at once, before
+  :meth:`Segment.create` returns.  A name that exists already (which nobody
+  can arrange: they are not predictable) is skipped for another; any other
+  failure to create one (a /dev/shm that is missing, full or not writable) is
+  a :class:`~shardswitch.shm.layout.FlowTableError` saying so.
+
+So nothing of an instance is left in /dev/shm for another process to open,
+hold or pre-create, and nothing is left behind by a coordinator that is
+SIGKILLed.  Every process that uses the table is forked from its creator
+after :meth:`Segment.create` (the workers and their replacements by the
+coordinator; the children of the tests and of bench/flowtable.py by the test):
+it inherits the mapping, the memfd and the semaphores' own mappings with
+the fork.  The creator records each segment in :data:`_INSTANCES` under its
+instance id (random too, shown by ``shardswitch status``), a table of this
+process's inherited resources much as the descriptor table is: a forked
+child finds it there (:meth:`Segment.inherited`).  Only the process that
+created a segment object unmaps it (:meth:`Segment.release`, once its last
+:class:`~shardswitch.shm.table.FlowTable` handle is closed); a forked child
+keeps its copy until it exits, so that it never closes a descriptor number
+its parent owned (Python's mmap keeps a duplicate of the memfd, which a
+worker's descriptor clean-up closes).
+
+Registry lock: a classic POSIX record lock (``fcntl.lockf``) on byte 0 of
+the memfd serialises participant registration and recovery.  The kernel drops
+such a lock when its process dies, so it never needs recovering.  It is per
+process (a forked child takes its own on the inherited descriptor), and it is
+dropped when the process closes ANY descriptor of the file: the memfd stays
+open for the life of the process (a worker keeps it among the descriptors it
+does not close, see :meth:`Segment.descriptors`).
 
 Liveness: a process is alive when /proc/PID/stat exists, is not a zombie
 (a SIGKILLed child that has not been reaped yet is dead for our purposes) and
-shows the recorded start time (field 22, clock ticks since boot).
-
-Registry lock: a classic POSIX record lock (``fcntl.lockf``) on byte 0 of the
-segment's file descriptor serialises participant registration and recovery.
-The kernel drops such a lock when its process dies, so it never needs
-recovering.  It is per process (not inherited across fork) and is dropped
-when the process closes ANY descriptor of the segment, so the descriptor is
-kept open for the life of the mapping and nothing else opens the segment
-while the lock is held.
+shows the recorded start time (field 22, clock ticks since boot).  Every
+process of one table shares one PID namespace and one /proc (the switch's
+own, see :mod:`shardswitch.sandbox.mounts`), so the PIDs recorded in the
+segment are those of that /proc.
 """
 
 from __future__ import annotations
@@ -37,42 +55,25 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
-import re
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NamedTuple
 
 import posix_ipc
 
-from shardswitch.shm.layout import (ENTRY_SIZE, HEADER, HEADER_SIZE, MAGIC, VERSION, FlowTableError,
-                                    Geometry, InstanceInUseError)
+from shardswitch.shm.layout import ENTRY_SIZE, HEADER, MAGIC, VERSION, FlowTableError, Geometry
 
-#: Instance names: what fits a POSIX IPC name without surprises.
-_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-#: Permissions of the segment and the semaphores.
+#: Permissions of the semaphores (the memfd has no path to apply them to).
 MODE = 0o600
+#: Random bytes in a semaphore's name, and in an instance id.
+NAME_BYTES = 16
+INSTANCE_BYTES = 8
+#: Names tried per semaphore before giving up (one collision is already beyond belief).
+NAME_TRIES = 4
+#: Seals of the memfd: its size never changes once mapped.
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
-
-class Names(NamedTuple):
-    """The POSIX names of an instance's objects (with the leading slash)."""
-
-    segment: str
-    turnstile: str
-    room: str
-    mutex: str
-
-    @property
-    def semaphores(self) -> tuple[str, str, str]:
-        """The three semaphore names."""
-        return (self.turnstile, self.room, self.mutex)
-
-
-def names_for(instance: str) -> Names:
-    """The object names of ``instance``, which must match ``[A-Za-z0-9_.-]{1,64}``."""
-    if not isinstance(instance, str) or _NAME_RE.fullmatch(instance) is None:
-        raise FlowTableError(f"bad instance name {instance!r}")
-    base = f"/shardswitch-{instance}"
-    return Names(base + ".flows", base + ".turnstile", base + ".room", base + ".mutex")
+Semaphores = tuple[posix_ipc.Semaphore, posix_ipc.Semaphore, posix_ipc.Semaphore]
 
 
 def process_start_time(pid: int) -> int | None:
@@ -97,117 +98,95 @@ def process_alive(pid: int, start_time: int) -> bool:
     return now is not None and (start_time == 0 or now == start_time)
 
 
-def _unlink_quietly(names: Names) -> None:
-    """Unlink the segment and semaphores of ``names``, ignoring those that do not exist."""
-    try:
-        posix_ipc.unlink_shared_memory(names.segment)
-    except posix_ipc.ExistentialError:
-        pass
-    for name in names.semaphores:
+def _semaphore() -> posix_ipc.Semaphore:
+    """A new semaphore (value 1) under a random name, created exclusively with mode 0600 and already unlinked."""
+    for _attempt in range(NAME_TRIES):
+        name = f"/shardswitch-{secrets.token_hex(NAME_BYTES)}"
         try:
-            posix_ipc.unlink_semaphore(name)
+            sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=MODE, initial_value=1)
         except posix_ipc.ExistentialError:
-            pass
+            continue                                # taken: draw another name
+        except (posix_ipc.Error, OSError, ValueError) as err:
+            raise FlowTableError(f"cannot create the flow table's semaphores in /dev/shm: {err}") from None
+        try:
+            sem.unlink()
+        except (posix_ipc.Error, OSError) as err:
+            sem.close()
+            raise FlowTableError(f"cannot remove the name of a new semaphore from /dev/shm: {err}") from None
+        return sem
+    raise FlowTableError(f"cannot create the flow table's semaphores: {NAME_TRIES} random names all existed")
 
 
-def _remove_stale(names: Names) -> None:
-    """Unlink an existing segment of ``names`` unless its creator still runs."""
+def _memory(instance: str, size: int) -> tuple[int, mmap.mmap]:
+    """A sealed memfd of ``size`` bytes and its shared mapping."""
     try:
-        shm = posix_ipc.SharedMemory(names.segment)
-    except posix_ipc.ExistentialError:
-        return                                  # vanished meanwhile: retry the creation
+        fd = os.memfd_create(f"shardswitch-flows-{instance}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError as err:
+        raise FlowTableError(f"cannot create the flow table's memory: {err.strerror or err}") from None
     try:
-        if shm.size >= HEADER_SIZE:
-            with mmap.mmap(shm.fd, HEADER_SIZE) as mm:
-                pid, start = HEADER.unpack_from(mm, 0)[6:8]
-            if pid and process_alive(pid, start):
-                raise InstanceInUseError(f"{names.segment} is in use by live pid {pid}")
-    finally:
-        shm.close_fd()
-    _unlink_quietly(names)
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+        return fd, mmap.mmap(fd, size)
+    except OSError as err:
+        os.close(fd)
+        raise FlowTableError(f"cannot map {size} bytes of flow table: {err.strerror or err}") from None
 
 
 class Segment:
-    """This process's handles on an instance: mapping, descriptor and semaphores."""
+    """An instance's objects as this process holds them: memfd, mapping and semaphores."""
 
-    __slots__ = ("names", "geometry", "shm", "mm", "turnstile", "room", "mutex")
+    __slots__ = ("instance", "geometry", "fd", "mm", "turnstile", "room", "mutex", "owner", "users")
 
-    def __init__(self, names: Names, geometry: Geometry, shm: posix_ipc.SharedMemory, mm: mmap.mmap,
-                 sems: tuple[posix_ipc.Semaphore, posix_ipc.Semaphore, posix_ipc.Semaphore]) -> None:
-        """Wrap opened objects (use :meth:`create` or :meth:`open`)."""
-        self.names = names
+    def __init__(self, instance: str, geometry: Geometry, fd: int, mm: mmap.mmap, sems: Semaphores) -> None:
+        """Wrap created objects (use :meth:`create`)."""
+        self.instance = instance
         self.geometry = geometry
-        self.shm = shm
+        self.fd = fd
         self.mm = mm
         self.turnstile, self.room, self.mutex = sems
+        #: The process that created this object: the only one that unmaps and closes.
+        self.owner = os.getpid()
+        #: Open FlowTable handles on this object in its owner process.
+        self.users = 0
 
     @classmethod
-    def create(cls, instance: str, geometry: Geometry, secret: bytes) -> Segment:
-        """Create the objects of ``instance`` (replacing a stale instance) with an initial header."""
-        names = names_for(instance)
-        for _attempt in range(3):
-            try:
-                shm = posix_ipc.SharedMemory(names.segment, posix_ipc.O_CREX, mode=MODE,
-                                             size=geometry.total_size)
-                break
-            except posix_ipc.ExistentialError:
-                _remove_stale(names)
-        else:
-            raise FlowTableError(f"cannot create {names.segment}: it keeps reappearing")
+    def create(cls, geometry: Geometry, secret: bytes) -> Segment:
+        """New objects under a random instance id, with an initial header; recorded for forked children."""
+        instance = secrets.token_hex(INSTANCE_BYTES)
+        fd, mm = _memory(instance, geometry.total_size)
+        sems: list[posix_ipc.Semaphore] = []
         try:
-            mm = mmap.mmap(shm.fd, geometry.total_size)
-            pid = os.getpid()
-            start = process_start_time(pid) or 0
-            # Identity first (a racing create() sees a live creator), magic last.
-            HEADER.pack_into(mm, 0, b"\0" * 8, VERSION, geometry.capacity, geometry.index_size,
-                             geometry.max_participants, ENTRY_SIZE, pid, start, secret,
-                             *([0] * 12), *([0] * 6))
-            sems = []
-            for name in names.semaphores:
-                try:
-                    posix_ipc.unlink_semaphore(name)    # leftover of an interrupted start
-                except posix_ipc.ExistentialError:
-                    pass
-                sems.append(posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=MODE, initial_value=1))
+            for _ in range(3):
+                sems.append(_semaphore())
         except BaseException:
-            shm.close_fd()
-            _unlink_quietly(names)
+            for sem in sems:
+                sem.close()
+            mm.close()
+            os.close(fd)
             raise
-        return cls(names, geometry, shm, mm, (sems[0], sems[1], sems[2]))
+        pid = os.getpid()
+        HEADER.pack_into(mm, 0, MAGIC, VERSION, geometry.capacity, geometry.index_size,
+                         geometry.max_participants, ENTRY_SIZE, pid, process_start_time(pid) or 0, secret,
+                         *([0] * 12), *([0] * 6))
+        segment = cls(instance, geometry, fd, mm, (sems[0], sems[1], sems[2]))
+        _INSTANCES[instance] = segment
+        return segment
 
-    def publish(self) -> None:
-        """Write the magic: the segment is fully initialised and may be attached."""
-        self.mm[0:len(MAGIC)] = MAGIC
+    @staticmethod
+    def inherited(instance: str) -> Segment:
+        """The segment of ``instance`` that this process created or inherited by fork from its creator."""
+        segment = _INSTANCES.get(instance)
+        if segment is None:
+            raise FlowTableError(f"no flow table {instance!r} in this process: a table is shared with the "
+                                 "processes its creator forks, never opened by name")
+        return segment
 
-    @classmethod
-    def open(cls, instance: str) -> Segment:
-        """Open the existing objects of ``instance`` and check the header."""
-        names = names_for(instance)
-        try:
-            shm = posix_ipc.SharedMemory(names.segment)
-        except posix_ipc.ExistentialError:
-            raise FlowTableError(f"no flow table {names.segment}") from None
-        try:
-            if shm.size < HEADER_SIZE:
-                raise FlowTableError(f"{names.segment} is too small ({shm.size} bytes)")
-            with mmap.mmap(shm.fd, HEADER_SIZE) as head:
-                fields = HEADER.unpack_from(head, 0)
-            magic, version, capacity, index_size, max_participants, entry_size = fields[:6]
-            if magic != MAGIC or version != VERSION or entry_size != ENTRY_SIZE:
-                raise FlowTableError(f"{names.segment} is not a version {VERSION} flow table")
-            geometry = Geometry.for_capacity(capacity, max_participants)
-            if geometry.index_size != index_size or geometry.total_size > shm.size:
-                raise FlowTableError(f"{names.segment} has an inconsistent geometry")
-            mm = mmap.mmap(shm.fd, geometry.total_size)
-            try:
-                sems = tuple(posix_ipc.Semaphore(name) for name in names.semaphores)
-            except posix_ipc.ExistentialError:
-                mm.close()
-                raise FlowTableError(f"semaphores of {names.segment} are missing") from None
-        except BaseException:
-            shm.close_fd()
-            raise
-        return cls(names, geometry, shm, mm, (sems[0], sems[1], sems[2]))
+    @staticmethod
+    def descriptors(instance: str) -> tuple[int, ...]:
+        """The descriptors a forked user of ``instance`` must keep open (the memfd, for the registry lock);
+        () for an instance this process does not hold."""
+        segment = _INSTANCES.get(instance)
+        return (segment.fd,) if segment is not None else ()
 
     def secret(self) -> bytes:
         """The per-instance hash key stored in the header."""
@@ -216,19 +195,26 @@ class Segment:
     @contextmanager
     def registry_lock(self) -> Iterator[None]:
         """Hold the registry lock (released by the kernel if this process dies)."""
-        fcntl.lockf(self.shm.fd, fcntl.LOCK_EX, 1, 0, os.SEEK_SET)
+        fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 0, os.SEEK_SET)
         try:
             yield
         finally:
-            fcntl.lockf(self.shm.fd, fcntl.LOCK_UN, 1, 0, os.SEEK_SET)
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 0, os.SEEK_SET)
 
-    def close(self) -> None:
-        """Unmap and close this process's handles (all views on the map must be released)."""
+    def release(self) -> None:
+        """One handle of this process is closed: the owner unmaps and closes everything after the last one
+        (every view on the map must be released by then); a forked child keeps its copies until it exits."""
+        if os.getpid() != self.owner:
+            return
+        self.users -= 1
+        if self.users > 0:
+            return
+        _INSTANCES.pop(self.instance, None)
         self.mm.close()
-        self.shm.close_fd()
+        os.close(self.fd)
         for sem in (self.turnstile, self.room, self.mutex):
             sem.close()
 
-    def unlink(self) -> None:
-        """Remove the instance's names (mappings of other processes stay valid until closed)."""
-        _unlink_quietly(self.names)
+
+#: The instances this process created, by id; a forked child inherits the dictionary with the objects.
+_INSTANCES: dict[str, Segment] = {}

@@ -2,13 +2,14 @@
 
 Theory of operation
 -------------------
-The coordinator creates the instance (:meth:`FlowTable.create`: segment,
-semaphores, header, free list; a stale instance of a dead coordinator is
-replaced, a live one refused) and finally removes it
-(:meth:`FlowTable.unlink`).  Workers open it by name
-(:meth:`FlowTable.attach`).  Each process registers in a participant slot and
-gets its own :class:`FlowTable` object; the object is not thread-safe and not
-usable across ``fork`` (attach again in the child).
+The coordinator creates the instance (:meth:`FlowTable.create`: a memfd and
+three semaphores no other process can open, see
+:mod:`shardswitch.shm.segment`; header, free list) and closes it when it
+stops (:meth:`FlowTable.close`); nothing of it outlives the processes that
+hold it.  Workers are forked from the coordinator and register on the table
+they inherited (:meth:`FlowTable.attach`).  Each process registers in a
+participant slot and gets its own :class:`FlowTable` object; the object is
+not thread-safe and not usable across ``fork`` (attach again in the child).
 
 Creating a flow follows passt's life cycle, one allocation in progress per
 process::
@@ -67,10 +68,10 @@ class FlowTable:
     """This process's handle on the shared flow table of one instance."""
 
     __slots__ = ("_segment", "_words", "_qwords", "_parts", "_lock", "_store", "_slot", "_pid",
-                 "_pending", "_creator", "_closed", "_hook", "capacity", "instance")
+                 "_pending", "_closed", "_hook", "capacity", "instance")
 
-    def __init__(self, instance: str, segment: Segment, creator: bool, slice_seconds: float) -> None:
-        """Register this process on an opened ``segment`` (use :meth:`create` or :meth:`attach`)."""
+    def __init__(self, segment: Segment, slice_seconds: float) -> None:
+        """Register this process on ``segment`` (use :meth:`create` or :meth:`attach`)."""
         geometry = segment.geometry
         view = memoryview(segment.mm)
         self._words = view[:geometry.entries_offset].cast("I")
@@ -87,50 +88,51 @@ class FlowTable:
             self._words.release()
             self._qwords.release()
             raise
+        segment.users += 1
         self._lock = RwLock(self._words, self._parts, self._slot,
                             (segment.turnstile, segment.room, segment.mutex), slice_seconds)
         self._store = FlowStore(segment.mm, geometry, segment.secret(), self._pid)
         self._pending: FlowRef | None = None
-        self._creator = creator
         self._closed = False
         self._hook: Hook | None = None
         self.capacity = geometry.capacity
-        self.instance = instance
+        #: The instance's random id (status output; what forked children attach to).
+        self.instance = segment.instance
 
     # -- instance life cycle ----------------------------------------------------------------------
 
     @classmethod
-    def create(cls, instance: str, capacity: int = DEFAULT_CAPACITY,
-               max_participants: int = DEFAULT_PARTICIPANTS, slice_seconds: float = SLICE) -> FlowTable:
-        """Create the instance's table (replacing a stale one; a live one is refused)."""
+    def create(cls, capacity: int = DEFAULT_CAPACITY, max_participants: int = DEFAULT_PARTICIPANTS,
+               slice_seconds: float = SLICE) -> FlowTable:
+        """Create a new instance (objects no other process can open) and register this process on it."""
         geometry = Geometry.for_capacity(capacity, max_participants)
-        segment = Segment.create(instance, geometry, os.urandom(16))
+        segment = Segment.create(geometry, os.urandom(16))
+        segment.users += 1          # held while the table is initialised, whatever happens
         try:
-            table = cls(instance, segment, True, slice_seconds)
-        except BaseException:
-            segment.close()
-            segment.unlink()
-            raise
-        try:
-            table._store.initialise()
-        except BaseException:
-            table.unlink()
-            raise
-        segment.publish()
+            table = cls(segment, slice_seconds)
+            try:
+                table._store.initialise()
+            except BaseException:
+                table.close()
+                raise
+        finally:
+            segment.release()
         return table
 
     @classmethod
     def attach(cls, instance: str, slice_seconds: float = SLICE) -> FlowTable:
-        """Open the existing table of ``instance`` and register this process."""
-        segment = Segment.open(instance)
-        try:
-            return cls(instance, segment, False, slice_seconds)
-        except BaseException:
-            segment.close()
-            raise
+        """Register this process on the table ``instance`` that it created or inherited by fork from its
+        creator (there is no name to open: see :mod:`shardswitch.shm.segment`)."""
+        return cls(Segment.inherited(instance), slice_seconds)
+
+    @staticmethod
+    def inherited_fds(instance: str) -> tuple[int, ...]:
+        """The descriptors a forked process must keep open to use ``instance`` (() if "" or not held)."""
+        return Segment.descriptors(instance) if instance else ()
 
     def close(self) -> None:
-        """Cancel this process's allocation in progress, unregister, unmap."""
+        """Cancel this process's allocation in progress, unregister, release the segment (the last handle of
+        the creating process unmaps it and closes the memfd and semaphores)."""
         if self._closed:
             return
         self._closed = True
@@ -143,25 +145,16 @@ class FlowTable:
         self._store.release()
         self._words.release()
         self._qwords.release()
-        self._segment.close()
-
-    def unlink(self) -> None:
-        """Close and remove the instance's segment and semaphores (the coordinator, at the end)."""
-        segment = self._segment
-        self.close()
-        segment.unlink()
+        self._segment.release()
 
     def __enter__(self) -> FlowTable:
-        """Use as a context manager: the creator unlinks at exit, others close."""
+        """Use as a context manager: closed at exit."""
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        """Unlink (creator) or close (others)."""
-        if self._creator:
-            self.unlink()
-        else:
-            self.close()
+        """Close."""
+        self.close()
 
     # -- flow creation ----------------------------------------------------------------------------
 

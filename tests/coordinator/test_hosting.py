@@ -104,8 +104,10 @@ def test_fd_that_is_not_a_socket_is_refused(tmp_path: Path, netns: TestNetns) ->
 
 
 def test_pid_file_and_notifications(tmp_path: Path, netns: TestNetns) -> None:
-    """--pid writes the coordinator's PID; NOTIFY_SOCKET gets READY=1 with a status once it serves,
-    WATCHDOG=1 every half of WATCHDOG_USEC, and STOPPING=1 when it stops."""
+    """--pid writes the coordinator's PID (as the host sees it); NOTIFY_SOCKET gets MAINPID= that PID from the
+    keeper when the coordinator runs in a PID namespace of its own (so that systemd accepts what it sends
+    next), READY=1 with a status once it serves, WATCHDOG=1 every half of WATCHDOG_USEC, and STOPPING=1 when
+    it stops."""
     notify = tmp_path / "notify.sock"
     receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     receiver.bind(str(notify))
@@ -117,6 +119,9 @@ def test_pid_file_and_notifications(tmp_path: Path, netns: TestNetns) -> None:
     try:
         assert pid_file.read_text() == f"{switch.pid}\n"
         first = receiver.recv(4096).decode()
+        if switch.status()["sandbox"].get("pid_namespace"):
+            assert first == f"MAINPID={switch.pid}" and switch.pid != switch.proc.pid, first
+            first = receiver.recv(4096).decode()
         assert "READY=1" in first and "STATUS=1 worker(s), serving" in first, first
         started = time.monotonic()
         pings = [receiver.recv(4096) for _ in range(3)]

@@ -9,11 +9,12 @@ import os
 import shutil
 import tempfile
 import threading
+from pathlib import Path
 from typing import Callable
 
 import pytest
 
-from shardswitch.sandbox import privileges
+from shardswitch.sandbox import pidns, privileges
 from shardswitch.sandbox.privileges import RunAs, SandboxError, drop_privileges, process_status, resolve_runas
 
 NOBODY = 65534
@@ -233,3 +234,65 @@ def test_root_start_without_cap_sys_admin_still_becomes_nobody(caplog: pytest.Lo
     assert all(int(status[k], 16) == 0 for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")), status
     assert result["etc"]
     assert any("no namespaces of its own" in line and "Operation not permitted" in line for line in result["said"])
+
+
+def test_pid_namespace_of_its_own_names_nothing_outside(tmp_path: Path) -> None:
+    """A root start goes on as PID 1 of a new PID namespace, in a session of its own: it cannot name (so not
+    signal) any process outside, not even its own keeper or the test; its /proc is that namespace's, read-only.
+    The keeper is told the PID the host sees."""
+    outside = os.getpid()
+    told = tmp_path / "told"
+
+    def drop() -> object:
+        confinement = drop_privileges(resolve_runas(None), keep=[], on_fork=lambda pid: told.write_text(str(pid)))
+        try:
+            os.kill(outside, 0)
+            reached = True
+        except ProcessLookupError:
+            reached = False
+        with open("/proc/self/mountinfo") as f:
+            proc = next(line for line in f if line.split()[4] == "/proc")
+        return {"pid": os.getpid(), "sid": os.getsid(0), "reached": reached, "host_pid": confinement.host_pid,
+                "pid_namespace": confinement.pid_namespace, "proc": proc,
+                "visible": sorted(int(n) for n in os.listdir("/proc") if n.isdigit())}
+
+    result = in_child(drop)
+    assert isinstance(result, dict)
+    assert result["pid_namespace"] and result["pid"] == 1 and result["sid"] == 1, result
+    assert not result["reached"] and result["visible"] == [1], result
+    assert result["host_pid"] > 1 and told.read_text() == str(result["host_pid"]), "the keeper's on_fork"
+    assert " proc proc ro" in result["proc"] and result["proc"].split()[5].startswith("ro,"), result["proc"]
+
+
+def refuse_new_pid_namespaces() -> None:
+    """Install a filter that fails unshare(CLONE_NEWPID) with EPERM, as a container's seccomp profile may."""
+    from shardswitch.sandbox import seccomp as ours
+
+    sc = ours._BINDING
+    filt = sc.SyscallFilter(ours.SECCOMP_RET_ALLOW)
+    filt.add_rule(ours.SECCOMP_RET_ERRNO | 1, sc.resolve_syscall(sc.Arch.NATIVE, "unshare"),
+                  sc.Arg(0, ours.ARG_MASKED_EQ, pidns.CLONE_NEWPID, pidns.CLONE_NEWPID))
+    filt.load()
+
+
+def test_host_refusing_pid_namespaces_is_said_and_the_rest_built(caplog: pytest.LogCaptureFixture) -> None:
+    """Where the host refuses a PID namespace, the start says so and goes on: no fork, the host's /proc
+    bound read-only in the same empty view, nobody, no capability."""
+    def drop() -> object:
+        refuse_new_pid_namespaces()
+        pid = os.getpid()
+        with caplog.at_level(logging.INFO, logger="shardswitch"):
+            confinement = drop_privileges(resolve_runas(None), keep=[])
+        with open("/proc/self/mountinfo") as f:
+            proc = next(line for line in f if line.split()[4] == "/proc")
+        return {"same": os.getpid() == pid, "pid_namespace": confinement.pid_namespace, "proc": proc,
+                "root": sorted(os.listdir("/")), "status": process_status(),
+                "said": [r.getMessage() for r in caplog.records]}
+
+    result = in_child(drop)
+    assert isinstance(result, dict)
+    assert result["same"] and not result["pid_namespace"], result
+    assert any("no PID namespace of its own" in line and "Operation not permitted" in line
+               for line in result["said"]), result["said"]
+    assert result["root"] == ["dev", "proc"] and result["proc"].split()[5].startswith("ro,"), result
+    assert result["status"]["Uid"].split() == [str(NOBODY)] * 4 and int(result["status"]["CapEff"], 16) == 0

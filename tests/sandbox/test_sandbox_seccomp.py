@@ -17,19 +17,25 @@ import pytest
 from shardswitch.sandbox import privileges, seccomp
 from shardswitch.sandbox.seccomp import COORDINATOR, WORKER, Role
 
+#: A user that runs no process here.
+UNUSED_UID = 4242
 #: Exit statuses a child reports its result with.
 WORKED, FAILED_EACCES, FAILED_OTHER = 10, 11, 12
 
 
-def outcome(role: Role, call: Callable[[], object], *, also_worker: bool = False) -> int:
-    """Fork, install ``role``'s filter (and the worker's on top with ``also_worker``), make ``call``;
-    the child's exit code (WORKED...) or minus the signal that killed it."""
+def outcome(role: Role, call: Callable[[], object], *, also_worker: bool = False,
+            kill_pids: Callable[[], tuple[int, ...]] = tuple, uid: int | None = None) -> int:
+    """Fork, (become ``uid``,) install ``role``'s filter (and the worker's on top with ``also_worker``;
+    ``kill_pids()`` as the processes it may signal), make ``call``; the child's exit code (WORKED...) or minus
+    the signal that killed it."""
     pid = os.fork()
     if pid == 0:
         code = FAILED_OTHER
         try:
+            if uid is not None:
+                os.setresuid(uid, uid, uid)
             privileges.prctl(privileges.Prctl.SET_NO_NEW_PRIVS, 1)
-            seccomp.install(role)
+            seccomp.install(role, kill_pids())
             if also_worker:
                 seccomp.install(Role.WORKER)
             call()
@@ -91,6 +97,67 @@ def test_coordinator_filter() -> None:
     assert outcome(Role.COORDINATOR, lambda: os.execv("/bin/true", ["true"])) == -signal.SIGSYS
     assert outcome(Role.COORDINATOR, lambda: open("/etc/hostname").close(), also_worker=True) == FAILED_EACCES
     assert outcome(Role.COORDINATOR, fork_and_reap, also_worker=True) == -signal.SIGSYS
+
+
+def sleeper() -> int:
+    """A child of the calling process that waits to be signalled (it exits on its own after a minute, or when
+    its parent dies)."""
+    pid = os.fork()
+    if pid == 0:
+        privileges.die_with_parent(signal.SIGKILL)
+        signal.sigtimedwait([signal.SIGUSR2], 60)
+        os._exit(0)
+    return pid
+
+
+def signal_and_reap(signum: int, target: Callable[[int], int] = lambda pid: pid) -> Callable[[], None]:
+    """A call that forks a sleeper, sends ``signum`` to ``target(its PID)`` and reaps it (SIGKILL it first if
+    the signal went elsewhere)."""
+    def call() -> None:
+        child = sleeper()
+        try:
+            os.kill(target(child), signum)
+        finally:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(child, 0)
+    return call
+
+
+def test_coordinator_signals_only_to_stop_its_workers() -> None:
+    """The coordinator may SIGKILL or SIGTERM a process by its PID and raise() in itself; any other signal,
+    and any kill of -1 (every process it may signal) or of a group by -PGID, kills it.  (The kills of -1
+    and of a group are made as a user without processes, at a group that does not exist: harmless even if
+    the filter failed.)"""
+    assert outcome(Role.COORDINATOR, signal_and_reap(signal.SIGKILL)) == WORKED
+    assert outcome(Role.COORDINATOR, signal_and_reap(signal.SIGTERM)) == WORKED
+    assert outcome(Role.COORDINATOR, lambda: signal.raise_signal(signal.SIGWINCH)) == WORKED    # tgkill, ignored
+    for forbidden in (signal_and_reap(signal.SIGUSR1), signal_and_reap(signal.SIGSTOP),
+                      signal_and_reap(signal.SIGTERM, lambda _pid: -1),
+                      signal_and_reap(signal.SIGKILL, lambda pid: -pid)):
+        assert outcome(Role.COORDINATOR, forbidden, uid=UNUSED_UID) == -signal.SIGSYS
+    assert outcome(Role.COORDINATOR, signal_and_reap(signal.SIGKILL), also_worker=True) == -signal.SIGSYS
+
+
+def test_keeper_filter() -> None:
+    """The keeper may signal the PIDs it was given (its coordinator, itself) and wait; it can open no file,
+    make no socket, fork nor signal any other process."""
+    child: list[int] = []
+
+    def spawn() -> tuple[int, ...]:
+        child.append(sleeper())
+        return (child[0],)
+
+    def relay_and_wait() -> None:
+        os.kill(child[0], signal.SIGUSR2)
+        os.waitpid(child[0], 0)
+
+    assert outcome(Role.KEEPER, relay_and_wait, kill_pids=spawn) == WORKED
+    assert outcome(Role.KEEPER, lambda: open("/etc/hostname").close()) == FAILED_EACCES
+    for forbidden in (socket_of(socket.AF_UNIX), os.fork, lambda: os.kill(os.getppid(), 0)):
+        assert outcome(Role.KEEPER, forbidden) == -signal.SIGSYS
 
 
 def test_clone_with_namespace_flags_killed() -> None:

@@ -98,13 +98,14 @@ def _waiter(instance: str, role: str, n: int, results: Any) -> None:
 # -- the scenario ------------------------------------------------------------------------------
 
 
-def _scenario(instance: str, children: list[Any], action: str, point: HookPoint,
+def _scenario(children: list[Any], action: str, point: HookPoint,
               waiters: list[tuple[str, int]], reap_first: bool = True) -> tuple[FlowTable, str, list[Any]]:
     """Populate, stop a child at ``point``, start blocked ``waiters``, kill, recover.
 
     Returns the coordinator's table, the recovery text and the waiters' results.
     """
-    table = FlowTable.create(instance, capacity=64)
+    table = FlowTable.create(capacity=64)
+    instance = table.instance
     for n in range(10):
         make(table, n)
     ready = multiprocess.Event()
@@ -161,9 +162,9 @@ def _present(table: FlowTable, n: int) -> bool:
 # -- tests ---------------------------------------------------------------------------------------
 
 
-def test_writer_killed_in_the_middle_of_a_removal(instance: str, children: list[Any]) -> None:
+def test_writer_killed_in_the_middle_of_a_removal(children: list[Any]) -> None:
     """Killed with the write lock held and the index half updated: the removal is completed."""
-    table, text, got = _scenario(instance, children, "remove", HookPoint.REMOVE_HALF,
+    table, text, got = _scenario(children, "remove", HookPoint.REMOVE_HALF,
                                  [("write", 30), ("read", 5)])
     assert "phase W_HELD" in text and "discarded entry" in text and "(interrupted remove)" in text
     assert "rebuilt index" in text and "released its write lock" in text
@@ -173,54 +174,54 @@ def test_writer_killed_in_the_middle_of_a_removal(instance: str, children: list[
     assert not _present(table, 0)
     assert all(_present(table, n) for n in [*range(1, 10), 30])
     _assert_sound(table)
-    table.unlink()
+    table.close()
 
 
-def test_writer_killed_in_the_middle_of_an_activation(instance: str, children: list[Any]) -> None:
+def test_writer_killed_in_the_middle_of_an_activation(children: list[Any]) -> None:
     """Killed with one side of a new flow in the index: the half-made flow is discarded."""
-    table, text, _got = _scenario(instance, children, "create", HookPoint.ACTIVATE_HALF,
+    table, text, _got = _scenario(children, "create", HookPoint.ACTIVATE_HALF,
                                   [("read", 3), ("write", 31)])
     assert "phase W_HELD" in text and "(interrupted activate)" in text
     assert not _present(table, 20)
     assert all(_present(table, n) for n in [*range(10), 31])
     assert table.counters()["free"] == 64 - 11
     _assert_sound(table)
-    table.unlink()
+    table.close()
 
 
-def test_reader_killed_holding_the_read_lock(instance: str, children: list[Any]) -> None:
+def test_reader_killed_holding_the_read_lock(children: list[Any]) -> None:
     """Killed inside a listing: its reader exit is run for it; the queued writer and reader go on."""
-    table, text, got = _scenario(instance, children, "list", HookPoint.READ_HELD,
+    table, text, got = _scenario(children, "list", HookPoint.READ_HELD,
                                  [("write", 32), ("read", 7)])
     assert "phase R_HELD" in text and "released its read lock" in text
     assert "reset" not in text
     assert len(got) == 2 and _present(table, 32)
     _assert_sound(table)
-    table.unlink()
+    table.close()
 
 
 @pytest.mark.parametrize("action, point", [("lookup", HookPoint.READ_COUNTED),
                                            ("alloc", HookPoint.WRITE_TURNSTILE)],
                          ids=["reader-counted", "writer-turnstile"])
-def test_killed_in_a_transitional_phase(instance: str, children: list[Any], action: str,
+def test_killed_in_a_transitional_phase(children: list[Any], action: str,
                                         point: HookPoint) -> None:
     """Killed between a semaphore operation and its bookkeeping: the lock is reset exactly.
 
     Recovery runs while the victim is still an unreaped zombie.
     """
-    table, text, got = _scenario(instance, children, action, point,
+    table, text, got = _scenario(children, action, point,
                                  [("write", 33), ("read", 2), ("write", 34)], reap_first=False)
     assert "reset the lock" in text
     assert len(got) == 3 and _present(table, 33) and _present(table, 34)
     _assert_sound(table)
-    table.unlink()
+    table.close()
 
 
-def test_dead_process_allocation_in_progress_is_freed(instance: str, children: list[Any]) -> None:
+def test_dead_process_allocation_in_progress_is_freed(children: list[Any]) -> None:
     """A process killed between alloc() and activate() holds no lock; its entry is reclaimed."""
-    table, text, _got = _scenario(instance, children, "alloc-only", HookPoint.READ_HELD,
+    table, text, _got = _scenario(children, "alloc-only", HookPoint.READ_HELD,
                                   [])
     assert "phase IDLE" in text and "cancelled 1 in-progress allocation" in text
     assert table.counters()["free"] == 64 - 10
     _assert_sound(table)
-    table.unlink()
+    table.close()

@@ -95,9 +95,10 @@ def _hammer(instance: str, seed: int, start_at: float, results: Any) -> None:
     results.put((dict(stats), problems))
 
 
-def test_four_processes_on_the_same_flows(instance: str) -> None:
+def test_four_processes_on_the_same_flows() -> None:
     """Concurrent creates/lookups/removals leave a sound table; duplicates were really refused."""
-    table = FlowTable.create(instance, capacity=CAPACITY)
+    table = FlowTable.create(capacity=CAPACITY)
+    instance = table.instance
     results = multiprocess.Queue()
     start_at = time.monotonic() + 0.3
     procs = [multiprocess.Process(target=_hammer, args=(instance, seed, start_at, results))
@@ -136,4 +137,4 @@ def test_four_processes_on_the_same_flows(instance: str) -> None:
     state = table.lock_state()
     assert state["readers"] == 0 and state["semaphores"] == (1, 1, 1)
     assert state["participants"] == {os.getpid(): "IDLE"}
-    table.unlink()
+    table.close()

@@ -12,9 +12,9 @@ from shardswitch.shm.layout import Geometry
 
 
 @pytest.fixture
-def table(instance: str) -> Iterator[FlowTable]:
+def table() -> Iterator[FlowTable]:
     """A small table (capacity 8) for the test."""
-    with FlowTable.create(instance, capacity=8) as created:
+    with FlowTable.create(capacity=8) as created:
         yield created
 
 
@@ -226,12 +226,12 @@ def test_collisions_and_backward_shift_deletion(table: FlowTable, where: str) ->
     assert table.check() == [] and table.counters()["active"] == 0
 
 
-def test_random_churn_keeps_the_index_sound(instance: str) -> None:
+def test_random_churn_keeps_the_index_sound() -> None:
     """Many inserts and removals in a crowded index; check() after each batch."""
     import random
 
     rnd = random.Random(7)
-    with FlowTable.create(instance, capacity=32) as table:
+    with FlowTable.create(capacity=32) as table:
         live: dict[int, FlowRef] = {}
         for step in range(600):
             n = rnd.randrange(48)
@@ -262,17 +262,23 @@ def test_check_reports_corruption(table: FlowTable) -> None:
     assert any("side 0 is not in the index" in p for p in problems), problems
 
 
-def test_attach_refuses_missing_instance(instance: str) -> None:
-    """Attaching a name nobody created fails cleanly."""
-    with pytest.raises(FlowTableError):
-        FlowTable.attach(instance)
+def test_attach_refuses_missing_instance() -> None:
+    """Attaching an instance this process neither created nor inherited fails cleanly (there is nothing to
+    open by name), as does attaching one that was closed."""
+    with pytest.raises(FlowTableError, match="never opened by name"):
+        FlowTable.attach("0123456789abcdef")
     with pytest.raises(FlowTableError):
         FlowTable.attach("bad/name")
+    closed = FlowTable.create(capacity=4)
+    closed.close()
+    with pytest.raises(FlowTableError):
+        FlowTable.attach(closed.instance)
 
 
-def test_participant_slots_are_limited_and_released(instance: str) -> None:
+def test_participant_slots_are_limited_and_released() -> None:
     """With every slot taken attach() fails cleanly; close() frees the slot and cancels its allocation."""
-    with FlowTable.create(instance, capacity=4, max_participants=2) as table:
+    with FlowTable.create(capacity=4, max_participants=2) as table:
+        instance = table.instance
         other = FlowTable.attach(instance)
         with pytest.raises(FlowTableError):
             FlowTable.attach(instance)
@@ -284,12 +290,12 @@ def test_participant_slots_are_limited_and_released(instance: str) -> None:
         assert table.check() == []
 
 
-def test_guest6_published_for_every_process(instance: str) -> None:
+def test_guest6_published_for_every_process() -> None:
     """The guest's IPv6 address: None until published; what one handle publishes another reads; a writer
     that died in the middle of its store (odd sequence) reads as None until the next publish."""
     from shardswitch.shm.layout import GUEST6_SEQ_WORD
 
-    with FlowTable.create(instance, capacity=64) as first, FlowTable.attach(instance) as second:
+    with FlowTable.create(capacity=64) as first, FlowTable.attach(first.instance) as second:
         assert second.guest6() is None
         addr = bytes.fromhex("20010db8000200000000000000000015")
         first.publish_guest6(addr)

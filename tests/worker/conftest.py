@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -16,7 +14,7 @@ TABLE_CAPACITY = 64
 
 @pytest.fixture
 def table() -> Iterator[FlowTable]:
-    """A small flow table of this test's own, unlinked afterwards."""
-    t = FlowTable.create(f"wtest{os.getpid()}-{uuid.uuid4().hex[:8]}", capacity=TABLE_CAPACITY)
+    """A small flow table of this test's own, closed afterwards."""
+    t = FlowTable.create(capacity=TABLE_CAPACITY)
     yield t
-    t.unlink()
+    t.close()
