@@ -3,47 +3,23 @@
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
 import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 from shardswitch.sandbox import pidns, privileges
 from shardswitch.sandbox.privileges import RunAs, SandboxError, drop_privileges, process_status, resolve_runas
+from tests.switchkit import in_child
 
 NOBODY = 65534
 PR_SET_DUMPABLE = 4
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root, as systemd and libvirt start us")
-
-
-def in_child(action: Callable[[], object]) -> object:
-    """Run ``action`` in a forked child and return what it returned (JSON through a pipe)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        try:
-            result: object = {"ok": action()}
-        except Exception as err:  # noqa: BLE001 - reported to the parent
-            result = {"error": f"{type(err).__name__}: {err}"}
-        os.write(w, json.dumps(result).encode())
-        os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    _pid, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    answer = json.loads(data)
-    if "error" in answer:
-        raise AssertionError(answer["error"])
-    return answer["ok"]
 
 
 def test_root_start_becomes_nobody_with_nothing_left() -> None:
@@ -139,7 +115,7 @@ def test_non_root_start_keeps_its_user_in_namespaces_of_its_own() -> None:
             refused = str(err)
         drop_privileges(None, keep=[keep])
         return {"status": process_status(), "refused": refused, "root": sorted(os.listdir("/")),
-                "ipc": os.readlink("/proc/self/ns/ipc"), "uid": os.getuid()}
+                "ipc": os.readlink("/proc/self/ns/ipc"), "uid": os.getuid(), "pid": os.getpid()}
 
     try:
         result = in_child(as_user)
@@ -153,6 +129,7 @@ def test_non_root_start_keeps_its_user_in_namespaces_of_its_own() -> None:
     for key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert int(status[key], 16) == 0, key
     assert result["root"] == ["dev", "proc", "tmp"] and result["ipc"] != host_ipc
+    assert result["pid"] == 1, "a PID namespace of its own, inside its user namespace"
 
 
 def test_non_root_start_without_a_user_namespace_still_drops_the_rest() -> None:
