@@ -78,7 +78,10 @@ class Switch:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"shardswitch exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                self.coordinator_pid = int(query(self.control, "status", timeout=2.0)["pid"])
+                pid = query(self.control, "status", timeout=2.0)["pid"]
+                # Never a PID of the switch's own namespace (1 is the host's init): signals go by this one.
+                assert isinstance(pid, int) and pid > 1, f"the coordinator's PID on this host is unknown: {pid}"
+                self.coordinator_pid = pid
                 return self
             except ControlError:
                 time.sleep(0.05)

@@ -17,8 +17,10 @@ looks them up in the host's /proc, readable by any user:
   namespace.
 
 The translated answer carries the host PIDs in ``pid`` and the namespace's in
-``ns_pid``.  When the lookup fails (a client in another PID namespace, a
-switch gone meanwhile) the answer is returned as it came.
+``ns_pid``.  ``pid`` never holds a namespace's PID (``kill 1`` on the host
+would aim at its init): when the lookup fails (a client in another PID
+namespace, a switch gone meanwhile) the coordinator's ``pid`` is still the one
+its keeper gave, and a worker's is None, its ``ns_pid`` kept.
 """
 
 from __future__ import annotations
@@ -54,17 +56,16 @@ def host_view(status: dict[str, Any], proc: str = "/proc") -> dict[str, Any]:
     if not isinstance(sandbox, dict) or not sandbox.get("pid_namespace"):
         return status
     host_pid = sandbox.get("host_pid")
-    if not isinstance(host_pid, int) or host_pid <= 0 or ns_pids(host_pid, proc)[-1:] != [status.get("pid")]:
-        return status
     by_ns: dict[int, int] = {}
-    for child in children(host_pid, proc):
-        levels = ns_pids(child, proc)
-        if levels:
-            by_ns[levels[-1]] = child
+    if isinstance(host_pid, int) and host_pid > 0 and ns_pids(host_pid, proc)[-1:] == [status.get("pid")]:
+        for child in children(host_pid, proc):
+            levels = ns_pids(child, proc)
+            if levels:
+                by_ns[levels[-1]] = child
     view = copy.deepcopy(status)
-    view["ns_pid"], view["pid"] = status["pid"], host_pid
+    view["ns_pid"], view["pid"] = status.get("pid"), host_pid if isinstance(host_pid, int) else None
     for worker in view.get("workers", []):
-        if isinstance(worker, dict) and worker.get("pid") in by_ns:
-            worker["ns_pid"] = worker["pid"]
-            worker["pid"] = by_ns[worker["pid"]]
+        if isinstance(worker, dict):
+            worker["ns_pid"] = worker.get("pid")
+            worker["pid"] = by_ns.get(worker["ns_pid"])
     return view

@@ -31,17 +31,22 @@ def test_pids_translated_with_the_namespace_beside(tmp_path: Path) -> None:
     assert [(w["pid"], w["ns_pid"]) for w in view["workers"]] == [(501, 2), (502, 3)]
 
 
-def test_answer_kept_when_the_host_pid_is_not_that_switch(tmp_path: Path) -> None:
-    """A host PID whose innermost PID is not the answer's (another process, a client in another namespace),
-    or no PID namespace at all: the answer as it came."""
+def test_no_namespace_pid_where_the_lookup_fails(tmp_path: Path) -> None:
+    """A host PID whose innermost PID is not the answer's (another process, a client in another namespace):
+    the coordinator keeps the host PID its keeper gave, the workers have none (never a namespace's PID in
+    ``pid``); without a PID namespace the answer is returned as it came."""
     proc = fake_proc(tmp_path, {500: [500, 7], 600: [600]}, {})
-    for status in (answer(500), answer(600), answer(999), answer(500, pid_namespace=False)):
-        assert host_view(status, proc) == status
+    for host_pid in (500, 600, 999):
+        view = host_view(answer(host_pid), proc)
+        assert (view["pid"], view["ns_pid"]) == (host_pid, 1)
+        assert [(w["pid"], w["ns_pid"]) for w in view["workers"]] == [(None, 2), (None, 3)]
+    plain = answer(500, pid_namespace=False)
+    assert host_view(plain, proc) is plain
     assert host_view({"pid": 1, "workers": []}, proc) == {"pid": 1, "workers": []}
 
 
-def test_a_worker_not_found_keeps_its_namespace_pid(tmp_path: Path) -> None:
-    """A worker that is not (or no longer) a child keeps the PID the switch gave."""
+def test_a_worker_not_found_has_no_host_pid(tmp_path: Path) -> None:
+    """A worker that is not (or no longer) a child gets no host PID, its namespace's beside."""
     proc = fake_proc(tmp_path, {500: [500, 1], 501: [501, 2]}, {500: [501]})
     view = host_view(answer(500), proc)
-    assert view["workers"] == [{"pair": 0, "pid": 501, "ns_pid": 2}, {"pair": 1, "pid": 3}]
+    assert view["workers"] == [{"pair": 0, "pid": 501, "ns_pid": 2}, {"pair": 1, "pid": None, "ns_pid": 3}]
