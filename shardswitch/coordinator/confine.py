@@ -7,9 +7,9 @@ goes in it and reports on it:
 
 * which directories stay in its filesystem view (:func:`kept_dirs`): only
   those it still uses after the drop, i.e. the front-end's socket directory
-  in client mode (it reconnects by path), and the directory of each file it
-  created (sockets, PID file) where the user it becomes may remove that file
-  at exit.  A file it could not remove anyway (a directory only root may
+  in client mode (it reconnects by path; the directory must exist at start),
+  and the directory of each file it created (sockets, PID file) where the
+  user it becomes may remove that file at exit.  A file it could not remove anyway (a directory only root may
   write, a sticky one whose file root owns) leaves its directory out of view
   and is listed in :attr:`Kept.left`, for one log line at exit; the next
   start replaces a stale socket;
@@ -52,8 +52,9 @@ def kept_dirs(owned: list[str], sandbox: SandboxSetup, connect_path: str = "") -
     runas = sandbox.runas
     uid, gid = (runas.uid, runas.gid) if runas is not None else (os.getuid(), os.getgid())
     kept = Kept()
-    if connect_path:
-        kept.dirs.append(os.path.dirname(os.path.abspath(connect_path)))
+    front_end_dir = os.path.dirname(os.path.abspath(connect_path)) if connect_path else ""
+    if front_end_dir and os.path.isdir(front_end_dir):       # one made later could never be seen anyway
+        kept.dirs.append(front_end_dir)
     for path in owned:
         if removable_by(path, uid, gid):
             kept.dirs.append(os.path.dirname(os.path.abspath(path)))

@@ -37,6 +37,9 @@ def test_only_directories_whose_files_the_user_can_remove(tmp_path: Path) -> Non
 
 
 def test_client_mode_keeps_the_front_ends_directory(tmp_path: Path) -> None:
-    """In client mode the front-end's socket is reconnected by path: its directory stays whoever owns it."""
+    """In client mode the front-end's socket is reconnected by path: its directory stays whoever owns it (if
+    it exists: a directory made after the start could not be seen anyway)."""
+    (tmp_path / "qemu").mkdir()
     kept = kept_dirs([], SandboxSetup(NOBODY), connect_path=str(tmp_path / "qemu" / "vhost.sock"))
     assert kept.dirs == [str(tmp_path / "qemu")] and kept.left == []
+    assert kept_dirs([], SandboxSetup(NOBODY), connect_path=str(tmp_path / "later" / "vhost.sock")).dirs == []
