@@ -151,10 +151,11 @@ threading.Event().wait()
 
 
 def running_switch(tmp_path: Path, netns: TestNetns, *args: str, workers: int = 1) -> Switch:
-    """A switch in ``netns`` with ``args``, the TCP servers and the UDP echo server on its loopback."""
+    """A switch in ``netns`` with ``args`` (started by ``with``), the TCP servers and the UDP echo server
+    listening on its loopback."""
     start_server(netns, SERVERS)
     start_server(netns, UDP_ECHO)
-    return Switch(tmp_path, workers=workers, args=list(args), prefix=netns.exec_argv([])).start()
+    return Switch(tmp_path, workers=workers, args=list(args), prefix=netns.exec_argv([]))
 
 
 def udp_to(fe: VhostUserFrontend, dst: str, payload: bytes, port: int = UDP_PORT, sport: int = 40999) -> bool:
