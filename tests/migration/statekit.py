@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import msgspec
+from hypothesis import strategies as st
 
 from shardswitch.coordinator.migration import REPLY_USE_YOUR_FD
 from shardswitch.frontend.client import VhostUserFrontend
@@ -219,3 +220,21 @@ def feed(fe: VhostUserFrontend, document: Crafted | bytes) -> tuple[int, Feeder]
     """Load ``document`` as QEMU does: CHECK_DEVICE_STATE's answer and the finished feeder."""
     feeder = Feeder(fe, document).start().finish()
     return check_state(fe), feeder
+
+
+@st.composite
+def mutated(draw: st.DrawFn, template: bytes) -> bytes:
+    """``template`` with a few bytes flipped, overwritten, inserted or deleted."""
+    data = bytearray(template)
+    for _ in range(draw(st.integers(1, 6))):
+        op, pos = draw(st.sampled_from(["flip", "set", "insert", "delete"])), draw(st.integers(0, len(data)))
+        if op == "insert":
+            data[pos:pos] = draw(st.binary(min_size=1, max_size=4))
+        elif pos < len(data):
+            if op == "delete":
+                del data[pos:pos + draw(st.integers(1, 4))]
+            elif op == "flip":
+                data[pos] ^= 1 << draw(st.integers(0, 7))
+            else:
+                data[pos] = draw(st.integers(0, 255))
+    return bytes(data)

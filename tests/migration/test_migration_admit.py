@@ -22,10 +22,10 @@ from hypothesis import strategies as st
 from shardswitch.migration import admit
 from shardswitch.migration import format as fmt
 from shardswitch.migration.admit import Bounds, StateError
-from shardswitch.migration.format import DeviceState, PairState, PingState, Side, TcpSocketState, TcpState, UdpState
+from shardswitch.migration.format import DeviceState, PairState, Side, TcpSocketState, TcpState, UdpState
 from shardswitch.net import inany
 from shardswitch.shm.layout import Pif
-from tests.migration.statekit import echo_flood, echo_state
+from tests.migration.statekit import echo_flood, echo_state, mutated
 
 EXAMPLES = max(1, int(os.environ.get("SHARDSWITCH_FUZZ_EXAMPLES", "10000")) // 4)
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
@@ -167,27 +167,8 @@ def test_flow_lists_that_are_not_lists() -> None:
         admit.outline(fmt.HEADER.pack(fmt.MAGIC, 1, 1) + claim, WIDE)
 
 
-@st.composite
-def _mutated(draw: st.DrawFn, template: bytes) -> bytes:
-    """``template`` with a few bytes flipped, overwritten, inserted or deleted."""
-    data = bytearray(template)
-    for _ in range(draw(st.integers(1, 6))):
-        pos = draw(st.integers(0, len(data)))
-        op = draw(st.sampled_from(["flip", "set", "insert", "delete"]))
-        if op == "insert":
-            data[pos:pos] = draw(st.binary(min_size=1, max_size=4))
-        elif pos < len(data):
-            if op == "delete":
-                del data[pos:pos + draw(st.integers(1, 4))]
-            elif op == "flip":
-                data[pos] ^= 1 << draw(st.integers(0, 7))
-            else:
-                data[pos] = draw(st.integers(0, 255))
-    return bytes(data)
-
-
 @FUZZ
-@given(data=st.one_of(_mutated(fmt.encode(STATE)), st.binary(max_size=200)))
+@given(data=st.one_of(mutated(fmt.encode(STATE)), st.binary(max_size=200)))
 def test_fuzz_admission_agrees_with_decode(data: bytes) -> None:
     """Mutated documents: admitted exactly when decode accepts them, with its message when not, and the
     parts decode to the pairs decode gives."""

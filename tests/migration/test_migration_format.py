@@ -23,6 +23,7 @@ from shardswitch.migration.format import (DeviceState, PairState, PingState, Sid
                                           TcpState, UdpState)
 from shardswitch.net import inany
 from shardswitch.shm.layout import Pif
+from tests.migration.statekit import mutated
 
 EXAMPLES = int(os.environ.get("SHARDSWITCH_FUZZ_EXAMPLES", "10000"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
@@ -293,24 +294,6 @@ def test_fuzz_decode(data: bytes) -> None:
 def test_fuzz_decode_pair(data: bytes) -> None:
     """Arbitrary bytes as a pair's flows: flows or StateError."""
     _check_decode_pair(data)
-
-
-@st.composite
-def mutated(draw: st.DrawFn, template: bytes) -> bytes:
-    """``template`` with a few bytes flipped, overwritten, inserted or deleted."""
-    data = bytearray(template)
-    for _ in range(draw(st.integers(1, 6))):
-        op, pos = draw(st.sampled_from(["flip", "set", "insert", "delete"])), draw(st.integers(0, len(data)))
-        if op == "insert":
-            data[pos:pos] = draw(st.binary(min_size=1, max_size=4))
-        elif pos < len(data):
-            if op == "delete":
-                del data[pos:pos + draw(st.integers(1, 4))]
-            elif op == "flip":
-                data[pos] ^= 1 << draw(st.integers(0, 7))
-            else:
-                data[pos] = draw(st.integers(0, 255))
-    return bytes(data)
 
 
 @FUZZ
