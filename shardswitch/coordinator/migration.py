@@ -40,7 +40,10 @@ socket (mode 0600) for one helper (:mod:`shardswitch.migration.repair`), which
 must run as root or as the switch's own user.  Without one, connections are
 reset instead of moved, and counted.  Its connection is watched between
 requests: end of file drops it, and the HELLO byte our own helper sends marks
-it as one that also freezes connections (passt-repair does not).
+it as one that also freezes connections (passt-repair does not).  While a
+worker has the connection for a restore the coordinator's loop goes on, so it
+stops watching the connection until the worker answers (:meth:`Migration.lend`):
+otherwise it could read the helper's reply meant for the worker.
 """
 
 from __future__ import annotations
@@ -123,6 +126,8 @@ class Migration:
         self.helper: socket.socket | None = None
         #: The helper said HELLO: it is ours and freezes connections (see migration.repair).
         self.helper_freezes = False
+        #: A worker has the helper's connection: the loop does not watch it meanwhile.
+        self.helper_lent = False
         self.transfer: Transfer | None = None
         #: A document being checked or restored (after a load, or a rollback).
         self.restore: Restore | None = None
@@ -203,10 +208,26 @@ class Migration:
         """Forget the helper."""
         if self.helper is not None:
             log.warning("%s", why)
-            self.sel.unregister(self.helper)
+            if not self.helper_lent:
+                self.sel.unregister(self.helper)
+            self.helper_lent = False
             self.helper.close()
             self.helper = None
             self.helper_freezes = False
+
+    def lend(self) -> socket.socket | None:
+        """The helper's connection for a worker's request (None: no helper); unwatched until
+        :meth:`give_back`."""
+        if self.helper is not None and not self.helper_lent:
+            self.sel.unregister(self.helper)
+            self.helper_lent = True
+        return self.helper
+
+    def give_back(self) -> None:
+        """The worker's request is over: watch the helper's connection again (end of file, HELLO)."""
+        if self.helper is not None and self.helper_lent:
+            self.helper_lent = False
+            self.sel.register(self.helper, selectors.EVENT_READ, self._on_helper)
 
     # -- SET_DEVICE_STATE_FD -----------------------------------------------------------
 
@@ -408,7 +429,7 @@ class Migration:
 
     def _restore(self, admission: admit.Admission, verb: str) -> Restore:
         """A restore of ``admission`` by the workers, driven by :meth:`tick`."""
-        return Restore(admission, verb, self.pool, self.table, self._next_seq, lambda: self.helper)
+        return Restore(admission, verb, self.pool, self.table, self._next_seq, self)
 
     def _restored(self, restore: Restore) -> None:
         """A restore is over: the result, the status and the log say how it went."""

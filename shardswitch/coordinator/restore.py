@@ -14,7 +14,8 @@ before anything is applied.
 Once every flow has passed, the guest's addresses go into the flow table's
 header and each queue pair's part of the document goes to its worker,
 ``MigrateLoad`` with a memfd holding the part and the TCP_REPAIR helper's
-connection lent, *posted* (:meth:`~shardswitch.coordinator.workers.WorkerPool.post`):
+connection lent (the coordinator stops watching it until the answer, so that it
+never reads a reply meant for the worker), *posted* (:meth:`~shardswitch.coordinator.workers.WorkerPool.post`):
 the loop reads the answer when it comes.  Parts go one at a time, the next
 when the previous one is answered, since the helper's connection serves one
 request at a time; a document's queue pair beyond this switch's goes to its
@@ -52,14 +53,24 @@ class Posting(Protocol):
         """Send a request whose answer goes to ``done`` (None: none came); False when it could not be sent."""
 
 
+class HelperLoan(Protocol):
+    """The TCP_REPAIR helper's connection, lent to one worker request at a time."""
+
+    def lend(self) -> socket.socket | None:
+        """The connection (None: no helper), unwatched by the coordinator until :meth:`give_back`."""
+
+    def give_back(self) -> None:
+        """The request that had the connection is over: the coordinator watches it again."""
+
+
 class Restore:
     """One admitted document on its way into the workers."""
 
     def __init__(self, admission: admit.Admission, verb: str, pool: Posting, table: Callable[[], FlowTable | None],
-                 next_seq: Callable[[], int], helper: Callable[[], socket.socket | None]) -> None:
+                 next_seq: Callable[[], int], helper: HelperLoan) -> None:
         """Restore ``admission``'s flows (``verb``: "loaded" or "restored", for the log) through ``pool``;
-        ``table``: the flow table, ``next_seq``: request numbers, ``helper``: the TCP_REPAIR helper's
-        connection when one is there."""
+        ``table``: the flow table, ``next_seq``: request numbers, ``helper``: lends the TCP_REPAIR helper's
+        connection for each part."""
         self.admission = admission
         self.verb = verb
         self.pool = pool
@@ -129,7 +140,7 @@ class Restore:
 
     def _post(self, pair: int, data: bytes) -> bool:
         """``data`` to ``pair``'s worker in a memfd (with the helper's connection); whether it was sent."""
-        helper = self.helper()
+        helper = self.helper.lend()
         memfd = os.memfd_create("shardswitch-state", os.MFD_CLOEXEC)
         try:
             view = memoryview(data)
@@ -145,11 +156,13 @@ class Restore:
             log.error("worker %d: its flows could not be sent: %s", pair, err.strerror or err)
         finally:
             os.close(memfd)              # the worker has its own copy
+        self.helper.give_back()
         return False
 
     def _answered(self, pair: int, answer: object | None) -> None:
         """A worker's answer (None: none came, the pool said why): count it, post the next part."""
         self._waiting = False
+        self.helper.give_back()
         if self._abandoned:
             return
         if isinstance(answer, MigrateDone):

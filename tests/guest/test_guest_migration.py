@@ -205,7 +205,9 @@ def restored_on(switch: Switch) -> None:
     answers once the workers are done)."""
     deadline = time.monotonic() + 20
     while not tcp_flows_to(switch, STREAM_PORT):
-        assert time.monotonic() < deadline, (switch.query("flows"), switch.log())
+        if time.monotonic() >= deadline:
+            print(switch.log())
+            raise AssertionError(f"the stream's connection is not on B: {switch.query('flows')}")
         time.sleep(0.1)
 
 
@@ -262,7 +264,7 @@ def test_tcp_stream_moves_with_the_guest(tmp_path: Path, netns: TestNetns, guest
         output = pair.vm_b.output()
         status_a, status_b = pair.switch_a.status(), pair.switch_b.status()
         print(f"A: {status_a['migration']['last']}; B: {status_b['migration']['last']}")
-        assert "RESETS=0" in output, output
+        assert "RESETS=0" in output, (output, pair.switch_b.log())
         assert f"DOWN={hashlib.sha256(blob).hexdigest()} BYTES={len(blob)}" in output, output
         assert "AFTER=small-answer" in output, output
         assert server_lines(server, 2) == [f"sent {len(blob)}", "sent small"]
