@@ -19,6 +19,7 @@ from tests.guest.netns import TestNetns
 from tests.guest.test_guest_tcp import HTTP_PORT, serve_blob
 from tests.guest.vm import GuestVM
 from tests.switch import Switch
+from tests.guest.scripts import GATEWAY, WARM_UP
 
 pytestmark = pytest.mark.guest
 
@@ -66,7 +67,8 @@ def test_capture_of_two_downloads(tmp_path: Path, netns: TestNetns, guest_image:
     capture = tmp_path / "guest.pcap"
     script = f"""
 dhcp || exit 1
-gw=$(ip route | awk '/default/ {{print $3}}')
+{GATEWAY}
+{WARM_UP}
 taskset 1 wget -q -O /tmp/a http://$gw:{HTTP_PORT}/blob &
 taskset 2 wget -q -O /tmp/b http://$gw:{HTTP_PORT}/blob &
 wait
@@ -82,7 +84,8 @@ echo A=$(sha256sum < /tmp/a | cut -d' ' -f1) B=$(sha256sum < /tmp/b | cut -d' ' 
         assert status["capture"]["active"], status["capture"]
     # The switch stopped: every worker flushed and closed its writer.
     workers = status["workers"]
-    assert all(w["tx_frames"] > 0 and w["rx_frames"] > 0 for w in workers), workers    # both pairs
+    assert all(w["tx_frames"] > 0 and w["rx_frames"] > 0 for w in workers), \
+        [(w["tx_frames"], w["rx_frames"]) for w in workers]                             # both pairs
     found = records(capture)
     to_guest = [frame for _kept, _length, frame in found if frame[6:12] == OUR_MAC]
     from_guest = [frame for _kept, _length, frame in found if frame[6:12] != OUR_MAC]

@@ -19,10 +19,10 @@ from tests.guest.image import GuestImage
 from tests.guest.netns import TestNetns
 from tests.guest.vm import GuestVM
 from tests.switch import Switch
+from tests.guest.scripts import GATEWAY, WARM_UP
 
 pytestmark = pytest.mark.guest
 
-GATEWAY = "gw=$(ip route | awk '/default/ {print $3}')"
 
 
 def switch_in(tmp_path: Path, netns: TestNetns, workers: int = 2) -> Switch:
@@ -46,9 +46,6 @@ def owner_of_ident(switch: Switch, ident: int) -> int | None:
     return None
 
 
-#: Resolve the gateway's MAC first: requests queued behind an ARP resolution leave
-#: from the CPU that receives the ARP reply, whatever CPU their sender is pinned to.
-WARM_UP = "ping -c 1 -W 3 $gw > /dev/null"
 
 
 def workers(status: dict[str, Any]) -> list[dict[str, Any]]:

@@ -20,10 +20,10 @@ from tests.guest.netns import TestNetns
 from tests.guest.test_guest_tcp import HTTP_PORT, serve_blob
 from tests.guest.vm import GuestVM, qemu10
 from tests.switch import Switch
+from tests.guest.scripts import GATEWAY
 
 pytestmark = pytest.mark.guest
 
-GATEWAY = "gw=$(ip route | awk '/default/ {print $3}')"
 BLOB_MB = 4
 
 

@@ -23,10 +23,10 @@ from tests.guest.test_guest_tcp import HTTP_PORT, NC_CLIENT, serve_blob
 from tests.guest.test_guest_udp_dns import ANSWER, NAME, start_dnsmasq
 from tests.guest.vm import GuestVM
 from tests.switch import Switch, assert_sandboxed, sandbox_status
+from tests.guest.scripts import GATEWAY
 
 pytestmark = pytest.mark.guest
 
-GATEWAY = "gw=$(ip route | awk '/default/ {print $3}')"
 #: A forwarded port below 1024: binding it needs root, which the switch gives up right after.
 FORWARDED = 80
 BLOB_MB = 8

@@ -21,10 +21,10 @@ from tests.guest.image import GuestImage
 from tests.guest.netns import TestNetns
 from tests.guest.vm import GuestVM
 from tests.switch import Switch
+from tests.guest.scripts import GATEWAY
 
 pytestmark = pytest.mark.guest
 
-GATEWAY = "gw=$(ip route | awk '/default/ {print $3}')"
 HTTP_PORT = 8000
 DOWNLOAD_MB = 50
 UPLOAD_MB = 50
