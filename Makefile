@@ -36,7 +36,11 @@ unit: $(STAMP)
 test: deps $(STAMP) typecheck
 	$(PY) -m pytest -q -rs tests
 
-bench: deps $(STAMP)
+$(VENV)/.bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	@touch $@
+
+bench: deps $(STAMP) $(VENV)/.bench
 	$(PY) -m bench.run
 
 # Longer fuzzing than CI's 10,000 inputs per interface (FUZZ_EXAMPLES to change it).

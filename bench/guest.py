@@ -10,7 +10,16 @@ Lines, per back-end:
 * ping round-trip time to the gateway;
 * iperf3 TCP guest->host and host->guest (``-R``), 1 stream with queues=1 and
   2 streams pinned to 2 vCPUs with queues=2 and -smp 2, at MTU 65520 and 1500;
-* TCP connections per second the guest opens to the host (wget of a tiny file).
+* TCP connections per second the guest opens to the host (wget of a tiny file);
+* the back-end's CPU per GB moved, for each iperf3 direction: user + system
+  time of all its processes (:func:`bench.cputime.tree_cpu`), read when the
+  guest prints the phase's start and end markers, over the bytes iperf3's
+  receivers counted.  QEMU's user networking runs inside QEMU with the guest's
+  TCG, so it has no such figure.
+
+With ``BENCH_PROFILE=1`` a py-spy profile of shardswitch's processes is taken
+during each direction of the 1-stream MTU 65520 shape, and its top functions
+are printed and stored.
 
 QEMU's user networking and passt have one queue pair: their "2 streams" lines
 run with queues=1 (and -smp 2).  passt is measured when ``PASST_BIN`` names a
@@ -29,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import cputime
 from tests.guest.image import GuestImage, build_initramfs
 from tests.guest.netns import TestNetns
 from tests.guest.vm import GuestError, GuestVM
@@ -64,6 +74,11 @@ class Figures:
     up_mbps: float | None = None
     down_mbps: float | None = None
     crr: float | None = None
+    #: Back-end CPU seconds per GB (10**9 bytes) moved, each direction (None: not measured).
+    up_cpu_gb: float | None = None
+    down_cpu_gb: float | None = None
+    #: Top functions of the py-spy profile of each direction (BENCH_PROFILE=1).
+    profile: dict[str, list[str]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
 
@@ -73,7 +88,9 @@ def guest_script(shape: Shape, seconds: int) -> str:
     for direction, flag in (("UP", ""), ("DOWN", "-R")):
         lines = [f"taskset {1 << i} iperf3 -c $gw -p {port} -t {seconds} -f m {flag} > /tmp/{direction}{i} 2>&1 &"
                  for i, port in enumerate(IPERF_PORTS[:shape.streams])]
+        lines.insert(0, f"echo ===BEGIN-{direction}")
         lines.append("wait")
+        lines.append(f"echo ===END-{direction}")
         lines.append(f"for f in /tmp/{direction}*; do echo ==={direction}; cat $f; done")
         clients.append("\n".join(lines))
     return f"""
@@ -91,14 +108,28 @@ echo ===CRR $i $start $end
 """
 
 
+#: iperf3's receiver line with -f m: bytes transferred (in a unit it picks: KBytes are KiB...) and rate.
+_RECEIVER = r"([\d.]+) ([KMGT]?)Bytes\s+([\d.]+) Mbits/sec\s+receiver"
+_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+def moved_bytes(output: str, direction: str) -> int:
+    """Bytes the receivers of ``direction``'s iperf3 runs counted (0 when none reported)."""
+    total = 0.0
+    for section in output.split(f"==={direction}\n")[1:]:
+        found = re.search(_RECEIVER, section)
+        if found:
+            total += float(found[1]) * _UNITS[found[2]]
+    return int(total)
+
+
 def parse(output: str) -> Figures:
     """Figures from the guest's serial output."""
     figures = Figures()
     ping = re.search(r"===PING\s+round-trip min/avg/max = [\d.]+/([\d.]+)/", output)
     figures.rtt_ms = float(ping[1]) if ping else None
     for direction, attr in (("UP", "up_mbps"), ("DOWN", "down_mbps")):
-        rates = [float(m) for m in re.findall(rf"==={direction}\n(?:.*\n)*?.*?([\d.]+) Mbits/sec\s+receiver",
-                                              output)]
+        rates = [float(m[2]) for m in re.findall(rf"==={direction}\n(?:.*\n)*?.*?{_RECEIVER}", output)]
         setattr(figures, attr, sum(rates) if rates else None)
         if not rates:
             figures.errors.append(f"iperf3 {direction.lower()}: no result")
@@ -167,20 +198,45 @@ def run_guest(image: GuestImage, netns: TestNetns, tmp: Path, backend: str, shap
         else:
             vm = GuestVM(image, script, smp=smp, netns=netns,
                          extra_args=["-netdev", "user,id=u0", "-device", "virtio-net-pci,netdev=u0,romfile="])
+        root = switch.proc.pid if switch is not None and switch.proc is not None else \
+            passt_proc.pid if passt_proc is not None else None
+        profile = cputime.profiling() and backend == "shardswitch" and shape == SHAPES[0]
         with vm:
             try:
+                cpu = {direction: measure_phase(vm, direction, root, timeout, tmp if profile else None, seconds)
+                       for direction in ("UP", "DOWN")}
                 vm.wait_exit(timeout=timeout)
             except GuestError as err:
                 figures = parse(vm.output())
                 figures.errors.append(str(err).splitlines()[0])
                 return figures
-            return parse(vm.output())
+            figures = parse(vm.output())
+            for direction, (seconds_used, lines) in cpu.items():
+                moved = moved_bytes(vm.output(), direction)
+                if seconds_used is not None and moved:
+                    setattr(figures, f"{direction.lower()}_cpu_gb", seconds_used / (moved / 1e9))
+                if lines:
+                    figures.profile[direction] = lines
+            return figures
     finally:
         if switch is not None:
             switch.stop()
         if passt_proc is not None and passt_proc.poll() is None:
             passt_proc.kill()
             passt_proc.wait(5)
+
+
+def measure_phase(vm: GuestVM, direction: str, root: int | None, timeout: float, profile_dir: Path | None,
+                  seconds: int) -> tuple[float | None, list[str]]:
+    """The back-end's CPU seconds while the guest ran ``direction``'s iperf3 clients (None: no back-end
+    process to read), and the profile's top lines when ``profile_dir`` is given."""
+    vm.wait_for(f"^===BEGIN-{direction}$", timeout)
+    start = cputime.tree_cpu(root) if root is not None else None
+    profiler = cputime.Profiler(root, profile_dir / f"profile-{direction}.txt", seconds) \
+        if profile_dir is not None and root is not None else None
+    vm.wait_for(f"^===END-{direction}$", timeout)
+    used = cputime.tree_cpu(root) - start if root is not None and start is not None else None
+    return used, profiler.summary() if profiler is not None else []
 
 
 def run(seconds: int = 4) -> dict[str, Any]:
@@ -201,6 +257,8 @@ def run(seconds: int = 4) -> dict[str, Any]:
                 results["rows"].append({"backend": backend, "streams": shape.streams, "mtu": shape.mtu,
                                         **figures.__dict__})
                 print(format_row(backend, shape, figures), flush=True)
+                for direction, lines in figures.profile.items():
+                    print(f"    py-spy, {direction.lower()}:\n      " + "\n      ".join(lines), flush=True)
     return results
 
 
@@ -212,11 +270,16 @@ def _num(value: float | None, fmt: str) -> str:
 def format_row(backend: str, shape: Shape, f: Figures) -> str:
     """One table line."""
     line = (f"  {shape.label:<22} {backend:<12} {_num(f.up_mbps, '>9.0f')} {_num(f.down_mbps, '>9.0f')} "
-            f"{_num(f.crr, '>8.1f')} {_num(f.rtt_ms, '>8.2f')}")
+            f"{_cpu(f.up_cpu_gb)} {_cpu(f.down_cpu_gb)} {_num(f.crr, '>8.1f')} {_num(f.rtt_ms, '>8.2f')}")
     return line + (f"   ({'; '.join(f.errors)})" if f.errors else "")
 
 
-HEADER = ("  shape                  back-end     g->h Mbit/s h->g Mbit/s conn/s  ping ms")
+def _cpu(value: float | None) -> str:
+    """A CPU-per-GB figure, or a dash where none is measured."""
+    return format(value, ">9.2f") if value is not None else f"{'-':>9}"
+
+
+HEADER = ("  shape                  back-end     g->h Mbit/s h->g Mbit/s g->h CPU/GB h->g CPU/GB conn/s  ping ms")
 
 
 def ratios(results: dict[str, Any]) -> list[str]:
@@ -232,8 +295,9 @@ def ratios(results: dict[str, Any]) -> list[str]:
             if peer is None:
                 continue
             parts = []
-            for key, name in (("up_mbps", "g->h"), ("down_mbps", "h->g"), ("crr", "conn/s")):
-                if row[key] and peer[key]:
+            for key, name in (("up_mbps", "g->h"), ("down_mbps", "h->g"), ("crr", "conn/s"),
+                              ("up_cpu_gb", "g->h CPU/GB"), ("down_cpu_gb", "h->g CPU/GB")):
+                if row.get(key) and peer.get(key):
                     parts.append(f"{name} {row[key] / peer[key]:.2f}x")
             lines.append(f"  vs {other:<10} {row['streams']} stream(s), MTU {row['mtu']}: "
                          + (", ".join(parts) or "no comparable figures"))

@@ -16,7 +16,9 @@ Four parts, configured from the environment:
   process and contended by 2 and 4, lock costs;
 * a real guest (:mod:`bench.guest`): shardswitch beside QEMU's user networking
   and, when ``PASST_BIN`` names a vhost-user passt, passt, measured in the same
-  run (iperf3 both ways, connections per second, ping); ``BENCH_GUEST=0`` skips it;
+  run (iperf3 both ways with the back-end's CPU per GB moved, connections per
+  second, ping); ``BENCH_GUEST=0`` skips it, ``BENCH_PROFILE=1`` adds a py-spy
+  profile of shardswitch during each direction;
 * live migration (:mod:`bench.migration`): the guest-visible gap, QEMU's
   downtime and the total time of a migration between two shardswitches (1 and
   2 queue pairs) and, with ``PASST_BIN``, between two passts;
@@ -25,7 +27,7 @@ Four parts, configured from the environment:
 Variables: ``BENCH_SECONDS`` (default 3), ``BENCH_WARMUP`` (default 0.5),
 ``BENCH_RINGS`` (comma-separated ring sizes, default ``256,1024``),
 ``BENCH_WORKERS`` (comma-separated worker counts, default ``1,2``),
-``BENCH_GUEST``, ``BENCH_MIGRATION``, ``PASST_BIN``.  With the defaults the
+``BENCH_GUEST``, ``BENCH_PROFILE``, ``BENCH_MIGRATION``, ``PASST_BIN``.  With the defaults the
 whole run takes about eight minutes, most of it the real guests.
 
 A case that fails is reported and the run goes on; the exit status is then 1.

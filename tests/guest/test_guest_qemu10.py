@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import in_ci
 from tests.guest.image import GuestImage
 from tests.guest.netns import TestNetns
-from tests.guest.test_guest_tcp import HTTP_PORT, serve_blob
+from tests.guest.servers import HTTP_PORT, serve_blob
 from tests.guest.vm import GuestVM, qemu10
 from tests.switch import Switch
 from tests.guest.scripts import GATEWAY

@@ -19,7 +19,7 @@ import pytest
 
 from tests.guest.image import GuestImage
 from tests.guest.netns import TestNetns
-from tests.guest.test_guest_tcp import HTTP_PORT, NC_CLIENT, serve_blob
+from tests.guest.servers import HTTP_PORT, NC_CLIENT, serve_blob
 from tests.guest.test_guest_udp_dns import ANSWER, NAME, start_dnsmasq
 from tests.guest.vm import GuestVM
 from tests.switch import Switch, assert_sandboxed, sandbox_status
