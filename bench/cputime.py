@@ -109,7 +109,7 @@ def summarise(collapsed: str, top: int = 15) -> list[str]:
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
-        frames = [_short(frame) for frame in stack.split(";")[1:]]   # the first one names the process
+        frames = [_short(frame) for frame in stack.split(";") if not frame.startswith("process ")]
         if not frames:
             continue
         samples += count

@@ -19,7 +19,8 @@ Lines, per back-end:
 
 With ``BENCH_PROFILE=1`` a py-spy profile of shardswitch's processes is taken
 during each direction of the 1-stream MTU 65520 shape, and its top functions
-are printed and stored.
+are printed and stored; that run is without the sandbox (py-spy cannot read
+sandboxed processes), which its row says.
 
 QEMU's user networking and passt have one queue pair: their "2 streams" lines
 run with queues=1 (and -smp 2).  passt is measured when ``PASST_BIN`` names a
@@ -177,12 +178,15 @@ def run_guest(image: GuestImage, netns: TestNetns, tmp: Path, backend: str, shap
     script = guest_script(shape, seconds)
     smp = shape.streams
     timeout = 120 + 4 * seconds
+    profile = cputime.profiling() and backend == "shardswitch" and shape == SHAPES[0]
     switch: Switch | None = None
     passt_proc: subprocess.Popen[bytes] | None = None
     try:
         if backend == "shardswitch":
+            # py-spy cannot read the sandboxed processes (their mount view hides the interpreter's file).
             switch = Switch(tmp, workers=shape.streams, prefix=netns.exec_argv([]),
-                            addressing=["-m", str(shape.mtu)], socket_path=str(tmp / "ss.sock")).start()
+                            addressing=["-m", str(shape.mtu)], socket_path=str(tmp / "ss.sock"),
+                            args=["--no-sandbox"] if profile else None).start()
             vm = GuestVM(image, script, socket=Path(switch.socket), queues=shape.streams, smp=smp, netns=netns)
         elif backend == "passt":
             assert passt is not None
@@ -200,7 +204,6 @@ def run_guest(image: GuestImage, netns: TestNetns, tmp: Path, backend: str, shap
                          extra_args=["-netdev", "user,id=u0", "-device", "virtio-net-pci,netdev=u0,romfile="])
         root = switch.proc.pid if switch is not None and switch.proc is not None else \
             passt_proc.pid if passt_proc is not None else None
-        profile = cputime.profiling() and backend == "shardswitch" and shape == SHAPES[0]
         with vm:
             try:
                 cpu = {direction: measure_phase(vm, direction, root, timeout, tmp if profile else None, seconds)
@@ -256,7 +259,8 @@ def run(seconds: int = 4) -> dict[str, Any]:
                 figures = run_guest(image, netns, run_dir, backend, shape, seconds, passt)
                 results["rows"].append({"backend": backend, "streams": shape.streams, "mtu": shape.mtu,
                                         **figures.__dict__})
-                print(format_row(backend, shape, figures), flush=True)
+                print(format_row(backend, shape, figures) + ("  (profiled, no sandbox)" if figures.profile else ""),
+                      flush=True)
                 for direction, lines in figures.profile.items():
                     print(f"    py-spy, {direction.lower()}:\n      " + "\n      ".join(lines), flush=True)
     return results
