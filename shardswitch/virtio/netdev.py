@@ -365,20 +365,11 @@ class RxWriter:
         heads = [chain[0]]
         bufs = [writable]
         sizes = [len(writable[0]) if len(writable) == 1 else _capacity(chain[0], writable)]
-        capacity = sizes[0]
-        if self._mrg:
+        if self._mrg and sizes[0] < need:
             try:
-                while capacity < need and len(heads) < vq.num:
-                    chain = vq.pop()
-                    if chain is None:
-                        break
-                    heads.append(chain[0])
-                    size = _capacity(chain[0], chain[2])
-                    bufs.append(chain[2])
-                    sizes.append(size)
-                    capacity += size
+                vq.pop_writable(need - sizes[0], vq.num - 1, heads, bufs, sizes)
             except VirtqueueError:
-                vq.unpop(len(heads))
+                vq.unpop(1)
                 raise
         return RxSpan(self, heads, bufs, sizes)
 
@@ -386,16 +377,7 @@ class RxWriter:
         """Header, pushes and give-backs of :meth:`RxSpan.commit`; returns the chains used."""
         vq = self._vq
         hdr_size = self._hdr_len
-        remaining = hdr_size + length
-        used = 0
-        push = vq.push
-        for head, size in zip(span.heads, span.sizes):
-            if remaining <= 0:
-                break
-            count = size if size < remaining else remaining
-            push(head, count)
-            remaining -= count
-            used += 1
+        used = vq.push_run(span.heads, span.sizes, hdr_size + length)
         unused = len(span.heads) - used
         if unused:
             vq.unpop(unused)
