@@ -28,18 +28,16 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from shardswitch.shm.segment import stat_fields
+
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
 def _stat(pid: int) -> tuple[int, float] | None:
-    """(parent PID, CPU seconds) of ``pid``, None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            text = stat.read()
-    except OSError:
+    """(parent PID, CPU seconds: utime + stime) of ``pid``, None when it is gone."""
+    fields = stat_fields(pid)
+    if fields is None or len(fields) < 13:
         return None
-    # The command name (field 2) is in parentheses and may hold spaces: split after its last ")".
-    fields = text[text.rindex(b")") + 2:].split()
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK
 
 

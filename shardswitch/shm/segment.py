@@ -76,18 +76,24 @@ SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 Semaphores = tuple[posix_ipc.Semaphore, posix_ipc.Semaphore, posix_ipc.Semaphore]
 
 
-def process_start_time(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot, or None if it is gone or a zombie."""
-    if pid <= 0:
-        return None
+def stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of ``/proc/PID/stat`` from the third on (state, ppid, ...; index = field number - 3), or
+    None when the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
             text = stat.read()
     except OSError:
         return None
     # The command name is in parentheses and may contain anything: split after the last ')'.
-    fields = text[text.rfind(b")") + 2:].split()
-    if len(fields) < 20 or fields[0] in (b"Z", b"X"):
+    return text[text.rfind(b")") + 2:].split()
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot, or None if it is gone or a zombie."""
+    if pid <= 0:
+        return None
+    fields = stat_fields(pid)
+    if fields is None or len(fields) < 20 or fields[0] in (b"Z", b"X"):
         return None
     return int(fields[19])
 
