@@ -38,7 +38,7 @@ import pytest
 
 from shardswitch.frontend.client import FrontendError, VhostUserFrontend
 from shardswitch.vhost.wire import VRING_ADDR, VRING_STATE, MemRegion, Request
-from tests.net.test_net_fuzz import TEMPLATES
+from tests.net.fuzzkit import TEMPLATES
 from tests.switch import Switch
 from tests.switchkit import assert_recovered, baseline, is_periodic_ra
 

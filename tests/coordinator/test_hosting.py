@@ -9,37 +9,19 @@ systemd does (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES).
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from shardswitch.frontend.client import VhostUserFrontend
-from tests.conftest import in_ci
+from tests.coordinator.hostingkit import activate_argv
 from tests.guest.netns import TestNetns, stop_process
 from tests.switch import Switch
 from tests.switchkit import arp_roundtrip, is_periodic_ra, wait_until
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def activate_argv(netns: TestNetns, path: Path, options: list[str] | None = None) -> list[str]:
-    """systemd-socket-activate listening on ``path`` in ``netns`` and starting the switch (with ``options``)
-    on first use, as shardswitch.socket does."""
-    activate = shutil.which("systemd-socket-activate")
-    if activate is None:
-        if in_ci():
-            pytest.fail("systemd-socket-activate missing (package systemd)", pytrace=False)
-        pytest.skip("systemd-socket-activate missing (package systemd)")
-    return netns.exec_argv([activate, "-l", str(path), "--fdname=vhost-user",
-                            "-E", f"PYTHONPATH={REPO_ROOT}", sys.executable, "-m", "shardswitch", "start", "-d",
-                            *(options or [])])
-
 
 def test_socket_activation_starts_the_switch_on_first_connection(tmp_path: Path, netns: TestNetns) -> None:
     """Nothing runs until the front-end connects; then the switch starts on the socket it was handed

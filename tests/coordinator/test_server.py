@@ -135,7 +135,7 @@ def test_periodic_router_advertisement_and_one_family(tmp_path: Path) -> None:
     """Worker 0 sends unsolicited RAs (to all-nodes), the first within MAX_INITIAL_RTR_ADVERT_INTERVAL of its
     RX ring running; -6 drops ARP as an unhandled EtherType, -4 a router solicitation."""
     from shardswitch.net import ndp
-    from tests.net.test_net_ndp import rs_frame
+    from tests.net.ndpkit import rs_frame
     from tests.switchkit import drops, ready_frontend, wait_status
 
     def router_advertisements(fe: VhostUserFrontend, seconds: float) -> list[bytes]:
@@ -174,8 +174,8 @@ def test_dhcpv6_through_the_switch(tmp_path: Path) -> None:
     with --no-dhcpv6 it is dropped and counted, and RAs no longer set the Managed flag."""
     from scapy.layers.dhcp6 import DHCP6OptIA_NA, DHCP6OptRapidCommit
 
-    from tests.net.test_net_dhcpv6 import decode, only, solicit, udp6_frame
-    from tests.net.test_net_ndp import rs_frame
+    from tests.net.dhcpv6kit import decode, only, solicit, udp6_frame
+    from tests.net.ndpkit import rs_frame
     from tests.switchkit import drops, ready_frontend, wait_status
 
     with Switch(tmp_path, workers=2) as sw, ready_frontend(sw) as fe:

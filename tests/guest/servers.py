@@ -1,4 +1,4 @@
-"""Servers the guest tests run on the test namespace's loopback, and host-side clients.
+"""Servers the guest tests run on the test namespace's loopback, host-side clients, and reading iperf3 results.
 
 The guest reaches them through its gateway address, which the switch maps to
 that loopback.
@@ -7,6 +7,7 @@ that loopback.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +90,11 @@ def serve_blob(netns: TestNetns, tmp_path: Path, megabytes: int) -> bytes:
     (root / "blob").write_bytes(blob)
     start_http(netns, root)
     return blob
+
+
+def iperf_rate(output: str, tag: str) -> float:
+    """Mbit/s of the receiver line of the iperf3 run the guest printed after ``==tag==``."""
+    section = output.split(f"=={tag}==", 1)[1]
+    match = re.search(r"([\d.]+) ([KMG])bits/sec\s+(?:\d+\s+)?receiver", section)
+    assert match, output
+    return float(match[1]) * {"K": 1e-3, "M": 1.0, "G": 1e3}[match[2]]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from shardswitch.coordinator.control import query
-from tests.coordinator.test_hosting import activate_argv
+from tests.coordinator.hostingkit import activate_argv
 from tests.guest.image import GuestImage
 from tests.guest.netns import TestNetns, stop_process
 from tests.guest.vm import GuestVM

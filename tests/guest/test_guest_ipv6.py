@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.guest.dnskit import ANSWER, NAME, start_dnsmasq
 from tests.guest.image import GuestImage
 from tests.guest.netns import TestNetns
-from tests.guest.test_guest_tcp import iperf_rate
-from tests.guest.test_guest_udp_dns import ANSWER, NAME, start_dnsmasq
+from tests.guest.servers import iperf_rate
 from tests.guest.vm import GuestVM
 from tests.switch import Switch
 

@@ -18,7 +18,7 @@ import pytest
 
 from shardswitch.coordinator.control import query
 from tests.conftest import in_ci
-from tests.coordinator.test_hosting import activate_argv
+from tests.coordinator.hostingkit import activate_argv
 from tests.guest.image import GuestImage
 from tests.guest.libvirtd import LIBVIRTD, Libvirtd
 from tests.guest.netns import TestNetns, stop_process

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.guest.dnskit import ANSWER, NAME, start_dnsmasq
 from tests.guest.image import GuestImage
 from tests.guest.netns import TestNetns
 from tests.guest.servers import HTTP_PORT, NC_CLIENT, serve_blob
-from tests.guest.test_guest_udp_dns import ANSWER, NAME, start_dnsmasq
 from tests.guest.vm import GuestVM
 from tests.switch import Switch, assert_sandboxed, sandbox_status
 from tests.guest.scripts import GATEWAY

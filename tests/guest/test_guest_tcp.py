@@ -22,7 +22,7 @@ from tests.guest.netns import TestNetns
 from tests.guest.vm import GuestVM
 from tests.switch import Switch
 from tests.guest.scripts import GATEWAY
-from tests.guest.servers import HTTP_PORT, NC_CLIENT, serve_blob, start_http
+from tests.guest.servers import HTTP_PORT, NC_CLIENT, iperf_rate, serve_blob, start_http
 
 pytestmark = pytest.mark.guest
 
@@ -133,14 +133,6 @@ sleep 30
         while worker_fds(switch) != before and time.monotonic() < deadline:
             time.sleep(0.2)
         assert worker_fds(switch) == before
-
-
-def iperf_rate(output: str, tag: str) -> float:
-    """Mbit/s of the receiver line of the iperf3 run the guest printed after ``==tag==``."""
-    section = output.split(f"=={tag}==", 1)[1]
-    match = re.search(r"([\d.]+) ([KMG])bits/sec\s+(?:\d+\s+)?receiver", section)
-    assert match, output
-    return float(match[1]) * {"K": 1e-3, "M": 1.0, "G": 1e3}[match[2]]
 
 
 #: A forwarded port for `nc -l` in the guest, and the host-side client: sends a line, half-closes,

@@ -1,21 +1,20 @@
 """A real guest resolves names through --dns-forward, and with default options behind a stub resolver on
 127.0.0.53 (as systemd-resolved hosts have); it echoes on a -u forwarded port.
 
-dnsmasq serves ``test.example`` on 127.0.0.53:53 of the test namespace, the stub
-resolver the namespace's resolv.conf names, so it is the resolver the switch
-forwards the guest's queries to.  The host-side client of the forwarded port
+dnsmasq (tests/guest/dnskit.py) serves ``test.example`` on 127.0.0.53:53 of the
+test namespace, the stub resolver the namespace's resolv.conf names, so it is
+the resolver the switch forwards the guest's queries to.  The host-side client of the forwarded port
 runs in the same namespace and talks to 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.guest.dnskit import ANSWER, NAME, start_dnsmasq
 from tests.guest.image import GuestImage
 from tests.guest.netns import TestNetns
 from tests.guest.vm import GuestVM
@@ -23,8 +22,6 @@ from tests.switch import Switch
 
 pytestmark = pytest.mark.guest
 
-#: The name dnsmasq answers, and its address.
-NAME, ANSWER = "test.example", "10.9.8.7"
 #: Host port forwarded with -u onto the guest's UDP echo server (tests/guest/udpecho.c).
 HOST_PORT, GUEST_PORT = 16700, 7000
 
@@ -45,18 +42,6 @@ while time.monotonic() < deadline:
     print(f"ECHO {data.decode()} from={peer[0]}:{peer[1]}")
     break
 """
-
-
-def start_dnsmasq(netns: TestNetns, tmp_path: Path, listen: str = "127.0.0.53") -> None:
-    """dnsmasq on ``listen`` port 53 of ``netns`` answering NAME; returns once it listens."""
-    netns.popen(["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--port=53", f"--listen-address={listen}",
-                 "--bind-interfaces", "--no-resolv", "--no-hosts", f"--address=/{NAME}/{ANSWER}",
-                 f"--pid-file={tmp_path / 'dnsmasq.pid'}", f"--dhcp-leasefile={tmp_path / 'dnsmasq.leases'}",
-                 "--user=root"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while netns.run(["sh", "-c", f"ss -Huln | grep -q '{listen}:53 '"], check=False).returncode:
-        assert time.monotonic() < deadline, "dnsmasq did not start"
-        time.sleep(0.1)
 
 
 def test_nslookup_through_dns_forward_and_udp_forwarded_port(tmp_path: Path, netns: TestNetns,

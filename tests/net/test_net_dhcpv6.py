@@ -3,7 +3,8 @@
 Client messages are built with scapy and every reply is decoded by scapy, an
 implementation independent of the code under test: it must decode every
 option (no raw leftovers), re-encode the frame byte for byte, and agree on
-the UDP checksum it computes itself.
+the UDP checksum it computes itself (the builders and the decoder are in
+tests/net/dhcpv6kit.py).
 """
 
 from __future__ import annotations
@@ -17,67 +18,31 @@ import pytest
 logging.getLogger("scapy.runtime").setLevel(logging.ERROR)
 
 from scapy.layers import dhcp6  # noqa: E402
-from scapy.layers.dhcp6 import (DUID_EN, DUID_LL, DUID_LLT, DHCP6OptClientId,  # noqa: E402
-                                DHCP6OptDNSDomains, DHCP6OptDNSServers, DHCP6OptElapsedTime,
-                                DHCP6OptIA_NA, DHCP6OptIA_PD, DHCP6OptIA_TA, DHCP6OptIAAddress,
-                                DHCP6OptOptReq, DHCP6OptPref, DHCP6OptRapidCommit,
+from scapy.layers.dhcp6 import (DUID_EN, DUID_LL, DHCP6OptClientId, DHCP6OptDNSDomains,  # noqa: E402
+                                DHCP6OptDNSServers, DHCP6OptElapsedTime, DHCP6OptIA_NA, DHCP6OptIA_PD,
+                                DHCP6OptIA_TA, DHCP6OptIAAddress, DHCP6OptPref, DHCP6OptRapidCommit,
                                 DHCP6OptServerId, DHCP6OptStatusCode)
-from scapy.layers.inet6 import UDP, IPv6  # noqa: E402
-from scapy.layers.l2 import Ether  # noqa: E402
-from scapy.packet import NoPayload, Packet, Raw  # noqa: E402
+from scapy.packet import Packet  # noqa: E402
 
 from shardswitch.net import GuestEndpoint, GuestParams, dhcpv6  # noqa: E402
 from shardswitch.net.dhcpv6 import Dhcpv6Server  # noqa: E402
 from shardswitch.net.drop import DropReason  # noqa: E402
 from shardswitch.net.endpoint import Service  # noqa: E402
 from shardswitch.net.params import ParamsError, resolve  # noqa: E402
-from tests.net.net_testlib import GUEST_MAC, OUR_MAC, eth_frame, rfc1071  # noqa: E402
-from tests.net.test_net_ipv6 import GUEST_LL, OUR_LL, ip6, ipv6_packet  # noqa: E402
+from tests.net.dhcpv6kit import (ALL_DHCP, ALL_DHCP_MAC, CLIENT_DUID, DNS6, GUEST6, SEARCH, decode,  # noqa: E402
+                                 make_endpoint, of, only, raw_udp6_frame, solicit, udp6_frame)
+from tests.net.ipv6kit import ip6  # noqa: E402
+from tests.net.net_testlib import OUR_MAC  # noqa: E402
 
-GUEST6 = "2001:db8::15"
-DNS6 = ["2001:db8::53", "fe80::53"]
-SEARCH = ["example.com", "lab.example.org"]
-ALL_DHCP = "ff02::1:2"
-ALL_DHCP_MAC = "33:33:00:01:00:02"
 INFINITY = 0xFFFFFFFF
-#: The guest's DUID and our expected DUID-LL.
-CLIENT_DUID = DUID_LLT(lladdr="52:54:00:12:34:56", timeval=0x12345678)
+#: Our expected DUID-LL.
 SERVER_DUID = DUID_LL(lladdr="9a:55:9a:55:9a:55")
-MAC_TEXT = "52:54:00:12:34:56"
-
-
-def make_endpoint(services: Service = Service.ALL, **changes: object) -> GuestEndpoint:
-    """An endpoint whose guest has IPv6 addressing, IPv6 DNS servers and search domains."""
-    fields: dict[str, object] = {"address": "10.0.2.15", "prefix_len": 24, "gateway": "10.0.2.2",
-                                 "address6": GUEST6, "dns6": DNS6, "search": SEARCH}
-    fields.update(changes)
-    return GuestEndpoint(GuestParams(**fields), services)  # type: ignore[arg-type]
 
 
 @pytest.fixture
 def endpoint() -> GuestEndpoint:
     """The default endpoint."""
     return make_endpoint()
-
-
-def udp6_frame(payload: Packet | bytes, *, src: str = "fe80::5054:ff:fe12:3456", dst: str = ALL_DHCP,
-               eth_dst: str | None = None, sport: int = 546, dport: int = 547) -> bytes:
-    """A guest frame carrying ``payload`` over UDP/IPv6 (scapy fills lengths and checksum)."""
-    if eth_dst is None:
-        eth_dst = ALL_DHCP_MAC if dst == ALL_DHCP else "9a:55:9a:55:9a:55"
-    body = payload if isinstance(payload, Packet) else Raw(load=payload)
-    return bytes(Ether(src=MAC_TEXT, dst=eth_dst) / IPv6(src=src, dst=dst)
-                 / UDP(sport=sport, dport=dport) / body)
-
-
-def raw_udp6_frame(payload: bytes) -> bytes:
-    """:func:`udp6_frame` to ff02::1:2 without scapy (fast, for the fuzz loop): reference checksum."""
-    src, dst = GUEST_LL, ip6(ALL_DHCP)
-    header = struct.pack("!HHHH", 546, 547, 8 + len(payload), 0)
-    pseudo = src + dst + struct.pack("!I", 8 + len(payload)) + b"\0\0\0\x11"
-    csum = rfc1071(pseudo + header + payload) or 0xFFFF
-    datagram = header[:6] + struct.pack("!H", csum) + payload
-    return eth_frame(bytes.fromhex("333300010002"), GUEST_MAC, 0x86DD, ipv6_packet(src, dst, 17, datagram))
 
 
 def exchange(endpoint: GuestEndpoint, frame: bytes, now: float = 0.0, *,
@@ -89,48 +54,6 @@ def exchange(endpoint: GuestEndpoint, frame: bytes, now: float = 0.0, *,
         assert out == []
         return result
     return out
-
-
-def options(layer: Packet) -> list[Packet]:
-    """The top-level options after a message layer (scapy chains them as payloads)."""
-    found = []
-    option = layer.payload
-    while not isinstance(option, NoPayload):
-        assert not isinstance(option, Raw), "scapy decoded every option"
-        found.append(option)
-        option = option.payload
-    return found
-
-
-def of(items: list[Packet], *classes: type[Packet]) -> list[Packet]:
-    """The options of exactly these classes (scapy's Server Identifier subclasses the Client's)."""
-    return [item for item in items if type(item) in classes]
-
-
-def only(items: list[Packet], cls: type[Packet]) -> Packet:
-    """The single option of class ``cls`` in ``items``."""
-    matches = of(items, cls)
-    assert len(matches) == 1, (cls.__name__, items)
-    return matches[0]
-
-
-def decode(frame: bytes, *, dst: bytes = GUEST_LL, src: bytes = OUR_LL) -> tuple[Packet, list[Packet]]:
-    """Decode one reply frame with scapy and check every header field: (message layer, options)."""
-    packet = Ether(frame)
-    assert bytes(packet) == frame, "scapy re-encodes the frame identically"
-    assert (packet.dst, packet.src, packet.type) == (MAC_TEXT, "9a:55:9a:55:9a:55", 0x86DD)
-    ip_layer = packet[IPv6]
-    assert (ip6(ip_layer.src), ip6(ip_layer.dst)) == (src, dst)
-    assert (ip_layer.nh, ip_layer.hlim, ip_layer.plen) == (17, 64, len(frame) - 54)
-    udp_layer = packet[UDP]
-    assert (udp_layer.sport, udp_layer.dport, udp_layer.len) == (547, 546, len(frame) - 54)
-    assert udp_layer.chksum != 0
-    recomputed = packet.copy()
-    recomputed[UDP].chksum = None
-    assert Ether(bytes(recomputed))[UDP].chksum == udp_layer.chksum, "UDP checksum"
-    assert len(frame) - 62 <= dhcpv6.MAX_REPLY_LEN
-    message = udp_layer.payload
-    return message, options(message)
 
 
 def reply_to(endpoint: GuestEndpoint, message: Packet, **kwargs: object) -> tuple[Packet, list[Packet]]:
@@ -182,15 +105,6 @@ def status_of(option: Packet) -> int:
     codes = [o for o in inner if isinstance(o, DHCP6OptStatusCode)]
     assert len(codes) == 1
     return int(codes[0].statuscode)
-
-
-def solicit(*extra: Packet, trid: int = 0x123456) -> Packet:
-    """A Solicit with the client's DUID, an IA_NA (IAID 7), elapsed time and an ORO for DNS."""
-    message = (dhcp6.DHCP6_Solicit(trid=trid) / DHCP6OptClientId(duid=CLIENT_DUID)
-               / DHCP6OptIA_NA(iaid=7) / DHCP6OptElapsedTime() / DHCP6OptOptReq(reqopts=[23, 24]))
-    for option in extra:
-        message = message / option
-    return message
 
 
 # --- the exchanges -----------------------------------------------------------------------------

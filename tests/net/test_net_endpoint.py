@@ -19,14 +19,14 @@ from shardswitch.net.endpoint import Service  # noqa: E402
 from shardswitch.net.ipv4 import Ipv4Packet  # noqa: E402
 from shardswitch.net.ipv6 import Ipv6Packet  # noqa: E402
 from shardswitch.net.udp import UdpDatagram  # noqa: E402
+from tests.net.dhcpv6kit import decode as dhcpv6_decode  # noqa: E402
+from tests.net.dhcpv6kit import make_endpoint as make_endpoint6  # noqa: E402
+from tests.net.dhcpv6kit import solicit, udp6_frame  # noqa: E402
+from tests.net.ipv6kit import ip6  # noqa: E402
+from tests.net.ndpkit import ns_frame, rs_frame  # noqa: E402
 from tests.net.net_testlib import (BROADCAST_MAC, GUEST_MAC, OUR_MAC, arp_frame,  # noqa: E402
                                    decode_arp_frame, decode_dhcp_reply, dhcp_message,
                                    dhcp_options, eth_frame, ip, ipv4_packet, udp_frame, DhcpTestClient)
-from tests.net.test_net_dhcpv6 import decode as dhcpv6_decode  # noqa: E402
-from tests.net.test_net_dhcpv6 import make_endpoint as make_endpoint6  # noqa: E402
-from tests.net.test_net_dhcpv6 import solicit, udp6_frame  # noqa: E402
-from tests.net.test_net_ipv6 import ip6  # noqa: E402
-from tests.net.test_net_ndp import ns_frame, rs_frame  # noqa: E402
 
 GUEST_IP, GATEWAY = ip("10.0.2.15"), ip("10.0.2.2")
 

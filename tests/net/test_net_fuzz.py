@@ -24,7 +24,6 @@ written, and the runs are derandomized (the same inputs every time).
 from __future__ import annotations
 
 import os
-import struct
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -35,11 +34,8 @@ from shardswitch.net.endpoint import GuestEndpoint
 from shardswitch.net.params import GuestParams
 from shardswitch.vhost import wire
 from shardswitch.vhost.wire import VhostProtocolError
-from tests.net.net_testlib import (BROADCAST_MAC, GUEST_MAC, OUR_MAC, DhcpTestClient, arp_frame, eth_frame, ip,
-                                   ipv4_packet, udp_datagram)
-from tests.net.test_net_dhcpv6 import raw_udp6_frame
-from tests.net.test_net_ipv6 import ip6
-from tests.net.test_net_ndp import ns_frame, rs_frame
+from tests.net.fuzzkit import TEMPLATES
+from tests.net.net_testlib import OUR_MAC
 
 EXAMPLES = int(os.environ.get("SHARDSWITCH_FUZZ_EXAMPLES", "10000"))
 #: The two interfaces a peer reaches (guest frames, vhost-user messages) get EXAMPLES inputs each; the codecs
@@ -50,35 +46,6 @@ FUZZ_PART = settings(FUZZ, max_examples=max(1, EXAMPLES // 4))
 
 PARAMS = GuestParams(address="10.0.2.15", prefix_len=24, gateway="10.0.2.2", dns=["10.0.2.3"],
                      search=["example.com"], address6="2001:db8::15", dns6=["2001:db8::53"])
-
-
-def _tcp_syn4() -> bytes:
-    """A TCP SYN from the guest over IPv4, with options."""
-    header = struct.pack("!HHIIBBHHH", 40000, 80, 1, 0, (6 + 1) << 4, 0x02, 65535, 0, 0)
-    options = bytes((2, 4, 5, 0xB4, 1, 3, 3, 7))
-    return eth_frame(OUR_MAC, GUEST_MAC, 0x0800, ipv4_packet(ip("10.0.2.15"), ip("10.0.2.2"), 6, header + options))
-
-
-def _echo4() -> bytes:
-    """An ICMP echo request from the guest."""
-    message = icmp.build_ping_request(7, 1, b"ping")
-    return eth_frame(OUR_MAC, GUEST_MAC, 0x0800, ipv4_packet(ip("10.0.2.15"), ip("10.0.2.2"), 1, message))
-
-
-#: Valid guest frames of every protocol the endpoint parses.
-TEMPLATES = (
-    arp_frame(1, GUEST_MAC, ip("10.0.2.15"), bytes(6), ip("10.0.2.2")),
-    DhcpTestClient().discover(),
-    eth_frame(BROADCAST_MAC, GUEST_MAC, 0x0800,
-              ipv4_packet(ip("10.0.2.15"), ip("10.0.2.3"), 17,
-                          udp_datagram(ip("10.0.2.15"), ip("10.0.2.3"), 5353, 53, b"query"))),
-    _tcp_syn4(),
-    _echo4(),
-    ns_frame(ip6("2001:db8::1")),
-    rs_frame(),
-    raw_udp6_frame(bytes.fromhex("01123456") + struct.pack("!HH", 1, 10) + bytes.fromhex("00030001525400123456")
-                   + struct.pack("!HHI", 3, 12, 7) + bytes(8) + struct.pack("!HH", 14, 0)),
-)
 
 
 @st.composite

@@ -1,7 +1,7 @@
 """ICMP and ICMPv6 echo: guest request parsing, reply frames, ping-socket helpers.
 
 Requests are built and replies checked with the independent helpers of
-net_testlib.py and test_net_ipv6.py (word-by-word RFC 1071 checksums).  One
+net_testlib.py and ipv6kit.py (word-by-word RFC 1071 checksums).  One
 test drives a real Linux ping socket, inside a private network namespace
 (``unshare --net``, loopback only), to confirm that the kernel fills in the
 identifier and checksum of what :func:`icmp.build_ping_request` makes.
@@ -23,9 +23,9 @@ import pytest
 
 from shardswitch.net import icmp, icmpv6, ipv4, ipv6
 from shardswitch.net.drop import DropReason, PacketError
+from tests.net.ipv6kit import (GUEST_LL, OUR_LL, decode_icmpv6_frame, icmpv6_checksum, icmpv6_message, ip6,
+                               ipv6_packet)
 from tests.net.net_testlib import GUEST_MAC, OUR_MAC, ip, ipv4_packet, rfc1071
-from tests.net.test_net_ipv6 import (GUEST_LL, OUR_LL, decode_icmpv6_frame, icmpv6_checksum,
-                                     icmpv6_message, ip6, ipv6_packet)
 
 GUEST_IP, REMOTE_IP = ip("10.0.2.15"), ip("192.0.2.7")
 GUEST6, REMOTE6 = ip6("2001:db8::15"), ip6("2001:db8:ffff::7")

@@ -1,7 +1,7 @@
 """NDP responder: NS -> NA proxy, DAD, RS -> RA, M/O flags, rate limit, periodic RAs, validation, fuzz.
 
-Frames are built with the independent helpers of test_net_ipv6.py and every
-reply is decoded by the reference decoder there (lengths, ICMPv6 checksum
+Frames are built with the independent helpers of ipv6kit.py (and ndpkit.py) and
+every reply is decoded by the reference decoder there (lengths, ICMPv6 checksum
 word by word) plus the NDP option decoder below, so a bug shared by the
 builders and the parsers under test cannot hide itself; the RA tests at the
 end decode with scapy as well.
@@ -28,16 +28,15 @@ from shardswitch.net import eth, icmpv6, ipv6, ndp  # noqa: E402
 from shardswitch.net.drop import DropReason, PacketError  # noqa: E402
 from shardswitch.net.ndp import NdpResponder  # noqa: E402
 from shardswitch.net.params import GuestParams, ParamsError, resolve  # noqa: E402
+from tests.net.ipv6kit import (ALL_NODES, GUEST_LL, OUR_LL, Icmpv6Frame, decode_icmpv6_frame,  # noqa: E402
+                               icmpv6_frame, ip6)
+from tests.net.ndpkit import GUEST_SLLA, ns_frame, rs_frame  # noqa: E402
 from tests.net.net_testlib import GUEST_MAC, OUR_MAC, decode_dns_names  # noqa: E402
-from tests.net.test_net_ipv6 import (ALL_NODES, GUEST_LL, OUR_LL, Icmpv6Frame,  # noqa: E402
-                                     decode_icmpv6_frame, icmpv6_frame, ip6)
 
 GUEST6 = ip6("2001:db8::15")
 DNS6 = [ip6("2001:db8::53"), ip6("fe80::53")]
 SEARCH = ["example.com", "lab.example.org"]
 SOLICITED_GUEST = ip6("ff02::1:ff00:15")
-#: Option bytes: source link-layer address of the guest.
-GUEST_SLLA = bytes((1, 1)) + GUEST_MAC
 
 
 def responder(*, ra: bool = True, dhcpv6: bool = True, rand: Callable[[], float] = random.random,
@@ -72,21 +71,6 @@ def one_reply(resp: NdpResponder, frame: bytes) -> Icmpv6Frame:
     result = run(resp, frame)
     assert isinstance(result, list) and len(result) == 1, result
     return decode_icmpv6_frame(result[0])
-
-
-def ns_frame(target: bytes, *, src: bytes = GUEST_LL, dst: bytes | None = None,
-             options: bytes = GUEST_SLLA, **kwargs: object) -> bytes:
-    """A Neighbor Solicitation from the guest (to the target's solicited-node group)."""
-    dst = ipv6.solicited_node(target) if dst is None else dst
-    eth_dst = b"\x33\x33" + dst[12:] if dst[0] == 0xFF else OUR_MAC
-    return icmpv6_frame(src, dst, 135, 0, bytes(4) + target + options, eth_dst=eth_dst,
-                        **kwargs)  # type: ignore[arg-type]
-
-
-def rs_frame(*, src: bytes = GUEST_LL, options: bytes = GUEST_SLLA, **kwargs: object) -> bytes:
-    """A Router Solicitation from the guest to all-routers."""
-    return icmpv6_frame(src, ip6("ff02::2"), 133, 0, bytes(4) + options,
-                        eth_dst=bytes.fromhex("333300000002"), **kwargs)  # type: ignore[arg-type]
 
 
 def options_of(area: bytes) -> list[tuple[int, bytes]]:

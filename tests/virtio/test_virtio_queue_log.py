@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from dirtylogkit import log_file, set_pages
 from ringhelper import DESC, INDIRECT, NEXT, WRITE, DriverRing, SharedMemory
 
 from shardswitch.virtio.dirtylog import LOG_PAGE, DirtyLog
 from shardswitch.virtio.memory import GuestMemory
 from shardswitch.virtio.virtqueue import Chain, Virtqueue
-from test_virtio_dirtylog import log_file, set_pages
 
 #: Bitmap bytes: enough pages for the test memfd's guest-physical range (GPA_BASE + 1 MiB).
 LOG_BYTES = 8 * 8192

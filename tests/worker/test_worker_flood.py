@@ -28,7 +28,7 @@ from shardswitch.worker.udp import UDP_TIMEOUT
 from tests.guest.netns import TestNetns
 from tests.switch import Switch
 from tests.switchkit import ready_frontend
-from tests.worker.test_worker_udp import ECHO_PORT, decode, frame4, start_echo_server
+from tests.worker.udpkit import ECHO_PORT, decode, frame4, start_echo_server
 
 FLOOD_SECONDS = 10.0
 MAX_FLOWS = 512

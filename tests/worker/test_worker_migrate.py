@@ -1,7 +1,7 @@
 """The workers' part of a live migration (worker/migrate.py) through two running switches.
 
 Switch A and switch B run in one test namespace holding the UDP echo server
-(tests/worker/test_worker_udp.py); a Python front-end drives each as QEMU
+(tests/worker/udpkit.py); a Python front-end drives each as QEMU
 does: the guest's rings stop, A saves its device state, B loads it, B's rings
 start.  UDP and echo flows the guest started are re-created on B, UDP from the
 same local port (so that the peer's answers to that port reach the guest),
@@ -22,8 +22,8 @@ from shardswitch.migration import format as fmt
 from tests.guest.netns import TestNetns
 from tests.switch import Switch
 from tests.switchkit import STATE_FEATURES, is_periodic_ra, load_state, save_state
-from tests.worker.test_worker_ping import echo4, replies
-from tests.worker.test_worker_udp import ECHO_PORT, GATEWAY4, GUEST4, frame4, received, start_echo_server
+from tests.worker.pingkit import echo4, replies
+from tests.worker.udpkit import ECHO_PORT, GATEWAY4, GUEST4, frame4, received, start_echo_server
 
 GUEST_PORT = 40123
 IDENT = 0x5151
