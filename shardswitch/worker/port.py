@@ -58,13 +58,16 @@ class RxOffloads:
 class EpollWatches:
     """Host descriptors watched through one epoll, each with its callback: the watch part of a WorkerPort.
 
-    The class using it creates ``epoll`` and ``sockets``; its loop calls
-    ``sockets[fd]()`` for each ready descriptor.
+    The class using it creates ``epoll``, ``sockets`` and ``deferred``; its loop
+    calls ``sockets[fd]()`` for each ready descriptor, then :meth:`run_deferred`,
+    and does not sleep while ``deferred`` holds anything.
     """
 
     epoll: select.epoll
     #: Watched descriptors: descriptor -> callback.
     sockets: dict[int, Callable[[], None]]
+    #: Callbacks to run once the events at hand are handled (:meth:`defer`).
+    deferred: list[Callable[[], None]]
 
     def watch(self, fd: int, callback: Callable[[], None], events: int = READABLE) -> None:
         """Call ``callback`` whenever ``fd`` (a host socket of a flow, a listener) reports ``events``."""
@@ -85,6 +88,20 @@ class EpollWatches:
                 self.epoll.unregister(fd)
             except (OSError, ValueError):
                 pass
+
+    def defer(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, when the events at hand are handled (the end of the loop's round)."""
+        self.deferred.append(callback)
+
+    def run_deferred(self, fault: Callable[[], None]) -> None:
+        """Run the callbacks deferred so far, once each; those they defer wait for the next round (the loop
+        does not sleep meanwhile).  ``fault`` handles an exception of one callback (the others still run)."""
+        batch, self.deferred = self.deferred, []
+        for callback in batch:
+            try:
+                callback()
+            except Exception:
+                fault()
 
 
 class CountingPort:
@@ -124,6 +141,9 @@ class WorkerPort(Protocol):
 
     def watch(self, fd: int, callback: Callable[[], None], events: int = READABLE) -> None:
         """Call ``callback`` whenever ``fd`` reports ``events``."""
+
+    def defer(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, when the events at hand are handled (the end of the loop's round)."""
 
     def modify(self, fd: int, events: int) -> None:
         """Change the events a watched ``fd`` reports."""

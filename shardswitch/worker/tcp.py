@@ -18,9 +18,9 @@ stream); a RST either way closes the socket (with a zero linger so the host
 peer sees a reset too).  The flow is removed when both FINs are done.
 
 Work caused by guest segments is done once per batch: a segment from the
-guest only marks its flow as due, and an eventfd written on the first mark
-wakes the worker's loop once the current batch of guest frames is handled
-(:meth:`TcpFlows.flush_due`).  Then each due flow discards everything the
+guest only marks its flow as due, and the first mark asks the worker to call
+:meth:`TcpFlows.flush_due` once the current batch of guest frames is handled
+(``port.defer``: at the end of the loop's round, no system call).  Then each due flow discards everything the
 batch ACKed in one ``MSG_TRUNC`` read (``unconsumed``: ACKed bytes still in
 the socket, which the peek offset accounts for), sends the host data the
 window now allows, and ACKs the guest's data unless a data frame already
@@ -173,9 +173,8 @@ class TcpFlows:
         #: Flows that stopped writing in place for lack of RX buffers (resumed on the guest's refill).
         self.rx_blocked: dict[int, TcpFlow] = {}
         self.discard = memoryview(mmap.mmap(-1, DISCARD_SIZE))
-        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        #: flush_due is asked for (port.defer) and has not run yet.
         self.wake_armed = False
-        port.watch(self.wake_fd, self.flush_due)
         layer.register((FlowType.TCP,), self)
         self.forwarder = TcpForwarder(self, listeners) if listeners else None
 
@@ -413,15 +412,11 @@ class TcpFlows:
         self.due[flow.fd] = flow
         if not self.wake_armed:
             self.wake_armed = True
-            os.eventfd_write(self.wake_fd, 1)
+            self.port.defer(self.flush_due)
 
     def flush_due(self) -> None:
         """The batch is over: for each flow due, one discard, data within the window, and an ACK if
         still owed."""
-        try:
-            os.eventfd_read(self.wake_fd)
-        except BlockingIOError:
-            pass
         self.wake_armed = False
         due = list(self.due.values())
         self.due.clear()

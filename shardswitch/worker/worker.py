@@ -19,8 +19,10 @@ Its loop waits (epoll, no busy polling) on:
 * its hand-over inbox: frames of its flows that arrived on other queue pairs;
 * every host socket of its flows and forwarded ports, each with its callback.
 
-After each wake-up, once a second, the deferred handler runs the flow
-layer's timers.  A ring the front-end gave no kick descriptor (the NOFD
+After the events of each wake-up, the callbacks protocol modules deferred
+while handling them run (``defer``: TCP's end-of-batch work), without a
+system call; once a second, the deferred handler runs the flow layer's
+timers.  A ring the front-end gave no kick descriptor (the NOFD
 bit) is polled every :data:`POLL_INTERVAL` seconds instead.  Errors in a
 ring (the guest broke the virtqueue) break that ring only; a control channel
 that closes means the coordinator is gone, and the worker exits.
@@ -141,6 +143,7 @@ class Worker(EpollWatches, CountingPort):
         self.running = True
         #: Host descriptors watched for this worker's flows and listeners: descriptor -> callback.
         self.sockets: dict[int, Callable[[], None]] = {}
+        self.deferred: list[Callable[[], None]] = []
         self.next_tick = time.monotonic() + TICK
         #: The guest MAC this worker last published in the flow table's header.
         self.published_mac: bytes | None = None
@@ -507,7 +510,7 @@ class Worker(EpollWatches, CountingPort):
 
     def _timeout(self, now: float) -> float:
         """How long the loop may sleep."""
-        if self.tx_again:
+        if self.tx_again or self.deferred:
             return 0.0
         timeout = max(0.0, self.next_tick - now)
         return min(timeout, POLL_INTERVAL) if self._polled() else timeout
@@ -563,6 +566,8 @@ class Worker(EpollWatches, CountingPort):
                             callback()
                 except Exception:
                     self.handler_fault()
+            if self.deferred:
+                self.run_deferred(self.handler_fault)
             if self.capture is not None:
                 self.capture.flush()
             now = time.monotonic()

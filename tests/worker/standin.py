@@ -40,6 +40,7 @@ class StandInWorker(EpollWatches, CountingPort):
         self.loglimit = LogLimiter(logging.getLogger("shardswitch.worker"))
         self.epoll = select.epoll()
         self.sockets: dict[int, Callable[[], None]] = {}
+        self.deferred: list[Callable[[], None]] = []
         self.flows = FlowLayer(self, None, Forwarding(self, ForwardSetup(map_host_loopback=mapped)))
 
     @property
@@ -68,11 +69,17 @@ class StandInWorker(EpollWatches, CountingPort):
         raise AssertionError("no RX ring")
 
     def poll(self, timeout: float = 0.2) -> None:
-        """Run the callbacks of ready descriptors once."""
-        for fd, _mask in self.epoll.poll(timeout):
+        """Run the callbacks of ready descriptors once, then the deferred ones (no wait when some are)."""
+        for fd, _mask in self.epoll.poll(0 if self.deferred else timeout):
             callback = self.sockets.get(fd)
             if callback is not None:
                 callback()
+        self.run_deferred(self._fault)
+
+    @staticmethod
+    def _fault() -> None:
+        """A deferred callback failed: the test sees the exception."""
+        raise
 
     def close(self) -> None:
         """Close the flows left and the epoll."""
