@@ -42,8 +42,9 @@ reset instead of moved, and counted.  Its connection is watched between
 requests: end of file drops it, and the HELLO byte our own helper sends marks
 it as one that also freezes connections (passt-repair does not).  While a
 worker has the connection for a restore the coordinator's loop goes on, so it
-stops watching the connection until the worker answers (:meth:`Migration.lend`):
-otherwise it could read the helper's reply meant for the worker.
+stops watching the connection while any worker has it (:meth:`Migration.lend`,
+counted, so that the late answer of an abandoned restore does not end the loan
+of the next): otherwise it could read the helper's reply meant for the worker.
 """
 
 from __future__ import annotations
@@ -126,8 +127,8 @@ class Migration:
         self.helper: socket.socket | None = None
         #: The helper said HELLO: it is ours and freezes connections (see migration.repair).
         self.helper_freezes = False
-        #: A worker has the helper's connection: the loop does not watch it meanwhile.
-        self.helper_lent = False
+        #: Workers' requests that have the helper's connection: the loop does not watch it meanwhile.
+        self.helper_loans = 0
         self.transfer: Transfer | None = None
         #: A document being checked or restored (after a load, or a rollback).
         self.restore: Restore | None = None
@@ -208,26 +209,30 @@ class Migration:
         """Forget the helper."""
         if self.helper is not None:
             log.warning("%s", why)
-            if not self.helper_lent:
+            if not self.helper_loans:
                 self.sel.unregister(self.helper)
-            self.helper_lent = False
+            self.helper_loans = 0
             self.helper.close()
             self.helper = None
             self.helper_freezes = False
 
     def lend(self) -> socket.socket | None:
-        """The helper's connection for a worker's request (None: no helper); unwatched until
-        :meth:`give_back`."""
-        if self.helper is not None and not self.helper_lent:
-            self.sel.unregister(self.helper)
-            self.helper_lent = True
+        """The helper's connection for a worker's request (None: no helper); unwatched until every
+        request it was lent to is over (:meth:`give_back`)."""
+        if self.helper is not None:
+            if not self.helper_loans:
+                self.sel.unregister(self.helper)
+            self.helper_loans += 1
         return self.helper
 
-    def give_back(self) -> None:
-        """The worker's request is over: watch the helper's connection again (end of file, HELLO)."""
-        if self.helper is not None and self.helper_lent:
-            self.helper_lent = False
-            self.sel.register(self.helper, selectors.EVENT_READ, self._on_helper)
+    def give_back(self, helper: socket.socket | None) -> None:
+        """A worker's request that had ``helper`` (what :meth:`lend` gave) is over: once no other has it,
+        watch the connection again (end of file, HELLO).  A connection dropped meanwhile is forgotten."""
+        if helper is None or helper is not self.helper:
+            return
+        self.helper_loans -= 1
+        if not self.helper_loans:
+            self.sel.register(helper, selectors.EVENT_READ, self._on_helper)
 
     # -- SET_DEVICE_STATE_FD -----------------------------------------------------------
 

@@ -57,10 +57,10 @@ class HelperLoan(Protocol):
     """The TCP_REPAIR helper's connection, lent to one worker request at a time."""
 
     def lend(self) -> socket.socket | None:
-        """The connection (None: no helper), unwatched by the coordinator until :meth:`give_back`."""
+        """The connection (None: no helper), unwatched by the coordinator until it is given back."""
 
-    def give_back(self) -> None:
-        """The request that had the connection is over: the coordinator watches it again."""
+    def give_back(self, helper: socket.socket | None) -> None:
+        """The request that had ``helper`` (what :meth:`lend` gave) is over."""
 
 
 class Restore:
@@ -86,6 +86,8 @@ class Restore:
         self.totals = {"tcp_moved": 0, "tcp_reset": 0, "other": 0}
         self._next_part = 0
         self._waiting = False
+        #: The helper's connection lent to the part in flight (None: none).
+        self._lent: socket.socket | None = None
         self._abandoned = False
 
     def step(self) -> bool:
@@ -140,8 +142,12 @@ class Restore:
 
     def _post(self, pair: int, data: bytes) -> bool:
         """``data`` to ``pair``'s worker in a memfd (with the helper's connection); whether it was sent."""
-        helper = self.helper.lend()
-        memfd = os.memfd_create("shardswitch-state", os.MFD_CLOEXEC)
+        try:
+            memfd = os.memfd_create("shardswitch-state", os.MFD_CLOEXEC)
+        except OSError as err:
+            log.error("worker %d: its flows could not be sent: %s", pair, err.strerror or err)
+            return False
+        helper = self._lent = self.helper.lend()
         try:
             view = memoryview(data)
             while view:
@@ -156,13 +162,18 @@ class Restore:
             log.error("worker %d: its flows could not be sent: %s", pair, err.strerror or err)
         finally:
             os.close(memfd)              # the worker has its own copy
-        self.helper.give_back()
+        self._give_back()
         return False
+
+    def _give_back(self) -> None:
+        """The part in flight is over: the helper's connection goes back."""
+        lent, self._lent = self._lent, None
+        self.helper.give_back(lent)
 
     def _answered(self, pair: int, answer: object | None) -> None:
         """A worker's answer (None: none came, the pool said why): count it, post the next part."""
         self._waiting = False
-        self.helper.give_back()
+        self._give_back()
         if self._abandoned:
             return
         if isinstance(answer, MigrateDone):

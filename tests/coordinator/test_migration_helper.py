@@ -76,11 +76,12 @@ def coordinator(tmp_path: Path) -> Iterator[tuple[Migration, HeldPool, socket.so
 
 def _restoring(migration: Migration, pool: HeldPool, sel: selectors.BaseSelector) -> None:
     """Start a restore of a small document and drive it until its part is posted to the worker."""
+    posted = len(pool.posted)
     migration.saved = echo_flood(3).whole()
     migration.rollback()
-    while migration.restore is not None and not pool.posted:
+    while migration.restore is not None and len(pool.posted) == posted:
         migration.tick(0.0)
-    assert pool.posted, "the part went to the worker"
+    assert len(pool.posted) == posted + 1, "the part went to the worker"
 
 
 def test_the_loop_leaves_the_workers_reply_to_the_worker(
@@ -96,8 +97,29 @@ def test_the_loop_leaves_the_workers_reply_to_the_worker(
     assert migration.helper.recv(1) == b"\x01"        # the worker reads it
     _pair, done = pool.posted.pop()
     done(None)
-    assert not migration.helper_lent
+    assert not migration.helper_loans
     helper.close()                                    # the helper goes away: the loop notices again
+    _spin(sel)
+    assert migration.helper is None
+
+
+def test_a_late_answer_of_an_abandoned_restore_does_not_end_the_next_loan(
+        coordinator: tuple[Migration, HeldPool, socket.socket, selectors.BaseSelector]) -> None:
+    """A rollback abandons a restore whose worker still has the connection, and the next restore lends it
+    again: the first worker's late answer leaves it unwatched for the second."""
+    migration, pool, helper, sel = coordinator
+    _restoring(migration, pool, sel)
+    _restoring(migration, pool, sel)                  # the first is abandoned, its part still in flight
+    first, second = pool.posted
+    first[1](None)                                    # the abandoned part's late answer
+    helper.sendall(b"\x01")                          # the helper answers the second worker
+    _spin(sel)
+    assert migration.helper is not None
+    assert migration.helper.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"\x01"
+    migration.helper.recv(1)
+    second[1](None)
+    assert not migration.helper_loans
+    helper.close()
     _spin(sel)
     assert migration.helper is None
 

@@ -264,7 +264,9 @@ def test_tcp_stream_moves_with_the_guest(tmp_path: Path, netns: TestNetns, guest
         output = pair.vm_b.output()
         status_a, status_b = pair.switch_a.status(), pair.switch_b.status()
         print(f"A: {status_a['migration']['last']}; B: {status_b['migration']['last']}")
-        assert "RESETS=0" in output, (output, pair.switch_b.log())
+        if "RESETS=0" not in output:
+            print(pair.switch_a.log(), pair.switch_b.log())
+        assert "RESETS=0" in output, output
         assert f"DOWN={hashlib.sha256(blob).hexdigest()} BYTES={len(blob)}" in output, output
         assert "AFTER=small-answer" in output, output
         assert server_lines(server, 2) == [f"sent {len(blob)}", "sent small"]
@@ -292,6 +294,8 @@ def test_tcp_stream_moves_to_another_host(tmp_path: Path, netns: TestNetns, gues
         restored_on(pair.switch_b)
         pair.vm_b.wait_for("GUEST-DONE", timeout=240)
         output = pair.vm_b.output()
+        if "RESETS=0" not in output:
+            print(pair.switch_a.log(), pair.switch_b.log())
         assert "RESETS=0" in output, output
         assert f"DOWN={hashlib.sha256(blob).hexdigest()} BYTES={len(blob)}" in output, output
         assert "AFTER=small-answer" in output, output
