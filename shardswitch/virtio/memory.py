@@ -32,6 +32,12 @@ translation can reach it) and :class:`GuestMemoryError` reports which regions
 are still pinned; their mapping goes away when the last view is dropped, so a
 leak is bounded and no access ever touches unmapped memory.
 
+With the compiled ring helper (:mod:`shardswitch.virtio.ringimpl`),
+:attr:`GuestMemory.fast` is the same table for compiled code
+(``_vring.Regions``): every region is added to it once mapped and removed
+from it before it is unmapped, so compiled code never holds a pointer into a
+mapping that can go away (the table holds an export of the region's view).
+
 Python's ``mmap`` keeps a ``dup()`` of the fd while mapped, so each region
 costs one descriptor until it is unmapped.  A front-end that truncates the
 memfd under us could still cause SIGBUS; ``mmap`` at least refuses a mapping
@@ -44,6 +50,7 @@ import mmap
 import os
 
 from shardswitch.vhost.wire import MAX_MEM_SLOTS, MemRegion
+from shardswitch.virtio import ringimpl
 
 
 class GuestMemoryError(Exception):
@@ -91,6 +98,9 @@ class GuestMemory:
         self._maps: list[_Mapping] = []
         self._none = _Mapping(MemRegion(0, 1, 0, 0), None, memoryview(b""))
         self._last_gpa = self._none
+        helper = ringimpl.compiled()
+        #: The compiled helper's copy of the table (None: the Python reference runs).
+        self.fast = helper.Regions() if helper is not None else None
 
     # ------------------------------------------------------------------ regions
 
@@ -114,6 +124,8 @@ class GuestMemory:
                 raise GuestMemoryError(f"cannot map region {_describe(region)}: {exc}") from exc
             view = memoryview(mm)[delta:delta + region.memory_size]
             self._maps.append(_Mapping(region, mm, view))
+            if self.fast is not None:
+                self.fast.add(region.guest_phys_addr, view)
         finally:
             try:
                 os.close(fd)
@@ -150,6 +162,8 @@ class GuestMemory:
                     region.guest_phys_addr, region.memory_size, region.userspace_addr):
                 self._maps.remove(m)
                 self._forget_cache()
+                if self.fast is not None:
+                    self.fast.remove(m.view)
                 if not m.unmap():
                     raise GuestMemoryError(f"region {_describe(old)} is still in use (views alive); "
                                            "it will be unmapped when they are dropped")
@@ -164,6 +178,8 @@ class GuestMemory:
         """
         maps, self._maps = self._maps, []
         self._forget_cache()
+        if self.fast is not None:
+            self.fast.clear()
         pinned = [_describe(m.region) for m in maps if not m.unmap()]
         if pinned:
             raise GuestMemoryError("regions still in use (views alive), unmapped when dropped: "

@@ -17,6 +17,7 @@ from shardswitch.ipc import RingStart, RingState, close_fds
 from shardswitch.vhost.wire import VirtioFeature
 from shardswitch.virtio.memory import GuestMemory
 from shardswitch.virtio.netdev import RxWriter, vnet_hdr_len
+from shardswitch.virtio.fastring import make_virtqueue
 from shardswitch.virtio.virtqueue import Virtqueue
 
 log = logging.getLogger("shardswitch.worker")
@@ -70,9 +71,9 @@ class RingSlot:
         self.num = msg.num
         self.log_addr = -1
         self.hdr_len = vnet_hdr_len(msg.features)
-        vq = Virtqueue(mem, msg.num, msg.desc, msg.avail, msg.used, msg.last_avail,
-                       event_idx=bool(msg.features & VirtioFeature.EVENT_IDX),
-                       indirect=bool(msg.features & VirtioFeature.INDIRECT_DESC))
+        vq = make_virtqueue(mem, msg.num, msg.desc, msg.avail, msg.used, msg.last_avail,
+                            event_idx=bool(msg.features & VirtioFeature.EVENT_IDX),
+                            indirect=bool(msg.features & VirtioFeature.INDIRECT_DESC))
         if msg.resume_from_used:
             vq.last_avail = vq.used_idx()
         self.vq = vq
