@@ -12,6 +12,10 @@ Four parts, configured from the environment:
   answered (the normal path), and 1500-byte frames reflected; each in a
   fresh switch, ``BENCH_WARMUP`` seconds of warm-up then ``BENCH_SECONDS``
   measured;
+* TCP streams through the workers (:mod:`bench.tcpstream`): one flow per
+  queue pair from our Python front-end to a host socket, 1 and 2 workers,
+  each direction, with each worker's CPU per GB (no QEMU: the figure that
+  shows whether workers scale);
 * the shared flow table (:mod:`bench.flowtable`): operations per second in one
   process and contended by 2 and 4, lock costs;
 * a real guest (:mod:`bench.guest`): shardswitch beside QEMU's user networking
@@ -47,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import flowtable, guest, migration
+from bench import flowtable, guest, migration, tcpstream
 from bench.frames import BenchError, Case, CaseResult, run_case
 from bench.primitives import Reference, run_references
 
@@ -239,6 +243,11 @@ def main() -> int:
             results.append(item)
             print(format_case(item), flush=True)
     print(CASES_FOOTER)
+    print(f"\nTCP streams, one flow per queue pair, our front-end as the guest ({os.cpu_count()} CPUs shared by the "
+          "drivers, the host peers and the workers):", flush=True)
+    print(tcpstream.HEADER, flush=True)
+    with tempfile.TemporaryDirectory(prefix="shardswitch-bench-") as tmp:
+        stream_results = tcpstream.run(max(settings.seconds, 4.0), settings.warmup + 0.5, Path(tmp), settings.workers)
     print("\nflow table (shared memory, semaphore readers-writer lock):", flush=True)
     table_rows = flowtable.run(settings.seconds)
     print(flowtable.format_rows(table_rows), flush=True)
@@ -254,9 +263,11 @@ def main() -> int:
         print(migration.HEADER, flush=True)
         migration_results = migration.run(*guest.passt_binary())
     guest_results["migration"] = migration_results
+    guest_results["tcp_streams"] = [item.as_dict() if not isinstance(item, tuple) else
+                                    {"case": str(item[0]), "error": item[1]} for item in stream_results]
     write_results(RESULTS_FILE, _meta(settings, load), refs, results, table_rows, guest_results)
     print(f"wrote {RESULTS_FILE} ({time.monotonic() - started:.0f} s in all)")
-    return 1 if any(isinstance(item, tuple) for item in results) else 0
+    return 1 if any(isinstance(item, tuple) for item in [*results, *stream_results]) else 0
 
 
 if __name__ == "__main__":

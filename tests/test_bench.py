@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
-from bench import cputime, guest
+from bench import cputime, guest, tcpstream
 
 #: What a guest prints for two iperf3 runs in one direction (-f m), as bench/guest.py asks.
 OUTPUT = """===BEGIN-DOWN
@@ -51,3 +52,13 @@ def test_profile_summary_self_and_total() -> None:
     assert lines[0].split() == ["60.0", "%", "self", "60.0", "%", "total", "gpa", "(memory.py)"]
     assert any(line.endswith("pop (virtqueue.py)") and "30.0 % self" in line for line in lines)
     assert any("10.0 % self 100.0 % total  loop (worker.py)" in line for line in lines)
+
+
+def test_tcp_stream_bench_moves_data_both_ways(tmp_path: Path) -> None:
+    """bench/tcpstream.py through a real switch: the drivers' flows carry data and the figures are counted
+    (no rate is asserted: figures belong in ``make bench``)."""
+    for direction in ("up", "down"):
+        result = tcpstream.run_case(tcpstream.StreamCase(1, direction), 1.0, 0.3, tmp_path)
+        assert result.gbit_s[0] > 0 and result.worker_cpu[0] > 0
+        assert result.worker_cpu_gb[0] > 0
+        assert "worker(s)" in tcpstream.format_result(result)

@@ -55,7 +55,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from shardswitch.frontend.memory import GuestRam, GuestRamError
-from shardswitch.frontend.vring import DEFAULT_BUF_SIZE, DriverRing, RingError, RingFullError
+from shardswitch.frontend.vring import DEFAULT_BUF_SIZE, BytesLike, DriverRing, RingError, RingFullError
 from shardswitch.vhost.wire import (HEADER, LOG, MAX_FDS, MAX_PAYLOAD, REPLY_FLAGS, U64, VRING_ADDR,
                                     VRING_F_LOG,
                                     VRING_STATE, HeaderFlags, ProtocolFeature, Request,
@@ -550,6 +550,14 @@ class VhostUserFrontend:
         queue = self._queue(2 * pair + 1)
         self.reclaim_tx(pair)
         return self._add_chains(queue, frames, lambda frame: queue.ring.add_out(self._tx_buffer(frame, hdr)))
+
+    def send_gather(self, pair: int, frames: Sequence[Sequence[BytesLike]], *, indirect: bool = False) -> int:
+        """Queue frames given as pieces (the virtio-net header included, first), each piece in
+        descriptors of at most ``buf_size`` bytes (one indirect table per frame with ``indirect``), as
+        many as fit, one kick; return the count.  A Linux guest sends its TSO frames that way."""
+        queue = self._queue(2 * pair + 1)
+        self.reclaim_tx(pair)
+        return self._add_chains(queue, frames, lambda pieces: queue.ring.add_out(list(pieces), indirect=indirect))
 
     def _add_chains(self, queue: _Queue, items: Iterable[_T], add: Callable[[_T], object]) -> int:
         """``add`` one chain per item until the ring is full; publish once; return how many went in."""

@@ -128,6 +128,11 @@ class _ChunkPool:
         """Return a chunk to the pool."""
         self._free.append(chunk)
 
+    def reserve(self, count: int) -> None:
+        """Grow the pool until ``count`` chunks are free."""
+        while len(self._free) < count:
+            self._grow()
+
     def _grow(self) -> None:
         """Allocate another batch (or, when RAM is short, a single chunk)."""
         for count in (self._batch, 1):
@@ -215,6 +220,12 @@ class DriverRing:
         self._used16[1] = base
         if event_idx:
             self._avail[self._used_event_pos] = base
+
+    def reserve(self, buffers: int, tables: int = 0) -> None:
+        """Allocate now ``buffers`` data buffers and ``tables`` indirect tables, so that later chains
+        take no guest RAM: a driver forked after this never allocates RAM its siblings could take too."""
+        self._bufs.reserve(buffers)
+        self._tables.reserve(tables)
 
     # -- counters ----------------------------------------------------------
 

@@ -5,13 +5,24 @@ host data into a frame buffer of ours, which the RX writer then copies into
 the guest's buffers.  Here the copy through our buffer is gone: for each
 frame, :meth:`~shardswitch.virtio.netdev.RxWriter.take` pops the RX chains
 that can hold it (several with MRG_RXBUF: a Linux guest posts buffers of a
-page or so, a 64 KiB GSO frame spans about sixteen), the socket is peeked
-with ``recvmsg_into`` straight into those buffers past a head room, and the
-Ethernet/IP/TCP headers are written into that head room once the byte count
-is known.  :meth:`~shardswitch.virtio.netdev.RxSpan.commit` then writes the
-virtio-net header (gso fields, ``num_buffers``) and pushes the chains that
-received bytes; the others go back to the ring.  The used index is published
-and the guest signalled once per call, after every frame the window allows.
+page or so, a 64 KiB GSO frame spans about sixteen), and the Ethernet/IP/TCP
+headers are written into a head room in front of the payload once the byte
+count is known.  :meth:`~shardswitch.virtio.netdev.RxSpan.commit` then
+writes the virtio-net header (gso fields, ``num_buffers``) and pushes the
+chains that received bytes; the others go back to the ring.
+
+Batches.  As passt does, one ``recvmsg`` peeks the data of a whole batch of
+frames: spans are taken for as much as the window allows (at most
+:data:`BATCH_FRAMES` frames and :data:`MAX_VIEWS` buffers, the kernel's
+iovec limit), the socket is peeked once straight into all their buffers,
+and the bytes it gave are dealt out to the frames in order.  Spans that got
+nothing are given back first, last taken first (``unpop`` gives back the
+chains popped last), then the others are committed in order: only the last
+of them can be partly filled and hold chains it gives back, and those are
+then the last popped.  The used index is published and the guest signalled
+once per call, after every frame the window allows.  A short read does not
+end the call: the next peek must see the end of stream (or EAGAIN), since
+an edge-triggered FIN is reported only once.
 
 Only for a guest that takes DATA_VALID (GUEST_CSUM): the TCP checksum of
 data in place would need a pass over guest memory.  Only when no frame waits
@@ -29,10 +40,14 @@ from shardswitch.net.tcp import ACK, PSH
 from shardswitch.virtio.virtqueue import VirtqueueError
 
 if TYPE_CHECKING:
-    from shardswitch.virtio.netdev import RxWriter
+    from shardswitch.virtio.netdev import RxSpan, RxWriter
     from shardswitch.worker.tcp import TcpFlow, TcpFlows
 
 _DATA = ACK | PSH
+#: Frames whose data one peek fetches, at most.
+BATCH_FRAMES = 32
+#: Buffers in one peek, at most (the kernel refuses more than UIO_MAXIOV, 1024).
+MAX_VIEWS = 1024
 
 
 def to_guest(flows: TcpFlows, flow: TcpFlow, now: float, writer: RxWriter) -> bool:
@@ -46,20 +61,21 @@ def to_guest(flows: TcpFlows, flow: TcpFlow, now: float, writer: RxWriter) -> bo
     conn = flow.conn
     addr = flow.addr
     hl = addr.headers_len
-    head_room = writer.hdr_len + hl
+    hdr_len = writer.hdr_len
+    head_room = hdr_len + hl
     mss = conn.mss
     gso, chunk = flows.framing(flow)
     frames = 0
     nbytes = 0
     done = True
+    spans: list[RxSpan] = []
     try:
         while True:
             room = flows.room(flow)
             if room <= 0:
                 break
-            n = min(room, chunk)
-            span = writer.take(head_room + n, head_room)
-            if span is None:
+            spans, sizes, views = _take(writer, room, chunk, head_room)
+            if not spans:
                 if not writer.in_place:
                     done = frames > 0
                     break
@@ -68,27 +84,74 @@ def to_guest(flows: TcpFlows, flow: TcpFlow, now: float, writer: RxWriter) -> bo
                 flows.rx_blocked[flow.fd] = flow
                 break
             try:
-                got = flows.peek(flow, span.views(head_room, n))
+                got = flows.peek(flow, views)
             except BlockingIOError:
-                span.cancel()
+                _give_back(spans, 0)
                 flow.readable = False
                 break
             except OSError:
-                span.cancel()
+                _give_back(spans, 0)
                 flows.reset_guest(flow, port.queue)
                 break
             if got == 0:
-                span.cancel()
+                _give_back(spans, 0)
                 flows.fin_to_guest(flow, now, port.queue)
                 break
-            tcp.pack_headers_into(span.head(), writer.hdr_len, addr, tcp.TCP_HLEN + got, conn.seq_to_guest,
-                                  conn.seq_from_guest, _DATA, conn.wnd_to_guest >> conn.ws_to_guest)
-            span.commit(hl + got, gso if got > mss else 0, mss, hl)
-            flows.sent(flow, got, now)
-            frames += 1
-            nbytes += hl + got
+            # Spans that got nothing go back first (last taken first); then the others, in order.
+            filled = 0
+            left = got
+            while filled < len(sizes) and left > 0:
+                left -= sizes[filled]
+                filled += 1
+            _give_back(spans, filled)
+            left = got
+            for span, size in zip(spans[:filled], sizes):
+                count = size if size < left else left
+                left -= count
+                tcp.pack_headers_into(span.head(), hdr_len, addr, tcp.TCP_HLEN + count, conn.seq_to_guest,
+                                      conn.seq_from_guest, _DATA, conn.wnd_to_guest >> conn.ws_to_guest)
+                span.commit(hl + count, gso if count > mss else 0, mss, hl)
+                flows.sent(flow, count, now)
+                frames += 1
+                nbytes += hl + count
+            spans = []
     except VirtqueueError as err:
         port.rx_broken(err)
     if frames:
         port.rx_written(frames, nbytes)
     return done
+
+
+def _take(writer: RxWriter, room: int, chunk: int, head_room: int) -> tuple[list[RxSpan], list[int], list[memoryview]]:
+    """Spans for up to ``room`` bytes of payload in frames of ``chunk``: the spans, the payload each can
+    hold, and all their payload buffers in order.  Fewer (or none) when the ring runs short."""
+    spans: list[RxSpan] = []
+    sizes: list[int] = []
+    views: list[memoryview] = []
+    while room > 0 and len(spans) < BATCH_FRAMES and len(views) < MAX_VIEWS - 64:
+        n = room if room < chunk else chunk
+        try:
+            span = writer.take(head_room + n, head_room)
+        except VirtqueueError:
+            _give_back(spans, 0)
+            raise
+        if span is None:
+            break
+        size = min(n, span.capacity - head_room)
+        part = span.views(head_room, size)
+        if len(views) + len(part) > MAX_VIEWS:
+            span.cancel()
+            break
+        spans.append(span)
+        sizes.append(size)
+        views.extend(part)
+        room -= size
+        if size < n:
+            break                       # the ring ran short: this frame is the last
+    return spans, sizes, views
+
+
+def _give_back(spans: list[RxSpan], keep: int) -> None:
+    """Give back the spans from index ``keep`` on, the last taken first."""
+    for span in reversed(spans[keep:]):
+        span.cancel()
