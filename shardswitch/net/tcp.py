@@ -38,7 +38,7 @@ segment is most of the cost of a bulk transfer, so both matter.  Sequence number
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 from typing import cast
 
@@ -55,6 +55,10 @@ HEADER = struct.Struct("!HHIIBBHHH")
 TCP_HLEN = HEADER.size
 assert TCP_HLEN == 20
 _U16 = struct.Struct("!H")
+_IPV4_LENGTH = _U16
+#: Offsets of the length fields in the IPv4 header (total length) and the IPv6 header (payload length).
+_IPV4_LENGTH_OFFSET = 2
+_IPV6_LENGTH_OFFSET = 4
 #: Options we put on a SYN-ACK: MSS, NOP, window scale (4 + 1 + 3 bytes).
 _SYN_OPTIONS = struct.Struct("!BBHBBBB")
 SYN_OPTIONS_LEN = _SYN_OPTIONS.size
@@ -230,7 +234,15 @@ def parse6(packet: Ipv6Packet, verify: bool = True) -> TcpSegment:
 
 @dataclass(slots=True)
 class Addressing:
-    """The fixed part of every frame of one connection to the guest."""
+    """The fixed part of every frame of one connection to the guest.
+
+    ``template`` holds the Ethernet and IP headers as they are for every frame
+    of the connection, with the IP length field 0 (and, for IPv4, the header
+    checksum field 0): a frame's headers are that copy, its length, and for
+    IPv4 the checksum of the template's sum (``ip_sum``) plus the length,
+    instead of being packed and summed field by field per frame.  Built at the
+    first frame; the fields are not changed afterwards.
+    """
 
     v6: bool
     eth_dst: bytes
@@ -240,6 +252,25 @@ class Addressing:
     dst: bytes
     src_port: int
     dst_port: int
+    template: bytes = field(default=b"", init=False, repr=False, compare=False)
+    #: IPv4: one's complement sum of the template's IP header (checksum field 0).
+    ip_sum: int = field(default=0, init=False, repr=False, compare=False)
+
+    def make_template(self) -> bytes:
+        """Build (once, at the first frame) and return the header template."""
+        buf = bytearray(eth.ETH_HLEN + (ipv6.IPV6_HLEN if self.v6 else ipv4.IPV4_HLEN))
+        if self.v6:
+            eth.pack_header_into(buf, 0, self.eth_dst, self.eth_src, eth.EtherType.IPV6)
+            ipv6.pack_header_into(buf, eth.ETH_HLEN, self.src, self.dst, IpProto.TCP, 0)
+        else:
+            eth.pack_header_into(buf, 0, self.eth_dst, self.eth_src, eth.EtherType.IPV4)
+            ipv4.pack_header_into(buf, eth.ETH_HLEN, int.from_bytes(self.src, "big"), int.from_bytes(self.dst, "big"),
+                                  IpProto.TCP, 0, flags=ipv4.FragmentFlags.DF)
+            _U16.pack_into(buf, eth.ETH_HLEN + ipv4.CHECKSUM_OFFSET, 0)
+            _IPV4_LENGTH.pack_into(buf, eth.ETH_HLEN + _IPV4_LENGTH_OFFSET, 0)
+            self.ip_sum = checksum.ones_sum(memoryview(buf)[eth.ETH_HLEN:])
+        self.template = bytes(buf)
+        return self.template
 
     @classmethod
     def between(cls, eth_dst: bytes, eth_src: bytes, src: InAny, dst: InAny, src_port: int,
@@ -281,16 +312,22 @@ def pack_headers_into(buf: bytearray | memoryview, base: int, a: Addressing, tcp
     The payload may be anywhere (in place in guest buffers, for a guest that
     takes DATA_VALID); :func:`pack_into` sums it when the guest needs the checksum.
     """
+    template = a.template or a.make_template()
+    tcp_off = base + len(template)
+    buf[base:tcp_off] = template
     ip_off = base + eth.ETH_HLEN
     if a.v6:
-        tcp_off = ip_off + ipv6.IPV6_HLEN
-        eth.pack_header_into(buf, base, a.eth_dst, a.eth_src, eth.EtherType.IPV6)
-        ipv6.pack_header_into(buf, ip_off, a.src, a.dst, IpProto.TCP, tcp_len)
+        if tcp_len > ipv6.MAX_PAYLOAD:
+            raise ValueError(f"IPv6 payload of {tcp_len} bytes is too long")
+        _U16.pack_into(buf, ip_off + _IPV6_LENGTH_OFFSET, tcp_len)
     else:
-        tcp_off = ip_off + ipv4.IPV4_HLEN
-        eth.pack_header_into(buf, base, a.eth_dst, a.eth_src, eth.EtherType.IPV4)
-        ipv4.pack_header_into(buf, ip_off, int.from_bytes(a.src, "big"), int.from_bytes(a.dst, "big"),
-                              IpProto.TCP, tcp_len, flags=ipv4.FragmentFlags.DF)
+        total = ipv4.IPV4_HLEN + tcp_len
+        if total > 0xFFFF:
+            raise ValueError(f"IPv4 payload of {tcp_len} bytes is too long")
+        folded = a.ip_sum + total
+        folded = (folded & 0xFFFF) + (folded >> 16)
+        _IPV4_LENGTH.pack_into(buf, ip_off + _IPV4_LENGTH_OFFSET, total)
+        _U16.pack_into(buf, ip_off + ipv4.CHECKSUM_OFFSET, 0xFFFF - folded)
     hlen = TCP_HLEN + len(options)
     HEADER.pack_into(buf, tcp_off, a.src_port, a.dst_port, seq, ack, (hlen // 4) << 4, flags,
                      min(window, 0xFFFF), 0, 0)

@@ -54,6 +54,9 @@
 #define LOAD32(p) (*(volatile const uint32_t *)(p))
 #define LOAD64(p) (*(volatile const uint64_t *)(p))
 
+/* A method table entry; the docstrings name the reference's method, whose docstring says it all. */
+#define METHOD(name, fn, kind, doc) {name, (PyCFunction)(void (*)(void))fn, kind, PyDoc_STR(doc)}
+
 /* ------------------------------------------------------------------ Regions */
 
 typedef struct {
@@ -84,8 +87,6 @@ static void Regions_dealloc(RegionsObject *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-PyDoc_STRVAR(regions_add_doc, "add(start, view): guest-physical ``start`` is mapped at writable ``view``.");
-
 static PyObject *Regions_add(RegionsObject *self, PyObject *args)
 {
     unsigned long long start;
@@ -108,8 +109,6 @@ static PyObject *Regions_add(RegionsObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-PyDoc_STRVAR(regions_remove_doc, "remove(view): drop the entry of ``view`` (and its export); False if absent.");
-
 static PyObject *Regions_remove(RegionsObject *self, PyObject *view)
 {
     for (int i = 0; i < self->count; i++) {
@@ -123,8 +122,6 @@ static PyObject *Regions_remove(RegionsObject *self, PyObject *view)
     }
     Py_RETURN_FALSE;
 }
-
-PyDoc_STRVAR(regions_clear_doc, "clear(): drop every entry.");
 
 static PyObject *Regions_clear(RegionsObject *self, PyObject *Py_UNUSED(unused))
 {
@@ -157,25 +154,10 @@ static inline int translate(RegionsObject *m, uint64_t addr, uint64_t len, uint6
     return -1;
 }
 
-PyDoc_STRVAR(regions_translate_doc, "translate(addr, length): (entry, offset) or None (tests).");
-
-static PyObject *Regions_translate(RegionsObject *self, PyObject *args)
-{
-    unsigned long long addr, len;
-    uint64_t off;
-    if (!PyArg_ParseTuple(args, "KK", &addr, &len))
-        return NULL;
-    int i = translate(self, addr, len, &off);
-    if (i < 0)
-        Py_RETURN_NONE;
-    return Py_BuildValue("iK", i, (unsigned long long)off);
-}
-
 static PyMethodDef Regions_methods[] = {
-    {"add", (PyCFunction)Regions_add, METH_VARARGS, regions_add_doc},
-    {"remove", (PyCFunction)Regions_remove, METH_O, regions_remove_doc},
-    {"clear", (PyCFunction)Regions_clear, METH_NOARGS, regions_clear_doc},
-    {"translate", (PyCFunction)Regions_translate, METH_VARARGS, regions_translate_doc},
+    METHOD("add", Regions_add, METH_VARARGS, "add(start, view): guest-physical start is at view."),
+    METHOD("remove", Regions_remove, METH_O, "remove(view): drop view's entry; False if absent."),
+    METHOD("clear", Regions_clear, METH_NOARGS, "clear(): drop every entry."),
     {NULL, NULL, 0, NULL},
 };
 
@@ -337,16 +319,79 @@ static int append_new(PyObject *list, PyObject *item)
 }
 
 /*
- * Virtqueue._walk: follow the chain at head through NEXT and INDIRECT descriptors.  Appends views to
- * readable (may be NULL: views not made, buffers still checked) and writable.  0, or -1 with an error.
+ * What a walk does with each buffer it validated: append views to lists (pop, pop_writable) or
+ * gather a TX frame (pop_frame).  fn returns 0, or -1 with an error set.
  */
-static int walk(RingObject *q, uint16_t head, PyObject *readable, PyObject *writable)
+typedef struct Visitor {
+    int (*fn)(RingObject *q, struct Visitor *v, int writable, int region, uint64_t off, uint32_t len);
+    PyObject *readable;         /* lists: may be NULL (readable buffers checked, no views made) */
+    PyObject *writable;
+    /* gather: netdev.tx_frame's rules (see gather_visit) */
+    uint64_t skip;              /* header bytes still to skip */
+    char *out;                  /* the scratch buffer */
+    Py_ssize_t cap, used;       /* its size, bytes gathered */
+    Py_ssize_t pieces;          /* non-empty pieces of frame so far */
+    int first_region;           /* the first piece, kept in place while it is the only one */
+    uint64_t first_off, first_len;
+    int flags;                  /* first byte of the first non-empty readable buffer, -1: none yet */
+} Visitor;
+
+static int list_visit(RingObject *q, Visitor *v, int writable, int region, uint64_t off, uint32_t len)
+{
+    if (writable)
+        return append_new(v->writable, slice(q, region, off, len));
+    if (v->readable != NULL)
+        return append_new(v->readable, slice(q, region, off, len));
+    return 0;
+}
+
+static void gather_copy(RingObject *q, Visitor *v, int region, uint64_t off, uint64_t len)
+{
+    Py_ssize_t room = v->cap - v->used;
+    Py_ssize_t n = (Py_ssize_t)len < room ? (Py_ssize_t)len : room;
+    if (n > 0)
+        memcpy(v->out + v->used, q->mem->r[region].host + off, (size_t)n);
+    v->used += n;
+}
+
+/* netdev.tx_frame: skip the header, keep a lone piece in place, gather two or more into the scratch. */
+static int gather_visit(RingObject *q, Visitor *v, int writable, int region, uint64_t off, uint32_t len)
+{
+    if (writable)
+        return 0;
+    if (v->flags < 0 && len > 0)
+        v->flags = (unsigned char)q->mem->r[region].host[off];
+    if (v->skip >= len) {
+        v->skip -= len;
+        return 0;
+    }
+    off += v->skip;
+    uint64_t size = len - v->skip;
+    v->skip = 0;
+    v->pieces++;
+    if (v->pieces == 1) {
+        v->first_region = region;
+        v->first_off = off;
+        v->first_len = size;
+        return 0;
+    }
+    if (v->pieces == 2)
+        gather_copy(q, v, v->first_region, v->first_off, v->first_len);
+    gather_copy(q, v, region, off, size);
+    return 0;
+}
+
+/*
+ * Virtqueue._walk: follow the chain at head through NEXT and INDIRECT descriptors, giving each
+ * buffer to the visitor.  0, or -1 with an error.
+ */
+static int walk(RingObject *q, uint16_t head, Visitor *v)
 {
     const char *table = q->desc;
     uint32_t size = q->num;
     int in_indirect = 0;
     uint32_t i = head, visited = 0;
-    Py_ssize_t nwritable = PyList_GET_SIZE(writable);
+    Py_ssize_t nwritable = 0;
     for (;;) {
         const char *d = table + (size_t)DESC_SIZE * i;
         uint16_t flags = LOAD16(d + 12);
@@ -393,13 +438,13 @@ static int walk(RingObject *q, uint16_t head, PyObject *readable, PyObject *writ
             return -1;
         }
         if (flags & F_WRITE) {
-            if (append_new(writable, slice(q, r, off, length)) < 0)
+            if (v->fn(q, v, 1, r, off, length) < 0)
                 return -1;
             nwritable++;
         } else if (nwritable) {
             ring_error(q, "chain %u: readable descriptor %u after a writable one", head, i);
             return -1;
-        } else if (readable != NULL && append_new(readable, slice(q, r, off, length)) < 0) {
+        } else if (v->fn(q, v, 0, r, off, length) < 0) {
             return -1;
         }
         if (!(flags & F_NEXT))
@@ -417,55 +462,114 @@ static int walk(RingObject *q, uint16_t head, PyObject *readable, PyObject *writ
     }
 }
 
-PyDoc_STRVAR(pop_doc, "pop(): the next chain as (head, readable, writable), or None.");
+/* The chain at the next avail slot, checked as pop does: its head, or -1 (none: 0 returned in *none). */
+static int next_head(RingObject *q, int *none)
+{
+    *none = 0;
+    uint16_t last = q->last;
+    if (last == q->shadow) {
+        long pending = avail_pending(q);
+        if (pending < 0)
+            return -1;
+        if (pending == 0) {
+            *none = 1;
+            return -1;
+        }
+    }
+    uint16_t head = AVAIL_RING(q, last & q->mask);
+    if (head >= q->num) {
+        ring_error(q, "avail ring slot %u holds head %u >= %u", last & q->mask, head, q->num);
+        return -1;
+    }
+    return head;
+}
+
+/* The chain at head to the visitor: walked when it has NEXT or INDIRECT, else its one descriptor. */
+static int visit_head(RingObject *q, uint16_t head, Visitor *v)
+{
+    const char *d = q->desc + (size_t)DESC_SIZE * head;
+    uint16_t flags = LOAD16(d + 12);
+    if (flags & (F_NEXT | F_INDIRECT))
+        return walk(q, head, v);
+    uint64_t addr = LOAD64(d);
+    uint32_t length = LOAD32(d + 8);
+    uint64_t off;
+    int r = translate(q->mem, addr, length, &off);
+    if (r < 0) {
+        ring_error(q, "descriptor %u: " RANGE_FMT, head, (unsigned long long)addr, (unsigned long long)length);
+        return -1;
+    }
+    return v->fn(q, v, flags & F_WRITE, r, off, length);
+}
 
 static PyObject *Ring_pop(RingObject *q, PyObject *Py_UNUSED(unused))
 {
     if (!ring_alive(q))
         return NULL;
-    uint16_t last = q->last;
-    if (last == q->shadow) {
-        long pending = avail_pending(q);
-        if (pending < 0)
-            return NULL;
-        if (pending == 0)
+    int none;
+    int head = next_head(q, &none);
+    if (head < 0) {
+        if (none)
             Py_RETURN_NONE;
+        return NULL;
     }
-    uint16_t head = AVAIL_RING(q, last & q->mask);
-    if (head >= q->num)
-        return ring_error(q, "avail ring slot %u holds head %u >= %u", last & q->mask, head, q->num);
     PyObject *readable = PyList_New(0), *writable = PyList_New(0);
-    if (readable == NULL || writable == NULL)
-        goto fail;
-    const char *d = q->desc + (size_t)DESC_SIZE * head;
-    uint16_t flags = LOAD16(d + 12);
-    if (flags & (F_NEXT | F_INDIRECT)) {
-        if (walk(q, head, readable, writable) < 0)
-            goto fail;
-    } else {
-        uint64_t addr = LOAD64(d);
-        uint32_t length = LOAD32(d + 8);
-        uint64_t off;
-        int r = translate(q->mem, addr, length, &off);
-        if (r < 0) {
-            ring_error(q, "descriptor %u: " RANGE_FMT, head, (unsigned long long)addr, (unsigned long long)length);
-            goto fail;
-        }
-        if (append_new(flags & F_WRITE ? writable : readable, slice(q, r, off, length)) < 0)
-            goto fail;
+    Visitor v = {.fn = list_visit, .readable = readable, .writable = writable};
+    if (readable == NULL || writable == NULL || visit_head(q, (uint16_t)head, &v) < 0) {
+        Py_XDECREF(readable);
+        Py_XDECREF(writable);
+        return NULL;
     }
-    q->last = (uint16_t)(last + 1);
+    q->last = (uint16_t)(q->last + 1);
     q->inflight++;
-    PyObject *result = Py_BuildValue("(HNN)", head, readable, writable);
-    return result;
-fail:
-    Py_XDECREF(readable);
-    Py_XDECREF(writable);
-    return NULL;
+    return Py_BuildValue("(iNN)", head, readable, writable);
 }
 
-PyDoc_STRVAR(pop_writable_doc,
-"pop_writable(need, limit, heads, bufs, sizes) -> bytes taken: Virtqueue.pop_writable.");
+static PyObject *Ring_pop_frame(RingObject *q, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "pop_frame(hdr_len, scratch)");
+        return NULL;
+    }
+    long long hdr_len = PyLong_AsLongLong(args[0]);
+    if (hdr_len == -1 && PyErr_Occurred())
+        return NULL;
+    if (hdr_len < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative header length");
+        return NULL;
+    }
+    if (!ring_alive(q))
+        return NULL;
+    int none;
+    int head = next_head(q, &none);
+    if (head < 0) {
+        if (none)
+            Py_RETURN_NONE;
+        return NULL;
+    }
+    Py_buffer scratch;
+    if (PyObject_GetBuffer(args[1], &scratch, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    Visitor v = {.fn = gather_visit, .skip = (uint64_t)hdr_len, .out = scratch.buf, .cap = scratch.len,
+                 .flags = -1};
+    if (visit_head(q, (uint16_t)head, &v) < 0) {
+        PyBuffer_Release(&scratch);
+        return NULL;
+    }
+    PyObject *frame;
+    if (v.skip || v.pieces == 0)
+        frame = PySequence_GetSlice(args[1], 0, 0);
+    else if (v.pieces == 1)
+        frame = slice(q, v.first_region, v.first_off, v.first_len);
+    else
+        frame = PySequence_GetSlice(args[1], 0, v.used);
+    PyBuffer_Release(&scratch);
+    if (frame == NULL)
+        return NULL;
+    q->last = (uint16_t)(q->last + 1);
+    q->inflight++;
+    return Py_BuildValue("(iNi)", head, frame, v.flags < 0 ? 0 : v.flags);
+}
 
 static PyObject *Ring_pop_writable(RingObject *q, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -501,46 +605,26 @@ static PyObject *Ring_pop_writable(RingObject *q, PyObject *const *args, Py_ssiz
             ring_error(q, "avail ring slot %u holds head %u >= %u", last & q->mask, head, q->num);
             goto fail;
         }
-        const char *d = q->desc + (size_t)DESC_SIZE * head;
-        uint16_t flags = LOAD16(d + 12);
-        PyObject *writable = PyList_New(0);
-        if (writable == NULL)
+        /* The reference refuses a lone readable descriptor before translating it. */
+        uint16_t flags = LOAD16(q->desc + (size_t)DESC_SIZE * head + 12);
+        if (!(flags & (F_NEXT | F_INDIRECT | F_WRITE))) {
+            ring_error(q, "RX chain %u has no device-writable buffer", head);
             goto fail;
-        long long size = 0;
-        if (flags & (F_NEXT | F_INDIRECT)) {
-            if (walk(q, head, NULL, writable) < 0) {
-                Py_DECREF(writable);
-                goto fail;
-            }
-            if (PyList_GET_SIZE(writable) == 0) {
-                Py_DECREF(writable);
-                ring_error(q, "RX chain %u has no device-writable buffer", head);
-                goto fail;
-            }
-            for (Py_ssize_t k = 0; k < PyList_GET_SIZE(writable); k++)
-                size += PyObject_Length(PyList_GET_ITEM(writable, k));
-        } else {
-            if (!(flags & F_WRITE)) {
-                Py_DECREF(writable);
-                ring_error(q, "RX chain %u has no device-writable buffer", head);
-                goto fail;
-            }
-            uint64_t addr = LOAD64(d);
-            uint32_t length = LOAD32(d + 8);
-            uint64_t off;
-            int r = translate(q->mem, addr, length, &off);
-            if (r < 0) {
-                Py_DECREF(writable);
-                ring_error(q, "descriptor %u: " RANGE_FMT, head, (unsigned long long)addr,
-                           (unsigned long long)length);
-                goto fail;
-            }
-            if (append_new(writable, slice(q, r, off, length)) < 0) {
-                Py_DECREF(writable);
-                goto fail;
-            }
-            size = length;
         }
+        PyObject *writable = PyList_New(0);
+        Visitor v = {.fn = list_visit, .readable = NULL, .writable = writable};
+        if (writable == NULL || visit_head(q, head, &v) < 0) {
+            Py_XDECREF(writable);
+            goto fail;
+        }
+        if (PyList_GET_SIZE(writable) == 0) {
+            Py_DECREF(writable);
+            ring_error(q, "RX chain %u has no device-writable buffer", head);
+            goto fail;
+        }
+        long long size = 0;
+        for (Py_ssize_t k = 0; k < PyList_GET_SIZE(writable); k++)
+            size += PyObject_Length(PyList_GET_ITEM(writable, k));
         if (append_new(heads, PyLong_FromLong(head)) < 0 || PyList_Append(bufs, writable) < 0
             || append_new(sizes, PyLong_FromLongLong(size)) < 0) {
             Py_DECREF(writable);
@@ -567,8 +651,6 @@ fail:
     }
     return NULL;
 }
-
-PyDoc_STRVAR(unpop_doc, "unpop(count): give back the last count popped chains.");
 
 static PyObject *Ring_unpop(RingObject *q, PyObject *arg)
 {
@@ -601,8 +683,6 @@ static inline int stage(RingObject *q, long long head, long long written)
     return 0;
 }
 
-PyDoc_STRVAR(push_doc, "push(head, written): stage a used element (visible at flush).");
-
 static PyObject *Ring_push(RingObject *q, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 2) {
@@ -619,8 +699,6 @@ static PyObject *Ring_push(RingObject *q, PyObject *const *args, Py_ssize_t narg
         q->inflight--;
     Py_RETURN_NONE;
 }
-
-PyDoc_STRVAR(push_run_doc, "push_run(heads, sizes, total) -> chains pushed: Virtqueue.push_run.");
 
 static PyObject *Ring_push_run(RingObject *q, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -663,8 +741,6 @@ static inline int need_event(uint16_t event, uint16_t new_idx, uint16_t old)
     return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old);
 }
 
-PyDoc_STRVAR(flush_doc, "flush() -> True when the driver must be signalled: Virtqueue.flush.");
-
 static PyObject *Ring_flush(RingObject *q, PyObject *Py_UNUSED(unused))
 {
     if (!ring_alive(q))
@@ -686,8 +762,6 @@ static PyObject *Ring_flush(RingObject *q, PyObject *Py_UNUSED(unused))
     return PyBool_FromLong(!(AVAIL_FLAGS(q) & AVAIL_NO_INTERRUPT));
 }
 
-PyDoc_STRVAR(enable_kicks_doc, "enable_kicks() -> True when chains are already pending.");
-
 static PyObject *Ring_enable_kicks(RingObject *q, PyObject *Py_UNUSED(unused))
 {
     if (!ring_alive(q))
@@ -703,8 +777,6 @@ static PyObject *Ring_enable_kicks(RingObject *q, PyObject *Py_UNUSED(unused))
     return PyBool_FromLong(pending != 0);
 }
 
-PyDoc_STRVAR(disable_kicks_doc, "disable_kicks(): kicks not needed (without EVENT_IDX).");
-
 static PyObject *Ring_disable_kicks(RingObject *q, PyObject *Py_UNUSED(unused))
 {
     if (!ring_alive(q))
@@ -714,8 +786,6 @@ static PyObject *Ring_disable_kicks(RingObject *q, PyObject *Py_UNUSED(unused))
     Py_RETURN_NONE;
 }
 
-PyDoc_STRVAR(avail_pending_doc, "avail_pending() -> chains available and not popped.");
-
 static PyObject *Ring_avail_pending(RingObject *q, PyObject *Py_UNUSED(unused))
 {
     if (!ring_alive(q))
@@ -724,15 +794,11 @@ static PyObject *Ring_avail_pending(RingObject *q, PyObject *Py_UNUSED(unused))
     return pending < 0 ? NULL : PyLong_FromLong(pending);
 }
 
-PyDoc_STRVAR(position_doc, "position() -> (last_avail, shadow_avail, used_idx, pending, inflight, signalled).");
-
 static PyObject *Ring_position(RingObject *q, PyObject *Py_UNUSED(unused))
 {
     return Py_BuildValue("(HHHIIN)", q->last, q->shadow, q->used_idx, q->pending, q->inflight,
                          PyBool_FromLong(q->signalled_valid));
 }
-
-PyDoc_STRVAR(set_position_doc, "set_position(last_avail, shadow_avail, used_idx, pending, inflight, signalled).");
 
 static PyObject *Ring_set_position(RingObject *q, PyObject *args)
 {
@@ -753,8 +819,6 @@ static PyObject *Ring_set_position(RingObject *q, PyObject *args)
     Py_RETURN_NONE;
 }
 
-PyDoc_STRVAR(release_doc, "release(): drop the ring areas' exports; the ring is unusable after.");
-
 static PyObject *Ring_release(RingObject *q, PyObject *Py_UNUSED(unused))
 {
     ring_release_buffers(q);
@@ -762,18 +826,19 @@ static PyObject *Ring_release(RingObject *q, PyObject *Py_UNUSED(unused))
 }
 
 static PyMethodDef Ring_methods[] = {
-    {"pop", (PyCFunction)Ring_pop, METH_NOARGS, pop_doc},
-    {"pop_writable", (PyCFunction)(void (*)(void))Ring_pop_writable, METH_FASTCALL, pop_writable_doc},
-    {"unpop", (PyCFunction)Ring_unpop, METH_O, unpop_doc},
-    {"push", (PyCFunction)(void (*)(void))Ring_push, METH_FASTCALL, push_doc},
-    {"push_run", (PyCFunction)(void (*)(void))Ring_push_run, METH_FASTCALL, push_run_doc},
-    {"flush", (PyCFunction)Ring_flush, METH_NOARGS, flush_doc},
-    {"enable_kicks", (PyCFunction)Ring_enable_kicks, METH_NOARGS, enable_kicks_doc},
-    {"disable_kicks", (PyCFunction)Ring_disable_kicks, METH_NOARGS, disable_kicks_doc},
-    {"avail_pending", (PyCFunction)Ring_avail_pending, METH_NOARGS, avail_pending_doc},
-    {"position", (PyCFunction)Ring_position, METH_NOARGS, position_doc},
-    {"set_position", (PyCFunction)Ring_set_position, METH_VARARGS, set_position_doc},
-    {"release", (PyCFunction)Ring_release, METH_NOARGS, release_doc},
+    METHOD("pop", Ring_pop, METH_NOARGS, "Virtqueue.pop"),
+    METHOD("pop_frame", Ring_pop_frame, METH_FASTCALL, "Virtqueue.pop_frame"),
+    METHOD("pop_writable", Ring_pop_writable, METH_FASTCALL, "Virtqueue.pop_writable"),
+    METHOD("unpop", Ring_unpop, METH_O, "Virtqueue.unpop"),
+    METHOD("push", Ring_push, METH_FASTCALL, "Virtqueue.push"),
+    METHOD("push_run", Ring_push_run, METH_FASTCALL, "Virtqueue.push_run"),
+    METHOD("flush", Ring_flush, METH_NOARGS, "Virtqueue.flush"),
+    METHOD("enable_kicks", Ring_enable_kicks, METH_NOARGS, "Virtqueue.enable_kicks"),
+    METHOD("disable_kicks", Ring_disable_kicks, METH_NOARGS, "Virtqueue.disable_kicks"),
+    METHOD("avail_pending", Ring_avail_pending, METH_NOARGS, "Virtqueue.avail_pending"),
+    METHOD("position", Ring_position, METH_NOARGS, "(last, shadow, used, pending, inflight, signalled)"),
+    METHOD("set_position", Ring_set_position, METH_VARARGS, "set_position(*position())"),
+    METHOD("release", Ring_release, METH_NOARGS, "Drop the ring areas' exports."),
     {NULL, NULL, 0, NULL},
 };
 

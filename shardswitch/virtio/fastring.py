@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 :class:`FastVirtqueue` is a :class:`Virtqueue` whose hot calls (``pop``,
-``pop_writable``, ``unpop``, ``push``, ``push_run``, ``flush``,
+``pop_frame``, ``pop_writable``, ``unpop``, ``push``, ``push_run``, ``flush``,
 ``enable_kicks``, ``disable_kicks``, ``avail_pending``) run in
 :mod:`shardswitch.virtio._vring`: the descriptor walk, the address
 translation (through :attr:`GuestMemory.fast`, the compiled copy of the
@@ -99,6 +99,12 @@ class FastVirtqueue(Virtqueue):
     def pop(self) -> Chain | None:
         """Take the next available chain, or None."""
         return self._c.pop() if self._log is None else super().pop()
+
+    def pop_frame(self, skip: int, scratch: memoryview) -> tuple[int, memoryview, int] | None:
+        """A chain's readable bytes after ``skip`` (see :meth:`Virtqueue.pop_frame`)."""
+        if self._log is None:
+            return self._c.pop_frame(skip, scratch)
+        return super().pop_frame(skip, scratch)
 
     def pop_writable(self, need: int, limit: int, heads: list[int], bufs: list[list[memoryview]],
                      sizes: list[int]) -> int:

@@ -10,7 +10,9 @@ TX (guest -> us): a chain's device-readable buffers hold the header followed
 by the Ethernet frame.  :func:`tx_frame` skips the header and returns the
 frame as a zero-copy ``memoryview`` of guest memory when it sits in one
 buffer (Linux puts header and frame in one descriptor; others put the header
-alone in the first one); other layouts are joined into a copy.  The view
+alone in the first one); other layouts (a Linux TSO frame: headers, then
+page fragments) are gathered into a scratch buffer of the caller's, reused
+frame after frame, so a chain's bytes are copied once and never allocated.  The view
 points into memory the guest still owns until the chain is pushed back, and
 the guest can change it under us: parsers must re-validate whatever they
 read and must not keep the view after the push.
@@ -74,7 +76,7 @@ from enum import IntEnum, IntFlag
 from typing import TYPE_CHECKING, TypeAlias
 
 from shardswitch.vhost.wire import VirtioFeature
-from shardswitch.virtio.virtqueue import Virtqueue, VirtqueueError
+from shardswitch.virtio.virtqueue import Virtqueue, VirtqueueError, first_byte, gather
 
 if TYPE_CHECKING:
     from shardswitch.pcap import PcapWriter
@@ -105,7 +107,6 @@ VNET_HDR_LEGACY_LEN = 10
 #: Offset of num_buffers inside the 12-byte header.
 NUM_BUFFERS_OFFSET = 10
 
-_EMPTY = memoryview(b"")
 #: A frame to the guest: bytes, a frame buffer (bytearray, GsoFrame) or a 1-D byte view.
 Frame: TypeAlias = "bytes | bytearray | memoryview"
 
@@ -136,46 +137,28 @@ def vnet_hdr_len(features: int) -> int:
     return VNET_HDR_LEGACY_LEN
 
 
-def tx_frame(readable: list[memoryview], hdr_len: int) -> memoryview:
+def tx_frame(readable: list[memoryview], hdr_len: int, scratch: memoryview | None = None) -> memoryview:
     """The Ethernet frame of a TX chain, without its virtio-net header.
 
     Zero copy when the frame lies in one buffer (after the header in the same
-    buffer, or alone in a later one); a joined copy otherwise.  A chain
-    shorter than the header yields an empty view (the caller counts it as a
-    malformed frame).
+    buffer, or alone in a later one); gathered into ``scratch`` otherwise,
+    cut at its size (:data:`~shardswitch.virtio.virtqueue.GATHER_MAX` by
+    default: no IP packet is longer).  A chain shorter than the header yields
+    an empty view (the caller counts it as a malformed frame).
+    :meth:`Virtqueue.pop_frame <shardswitch.virtio.virtqueue.Virtqueue.pop_frame>`
+    pops a chain and does this in one call.
     """
-    if len(readable) == 1:
-        buf = readable[0]
-        return buf[hdr_len:] if len(buf) >= hdr_len else _EMPTY
-    skip = hdr_len
-    pieces: list[memoryview] = []
-    for buf in readable:
-        size = len(buf)
-        if skip >= size:
-            skip -= size
-        elif skip:
-            pieces.append(buf[skip:])
-            skip = 0
-        else:
-            pieces.append(buf)
-    if skip or not pieces:
-        return _EMPTY
-    if len(pieces) == 1:
-        return pieces[0]
-    return memoryview(b"".join(pieces))
+    return gather(readable, hdr_len, scratch)
 
 
 def tx_flags(readable: list[memoryview]) -> int:
     """The ``flags`` byte of a TX chain's virtio-net header (0 for a chain with no byte at all).
 
-    The header starts the first non-empty device-readable buffer.  Call it
-    only for a chain whose :func:`tx_frame` is non-empty (so the whole header
-    was there).
+    The header starts the first non-empty device-readable buffer.  Only
+    meaningful for a chain whose :func:`tx_frame` is non-empty (so the whole
+    header was there).
     """
-    for buf in readable:
-        if len(buf):
-            return int(buf[0])
-    return 0
+    return first_byte(readable)
 
 
 def _scatter(targets: list[list[memoryview]], sources: tuple[memoryview, memoryview]) -> list[int]:

@@ -132,12 +132,62 @@ _WRITE = int(DescFlags.WRITE)
 _INDIRECT = int(DescFlags.INDIRECT)
 _NEXT_OR_INDIRECT = _NEXT | _INDIRECT
 _AVAIL_NO_INTERRUPT = int(AvailFlags.NO_INTERRUPT)
+_EMPTY = memoryview(b"")
 _USED_NO_NOTIFY = int(UsedFlags.NO_NOTIFY)
 
 
 def vring_need_event(event: int, new: int, old: int) -> bool:
     """True when moving an index from ``old`` to ``new`` crosses ``event`` (u16 arithmetic)."""
     return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+
+#: Longest run of readable bytes :func:`gather` copies from a chain of several buffers (by default): the
+#: largest IP packet (IPv6: 40 + 65535 bytes) behind an Ethernet header with a VLAN tag.  Bytes past it
+#: are cut; no packet reaches them, and a guest cannot make us allocate or copy more per chain.
+GATHER_MAX = 14 + 4 + 40 + 0xFFFF
+
+
+def gather(readable: list[memoryview], skip: int, scratch: memoryview | None = None) -> memoryview:
+    """The readable bytes of a chain after its first ``skip`` bytes (a virtio-net header).
+
+    Zero copy when they lie in one buffer (after the skipped bytes in the
+    same buffer, or alone in a later one); otherwise copied into ``scratch``
+    (by default a new buffer of :data:`GATHER_MAX` bytes), at most its size,
+    and a view of its start returned.  A chain shorter than ``skip`` yields
+    an empty view.
+    """
+    if len(readable) == 1:
+        buf = readable[0]
+        return buf[skip:] if len(buf) >= skip else _EMPTY
+    pieces: list[memoryview] = []
+    for buf in readable:
+        size = len(buf)
+        if skip >= size:
+            skip -= size
+        elif skip:
+            pieces.append(buf[skip:])
+            skip = 0
+        else:
+            pieces.append(buf)
+    if skip or not pieces:
+        return _EMPTY
+    if len(pieces) == 1:
+        return pieces[0]
+    out = scratch if scratch is not None else memoryview(bytearray(GATHER_MAX))
+    used = 0
+    for piece in pieces:
+        count = min(len(piece), len(out) - used)
+        out[used:used + count] = piece[:count]
+        used += count
+    return out[:used]
+
+
+def first_byte(readable: list[memoryview]) -> int:
+    """The first byte of a chain's readable bytes (a virtio-net header's flags), 0 when it has none."""
+    for buf in readable:
+        if len(buf):
+            return int(buf[0])
+    return 0
 
 
 def _area(mem: GuestMemory, what: str, addr: int, size: int, align: int) -> memoryview:
@@ -285,6 +335,20 @@ class Virtqueue:
         self._last = (last + 1) & 0xFFFF
         self._inflight += 1
         return chain
+
+    def pop_frame(self, skip: int, scratch: memoryview) -> tuple[int, memoryview, int] | None:
+        """Take the next chain as ``(head, bytes, first)``: its readable bytes after ``skip`` (see
+        :func:`gather`, into ``scratch`` when they are in several buffers) and their first byte (see
+        :func:`first_byte`); None when there is none.  A TX ring's frames, in one call.
+
+        The bytes are a view of guest memory or of ``scratch``: valid until the
+        chain is pushed or the next call, whichever comes first.
+        """
+        chain = self.pop()
+        if chain is None:
+            return None
+        head, readable, _writable = chain
+        return head, gather(readable, skip, scratch), first_byte(readable)
 
     def pop_writable(self, need: int, limit: int, heads: list[int], bufs: list[list[memoryview]],
                      sizes: list[int]) -> int:

@@ -3,7 +3,9 @@
 Theory of operation.  A kick on the TX ring means the guest posted frames.
 :func:`service_tx` drains the ring in batches of at most :data:`BATCH`
 chains with kicks disabled: each frame is viewed in place in guest memory
-(a memoryview, no copy), handed to the sans-IO
+(a memoryview, no copy; a frame the guest split over several buffers, as a
+Linux TSO frame, is gathered into the worker's ``tx_scratch``, one copy),
+handed to the sans-IO
 :class:`~shardswitch.net.endpoint.GuestEndpoint`, and its chain is returned
 as used.  The used index is published once per batch and the driver is
 signalled only when EVENT_IDX says it wants to be.  Kicks are then
@@ -12,7 +14,7 @@ the fence), the loop drains again, so no kick is ever lost.
 
 Checksum offload: when the TX ring negotiated VIRTIO_NET_F_CSUM
 (``w.tx_partial_csum``), the flags byte of each chain's virtio-net header is
-read beside the frame (:func:`~shardswitch.virtio.netdev.tx_flags`) and
+read beside the frame (by ``pop_frame``) and
 NEEDS_CSUM goes to :meth:`Worker.handle_frame` as ``csum_partial``: the L4
 parsers then skip verifying that frame's checksum.  Frames from other
 workers' hand-overs carry the flag in their prefix byte.
@@ -36,7 +38,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from shardswitch.net.drop import DropReason
-from shardswitch.virtio.netdev import VnetHdrFlags, tx_flags, tx_frame
+from shardswitch.virtio.netdev import VnetHdrFlags
 from shardswitch.worker.counters import Counters
 from shardswitch.worker.port import QUEUE_MAX
 
@@ -70,6 +72,7 @@ def service_tx(w: Worker) -> bool:
     # for frames the guest's buffers are too small for (seen with testpmd's mrg_rxbuf=0).
     too_big_seen = mirror.too_big if mirror is not None else 0
     capture = w.capture
+    scratch = w.tx_scratch
     replies: list[bytes] = []
     while True:
         vq.disable_kicks()
@@ -79,11 +82,10 @@ def service_tx(w: Worker) -> bool:
         mirrored = 0
         mirrored_bytes = 0     # only frames written to RX count as received, not the batch's bytes
         while count < BATCH:
-            chain = vq.pop()
-            if chain is None:
+            popped = vq.pop_frame(hdr_len, scratch)
+            if popped is None:
                 break
-            head, readable, _writable = chain
-            frame = tx_frame(readable, hdr_len)
+            head, frame, vnet_flags = popped
             count += 1
             nbytes += len(frame)
             if capture is not None and frame:
@@ -100,7 +102,7 @@ def service_tx(w: Worker) -> bool:
                 else:
                     drops[RX_NO_BUFFERS] += 1
             else:
-                w.handle_frame(frame, now, replies, partial_ok and bool(tx_flags(readable) & _NEEDS_CSUM))
+                w.handle_frame(frame, now, replies, partial_ok and bool(vnet_flags & _NEEDS_CSUM))
             vq.push(head, 0)
         counters.tx_frames += count
         counters.tx_bytes += nbytes

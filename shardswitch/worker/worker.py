@@ -84,6 +84,7 @@ from shardswitch.shm.table import FlowTable
 from shardswitch.vhost.wire import VirtioFeature
 from shardswitch.virtio.dirtylog import DirtyLog, DirtyLogError
 from shardswitch.virtio.memory import GuestMemory, GuestMemoryError
+from shardswitch.virtio.virtqueue import GATHER_MAX
 from shardswitch.virtio.netdev import RxWriter, VnetHdrFlags
 from shardswitch.virtio.virtqueue import VirtqueueError
 from shardswitch.worker.counters import Counters, Event
@@ -134,6 +135,8 @@ class Worker(EpollWatches, CountingPort):
         self.offloads = RxOffloads()
         #: Frames for the guest, waiting for RX buffers.
         self.queue: deque[bytes] = deque()
+        #: Where TX frames split over several buffers are gathered, one after the other (datapath.service_tx).
+        self.tx_scratch = memoryview(bytearray(GATHER_MAX))
         self.epoll = select.epoll()
         self.epoll.register(channel.fileno(), select.EPOLLIN)
         self.peers = Peers(pair, setup.inbox_fd, setup.peer_fds) if setup.inbox_fd >= 0 else None

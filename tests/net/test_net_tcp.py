@@ -5,8 +5,10 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from shardswitch.net import ipv4, ipv6, tcp
+from shardswitch.net import eth, ipv4, ipv6, tcp
 from shardswitch.net.checksum import checksum
 from shardswitch.net.drop import DropReason, PacketError
 from shardswitch.net.tcp import Addressing, ConnFlag, TcpConn, TcpFlag, TcpSegment
@@ -174,3 +176,31 @@ def test_done_needs_both_fins() -> None:
     assert not conn.done()
     conn.flags |= ConnFlag.GUEST_FIN_RCVD
     assert conn.done()
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(v6=st.booleans(), addrs=st.binary(min_size=32, max_size=32), macs=st.binary(min_size=12, max_size=12),
+       ports=st.tuples(st.integers(0, 0xFFFF), st.integers(0, 0xFFFF)), base=st.integers(0, 16),
+       seq=st.integers(0, 2 ** 32 - 1), flags=st.integers(0, 0xFF), data=st.data())
+def test_headers_from_the_template_equal_headers_packed_field_by_field(
+        v6: bool, addrs: bytes, macs: bytes, ports: tuple[int, int], base: int, seq: int, flags: int,
+        data: st.DataObject) -> None:
+    """The per-connection template, its length and adjusted IPv4 checksum give the headers that packing every
+    field (and summing the IPv4 header) gives, whatever the addresses and the segment length."""
+    size = 16 if v6 else 4
+    a = Addressing(v6, macs[:6], macs[6:], addrs[:size], addrs[16:16 + size], *ports)
+    tcp_len = data.draw(st.integers(tcp.TCP_HLEN, 0xFFFF if v6 else 0xFFFF - ipv4.IPV4_HLEN))
+    fast, slow = bytearray(base + 80), bytearray(base + 80)
+    tcp.pack_headers_into(fast, base, a, tcp_len, seq, 7, flags, 1000)
+    ip_off = base + eth.ETH_HLEN
+    if v6:
+        eth.pack_header_into(slow, base, a.eth_dst, a.eth_src, eth.EtherType.IPV6)
+        ipv6.pack_header_into(slow, ip_off, a.src, a.dst, 6, tcp_len)
+        tcp_off = ip_off + ipv6.IPV6_HLEN
+    else:
+        eth.pack_header_into(slow, base, a.eth_dst, a.eth_src, eth.EtherType.IPV4)
+        ipv4.pack_header_into(slow, ip_off, int.from_bytes(a.src, "big"), int.from_bytes(a.dst, "big"), 6, tcp_len,
+                              flags=ipv4.FragmentFlags.DF)
+        tcp_off = ip_off + ipv4.IPV4_HLEN
+    tcp.HEADER.pack_into(slow, tcp_off, a.src_port, a.dst_port, seq, 7, 5 << 4, flags, 1000, 0, 0)
+    assert fast == slow

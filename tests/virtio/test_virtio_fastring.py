@@ -31,7 +31,7 @@ from shardswitch.virtio import ringimpl
 from shardswitch.virtio.dirtylog import DirtyLog
 from shardswitch.virtio.fastring import FastVirtqueue, make_virtqueue
 from shardswitch.virtio.memory import GuestMemory
-from shardswitch.virtio.virtqueue import Virtqueue
+from shardswitch.virtio.virtqueue import GATHER_MAX, Virtqueue
 
 pytestmark = pytest.mark.skipif(ringimpl.compiled() is None, reason="the compiled ring helper is not in use "
                                 "(SHARDSWITCH_RING=python): nothing to compare")
@@ -70,9 +70,10 @@ TABLE = st.tuples(st.integers(0, 31), st.lists(DESCRIPTOR, min_size=1, max_size=
 INDIRECT_AT = st.tuples(st.integers(0, 31), st.sampled_from([16, 32, 48, 96, 0, 20]))
 
 POP = st.tuples(st.just("pop"))
+POP_FRAME = st.tuples(st.just("pop_frame"), st.sampled_from([0, 10, 12, 40]), st.sampled_from([0, 64, 3000, GATHER_MAX]))
 POP_WRITABLE = st.tuples(st.just("pop_writable"), st.integers(0, 20000), st.integers(0, NUM + 1))
 OPS = st.lists(st.one_of(
-    POP, POP, POP, POP_WRITABLE, POP_WRITABLE, POP_WRITABLE,
+    POP, POP, POP, POP_WRITABLE, POP_WRITABLE, POP_WRITABLE, POP_FRAME, POP_FRAME, POP_FRAME,
     st.tuples(st.just("unpop"), st.integers(-1, 4)),
     st.tuples(st.just("push"), st.integers(-1, NUM), st.integers(0, 5000)),
     st.tuples(st.just("push_run"), st.lists(st.integers(-1, NUM), max_size=5),
@@ -127,6 +128,11 @@ def _run(vq: Virtqueue, copy: Copy, op: tuple[Any, ...]) -> object:
         sizes: list[int] = []
         got = _call(vq.pop_writable, op[1], op[2], heads, bufs, sizes)
         return (got, heads, [[bytes(b) for b in w] for w in bufs], sizes)
+    if name == "pop_frame":
+        got = _call(vq.pop_frame, op[1], memoryview(bytearray(op[2])))
+        if isinstance(got, tuple) and len(got) == 3 and isinstance(got[1], memoryview):
+            return (got[0], bytes(got[1]), got[2])
+        return got
     if name == "push_run":
         return _call(vq.push_run, list(op[1]), list(op[2]), op[3])
     if name == "reposition":        # by a step (as a restart does), now and then anywhere
@@ -148,6 +154,8 @@ def _outcome(name: str, result: object) -> str:
     """What kind of result a call had, for hypothesis's statistics (``--hypothesis-show-statistics``)."""
     if isinstance(result, tuple) and result and result[0] == "raised":
         return f"{name}: " + re.sub(r"\b(0x[0-9a-f]+|-?\d+)\b", "N", str(result[2]).split(":")[-1].strip())
+    if isinstance(result, tuple) and name == "pop_frame":
+        return f"{name}: {'empty' if not result[1] else 'frame'}"
     if isinstance(result, tuple) and name == "pop_writable":
         return f"{name}: {'refused' if isinstance(result[0], tuple) else 'took ' + str(min(len(result[1]), 2))}"
     if isinstance(result, tuple):
@@ -180,13 +188,18 @@ def _lay_out(copy: Copy, descs: list[tuple[int, int, int, int]], tables: list[tu
        indirect_at=st.lists(INDIRECT_AT, max_size=3),
        avail=st.lists(st.one_of(*[st.integers(0, NUM - 1)] * 8, st.integers(0, 0xFFFF)), max_size=NUM),
        forged_idx=st.one_of(st.none(), st.none(), st.none(), st.integers(0, 0xFFFF)), event_idx=st.booleans(), indirect=st.booleans(),
-       start=st.integers(0, 0xFFFF), filler=st.binary(min_size=64, max_size=256), ops=OPS)
+       start=st.integers(0, 0xFFFF), filler=st.binary(min_size=64, max_size=256), ops=OPS, tx=st.booleans())
 def test_compiled_ring_gives_what_the_reference_gives(descs: list[tuple[int, int, int, int]],
                                                       tables: list[tuple[int, list[Any]]],
                                                       indirect_at: list[tuple[int, int]], avail: list[int],
                                                       forged_idx: int | None, event_idx: bool, indirect: bool,
-                                                      start: int, filler: bytes, ops: list[tuple[Any, ...]]) -> None:
-    """Every call: the same result or the same error; at the end, the same memory and indices."""
+                                                      start: int, filler: bytes, ops: list[tuple[Any, ...]],
+                                                      tx: bool) -> None:
+    """Every call: the same result or the same error; at the end, the same memory and indices.  ``tx``: a
+    transmit ring (no WRITE flag anywhere), whose chains ``pop_frame`` takes."""
+    if tx:
+        descs = [(addr, length, flags & ~WRITE, nxt) for addr, length, flags, nxt in descs]
+        tables = [(at, [(a, n, f & ~WRITE, x) for a, n, f, x in entries]) for at, entries in tables]
     copies = [Copy(), Copy()]
     try:
         queues: list[Virtqueue] = []
