@@ -21,7 +21,7 @@ their sockets' state and queues; UDP and echo flows by their addresses.
 The coordinator (:mod:`shardswitch.coordinator.migration`) does the pipe and
 the document; each worker (:mod:`shardswitch.worker.migrate`) dumps and
 restores its own flows, the TCP sockets through
-:mod:`shardswitch.worker.tcp_migrate`.  Only a process with CAP_NET_ADMIN may
+:mod:`shardswitch.worker.tcp.migrate`.  Only a process with CAP_NET_ADMIN may
 put a socket into repair mode, which the switch gives up at start: a small
 privileged helper (:mod:`~shardswitch.migration.repair`, ``shardswitch
 repair-helper``, which speaks passt-repair's protocol) connects to the

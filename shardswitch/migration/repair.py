@@ -17,7 +17,7 @@ Our helper knows one command more, :attr:`RepairCommand.FREEZE`: attach a
 socket filter that drops every incoming segment (:func:`freeze`).  A frozen
 connection takes no more data and answers nothing (no ACK, no RST) while the
 source dumps and closes it, and a frozen listener (a *guard*, see
-:mod:`~shardswitch.worker.tcp_migrate`) silently swallows what reaches a
+:mod:`~shardswitch.worker.tcp.migrate`) silently swallows what reaches a
 closed connection's port.  The kernel may refuse that filter to a process
 without CAP_NET_ADMIN, which is why the helper does it.  So that the switch
 never sends FREEZE to passt-repair (which exits on a command it does not

@@ -9,12 +9,12 @@ The coordinator asks each worker in turn, while the guest is stopped
 discarded from every TCP socket, so that each receive queue starts at the
 guest's ACK.  Established connections then go into repair mode, all in one
 request to the TCP_REPAIR helper, and are dumped
-(:func:`~shardswitch.worker.tcp_migrate.dump`).  Every flow becomes a record
+(:func:`~shardswitch.worker.tcp.migrate.dump`).  Every flow becomes a record
 of :mod:`~shardswitch.migration.format`: TCP with its sequence state towards
 the guest and, when dumped, its socket's; UDP flows the guest started and echo
 flows by their addresses.  Then every flow is closed: a dumped socket closes
 silently (repair mode), behind a guard that drops what the peer sends until
-the target holds the connection (:func:`~shardswitch.worker.tcp_migrate.guard`,
+the target holds the connection (:func:`~shardswitch.worker.tcp.migrate.guard`,
 kept :data:`GUARD_TIME` seconds), the others with a reset, so the host peer of
 a connection that cannot move learns at once.  Should the guest resume here
 after all (the migration failed later, and the front-end starts the rings
@@ -22,7 +22,7 @@ again), the coordinator has this worker load its own record back.
 
 **Target** (:meth:`FlowMigration.load`).  Each TCP connection with a socket
 state gets a new socket in repair mode (one helper request for all), restored
-(:func:`~shardswitch.worker.tcp_migrate.restore`), out of repair mode (one
+(:func:`~shardswitch.worker.tcp.migrate.restore`), out of repair mode (one
 more request), entered in the flow table and watched.  Its sequence towards
 the guest is rewound to the guest's last ACK: what was in flight is sent
 again, which the guest's TCP takes as a retransmission.  A connection that
@@ -45,14 +45,14 @@ from shardswitch.net.drop import DropReason, PacketError
 from shardswitch.net.tcp import (ACK, CONNECTING, ESTABLISHED, FIN_SENT, RST, SOCK_FIN_RCVD,
                                  Addressing, TcpConn)
 from shardswitch.shm.layout import FlowSide, FlowType, Pif, pack_key
-from shardswitch.worker import tcp_migrate
+from shardswitch.worker.tcp import migrate as tcp_migrate
 from shardswitch.worker.counters import Event
 from shardswitch.worker.flow import FlowLayer, HandOver
 from shardswitch.worker.ping import PingFlow, PingFlows
 from shardswitch.worker.policy import REFUSALS
 from shardswitch.worker.port import WorkerPort
 from shardswitch.worker.tcp import EDGE, TcpFlow, TcpFlows
-from shardswitch.worker.tcp_forward import LINGER_RESET
+from shardswitch.worker.tcp.forward import LINGER_RESET
 from shardswitch.worker.udp import UdpFlow, UdpFlows
 
 log = logging.getLogger("shardswitch.worker")

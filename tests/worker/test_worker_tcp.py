@@ -26,7 +26,7 @@ from shardswitch.net import tcp
 from shardswitch.net.params import GuestParams
 from shardswitch.net.tcp import Addressing
 from shardswitch.worker.tcp import TcpFlow, TcpFlows
-from shardswitch.worker.tcp_timers import IDLE_TIMEOUT, KEEPALIVE_INTERVAL, MAX_RETRIES, RTO_INIT
+from shardswitch.worker.tcp.timers import IDLE_TIMEOUT, KEEPALIVE_INTERVAL, MAX_RETRIES, RTO_INIT
 from tests.guest.netns import TestNetns
 from tests.switch import Switch
 from tests.switchkit import ready_frontend, start_server
@@ -358,7 +358,7 @@ def test_host_data_with_and_without_peek_offset(monkeypatch: pytest.MonkeyPatch,
     """200 kB from the host arrive whole, with the kernel's peek offset or with the discard-buffer fallback."""
     if not peek_off:
         # An option number the kernel refuses: the flow falls back to peeking from 0 past a discard area.
-        monkeypatch.setattr("shardswitch.worker.tcp.SO_PEEK_OFF", 0x7FFF)
+        monkeypatch.setattr("shardswitch.worker.tcp.flows.SO_PEEK_OFF", 0x7FFF)
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()

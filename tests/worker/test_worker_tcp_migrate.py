@@ -17,7 +17,7 @@ from shardswitch.migration import repair
 from shardswitch.migration.format import Side
 from shardswitch.net import inany
 from shardswitch.shm.layout import Pif
-from shardswitch.worker import tcp_migrate
+from shardswitch.worker.tcp import migrate as tcp_migrate
 from tests.conftest import in_ci
 
 

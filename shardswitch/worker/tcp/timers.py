@@ -17,15 +17,12 @@ Theory of operation.  Each flow carries its own times (``last`` activity,
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from shardswitch.net.tcp import CONNECTING, ESTABLISHED
+from shardswitch.worker.tcp.internal import RTO_INIT, Frames, TcpCore, TcpFlow
 
-if TYPE_CHECKING:
-    from shardswitch.worker.tcp import Frames, TcpFlow, TcpFlows
+__all__ = ["RTO_INIT", "MAX_RETRIES", "SYN_TIMEOUT", "IDLE_TIMEOUT", "KEEPALIVE_INTERVAL", "run"]
 
-#: First retransmission timeout, and retransmissions before giving up with a RST.
-RTO_INIT = 1.0
+#: Retransmissions before giving up with a RST (the first timeout is RTO_INIT, from the contract).
 MAX_RETRIES = 7
 #: A connect() still in progress after this long is refused to the guest.
 SYN_TIMEOUT = 10.0
@@ -36,7 +33,7 @@ IDLE_TIMEOUT = 7200.0
 KEEPALIVE_INTERVAL = 30.0
 
 
-def run(flows: TcpFlows, flow: TcpFlow, now: float, out: Frames) -> None:
+def run(flows: TcpCore, flow: TcpFlow, now: float, out: Frames) -> None:
     """The timers of one flow at ``now``; frames for the guest go to ``out``."""
     conn = flow.conn
     if now - flow.last > IDLE_TIMEOUT:

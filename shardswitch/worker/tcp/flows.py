@@ -10,8 +10,8 @@ From then on no data is buffered here (see :mod:`shardswitch.net.tcp` for
 the sequence bookkeeping): guest payload is ``send()``-ed and ACKed as far
 as the socket took it; host data is peeked (``SO_PEEK_OFF`` keeps the peek
 offset at the first byte not yet sent to the guest), within the guest's
-window, straight into the guest's RX buffers (:mod:`~shardswitch.worker.tcp_vu`)
-or, when that cannot be, into frames of ours (:mod:`~shardswitch.worker.tcp_buf`),
+window, straight into the guest's RX buffers (:mod:`~shardswitch.worker.tcp.vu`)
+or, when that cannot be, into frames of ours (:mod:`~shardswitch.worker.tcp.buf`),
 and discarded with ``MSG_TRUNC`` once ACKed.  A FIN either way is a
 half-close (``shutdown(SHUT_WR)`` / a FIN to the guest after end of
 stream); a RST either way closes the socket (with a zero linger so the host
@@ -37,7 +37,7 @@ frames of up to 64 KiB whatever its MTU (GSO frames: the guest splits them
 at the connection's MSS), so the per-frame cost is paid once per 64 KiB
 rather than once per MSS.
 
-Timers (:mod:`~shardswitch.worker.tcp_timers`) run once a second over this
+Timers (:mod:`~shardswitch.worker.tcp.timers`) run once a second over this
 worker's own flows: retransmission, SYN timeout, keepalive, inactivity.
 The life of a flow - the shared table (type TCP, guest side and host side),
 the local index, hand-over of a segment of a flow another worker owns, the
@@ -45,7 +45,7 @@ once-a-second pass - is the flow layer's (:mod:`shardswitch.worker.flow`);
 where a connection goes on the host is
 :class:`~shardswitch.worker.fwd.Forwarding`'s.  :class:`TcpFlows` plugs in
 its hooks.  Connections that host clients open to forwarded
-ports (``-t``) are accepted by :mod:`shardswitch.worker.tcp_forward` and
+ports (``-t``) are accepted by :mod:`shardswitch.worker.tcp.forward` and
 adopted here (:meth:`TcpFlows.adopt_client`): our SYN goes to the guest
 first, the rest is the same.
 """
@@ -63,9 +63,6 @@ import socket
 import struct
 import termios
 import time
-from collections import deque
-from dataclasses import dataclass
-from typing import TypeAlias
 
 from shardswitch.ipc import PortFd
 from shardswitch.net import inany, tcp
@@ -92,17 +89,17 @@ from shardswitch.net.tcp import (
 )
 from shardswitch.shm.layout import FlowRef, FlowSide, FlowType, Pif
 from shardswitch.virtio.netdev import GsoType
-from shardswitch.worker import tcp_buf, tcp_timers, tcp_vu
-from shardswitch.worker.flow import FlowBase, FlowLayer, NewFlow
+from shardswitch.worker.flow import FlowLayer, NewFlow
 from shardswitch.worker.port import WorkerPort
 from shardswitch.worker.sockpool import SocketPool
-from shardswitch.worker.tcp_forward import LINGER_RESET, TcpForwarder
-from shardswitch.worker.tcp_timers import RTO_INIT
+from shardswitch.worker.tcp import buf as tcp_buf
+from shardswitch.worker.tcp import timers as tcp_timers
+from shardswitch.worker.tcp import vu as tcp_vu
+from shardswitch.worker.tcp.forward import LINGER_RESET, TcpForwarder
+from shardswitch.worker.tcp.internal import Frames, TcpFlow
+from shardswitch.worker.tcp.timers import RTO_INIT
 
 log = logging.getLogger("shardswitch.worker")
-
-#: Where frames for the guest go: a handler's reply list or the worker's pending queue.
-Frames: TypeAlias = "list[bytes] | deque[bytes]"
 
 #: SO_PEEK_OFF (not in Python's socket module).
 SO_PEEK_OFF = 42
@@ -114,35 +111,6 @@ EDGE_OUT = EDGE | select.EPOLLOUT
 _DATA = ACK | PSH
 #: tcpi_state (the first byte of TCP_INFO) of a socket its peer reset: TCP_CLOSE.
 TCPI_STATE_CLOSE = 7
-
-
-
-@dataclass(slots=True, eq=False, kw_only=True)
-class TcpFlow(FlowBase):
-    """One spliced connection owned by this worker."""
-
-    sock: socket.socket
-    conn: TcpConn
-    addr: Addressing
-    isn: int
-    our_mss: int
-    #: Start of the current retransmission period (last progress), and its length.
-    timer: float
-    rto: float = RTO_INIT
-    #: When the last keepalive ACK went to the guest.
-    keepalive: float = 0.0
-    retries: int = 0
-    #: Host data may wait beyond what the guest's window allowed.
-    readable: bool = False
-    #: EPOLLOUT is armed: the socket refused guest data.
-    out_wait: bool = False
-    #: The socket keeps the peek offset (SO_PEEK_OFF).
-    peek_off: bool = True
-    #: Bytes the guest ACKed that are still in the socket (discarded once per batch).
-    unconsumed: int = 0
-    created: float = 0.0
-    #: A host client opened it (port forwarding): our SYN went to the guest.
-    inbound: bool = False
 
 
 def _was_reset(sock: socket.socket) -> bool:
@@ -525,7 +493,7 @@ class TcpFlows:
     def to_guest(self, flow: TcpFlow, now: float, out: Frames) -> None:
         """Host data to the guest, as far as its window (and our queue) allows; FIN at end of stream.
 
-        Written in place into the guest's RX buffers (:mod:`~shardswitch.worker.tcp_vu`) when no
+        Written in place into the guest's RX buffers (:mod:`~shardswitch.worker.tcp.vu`) when no
         frame waits before it in the worker's queue and the guest takes DATA_VALID; otherwise built
         as frames (one copy more) and queued.
         """

@@ -39,9 +39,10 @@ from shardswitch.net import tcp
 from shardswitch.net.tcp import ACK, PSH
 from shardswitch.virtio.virtqueue import VirtqueueError
 
+from shardswitch.worker.tcp.internal import TcpCore, TcpFlow
+
 if TYPE_CHECKING:
     from shardswitch.virtio.netdev import RxSpan, RxWriter
-    from shardswitch.worker.tcp import TcpFlow, TcpFlows
 
 _DATA = ACK | PSH
 #: Frames whose data one peek fetches, at most.
@@ -50,7 +51,7 @@ BATCH_FRAMES = 32
 MAX_VIEWS = 1024
 
 
-def to_guest(flows: TcpFlows, flow: TcpFlow, now: float, writer: RxWriter) -> bool:
+def to_guest(flows: TcpCore, flow: TcpFlow, now: float, writer: RxWriter) -> bool:
     """Write the flow's host data in place, as far as the window and the posted buffers allow.
 
     Returns False, having written nothing, when the ring's buffers turn out

@@ -1,6 +1,6 @@
 """Host TCP data to the guest as frames built in our own buffers: passt's tcp_buf.c.
 
-The fallback beside :mod:`shardswitch.worker.tcp_vu`: used when frames
+The fallback beside :mod:`shardswitch.worker.tcp.vu`: used when frames
 already wait in the worker's queue (writing in place would overtake them),
 when the guest does not take DATA_VALID (the TCP checksum is computed here,
 over our buffer), and when its RX buffers cannot take headers in place.
@@ -12,22 +12,19 @@ beyond that the data stays in the socket until the queue drains.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from shardswitch.net import tcp
 from shardswitch.net.tcp import ACK, PSH
 from shardswitch.virtio.netdev import GsoFrame
 from shardswitch.worker.port import QUEUE_MAX
 
-if TYPE_CHECKING:
-    from shardswitch.worker.tcp import Frames, TcpFlow, TcpFlows
+from shardswitch.worker.tcp.internal import Frames, TcpCore, TcpFlow
 
 #: Frames queued for the guest beyond which no more host data is read for now.
 QUEUE_LIMIT = QUEUE_MAX // 2
 _DATA = ACK | PSH
 
 
-def to_guest(flows: TcpFlows, flow: TcpFlow, now: float, out: Frames) -> None:
+def to_guest(flows: TcpCore, flow: TcpFlow, now: float, out: Frames) -> None:
     """Frames of the flow's host data into ``out``, as far as the window and the queue limit allow."""
     port = flows.port
     conn = flow.conn

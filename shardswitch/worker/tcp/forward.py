@@ -10,7 +10,7 @@ and the forwarded guest port, seen from where
 :meth:`~shardswitch.worker.fwd.Forwarding.seen_from` says the client
 appears (itself, or for a client on the host's loopback the first mapped
 address: the gateway by default).  The connection itself
-is handed to :class:`~shardswitch.worker.tcp.TcpFlows`, which sends the
+is handed to :class:`~shardswitch.worker.tcp.TcpFlows` (through the :class:`~shardswitch.worker.tcp.internal.TcpAdopter` contract), which sends the
 guest our SYN and, once the guest's SYN-ACK comes, runs it like any other.
 """
 
@@ -20,7 +20,7 @@ import logging
 import socket
 import struct
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from shardswitch.ipc import PortFd
 from shardswitch.net import inany
@@ -29,8 +29,7 @@ from shardswitch.net.tcp import Addressing
 from shardswitch.shm.layout import FlowSide, FlowType, Pif, pack_key
 from shardswitch.worker.listen import Listener, adopt_listeners
 
-if TYPE_CHECKING:
-    from shardswitch.worker.tcp import TcpFlows
+from shardswitch.worker.tcp.internal import TcpAdopter
 
 log = logging.getLogger("shardswitch.worker")
 
@@ -41,7 +40,7 @@ LINGER_RESET = struct.pack("ii", 1, 0)
 class TcpForwarder:
     """This worker's listening sockets of ``-t`` ports and the flows their clients start."""
 
-    def __init__(self, flows: TcpFlows, ports: tuple[PortFd, ...]) -> None:
+    def __init__(self, flows: TcpAdopter, ports: tuple[PortFd, ...]) -> None:
         """Watch ``flows``' worker's listening sockets of ``-t`` ports (bound by the coordinator)."""
         self.flows = flows
         self.port = flows.port
