@@ -18,7 +18,7 @@ of the Python code alone, the ceiling for what one worker-CPU-second can do.
 * ``worker service_tx``: a real :class:`~shardswitch.worker.worker.Worker`
   whose two ring slots are started with the same ``RingStart`` messages the
   coordinator would send (without kick/call descriptors); timed are only
-  the :func:`~shardswitch.worker.datapath.service_tx` calls, i.e. the whole
+  the :meth:`~shardswitch.worker.datapath.Datapath.service_tx` calls, i.e. the whole
   per-frame work of the worker (TX pop, frame view, reflect or endpoint,
   RX write, pushes, flushes) minus the event loop.  Reflect with 64- and
   1500-byte frames, and the ARP path.
@@ -47,7 +47,6 @@ from shardswitch.net.params import GuestParams
 from shardswitch.vhost.wire import VirtioFeature
 from shardswitch.virtio.memory import GuestMemory
 from shardswitch.virtio.virtqueue import Virtqueue
-from shardswitch.worker.datapath import service_tx
 from shardswitch.worker.worker import Worker
 
 from bench.driver import RecyclingRing
@@ -186,7 +185,7 @@ def worker_service_tx(seconds: float, name: str, workload: Workload, frame_size:
                 """One service_tx call (timed), then the driver's refill (not timed)."""
                 before = worker.counters.rx_frames
                 start = time.perf_counter()
-                service_tx(worker)
+                worker.datapath.service_tx()
                 elapsed = time.perf_counter() - start
                 rx.post(rx.reap())
                 tx.reap()

@@ -81,21 +81,18 @@ from shardswitch.net.endpoint import GuestEndpoint, Service
 from shardswitch.net.params import ResolvedParams
 from shardswitch.sandbox import privileges, seccomp
 from shardswitch.shm.table import FlowTable
-from shardswitch.vhost.wire import VirtioFeature
 from shardswitch.virtio.dirtylog import DirtyLog, DirtyLogError
 from shardswitch.virtio.memory import GuestMemory, GuestMemoryError
-from shardswitch.virtio.virtqueue import GATHER_MAX
-from shardswitch.virtio.netdev import RxWriter, VnetHdrFlags
-from shardswitch.virtio.virtqueue import VirtqueueError
+from shardswitch.virtio.netdev import RxWriter
 from shardswitch.worker.counters import Counters, Event
-from shardswitch.worker.datapath import deliver_rx, drop_pending, publish_rx, service_inbox, service_tx
+from shardswitch.worker.datapath import Datapath
 from shardswitch.worker.flow import FlowLayer, HandOver
 from shardswitch.worker.fwd import Forwarding
 from shardswitch.worker.migrate import FlowMigration
 from shardswitch.worker.peers import Peers
 from shardswitch.worker.ping import PingFlows
 from shardswitch.worker.port import CountingPort, EpollWatches, RxOffloads
-from shardswitch.worker.rings import NO_FD, RingSlot, SlotState
+from shardswitch.worker.rings import RingSlot, SlotState
 from shardswitch.worker.tcp import TcpFlows
 from shardswitch.worker.udp import UdpFlows
 
@@ -116,29 +113,23 @@ class Worker(EpollWatches, CountingPort):
         params = setup.params
         self.pair = pair
         self.channel = channel
-        self.reflect = setup.reflect
         self.test_hooks = setup.test_hooks
         self.mem = GuestMemory()
         #: The dirty-page log of a live migration (LogBase), once the front-end gave one.
         self.dirty: DirtyLog | None = None
-        #: Packet capture (--pcap, shardswitch capture): every frame to and from the guest.
-        self.capture: PcapWriter | None = None
-        self.rx = RingSlot(2 * pair)
-        self.tx = RingSlot(2 * pair + 1)
         self.endpoint = GuestEndpoint(params, Service(setup.services & Service.ALL))
         self.params: ResolvedParams = self.endpoint.resolved
         self.counters = Counters()
         self.loglimit = LogLimiter(log)
-        #: The TX ring negotiated CSUM: guest frames may carry partial checksums (NEEDS_CSUM).
-        self.tx_partial_csum = False
-        #: What the running RX ring negotiated (DATA_VALID, TSO).
-        self.offloads = RxOffloads()
-        #: Frames for the guest, waiting for RX buffers.
-        self.queue: deque[bytes] = deque()
-        #: Where TX frames split over several buffers are gathered, one after the other (datapath.service_tx).
-        self.tx_scratch = memoryview(bytearray(GATHER_MAX))
         self.epoll = select.epoll()
         self.epoll.register(channel.fileno(), select.EPOLLIN)
+        #: The packet path: rings, the queue of frames for the guest, capture.
+        self.datapath = Datapath(pair, self.counters, self.epoll, self.handle_frame, reflect=setup.reflect)
+        #: The WorkerPort's views of the datapath (the same objects, never replaced).
+        self.queue: deque[bytes] = self.datapath.queue
+        self.offloads: RxOffloads = self.datapath.offloads
+        self.rx = self.datapath.rx
+        self.tx = self.datapath.tx
         self.peers = Peers(pair, setup.inbox_fd, setup.peer_fds) if setup.inbox_fd >= 0 else None
         self.table = FlowTable.attach(setup.flow_table) if setup.flow_table else None
         if self.peers is not None:
@@ -160,8 +151,7 @@ class Worker(EpollWatches, CountingPort):
         if setup.icmp:
             self.ping.plug_into(self.endpoint)
         self.migration = FlowMigration(self, self.flows, self.tcp, self.udp, self.ping)
-        #: TX needs another round without waiting for a kick (batch limit hit, or polling).
-        self.tx_again = False
+        self.datapath.on_rx_buffers = self._rx_refilled
 
     # -- control channel ---------------------------------------------------
 
@@ -230,16 +220,14 @@ class Worker(EpollWatches, CountingPort):
 
     def _capture(self, fds: list[int]) -> None:
         """Start capturing into the attached file, or stop (no descriptor); the previous file is flushed."""
-        if self.capture is not None:
-            self.capture.close()
-            self.capture = None
+        if self.datapath.capture is not None:
+            self.datapath.capture.close()
+            self.datapath.set_capture(None)
         if len(fds) > 1:
             close_fds(fds)
             log.error("worker %d: Capture with %d descriptors", self.pair, len(fds))
         elif fds:
-            self.capture = PcapWriter(fds[0])
-        if self.rx.writer is not None:
-            self.rx.writer.capture = self.capture
+            self.datapath.set_capture(PcapWriter(fds[0]))
 
     def _log_base(self, message: LogBase, fds: list[int]) -> None:
         """Map the dirty-page log (the descriptor is closed here); rings logging now log into it."""
@@ -301,12 +289,10 @@ class Worker(EpollWatches, CountingPort):
 
     def _slot(self, index: int) -> RingSlot | None:
         """The slot of vring ``index`` if it belongs to this worker."""
-        if index == self.rx.index:
-            return self.rx
-        if index == self.tx.index:
-            return self.tx
-        log.error("worker %d: vring %d is not mine", self.pair, index)
-        return None
+        slot = self.datapath.slot(index)
+        if slot is None:
+            log.error("worker %d: vring %d is not mine", self.pair, index)
+        return slot
 
     def _ring_start(self, message: RingStart, fds: list[int]) -> None:
         """Start a ring and answer the coordinator."""
@@ -315,71 +301,18 @@ class Worker(EpollWatches, CountingPort):
             close_fds(fds)
             self.channel.send(RingStarted(seq=message.seq, index=message.index, error="not this worker's ring"))
             return
-        self._stop_slot(slot)
-        try:
-            slot.start(self.mem, message, fds)
-            if slot.writer is not None:
-                slot.writer.capture = self.capture
-        except (VirtqueueError, GuestMemoryError) as err:
-            slot.stop()
-            slot.error = str(err)
-            self.channel.send(RingStarted(seq=message.seq, index=message.index, error=str(err)))
-            return
-        self._offloads(slot, message.features)
-        slot.log_addr = message.log_addr
-        if message.log_addr >= 0 and self.dirty is not None and slot.vq is not None:
-            slot.vq.start_logging(self.dirty, message.log_addr)
-            self.counters.events[Event.DIRTY_LOG_RING] += 1
-        if slot.kick_fd != NO_FD:
-            self.epoll.register(slot.kick_fd, select.EPOLLIN)
-        self.channel.send(RingStarted(seq=message.seq, index=message.index))
-        # A restart (QEMU restarts the rings after a migration, for one): what we used under the previous
-        # call eventfd may never have reached the guest as an interrupt.  One interrupt too many is harmless.
-        if slot.vq is not None and slot.vq.used_idx():
-            slot.notify()
-        # Work may already be waiting (a restart, or a guest that posted before we started).
-        if slot.is_rx:
-            self._guard_ring(slot, lambda: deliver_rx(self))
-        else:
-            self.tx_again = True
-
-    def _offloads(self, slot: RingSlot, features: int) -> None:
-        """Checksum offloads of a ring that just started, from its negotiated ``features``.
-
-        TX: CSUM lets the guest send partial checksums.  RX: with GUEST_CSUM
-        every frame's header says DATA_VALID and the TCP/UDP builders may
-        skip summing data; GUEST_TSO4/6 on top let TCP send 64 KiB GSO frames.
-        """
-        if slot.is_rx:
-            offloads = self.offloads
-            offloads.data_valid = bool(features & VirtioFeature.GUEST_CSUM)
-            offloads.tso4 = offloads.data_valid and bool(features & VirtioFeature.GUEST_TSO4)
-            offloads.tso6 = offloads.data_valid and bool(features & VirtioFeature.GUEST_TSO6)
-            if slot.writer is not None:
-                slot.writer.set_flags(VnetHdrFlags.DATA_VALID if offloads.data_valid else 0)
-        else:
-            self.tx_partial_csum = bool(features & VirtioFeature.CSUM)
+        error = self.datapath.start_ring(slot, self.mem, message, fds, self.dirty)
+        self.channel.send(RingStarted(seq=message.seq, index=message.index, error=error))
+        if not error:
+            self.datapath.after_start(slot)
 
     def _stop_slot(self, slot: RingSlot) -> int:
-        """Stop a slot, unwatching its kick descriptor."""
-        if slot.kick_fd != NO_FD:
-            try:
-                self.epoll.unregister(slot.kick_fd)
-            except (OSError, ValueError):
-                pass
-        if slot.is_rx:
-            # Frames built for a running ring may rely on its offloads (DATA_VALID, TSO): they go with it.
-            # Frames built while no RX ring runs keep full checksums and wait for the next driver (the
-            # resets and data of flows a migration brought in, before the guest's rings start).
-            if self.queue and slot.state is not SlotState.STOPPED:
-                drop_pending(self.queue, self.counters)
-            self.offloads.data_valid = self.offloads.tso4 = self.offloads.tso6 = False
-        return slot.stop()
+        """Stop a slot (see :meth:`Datapath.stop_slot`)."""
+        return self.datapath.stop_slot(slot)
 
     def _stop_all(self) -> None:
         """Stop both rings (before memory goes away)."""
-        self._stop_slot(self.rx)
-        self._stop_slot(self.tx)
+        self.datapath.stop_all()
 
     def status(self, seq: int) -> WorkerStatus:
         """Counters and ring states."""
@@ -392,37 +325,11 @@ class Worker(EpollWatches, CountingPort):
                             handed_in=self.peers.handed_in if self.peers else 0,
                             flows=self.flows.count())
 
-    # -- rings ----------------------------------------------------------------
-
-    def _guard_ring(self, slot: RingSlot, action: Callable[[], object]) -> bool:
-        """Run ring work; a broken virtqueue breaks only this ring. Returns the action's result."""
-        try:
-            return bool(action())
-        except (VirtqueueError, GuestMemoryError) as err:
-            self.break_ring(slot, err)
-            return False
-
-    def break_ring(self, slot: RingSlot, err: Exception) -> None:
-        """The guest broke ``slot``'s virtqueue: stop watching it and mark it broken (counted)."""
-        if slot.kick_fd != NO_FD:
-            try:
-                self.epoll.unregister(slot.kick_fd)
-            except (OSError, ValueError):
-                pass
-        self.counters.events[Event.BROKEN_RING] += 1
-        slot.break_(str(err))
-
     # -- the WorkerPort of the protocol modules -------------------------------------
 
     def flush(self) -> None:
-        """Write queued frames into the RX ring, under the RX ring's own guard.
-
-        The TX path calls this after each batch: were :func:`deliver_rx` called
-        directly there, a malformed RX chain would raise inside the TX ring's
-        guard and break the TX ring instead of the RX ring.
-        """
-        if self.queue:
-            self._guard_ring(self.rx, lambda: deliver_rx(self))
+        """Write queued frames into the RX ring (under the RX ring's guard)."""
+        self.datapath.flush()
 
     @property
     def guest_mac(self) -> bytes | None:
@@ -432,20 +339,19 @@ class Worker(EpollWatches, CountingPort):
     @property
     def rx_writer(self) -> RxWriter | None:
         """The running RX ring's writer (None: no RX ring)."""
-        return self.rx.writer
+        return self.datapath.rx_writer
 
     def rx_wait(self) -> bool:
         """Ask for a kick when the guest posts RX buffers; True if some were posted meanwhile."""
-        vq = self.rx.vq
-        return vq is not None and vq.enable_kicks()
+        return self.datapath.rx_wait()
 
     def rx_written(self, frames: int, nbytes: int) -> None:
         """Frames written in place into the RX ring: count, publish, signal the guest."""
-        publish_rx(self, frames, nbytes)
+        self.datapath.publish_rx(frames, nbytes)
 
     def rx_broken(self, err: Exception) -> None:
         """The guest broke the RX ring while we wrote in place."""
-        self.break_ring(self.rx, err)
+        self.datapath.rx_broken(err)
 
     def on_kick(self, slot: RingSlot) -> None:
         """A kick eventfd fired."""
@@ -453,22 +359,12 @@ class Worker(EpollWatches, CountingPort):
             os.eventfd_read(slot.kick_fd)
         except BlockingIOError:
             pass
-        slot.kicks += 1
-        if slot.state is not SlotState.RUNNING:
-            return
-        if slot.is_rx:
-            self._guard_ring(slot, lambda: deliver_rx(self))
-            if not self.queue and self.tcp.rx_blocked:
-                # Flows that ran out of RX buffers writing in place go on now.
-                self.tcp.on_rx_buffers()
-        else:
-            self.tx_again = self._guard_ring(slot, lambda: service_tx(self))
+        self.datapath.on_kick(slot)
 
-    def _polled(self) -> bool:
-        """True when a running ring has no kick descriptor and must be polled."""
-        rx, tx = self.rx, self.tx     # runs twice per loop iteration: no generator
-        return ((rx.kick_fd == NO_FD and rx.state is SlotState.RUNNING)
-                or (tx.kick_fd == NO_FD and tx.state is SlotState.RUNNING))
+    def _rx_refilled(self) -> None:
+        """The guest posted RX buffers and no frame waits: flows that ran out of them writing in place go on."""
+        if self.tcp.rx_blocked:
+            self.tcp.on_rx_buffers()
 
     # -- frames -------------------------------------------------------------------
 
@@ -502,6 +398,13 @@ class Worker(EpollWatches, CountingPort):
             self.table.publish_guest_mac(mac)
             self.published_mac = mac
 
+    def _inbox(self) -> None:
+        """Frames other workers handed over (flows this worker owns)."""
+        if self.peers is not None:
+            frames = self.peers.receive()
+            if frames:
+                self.datapath.handle_frames(frames)
+
     def handler_fault(self) -> None:
         """A handler outside any one flow raised (called from an ``except`` block; flows' own handlers are
         guarded by the flow layer): counted, logged rate-limited with the traceback, and the worker goes on."""
@@ -513,10 +416,10 @@ class Worker(EpollWatches, CountingPort):
 
     def _timeout(self, now: float) -> float:
         """How long the loop may sleep."""
-        if self.tx_again or self.deferred:
+        if self.datapath.tx_again or self.deferred:
             return 0.0
         timeout = max(0.0, self.next_tick - now)
-        return min(timeout, POLL_INTERVAL) if self._polled() else timeout
+        return min(timeout, POLL_INTERVAL) if self.datapath.polled() else timeout
 
     def _tick(self, now: float) -> None:
         """The deferred handler, once a second: timers of this worker's own flows, and (worker 0, its RX
@@ -542,17 +445,13 @@ class Worker(EpollWatches, CountingPort):
         channel_fd = self.channel.fileno()
         inbox_fd = self.peers.fileno() if self.peers is not None else -1
         sockets = self.sockets
+        datapath = self.datapath
         while self.running:
             try:
                 events = self.epoll.poll(self._timeout(time.monotonic()))
             except InterruptedError:
                 continue
-            if self.tx_again or self._polled():
-                self.tx_again = False
-                if self.tx.state is SlotState.RUNNING:
-                    self.tx_again = self._guard_ring(self.tx, lambda: service_tx(self))
-                if self.rx.state is SlotState.RUNNING and self.queue:
-                    self._guard_ring(self.rx, lambda: deliver_rx(self))
+            datapath.poll()
             for fd, _mask in events:
                 try:
                     if fd == channel_fd:
@@ -562,7 +461,7 @@ class Worker(EpollWatches, CountingPort):
                     elif fd == self.rx.kick_fd:
                         self.on_kick(self.rx)
                     elif fd == inbox_fd:
-                        service_inbox(self)
+                        self._inbox()
                     else:
                         callback = sockets.get(fd)
                         if callback is not None:
@@ -571,16 +470,16 @@ class Worker(EpollWatches, CountingPort):
                     self.handler_fault()
             if self.deferred:
                 self.run_deferred(self.handler_fault)
-            if self.capture is not None:
-                self.capture.flush()
+            if datapath.capture is not None:
+                datapath.capture.flush()
             now = time.monotonic()
             if now >= self.next_tick:
                 try:
                     self._tick(now)
                 except Exception:
                     self.handler_fault()
-        if self.capture is not None:
-            self.capture.close()
+        if self.datapath.capture is not None:
+            self.datapath.capture.close()
         self._stop_all()
         self._guard_memory(self.mem.clear)
         self.tcp.close()

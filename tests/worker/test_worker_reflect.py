@@ -3,7 +3,7 @@
 A real :class:`~shardswitch.worker.worker.Worker` (its control channel is one end
 of a socketpair nobody writes to) gets an RX and a TX ring laid out by the
 driver-side helper of tests/virtio in one memfd, as a worker receives guest
-memory; :func:`~shardswitch.worker.datapath.service_tx` then runs on frames
+memory; :meth:`~shardswitch.worker.datapath.Datapath.service_tx` then runs on frames
 the test posts.  DPDK testpmd with ``mrg_rxbuf=0`` and 3072-byte frames found
 that reflect mode blamed every too-big frame on missing RX buffers and
 counted the bytes of dropped frames as received.
@@ -19,7 +19,7 @@ import pytest
 from shardswitch.ipc import Channel, RingStart, ToWorker, WorkerSetup
 from shardswitch.net.params import GuestParams
 from shardswitch.vhost.wire import VirtioFeature
-from shardswitch.worker.datapath import RX_NO_BUFFERS, RX_TOO_BIG, service_tx
+from shardswitch.worker.datapath import RX_NO_BUFFERS, RX_TOO_BIG
 from shardswitch.worker.worker import Worker
 from shardswitch.worker.rings import RingSlot
 from tests.virtio.ringhelper import DriverRing, SharedMemory
@@ -81,7 +81,7 @@ def test_too_big_and_no_buffers_are_told_apart(rig: Rig) -> None:
     for frame in (big, fits, late):
         rig.send(frame)
 
-    assert service_tx(rig.worker) is False
+    assert rig.worker.datapath.service_tx() is False
     counters = rig.worker.counters
     assert counters.tx_frames == 3 and counters.tx_bytes == len(big) + len(fits) + len(late)
     assert dict(counters.drops) == {RX_TOO_BIG: 1, RX_NO_BUFFERS: 1}
@@ -100,7 +100,7 @@ def test_each_too_big_frame_counts_once(rig: Rig) -> None:
     for _ in range(3):
         rig.send(b"B" * 100)
 
-    service_tx(rig.worker)
+    rig.worker.datapath.service_tx()
     assert dict(rig.worker.counters.drops) == {RX_TOO_BIG: 3}
     assert rig.worker.counters.rx_frames == 0 and rig.worker.counters.rx_bytes == 0
     assert rig.rx.collect() == [] and rig.worker.rx.vq is not None and rig.worker.rx.vq.avail_pending() == 1
