@@ -18,7 +18,7 @@ deps:
 	@scripts/install-deps.sh
 	@scripts/install-qemu10.sh
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py shardswitch/virtio/_vring.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -33,8 +33,13 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(PY) -m pytest -q -m 'not guest and not dpdk' tests
 
+# The data path twice: on the compiled ring helper (the whole suite), then on its Python reference
+# (SHARDSWITCH_RING=python: the ring, worker and real-guest TCP tests; the differential test needs both).
+REFERENCE_TESTS ?= tests/virtio tests/worker tests/guest/test_guest_tcp.py tests/guest/test_guest_migration.py
+
 test: deps $(STAMP) typecheck
 	$(PY) -m pytest -q -rs tests
+	SHARDSWITCH_RING=python $(PY) -m pytest -q -rs --ignore=tests/virtio/test_virtio_fastring.py $(REFERENCE_TESTS)
 
 $(VENV)/.bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[test,bench]'

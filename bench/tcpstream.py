@@ -20,8 +20,9 @@ gateway address, which the switch maps to the host's loopback:
 * ``down`` (host -> guest): 4 KiB mergeable RX buffers, as a Linux guest
   posts them; every batch of data frames is ACKed with a window of 8 MiB.
 
-Every process works to the same two monotonic-clock marks (warm-up, then
-``seconds``).  At each mark the parent reads each worker's CPU time from
+Once every driver says its flow is connected, the parent sends them the
+same two monotonic-clock marks (warm-up, then ``seconds``) and every process
+works to them.  At each mark the parent reads each worker's CPU time from
 ``/proc`` and its byte counters from ``status``; each driver counts the
 payload bytes acknowledged (up) or received in order (down).  The figures
 per case: throughput in total and per pair, each worker's CPU seconds per GB
@@ -69,7 +70,11 @@ WSCALE = 7
 FEATURES = (int(BASE_FEATURES) | VirtioFeature.EVENT_IDX | VirtioFeature.MRG_RXBUF | VirtioFeature.CSUM
             | VirtioFeature.GUEST_CSUM | VirtioFeature.HOST_TSO4 | VirtioFeature.GUEST_TSO4)
 SYN, ACK, PSH = int(TcpFlag.SYN), int(TcpFlag.ACK), int(TcpFlag.PSH)
-START_DELAY = 1.0
+START_DELAY = 0.2
+#: Longest wait for the drivers' connections (seconds).
+CONNECT_GRACE = 30.0
+#: What a driver writes once its flow is connected.
+READY = b"R"
 RESULT_GRACE = 20.0
 TCP_HEADER = struct.Struct("!HHIIBBHHH")
 #: The virtio-net header of a TSO frame: NEEDS_CSUM from byte 34 (the TCP header), field at +16, gso TCPV4.
@@ -148,7 +153,7 @@ class StreamDriver:
         self.window = 0                # the switch's window in bytes (up)
         self.ws = 0
         self.moved = 0                 # payload bytes acknowledged (up) or received in order (down)
-        self.payload = bytes(TSO_PAYLOAD)
+        self.payload = memoryview(bytes(TSO_PAYLOAD))
         self.call = fe.call_fd(2 * pair)
 
     # -- frames --------------------------------------------------------------------
@@ -158,12 +163,12 @@ class StreamDriver:
         frame = tcp.build(self.addr, self.seq, self.ack, flags, 0xFFFF, options, payload)
         self.fe.send_frame(self.pair, bytes(frame))
 
-    def _tso_header(self) -> bytes:
-        """virtio-net header then the Ethernet/IPv4/TCP headers of one TSO frame at the current sequence
-        (the TCP checksum left partial: NEEDS_CSUM)."""
+    def _tso_header(self, size: int) -> bytes:
+        """virtio-net header then the Ethernet/IPv4/TCP headers of one TSO frame of ``size`` payload bytes
+        at the current sequence (the TCP checksum left partial: NEEDS_CSUM)."""
         head = bytearray(VNET_TSO + SWITCH_MAC + GUEST_MAC + b"\x08\x00" + bytes(40))
         ipv4.pack_header_into(head, len(VNET_TSO) + 14, ipv4.addr_from_str(GUEST_IP),
-                              ipv4.addr_from_str(GATEWAY_IP), 6, 20 + TSO_PAYLOAD)
+                              ipv4.addr_from_str(GATEWAY_IP), 6, 20 + size)
         TCP_HEADER.pack_into(head, len(VNET_TSO) + 34, self.addr.src_port, self.addr.dst_port, self.seq,
                              self.ack, 5 << 4, ACK | PSH, 0xFFFF, 0, 0)
         return bytes(head)
@@ -212,16 +217,21 @@ class StreamDriver:
         return samples
 
     def _up(self) -> None:
-        """Send TSO frames within the window, then take the ACKs."""
+        """Send TSO frames as the window allows (whole ones, or what is left of the window), then take the
+        ACKs."""
         in_flight = (self.seq - self.acked) & 0xFFFF_FFFF
         frames = []
+        sizes = []
         seq = self.seq
-        while in_flight + TSO_PAYLOAD <= (self.window << self.ws) and len(frames) < 16:
-            frames.append((self._tso_header(), self.payload))
-            self.seq = (self.seq + TSO_PAYLOAD) & 0xFFFF_FFFF
-            in_flight += TSO_PAYLOAD
+        room = (self.window << self.ws) - in_flight
+        while room > 0 and len(frames) < 16:
+            size = min(room, TSO_PAYLOAD)
+            frames.append((self._tso_header(size), self.payload[:size]))
+            sizes.append(size)
+            self.seq = (self.seq + size) & 0xFFFF_FFFF
+            room -= size
         sent = self.fe.send_gather(self.pair, frames, indirect=True) if frames else 0
-        self.seq = (seq + sent * TSO_PAYLOAD) & 0xFFFF_FFFF
+        self.seq = (seq + sum(sizes[:sent])) & 0xFFFF_FFFF
         for seg in self._segments(0.002 if sent else 0.05):
             advance = (seg.ack - self.acked) & 0xFFFF_FFFF
             if seg.flags & ACK and 0 < advance <= 1 << 30:
@@ -256,12 +266,17 @@ def _peers(netns: TestNetns, case: StreamCase) -> list[Any]:
     return procs
 
 
-def _child(driver: StreamDriver, marks: list[float], out_fd: int) -> None:
-    """A forked driver: connect, run, report as JSON, never return."""
+def _child(driver: StreamDriver, go_fd: int, out_fd: int) -> None:
+    """A forked driver: connect, say so (a byte on ``out_fd``), read the marks (``go_fd``), run, report as
+    JSON, never return."""
     code = 1
     try:
         try:
             driver.connect()
+            os.write(out_fd, READY)
+            marks = json.loads(os.read(go_fd, 4096) or b"[]")
+            if len(marks) != 2:
+                raise BenchError("no marks from the parent")
             report: dict[str, Any] = {"samples": driver.run(marks)}
             code = 0
         except Exception as exc:                       # reported to the parent, which raises it
@@ -269,6 +284,18 @@ def _child(driver: StreamDriver, marks: list[float], out_fd: int) -> None:
         os.write(out_fd, json.dumps(report).encode())
     finally:
         os._exit(code)
+
+
+def _wait_ready(fds: dict[int, int], deadline: float) -> None:
+    """Each driver's READY byte (its flow is connected); a driver that fails reports instead."""
+    for pair, fd in fds.items():
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise BenchError(f"pair {pair}: the driver did not connect")
+        first = os.read(fd, 1)
+        if first != READY:
+            rest = os.read(fd, 65536) if first else b""
+            raise BenchError(f"pair {pair}: {(first + rest).decode(errors='replace')[:300]}")
 
 
 def _collect(fds: dict[int, int], deadline: float) -> dict[int, dict[str, Any]]:
@@ -319,19 +346,27 @@ def _measure(case: StreamCase, switch: Switch, seconds: float, warmup: float) ->
             fe.ring(2 * pair + 1).reserve(RING * (TSO_PAYLOAD // RX_BUF + 2), RING)
         workers = switch.status()["workers"]
         pids = [int(w["pid"]) for w in workers]
-        start = time.monotonic() + START_DELAY
-        marks = [start + warmup, start + warmup + seconds]
-        children, fds = [], {}
+        children, fds, gos = [], {}, []
         for pair in range(case.workers):
             read_fd, write_fd = os.pipe()
+            go_read, go_write = os.pipe()
             pid = os.fork()
             if pid == 0:
                 os.close(read_fd)
-                _child(StreamDriver(fe, pair, case.direction), marks, write_fd)
+                os.close(go_write)
+                _child(StreamDriver(fe, pair, case.direction), go_read, write_fd)
             os.close(write_fd)
+            os.close(go_read)
             children.append(pid)
             fds[pair] = read_fd
+            gos.append(go_write)
         try:
+            # Every flow connected first (a sandboxed start can take a while): then the marks.
+            _wait_ready(fds, time.monotonic() + CONNECT_GRACE)
+            start = time.monotonic() + START_DELAY
+            marks = [start + warmup, start + warmup + seconds]
+            for go in gos:
+                os.write(go, json.dumps(marks).encode())
             samples = []
             for mark in marks:
                 delay = mark - time.monotonic()
@@ -341,7 +376,7 @@ def _measure(case: StreamCase, switch: Switch, seconds: float, warmup: float) ->
                 samples.append(({pid: cpu_seconds(pid) for pid in pids}, status))
             reports = _collect(fds, marks[1] + RESULT_GRACE)
         finally:
-            for fd in fds.values():
+            for fd in [*fds.values(), *gos]:
                 os.close(fd)
             for pid in children:
                 try:

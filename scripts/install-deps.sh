@@ -10,7 +10,7 @@
 # as root or through sudo.  Prints what it checks and does.
 set -euo pipefail
 
-RUNTIME_PACKAGES=(python3-venv libseccomp2 libatomic1)
+RUNTIME_PACKAGES=(python3-venv python3-dev gcc libc6-dev libseccomp2 libatomic1)
 TEST_PACKAGES=(
     python3-venv python3-dev gcc libc6-dev
     qemu-system-x86 linux-image-cloud-amd64 busybox-static iperf3

@@ -59,6 +59,6 @@ def test_tcp_stream_bench_moves_data_both_ways(tmp_path: Path) -> None:
     (no rate is asserted: figures belong in ``make bench``)."""
     for direction in ("up", "down"):
         result = tcpstream.run_case(tcpstream.StreamCase(1, direction), 1.0, 0.3, tmp_path)
-        assert result.gbit_s[0] > 0 and result.worker_cpu[0] > 0
+        assert result.gbit_s[0] > 0 and result.worker_cpu[0] > 0, result
         assert result.worker_cpu_gb[0] > 0
         assert "worker(s)" in tcpstream.format_result(result)
