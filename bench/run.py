@@ -12,6 +12,9 @@ Four parts, configured from the environment:
   answered (the normal path), and 1500-byte frames reflected; each in a
   fresh switch, ``BENCH_WARMUP`` seconds of warm-up then ``BENCH_SECONDS``
   measured;
+* 64-byte frames from DPDK testpmd (:mod:`bench.testpmd`, txonly through
+  its virtio-user port) into shardswitch (1 and 2 queue pairs) and, with
+  ``PASST_BIN``, passt: frames per second and each back-end's CPU;
 * TCP streams through the workers (:mod:`bench.tcpstream`): one flow per
   queue pair from our Python front-end to a host socket, 1 and 2 workers,
   each direction, with each worker's CPU per GB (no QEMU: the figure that
@@ -51,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import flowtable, guest, migration, tcpstream
+from bench import flowtable, guest, migration, tcpstream, testpmd
 from bench.frames import BenchError, Case, CaseResult, run_case
 from bench.primitives import Reference, run_references
 
@@ -243,6 +246,9 @@ def main() -> int:
             results.append(item)
             print(format_case(item), flush=True)
     print(CASES_FOOTER)
+    print("\n64-byte frames from DPDK testpmd (txonly, virtio-user), each back-end in this run:", flush=True)
+    print(testpmd.HEADER, flush=True)
+    pmd_results = testpmd.run(max(settings.seconds, 3.0), guest.passt_binary()[0])
     print(f"\nTCP streams, one flow per queue pair, our front-end as the guest ({os.cpu_count()} CPUs shared by the "
           "drivers, the host peers and the workers):", flush=True)
     print(tcpstream.HEADER, flush=True)
@@ -263,6 +269,7 @@ def main() -> int:
         print(migration.HEADER, flush=True)
         migration_results = migration.run(*guest.passt_binary())
     guest_results["migration"] = migration_results
+    guest_results["testpmd"] = [r.as_dict() for r in pmd_results]
     guest_results["tcp_streams"] = [item.as_dict() if not isinstance(item, tuple) else
                                     {"case": str(item[0]), "error": item[1]} for item in stream_results]
     write_results(RESULTS_FILE, _meta(settings, load), refs, results, table_rows, guest_results)

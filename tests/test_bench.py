@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import cputime, guest, tcpstream
+import pytest
+
+from bench import cputime, guest, tcpstream, testpmd
 
 #: What a guest prints for two iperf3 runs in one direction (-f m), as bench/guest.py asks.
 OUTPUT = """===BEGIN-DOWN
@@ -62,3 +64,12 @@ def test_tcp_stream_bench_moves_data_both_ways(tmp_path: Path) -> None:
         assert result.gbit_s[0] > 0 and result.worker_cpu[0] > 0, result
         assert result.worker_cpu_gb[0] > 0
         assert "worker(s)" in tcpstream.format_result(result)
+
+
+@pytest.mark.dpdk
+def test_testpmd_bench_counts_frames_into_shardswitch() -> None:
+    """bench/testpmd.py: testpmd's txonly frames into a real switch are counted, with the switch's CPU (no
+    rate asserted)."""
+    result = testpmd.run_case("shardswitch", 1, 1.0, None)
+    assert not result.error and result.frames_per_s > 0 and result.backend_cpu > 0, result
+    assert "shardswitch" in testpmd.format_result(result)
