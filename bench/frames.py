@@ -277,7 +277,7 @@ def _snapshot(switch: Switch, pids: list[int]) -> _Snapshot:
     return _Snapshot(now, cpu, busy, list(_status(switch)["workers"]))
 
 
-def _sleep_until(mark: float) -> None:
+def sleep_until(mark: float) -> None:
     """Sleep until the monotonic time ``mark``."""
     delay = mark - time.monotonic()
     if delay > 0:
@@ -308,7 +308,7 @@ def _child(driver: PairDriver, marks: list[float], expected: bytes, out_fd: int)
         os._exit(code)
 
 
-def _collect(fds: dict[int, int], deadline: float) -> dict[int, dict[str, Any]]:
+def collect_reports(fds: dict[int, int], deadline: float) -> dict[int, dict[str, Any]]:
     """Read every driver's JSON report (pair -> report) until EOF on each pipe or ``deadline``."""
     buffers = {fd: b"" for fd in fds.values()}
     pair_of = {fd: pair for pair, fd in fds.items()}
@@ -441,11 +441,11 @@ def _measure(case: Case, switch: Switch, seconds: float, warmup: float) -> CaseR
         marks = [start + warmup, start + warmup + seconds]
         children, fds = _fork_drivers(drivers, marks, workload.rx_expected())
         try:
-            _sleep_until(marks[0])
+            sleep_until(marks[0])
             first = _snapshot(switch, watched)
-            _sleep_until(marks[1])
+            sleep_until(marks[1])
             last = _snapshot(switch, watched)
-            reports = _collect(fds, marks[1] + RESULT_GRACE)
+            reports = collect_reports(fds, marks[1] + RESULT_GRACE)
         finally:
             for fd in fds.values():
                 os.close(fd)

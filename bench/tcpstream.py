@@ -53,7 +53,7 @@ from shardswitch.virtio.netdev import VNET_HDR, GsoType, VnetHdrFlags
 from tests.guest.netns import TestNetns, stop_process
 from tests.switch import DEFAULT_ADDRESSING, Switch
 
-from bench.frames import BenchError, cpu_seconds
+from bench.frames import BenchError, collect_reports, cpu_seconds, sleep_until
 
 GUEST_MAC = bytes.fromhex("525400123456")
 SWITCH_MAC = bytes.fromhex("9a559a559a55")
@@ -298,25 +298,6 @@ def _wait_ready(fds: dict[int, int], deadline: float) -> None:
             raise BenchError(f"pair {pair}: {(first + rest).decode(errors='replace')[:300]}")
 
 
-def _collect(fds: dict[int, int], deadline: float) -> dict[int, dict[str, Any]]:
-    """Every driver's report (BenchError on a silent one)."""
-    out: dict[int, dict[str, Any]] = {}
-    for pair, fd in fds.items():
-        chunks = []
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                raise BenchError(f"pair {pair}: the driver did not report")
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-        out[pair] = json.loads(b"".join(chunks))
-        if "error" in out[pair]:
-            raise BenchError(f"pair {pair}: {out[pair]['error']}")
-    return out
-
-
 def run_case(case: StreamCase, seconds: float, warmup: float, tmp: Path) -> StreamResult:
     """One case in a fresh namespace and switch."""
     with TestNetns() as netns:
@@ -369,12 +350,13 @@ def _measure(case: StreamCase, switch: Switch, seconds: float, warmup: float) ->
                 os.write(go, json.dumps(marks).encode())
             samples = []
             for mark in marks:
-                delay = mark - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
+                sleep_until(mark)
                 status = {int(w["pair"]): w for w in switch.status()["workers"]}
                 samples.append(({pid: cpu_seconds(pid) for pid in pids}, status))
-            reports = _collect(fds, marks[1] + RESULT_GRACE)
+            reports = collect_reports(fds, marks[1] + RESULT_GRACE)
+            failed = {pair: r["error"] for pair, r in reports.items() if "error" in r}
+            if failed:
+                raise BenchError("; ".join(f"pair {pair}: {error}" for pair, error in sorted(failed.items())))
         finally:
             for fd in [*fds.values(), *gos]:
                 os.close(fd)

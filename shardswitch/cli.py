@@ -37,6 +37,7 @@ from typing import Any, Final
 
 from shardswitch import __version__, systemd
 from shardswitch.logfile import LogFile
+from shardswitch.virtio import ringimpl
 from shardswitch.settings import (DEFAULT_MAC, DEFAULT_MTU, Config, ConfigError, Limit,
                                   default_control_path, load_config)
 
@@ -261,7 +262,8 @@ def _start(args: argparse.Namespace) -> int:
     """Run ``shardswitch start``: load the settings and run the coordinator until it exits."""
     try:
         cfg = load_config(args)
-    except ConfigError as exc:
+        ring = ringimpl.name()          # SHARDSWITCH_RING: refused here, not in every worker
+    except (ConfigError, ringimpl.RingImplError) as exc:
         _error(str(exc))
         return ExitCode.USAGE
     log_file = None
@@ -272,6 +274,7 @@ def _start(args: argparse.Namespace) -> int:
             _error(f"cannot open the log file {cfg.log_file}: {exc.strerror or exc}")
             return ExitCode.RUNTIME
     setup_logging(cfg.debug, cfg.quiet, log_file)
+    log.debug("ring mechanics: %s", "compiled helper" if ring == "c" else "Python reference")
     try:
         for path in (cfg.socket, cfg.control):
             if path is not None:

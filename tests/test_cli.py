@@ -23,6 +23,7 @@ import pytest
 
 from shardswitch import cli
 from shardswitch.settings import Config, ConfigError
+from shardswitch.virtio import ringimpl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,6 +144,31 @@ def test_start_config_errors(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Cap
     """Configuration errors: one line on stderr, exit 2, coordinator never called."""
     fake = fake_server(monkeypatch)
     assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+    assert fake.configs == []
+
+
+@pytest.mark.parametrize("value,message", [
+    ("fast", "SHARDSWITCH_RING='fast': choose one of auto, python, c"),
+    ("c", "SHARDSWITCH_RING=c but the compiled ring helper is missing"),
+])
+def test_start_refuses_a_bad_ring_choice(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                         value: str, message: str) -> None:
+    """SHARDSWITCH_RING that cannot be honoured (a typo; ``c`` without the helper): one line, exit 2, before
+    any worker could die of it."""
+    import shardswitch.virtio
+
+    fake = fake_server(monkeypatch)
+    # As if pip had not built the helper: the import fails.
+    monkeypatch.setitem(sys.modules, "shardswitch.virtio._vring", None)
+    monkeypatch.delattr(shardswitch.virtio, "_vring", raising=False)
+    monkeypatch.setenv("SHARDSWITCH_RING", value)
+    ringimpl.compiled.cache_clear()
+    try:
+        assert cli.main(["start", "-q"]) == 2
+    finally:
+        ringimpl.compiled.cache_clear()
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
     assert fake.configs == []

@@ -7,18 +7,19 @@ bytes (``virtio_net_hdr_v1``, with the trailing ``num_buffers``) when
 VERSION_1 or MRG_RXBUF is negotiated, otherwise the 10-byte legacy header.
 
 TX (guest -> us): a chain's device-readable buffers hold the header followed
-by the Ethernet frame.  :func:`tx_frame` skips the header and returns the
-frame as a zero-copy ``memoryview`` of guest memory when it sits in one
-buffer (Linux puts header and frame in one descriptor; others put the header
-alone in the first one); other layouts (a Linux TSO frame: headers, then
-page fragments) are gathered into a scratch buffer of the caller's, reused
-frame after frame, so a chain's bytes are copied once and never allocated.  The view
+by the Ethernet frame.  :meth:`Virtqueue.pop_frame <shardswitch.virtio.virtqueue.Virtqueue.pop_frame>`
+skips the header and returns the frame as a zero-copy ``memoryview`` of
+guest memory when it sits in one buffer (Linux puts header and frame in one
+descriptor; others put the header alone in the first one); other layouts (a
+Linux TSO frame: headers, then page fragments) are gathered into a scratch
+buffer of the caller's, reused frame after frame, so a chain's bytes are
+copied once and never allocated.  The view
 points into memory the guest still owns until the chain is pushed back, and
 the guest can change it under us: parsers must re-validate whatever they
 read and must not keep the view after the push.
 
-The header's ``flags`` byte of a TX chain is read apart with
-:func:`tx_flags`: with VIRTIO_NET_F_CSUM negotiated the guest may set
+The header's ``flags`` byte of a TX chain comes with the frame (``pop_frame``'s
+third item): with VIRTIO_NET_F_CSUM negotiated the guest may set
 NEEDS_CSUM, meaning the L4 checksum field holds only the pseudo-header sum
 (the "device" - us - would complete it).  We never forward the frame as
 such, only its payload, so the caller just has to skip verifying that
@@ -76,7 +77,7 @@ from enum import IntEnum, IntFlag
 from typing import TYPE_CHECKING, TypeAlias
 
 from shardswitch.vhost.wire import VirtioFeature
-from shardswitch.virtio.virtqueue import Virtqueue, VirtqueueError, first_byte, gather
+from shardswitch.virtio.virtqueue import Virtqueue, VirtqueueError
 
 if TYPE_CHECKING:
     from shardswitch.pcap import PcapWriter
@@ -135,30 +136,6 @@ def vnet_hdr_len(features: int) -> int:
     if features & (VirtioFeature.VERSION_1 | VirtioFeature.MRG_RXBUF):
         return VNET_HDR_LEN
     return VNET_HDR_LEGACY_LEN
-
-
-def tx_frame(readable: list[memoryview], hdr_len: int, scratch: memoryview | None = None) -> memoryview:
-    """The Ethernet frame of a TX chain, without its virtio-net header.
-
-    Zero copy when the frame lies in one buffer (after the header in the same
-    buffer, or alone in a later one); gathered into ``scratch`` otherwise,
-    cut at its size (:data:`~shardswitch.virtio.virtqueue.GATHER_MAX` by
-    default: no IP packet is longer).  A chain shorter than the header yields
-    an empty view (the caller counts it as a malformed frame).
-    :meth:`Virtqueue.pop_frame <shardswitch.virtio.virtqueue.Virtqueue.pop_frame>`
-    pops a chain and does this in one call.
-    """
-    return gather(readable, hdr_len, scratch)
-
-
-def tx_flags(readable: list[memoryview]) -> int:
-    """The ``flags`` byte of a TX chain's virtio-net header (0 for a chain with no byte at all).
-
-    The header starts the first non-empty device-readable buffer.  Only
-    meaningful for a chain whose :func:`tx_frame` is non-empty (so the whole
-    header was there).
-    """
-    return first_byte(readable)
 
 
 def _scatter(targets: list[list[memoryview]], sources: tuple[memoryview, memoryview]) -> list[int]:

@@ -141,20 +141,19 @@ def vring_need_event(event: int, new: int, old: int) -> bool:
     return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
 
 
-#: Longest run of readable bytes :func:`gather` copies from a chain of several buffers (by default): the
-#: largest IP packet (IPv6: 40 + 65535 bytes) behind an Ethernet header with a VLAN tag.  Bytes past it
-#: are cut; no packet reaches them, and a guest cannot make us allocate or copy more per chain.
+#: Size of the scratch buffer :func:`gather` copies a chain of several buffers into: the largest IP
+#: packet (IPv6: 40 + 65535 bytes) behind an Ethernet header with a VLAN tag.  Bytes past it are cut; no
+#: packet reaches them, and a guest cannot make us copy more per chain.
 GATHER_MAX = 14 + 4 + 40 + 0xFFFF
 
 
-def gather(readable: list[memoryview], skip: int, scratch: memoryview | None = None) -> memoryview:
+def gather(readable: list[memoryview], skip: int, scratch: memoryview) -> memoryview:
     """The readable bytes of a chain after its first ``skip`` bytes (a virtio-net header).
 
     Zero copy when they lie in one buffer (after the skipped bytes in the
     same buffer, or alone in a later one); otherwise copied into ``scratch``
-    (by default a new buffer of :data:`GATHER_MAX` bytes), at most its size,
-    and a view of its start returned.  A chain shorter than ``skip`` yields
-    an empty view.
+    (the caller's, :data:`GATHER_MAX` bytes), at most its size, and a view of
+    its start returned.  A chain shorter than ``skip`` yields an empty view.
     """
     if len(readable) == 1:
         buf = readable[0]
@@ -173,13 +172,12 @@ def gather(readable: list[memoryview], skip: int, scratch: memoryview | None = N
         return _EMPTY
     if len(pieces) == 1:
         return pieces[0]
-    out = scratch if scratch is not None else memoryview(bytearray(GATHER_MAX))
     used = 0
     for piece in pieces:
-        count = min(len(piece), len(out) - used)
-        out[used:used + count] = piece[:count]
+        count = min(len(piece), len(scratch) - used)
+        scratch[used:used + count] = piece[:count]
         used += count
-    return out[:used]
+    return scratch[:used]
 
 
 def first_byte(readable: list[memoryview]) -> int:

@@ -8,10 +8,11 @@ import pytest
 from ringhelper import DriverRing, SharedMemory
 
 from shardswitch.vhost.wire import VirtioFeature
+from shardswitch.virtio.fastring import make_virtqueue
 from shardswitch.virtio.memory import GuestMemory
-from shardswitch.virtio.netdev import (VNET_HDR, GsoFrame, GsoType, RxWriter, VnetHdrFlags, tx_flags, tx_frame,
+from shardswitch.virtio.netdev import (VNET_HDR, GsoFrame, GsoType, RxWriter, VnetHdrFlags,
                                        vnet_hdr_len)
-from shardswitch.virtio.virtqueue import Virtqueue, VirtqueueError
+from shardswitch.virtio.virtqueue import GATHER_MAX, Virtqueue, VirtqueueError, first_byte, gather
 
 HDR = bytes(range(0xA0, 0xAC))      # a recognisable 12-byte header
 FRAME = bytes(range(256)) * 6       # 1536 bytes
@@ -51,23 +52,45 @@ def tx_chain(shm: SharedMemory, mem: GuestMemory, parts: list[bytes]) -> tuple[D
     ([HDR[:6], HDR[6:] + FRAME[:10], FRAME[10:]], False),
     ([HDR, FRAME, b""], True),                        # trailing empty buffer
 ])
-def test_tx_frame_layouts(shm: SharedMemory, mem: GuestMemory, parts: list[bytes], zero_copy: bool) -> None:
+def test_gather_layouts(shm: SharedMemory, mem: GuestMemory, parts: list[bytes], zero_copy: bool) -> None:
     """The frame is found behind the header in every layout; zero copy where possible."""
     ring, vq, readable = tx_chain(shm, mem, parts)
-    frame = tx_frame(readable, 12)
+    scratch = memoryview(bytearray(GATHER_MAX))
+    frame = gather(readable, 12, scratch)
     assert bytes(frame) == FRAME
-    assert isinstance(frame.obj, mmap.mmap) is zero_copy    # a view of guest memory, or a copy
+    assert isinstance(frame.obj, mmap.mmap) is zero_copy    # a view of guest memory, or of the scratch
     del frame, readable
     vq.release()
 
 
-def test_tx_frame_zero_copy_follows_guest_memory(shm: SharedMemory, mem: GuestMemory) -> None:
+def test_gather_zero_copy_follows_guest_memory(shm: SharedMemory, mem: GuestMemory) -> None:
     """With header + frame in one buffer the returned view aliases the guest buffer."""
     ring, vq, readable = tx_chain(shm, mem, [HDR + FRAME])
-    frame = tx_frame(readable, 12)
+    frame = gather(readable, 12, memoryview(bytearray(GATHER_MAX)))
     ring.mm[ring.layout.data + 12] = 0xEE
     assert frame[0] == 0xEE
     del frame, readable
+    vq.release()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_chain_longer_than_any_packet_is_cut_at_the_scratch(shm: SharedMemory, mem: GuestMemory,
+                                                              compiled: bool) -> None:
+    """A guest posting a TX chain of 3 x 40 KB: pop_frame gathers GATHER_MAX bytes into the worker's scratch
+    and no more (the old join copied, and allocated, whatever the guest's buffers added up to)."""
+    ring = DriverRing(shm, 8)
+    parts = [HDR + bytes([1]) * 40_000, bytes([2]) * 40_000, bytes([3]) * 40_000]
+    ring.post(ring.data_chain(parts))
+    lay = ring.layout
+    build = make_virtqueue if compiled else Virtqueue
+    vq = build(mem, 8, ring.uva(lay.desc), ring.uva(lay.avail), ring.uva(lay.used), 0, event_idx=False)
+    scratch = memoryview(bytearray(GATHER_MAX))
+    popped = vq.pop_frame(12, scratch)
+    assert popped is not None
+    head, frame, flags = popped
+    assert len(frame) == GATHER_MAX and frame.obj is scratch.obj
+    assert bytes(frame) == b"".join(parts)[12:12 + GATHER_MAX]
+    del frame, popped
     vq.release()
 
 
@@ -78,9 +101,10 @@ def test_tx_frame_zero_copy_follows_guest_memory(shm: SharedMemory, mem: GuestMe
     ([HDR[:10] + b"xy"], 10, b"xy"),       # legacy 10-byte header
     ([], 12, b""),
 ])
-def test_tx_frame_short_chains(parts: list[bytes], hdr_len: int, expected: bytes) -> None:
+def test_gather_short_chains(parts: list[bytes], hdr_len: int, expected: bytes) -> None:
     """Too short for the header yields an empty view, never an exception."""
-    assert bytes(tx_frame([memoryview(bytearray(p)) for p in parts], hdr_len)) == expected
+    readable = [memoryview(bytearray(p)) for p in parts]
+    assert bytes(gather(readable, hdr_len, memoryview(bytearray(GATHER_MAX)))) == expected
 
 
 # ---------------------------------------------------------------------- RX
@@ -255,17 +279,17 @@ PARTIAL_HDR = VNET_HDR.pack(VnetHdrFlags.NEEDS_CSUM, 0, 0, 0, 34, 16, 0)
     [PARTIAL_HDR, FRAME],
     [b"", PARTIAL_HDR[:1], PARTIAL_HDR[1:], FRAME],     # an empty leading buffer: the flags are in the next
 ])
-def test_tx_flags_reads_the_first_header_byte(parts: list[bytes]) -> None:
-    """tx_flags returns the header's flags byte wherever the header starts."""
+def test_first_byte_reads_the_first_header_byte(parts: list[bytes]) -> None:
+    """first_byte returns the header's flags byte wherever the header starts."""
     readable = [memoryview(p) for p in parts]
-    assert tx_flags(readable) == VnetHdrFlags.NEEDS_CSUM
-    assert bytes(tx_frame(readable, 12)) == FRAME
+    assert first_byte(readable) == VnetHdrFlags.NEEDS_CSUM
+    assert bytes(gather(readable, 12, memoryview(bytearray(GATHER_MAX)))) == FRAME
 
 
-def test_tx_flags_without_flags_or_bytes() -> None:
+def test_first_byte_without_flags_or_bytes() -> None:
     """A zero header reads 0, and so does a chain without any byte."""
-    assert tx_flags([memoryview(bytes(12) + FRAME)]) == 0
-    assert tx_flags([]) == 0 and tx_flags([memoryview(b"")]) == 0
+    assert first_byte([memoryview(bytes(12) + FRAME)]) == 0
+    assert first_byte([]) == 0 and first_byte([memoryview(b"")]) == 0
 
 
 @pytest.mark.parametrize("mrg", [False, True])
