@@ -8,6 +8,7 @@ Three entry points, parsed with argparse::
                       [-a ADDR]... [-n PREFIX]... [-g GW]... [-M MAC] [-m MTU] [-i IFACE] [-4 | -6]
                       [--dns ADDR]... [--search DOMAIN]... [--config FILE] [-d | -q] ...
     shardswitch status [--control PATH] [--json]
+    shardswitch forward list|add|remove [-t SPEC]... [-u SPEC]... [--control PATH] [--json]
     shardswitch --print-capabilities        (libvirt's probe: prints {"type": "net"})
 
 Options of ``start`` default to None ("not given") so that
@@ -67,15 +68,15 @@ def _add_start_options(parser: argparse.ArgumentParser) -> None:
                         help=f"worker processes = queue pairs, {int(Limit.MIN_WORKERS)}.."
                              f"{int(Limit.MAX_WORKERS)} (default 1)")
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--socket", metavar="PATH",
+    where.add_argument("-s", "--socket", "--socket-path", dest="socket", metavar="PATH",
                        help="listen for the vhost-user front-end on this unix socket (default: "
                             "$XDG_RUNTIME_DIR/shardswitch/shardswitch.sock, "
                             "/run/shardswitch/shardswitch.sock for root, else "
                             "/tmp/shardswitch-$UID/shardswitch.sock)")
     where.add_argument("--connect", metavar="PATH",
                        help="connect to a front-end listening on this unix socket (QEMU server=on)")
-    parser.add_argument("--control", metavar="PATH",
-                        help="control socket for 'shardswitch status' (default: socket path + .ctl)")
+    parser.add_argument("-c", "--control", "--conf-path", dest="control", metavar="PATH",
+                        help="control socket for 'shardswitch status', 'forward'... (default: socket path + .ctl)")
     parser.add_argument("--control-group", dest="control_group", metavar="GROUP",
                         help="processes whose primary group is GROUP (name or number) may use the control socket "
                              "too (default: only root and the switch's own user)")
@@ -90,8 +91,8 @@ def _add_start_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-M", "--mac-addr", dest="mac", metavar="MAC",
                         help=f"MAC address shardswitch uses towards the guest (default {DEFAULT_MAC})")
     parser.add_argument("-m", "--mtu", type=int, metavar="MTU",
-                        help=f"MTU offered to the guest, {int(Limit.MIN_MTU)}..{int(Limit.MAX_MTU)} "
-                             f"(default {DEFAULT_MTU})")
+                        help=f"MTU offered to the guest, {int(Limit.MIN_MTU)}..{int(Limit.MAX_MTU)}, or 0 to "
+                             f"offer none (default {DEFAULT_MTU})")
     parser.add_argument("-i", "--interface", metavar="IFACE",
                         help="host interface to mirror addressing from (default: the one "
                              "holding each family's default route)")
@@ -115,18 +116,32 @@ def _add_start_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-link-local", dest="allow_link_local", action="store_true", default=None,
                         help="let the guest reach link-local addresses and cloud metadata services "
                              "(169.254.169.254...), as passt does (refused by default)")
-    parser.add_argument("--dns", action="append", metavar="ADDR",
-                        help="DNS server offered to the guest (repeatable; default: the host's)")
-    parser.add_argument("--search", action="append", metavar="DOMAIN",
-                        help="DNS search domain offered to the guest (repeatable; default: the host's)")
+    parser.add_argument("-D", "--dns", action="append", metavar="ADDR",
+                        help="DNS server offered to the guest (repeatable; none: no DNS server; default: the "
+                             "host's)")
+    parser.add_argument("-S", "--search", action="append", metavar="DOMAINS",
+                        help="DNS search domains offered to the guest, space-separated (repeatable; none: no "
+                             "search list; default: the host's)")
+    parser.add_argument("--no-dhcp-dns", dest="no_dhcp_dns", action="store_true", default=None,
+                        help="offer no DNS server by DHCP, DHCPv6 or router advertisements")
+    parser.add_argument("--no-dhcp-search", dest="no_dhcp_search", action="store_true", default=None,
+                        help="offer no search list by DHCP, DHCPv6 or router advertisements")
+    parser.add_argument("-H", "--hostname", metavar="NAME", help="host name given to the guest (DHCP option 12)")
+    parser.add_argument("--fqdn", metavar="NAME",
+                        help="fully qualified name given to the guest (DHCP option 81, DHCPv6 option 39)")
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-d", "--debug", action="store_true", default=None, help="debug logging")
     verbosity.add_argument("-q", "--quiet", action="store_true", default=None, help="log errors only")
+    parser.add_argument("--trace", action="store_true", default=None,
+                        help="log every frame to and from the guest (implies --debug)")
+    parser.add_argument("--stats", type=int, metavar="DELAY",
+                        help="log what the workers moved at most every DELAY seconds, when anything moved")
     parser.add_argument("--max-flows", dest="max_flows", type=int, metavar="N",
                         help="capacity of the shared flow table (default 131071)")
     mapping = parser.add_mutually_exclusive_group()
     mapping.add_argument("--map-host-loopback", dest="map_host_loopback", metavar="ADDR",
-                         help="guest traffic to ADDR goes to the host's loopback (default: the gateway)")
+                         help="guest traffic to ADDR goes to the host's loopback (default: the gateway; none: "
+                              "no address, as --no-map-gw)")
     mapping.add_argument("--no-map-gw", dest="no_map_gw", action="store_true", default=None,
                          help="map no address to the host's loopback")
     parser.add_argument("-t", "--tcp-ports", dest="tcp_ports", action="append", metavar="SPEC",
@@ -137,36 +152,58 @@ def _add_start_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dns-forward", dest="dns_forward", action="append", metavar="ADDR",
                         help="guest DNS queries to ADDR (UDP and TCP port 53) go to the host's resolvers "
                              "(once per family)")
-    parser.add_argument("--dns-host", dest="dns_host", metavar="ADDR",
-                        help="the host resolver forwarded DNS queries go to (default: resolv.conf's first); "
-                             "without --dns-forward the gateway forwards to it")
+    parser.add_argument("--dns-host", dest="dns_host", action="append", metavar="ADDR",
+                        help="the host resolver forwarded DNS queries go to (once per family; default: "
+                             "resolv.conf's first); without --dns-forward the gateway forwards to it")
     for name, what in (("dhcp", "no DHCPv4 server"), ("dhcpv6", "no DHCPv6 server"),
                        ("ndp", "no NDP (neighbour and router advertisements)"),
-                       ("ra", "no router advertisements"), ("icmp", "no ICMP/ICMPv6 echo")):
+                       ("ra", "no router advertisements"), ("icmp", "no ICMP/ICMPv6 echo (and no NDP, as passt)"),
+                       ("tcp", "no TCP: the guest's TCP frames are dropped, no TCP port is forwarded"),
+                       ("udp", "no UDP: the guest's UDP frames are dropped (DHCP still works), no UDP port is "
+                               "forwarded")):
         parser.add_argument(f"--no-{name}", dest=f"no_{name}", action="store_true", default=None, help=what)
     parser.add_argument("--runas", metavar="USER[:GROUP]",
                         help="started as root, become USER (default nobody) once sockets and ports are bound")
     parser.add_argument("--no-sandbox", dest="no_sandbox", action="store_true", default=None,
                         help="keep privileges and install no seccomp filter (debugging only)")
+    parser.add_argument("--chroot-fallback", dest="chroot_fallback", action="store_true", default=None,
+                        help="sandbox: chroot into the empty root when pivot_root cannot (an initramfs or tmpfs "
+                             "root)")
     parser.add_argument("--repair-path", dest="repair_path", metavar="PATH",
                         help="where the TCP_REPAIR helper connects, to move TCP connections in a live migration "
                              "(default: the socket path + .repair; none: no helper)")
-    parser.add_argument("--fd", type=int, metavar="N",
+    parser.add_argument("-F", "--fd", type=int, metavar="N",
                         help="serve this already open unix socket: listening (the vhost-user socket, e.g. from "
                              "a parent process) or connected (one front-end; exit when it leaves)")
-    parser.add_argument("--pid", dest="pid_file", metavar="FILE", help="write the process ID into FILE")
+    parser.add_argument("-P", "--pid", dest="pid_file", metavar="FILE", help="write the process ID into FILE")
+    parser.add_argument("-1", "--one-off", dest="one_off", action="store_true", default=None,
+                        help="exit once the first front-end has gone")
+    parser.add_argument("--migrate-exit", dest="migrate_exit", action="store_true", default=None,
+                        help="exit once an outgoing migration has completed (passt's, deprecated there)")
+    parser.add_argument("--migrate-no-linger", dest="migrate_no_linger", action="store_true", default=None,
+                        help="close migrated TCP sockets once an outgoing migration has completed, instead of "
+                             "keeping them silent (passt's, deprecated there)")
+    parser.add_argument("--freebind", action="store_true", default=None,
+                        help="forwarded ports may listen on addresses the host does not have (yet)")
     parser.add_argument("-l", "--log-file", dest="log_file", metavar="FILE",
                         help="log into FILE instead of stderr (its size kept under --log-size)")
     parser.add_argument("--log-size", dest="log_size", type=int, metavar="BYTES",
                         help="size limit of the log file; the oldest lines go first (default 1 MiB)")
     parser.add_argument("--metrics", metavar="ADDR:PORT",
                         help="serve Prometheus metrics on http://ADDR:PORT/metrics (e.g. 127.0.0.1:9410)")
-    parser.add_argument("--pcap", metavar="FILE",
+    parser.add_argument("-p", "--pcap", metavar="FILE",
                         help="capture every frame to and from the guest into FILE (pcap; FILE.1 takes over "
                              "when FILE reaches --pcap-size)")
     parser.add_argument("--pcap-size", dest="pcap_size", type=int, metavar="BYTES",
                         help="size limit of each capture file (default 256 MiB; 0: none)")
     parser.add_argument("--reflect", action="store_true", default=None, help=argparse.SUPPRESS)
+    # passt's options that describe what shardswitch always does: accepted, so that a passt command line works.
+    parser.add_argument("-f", "--foreground", dest="passt_foreground", action="store_true",
+                        help="accepted as passt's: shardswitch always runs in the foreground")
+    parser.add_argument("-e", "--stderr", dest="passt_stderr", action="store_true",
+                        help="accepted as passt's: shardswitch logs to stderr unless --log-file is given")
+    parser.add_argument("--vhost-user", dest="passt_vhost_user", action="store_true",
+                        help="accepted as passt's: shardswitch always speaks vhost-user")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,6 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
                          help="size limit of each file, then the other takes over (default 256 MiB; 0: none)")
     capture.add_argument("--control", metavar="PATH",
                          help="control socket (default: the default socket path + .ctl)")
+    forward = commands.add_parser(
+        "forward", help="list, add or remove port forwarding rules of a running instance",
+        description="List the port forwarding rules of a running instance, or add or remove rules (passt's -t/-u "
+                    "SPEC syntax) on every worker at once, or on none when one cannot be (the port is taken, the "
+                    "SPEC is bad or conflicts). Rules added here last until the instance exits; the settings file "
+                    "is not changed.")
+    forward.add_argument("action", choices=("list", "add", "remove"))
+    forward.add_argument("-t", "--tcp-ports", dest="tcp", action="append", default=[], metavar="SPEC",
+                         help="a TCP rule (add, remove; repeatable)")
+    forward.add_argument("-u", "--udp-ports", dest="udp", action="append", default=[], metavar="SPEC",
+                         help="a UDP rule (add, remove; repeatable)")
+    forward.add_argument("--control", metavar="PATH",
+                         help="control socket (default: the default socket path + .ctl)")
+    forward.add_argument("--json", action="store_true", help="print the raw answer as JSON")
     helper = commands.add_parser(
         "repair-helper", help="lend CAP_NET_ADMIN to a switch for TCP_REPAIR (live migration)",
         description="Connect to a switch's repair socket and put the TCP sockets it sends into or out of repair "
@@ -273,7 +324,7 @@ def _start(args: argparse.Namespace) -> int:
         except OSError as exc:
             _error(f"cannot open the log file {cfg.log_file}: {exc.strerror or exc}")
             return ExitCode.RUNTIME
-    setup_logging(cfg.debug, cfg.quiet, log_file)
+    setup_logging(cfg.debug or cfg.trace, cfg.quiet, log_file)
     log.debug("ring mechanics: %s", "compiled helper" if ring == "c" else "Python reference")
     try:
         for path in (cfg.socket, cfg.control):
@@ -376,6 +427,35 @@ def _capture(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _forward(args: argparse.Namespace) -> int:
+    """``shardswitch forward list`` / ``add -t SPEC`` / ``remove -u SPEC``: over the control socket."""
+    from shardswitch.coordinator import control
+    from shardswitch.coordinator.forwarding import format_rules
+
+    path = args.control or default_control_path()
+    if args.action == "list" and (args.tcp or args.udp):
+        _error("forward list takes no -t/-u SPEC")
+        return ExitCode.USAGE
+    if args.action != "list" and not (args.tcp or args.udp):
+        _error(f"forward {args.action} needs -t SPEC or -u SPEC")
+        return ExitCode.USAGE
+    try:
+        answer = control.query(path, f"forward-{args.action}", args={"tcp": args.tcp, "udp": args.udp}
+                               if args.action != "list" else None)
+    except control.ControlError as exc:
+        _error(str(exc) if isinstance(exc, control.ControlRefused) else f"{exc} (is shardswitch running?)")
+        return ExitCode.RUNTIME
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+        return ExitCode.OK
+    for done, key in (("added", "added"), ("removed", "removed")):
+        for rule in answer.get(key, []):
+            print(f"{done}: {rule['option']} {rule['spec']}")
+    if args.action == "list":
+        print(format_rules(answer))
+    return ExitCode.OK
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default: sys.argv[1:]), run the sub-command and return the exit code."""
     parser = build_parser()
@@ -392,11 +472,13 @@ def main(argv: list[str] | None = None) -> int:
         return _query(args)
     if args.command == "capture":
         return _capture(args)
+    if args.command == "forward":
+        return _forward(args)
     if args.command == "repair-helper":
         from shardswitch.migration import repair
 
         setup_logging(False, False)
         return repair.helper_main(args.path, args.wait)
     parser.print_usage(sys.stderr)
-    _error("a command is required (start, status, flows, metrics, capture, repair-helper)")
+    _error("a command is required (start, status, flows, metrics, capture, forward, repair-helper)")
     return ExitCode.USAGE

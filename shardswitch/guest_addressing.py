@@ -32,12 +32,14 @@ import msgspec
 from shardswitch import hostnet
 from shardswitch.net import eth, ipv6
 from shardswitch.net.params import GuestParams, ParamsError, resolve
-from shardswitch.settings import Config, ConfigError
+from shardswitch.settings import DEFAULT_MTU, Config, ConfigError
 
 log = logging.getLogger(__name__)
 
-#: IPv4 addressing kept with -6 when the host has none: never offered (IPv4 is off), only to fill the record.
-IPV4_PLACEHOLDER: Final = ("169.254.2.2", 24, "169.254.2.1")
+#: passt's local mode: the guest's IPv4 address, prefix length and gateway when the host has no IPv4 default
+#: route to mirror (an offline laptop, a CI job or a container without a network), libslirp's 10.0.2.x in
+#: link-local space.  Also what fills the record with -6 (IPv4 then off).
+IPV4_LOCAL: Final = ("169.254.2.1", 16, "169.254.2.2")
 
 
 class GuestAddressing(msgspec.Struct, frozen=True, kw_only=True):
@@ -137,6 +139,7 @@ def _pick_dns(cfg: Config, netinfo: hostnet.NetInfo, gateways: dict[int, str | N
     the family's gateway (None: the family is off).
     """
     usable, loopback = _usable_resolvers(netinfo)
+    hosts = [a for a in (cfg.dns_host, cfg.dns_host6) if a is not None]
     given = {4: cfg.dns_forward, 6: cfg.dns_forward6}
     explicit = any(given.values())
     offered: dict[int, list[str]] = {4: [], 6: []}
@@ -149,9 +152,9 @@ def _pick_dns(cfg: Config, netinfo: hostnet.NetInfo, gateways: dict[int, str | N
             offered[version] = [a for a in cfg.dns if ipaddress.ip_address(a).version == version]
         elif address is not None:
             offered[version] = [address]
-        elif cfg.dns_host is not None and not explicit:
+        elif hosts and not explicit:
             offered[version] = [gateway]
-            forward[gateway] = cfg.dns_host
+            forward[gateway] = _first_of_family(hosts, gateway) or hosts[0]
         elif usable[version]:
             offered[version] = usable[version]
             if gateway in usable[version]:
@@ -163,8 +166,7 @@ def _pick_dns(cfg: Config, netinfo: hostnet.NetInfo, gateways: dict[int, str | N
                          f"gateway {gateway} as IPv{version} DNS server, and its queries there go to "
                          f"{loopback[0]}")
         if address is not None:
-            resolver = _first_of_family([cfg.dns_host] if cfg.dns_host is not None else netinfo.nameservers,
-                                        address)
+            resolver = _first_of_family(hosts or netinfo.nameservers, address)
             if resolver is not None:
                 forward[address] = resolver
     if gateways[4] is not None and not offered[4] and cfg.dns is None:
@@ -207,7 +209,16 @@ def _mirror(address: str | None, prefix_len: int | None, gateway: str | None,
 
 
 def _ipv4_addressing(cfg: Config, route: hostnet.HostNet | None, notes: list[str]) -> tuple[str, int, str]:
-    """(address, prefix length, gateway) for IPv4: the settings, else the host's; ConfigError if none."""
+    """(address, prefix length, gateway) for IPv4: the settings, else the host's, else (no default route, no
+    -i, -a or -g: nothing to mirror) passt's local mode, :data:`IPV4_LOCAL`; ConfigError if only part of it
+    can be found."""
+    if route is None and cfg.interface is None and cfg.outbound_if4 is None and cfg.address is None \
+            and cfg.gateway is None:
+        local, local_len, local_gw = IPV4_LOCAL
+        length = local_len if cfg.prefix_len is None else cfg.prefix_len
+        notes.append(f"the host has no IPv4 default route: local mode, the guest gets {local}/{length} and "
+                     f"gateway {local_gw} (give -a and -g to choose others)")
+        return local, length, local_gw
     address, prefix_len, gateway = _mirror(cfg.address, cfg.prefix_len, cfg.gateway, route)
     if address is None or gateway is None:
         raise ConfigError(_missing_addressing(cfg, route, address is None, gateway is None))
@@ -245,10 +256,12 @@ def resolve_addressing(cfg: Config, netinfo: hostnet.NetInfo) -> GuestAddressing
     Each of address, prefix length, gateway (per family), DNS and search list
     is the explicit setting if given, else the host's.  A prefix length for
     an explicit IPv4 address is never taken from the host; without -n it is
-    the address's classful length (as in passt).  With -6 the IPv4 part is
-    still resolved when the host has it, else left at an unused placeholder
-    (IPv4 is then off in the guest).  Raises ConfigError when no IPv4
-    address or gateway can be found (IPv4 on), no IPv6 address (-6), or the
+    the address's classful length (as in passt).  A family without a default
+    route gets passt's local mode: IPv4 169.254.2.1/16 via 169.254.2.2, IPv6
+    link-local only (our link-local address is its router).  With -6 the
+    IPv4 part is still resolved, but IPv4 is off in the guest.  Raises
+    ConfigError when only part of the IPv4 addressing can be found (a given
+    address without a gateway, an interface without an address...), or the
     values cannot work together.
     """
     notes: list[str] = []
@@ -258,19 +271,19 @@ def resolve_addressing(cfg: Config, netinfo: hostnet.NetInfo) -> GuestAddressing
     except ConfigError:
         if ipv4:
             raise
-        address, prefix_len, gateway = IPV4_PLACEHOLDER
+        address, prefix_len, gateway = IPV4_LOCAL
     address6, prefix6_len, gateway6 = None, 64, None
     if ipv6:
         address6, prefix6_len, gateway6 = _ipv6_addressing(cfg, netinfo.route6, notes)
-        if address6 is None and not ipv4:
-            raise ConfigError("-6: the guest has no IPv6 address: the host has no global IPv6 address on an "
-                              "interface with an IPv6 default route; give -a with an IPv6 address")
     router6 = gateway6 if gateway6 is not None else our_link_local(cfg.mac)
     dns, dns_forward = _pick_dns(cfg, netinfo, {4: gateway if ipv4 else None, 6: router6 if ipv6 else None},
                                  notes)
     search = list(cfg.search) if cfg.search is not None else list(netinfo.search)
     route = netinfo.route if ipv4 else netinfo.route6
     interface = cfg.interface or (route.ifname if route is not None else None)
+    if not ipv4 and address6 is None:
+        notes.append("-6 and no global IPv6 address on the host: the guest gets link-local IPv6 only "
+                     "(give -a with an IPv6 address)")
     return GuestAddressing(address=address, prefix_len=prefix_len, gateway=gateway, mtu=cfg.mtu,
                            dns=dns[4], search=search, mac=cfg.mac, interface=interface, notes=notes,
                            dns_forward=dns_forward, address6=address6, prefix6_len=prefix6_len,
@@ -284,7 +297,8 @@ def host_addressing(cfg: Config, resolv_conf: str = hostnet.RESOLV_CONF) -> Gues
     addressing and the options do not fill the gap.
     """
     try:
-        netinfo = hostnet.read_netinfo(cfg.interface, resolv_conf)
+        netinfo = hostnet.read_netinfo(cfg.interface or cfg.outbound_if4, resolv_conf,
+                                       cfg.interface or cfg.outbound_if6)
     except hostnet.HostNetError as exc:
         raise ConfigError(str(exc)) from None
     addressing = resolve_addressing(cfg, netinfo)
@@ -306,15 +320,22 @@ def guest_params(cfg: Config, addressing: GuestAddressing) -> GuestParams:
     """Return the network layer's GuestParams for this instance, checked by its own rules.
 
     ``addressing`` gives the network-derived values; ``cfg`` the link
-    settings (MTU and the MAC shardswitch uses towards the guest).  Raises
+    settings (MTU and the MAC shardswitch uses towards the guest) and what
+    DHCP, DHCPv6 and NDP offer beyond addresses: with ``--no-dhcp-dns`` /
+    ``--no-dhcp-search`` no DNS servers / search list (DNS forwarding still
+    works), with ``-m 0`` no MTU (the data path then sizes frames for the
+    largest, as passt), the host name and FQDN.  Raises
     ConfigError if ``shardswitch.net.params.resolve`` rejects the result
     (for example a prefix length of 0).
     """
+    dns = not cfg.no_dhcp_dns
     params = GuestParams(address=addressing.address, prefix_len=addressing.prefix_len,
-                         gateway=addressing.gateway, mtu=cfg.mtu, dns=list(addressing.dns),
-                         search=list(addressing.search), our_mac=cfg.mac,
+                         gateway=addressing.gateway, mtu=cfg.mtu or DEFAULT_MTU,
+                         dns=list(addressing.dns) if dns else [],
+                         search=[] if cfg.no_dhcp_search else list(addressing.search), our_mac=cfg.mac,
                          address6=addressing.address6 or "", prefix6_len=addressing.prefix6_len,
-                         gateway6=addressing.gateway6 or "", dns6=list(addressing.dns6))
+                         gateway6=addressing.gateway6 or "", dns6=list(addressing.dns6) if dns else [],
+                         offer_mtu=cfg.mtu != 0, hostname=cfg.hostname or "", fqdn=cfg.fqdn or "")
     try:
         resolve(params)
     except ParamsError as exc:

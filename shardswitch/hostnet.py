@@ -199,13 +199,16 @@ def _addr_entries(messages: Iterable[Any], family: int = socket.AF_INET) -> list
     return entries
 
 
-def host_default_routes(ifname: str | None) -> tuple[HostNet | None, HostNet | None]:
-    """Read the host's IPv4 and IPv6 default-route interfaces (or interface ``ifname``) over netlink.
+def host_default_routes(ifname: str | None, ifname6: str | None = None) -> tuple[HostNet | None, HostNet | None]:
+    """Read the host's IPv4 and IPv6 default-route interfaces (or interface ``ifname`` for IPv4, ``ifname6``
+    for IPv6; ``ifname6`` defaults to ``ifname``) over netlink.
 
-    Each is None when ``ifname`` is None and the host has no default route
-    of that family.  Raises HostNetError when netlink cannot be read or
-    ``ifname`` does not exist.  Runs in the caller's network namespace.
+    Each is None when its interface name is None and the host has no default
+    route of that family.  Raises HostNetError when netlink cannot be read or
+    a named interface does not exist.  Runs in the caller's network namespace.
     """
+    if ifname6 is None:
+        ifname6 = ifname
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
@@ -221,7 +224,7 @@ def host_default_routes(ifname: str | None) -> tuple[HostNet | None, HostNet | N
     routes4, addrs4 = found[socket.AF_INET]
     routes6, addrs6 = found[socket.AF_INET6]
     return (select_host_net(routes4, addrs4, links, ifname),
-            select_host_net(routes6, addrs6, links, ifname))
+            select_host_net(routes6, addrs6, links, ifname6))
 
 
 def parse_resolv_conf(text: str) -> tuple[list[str], list[str]]:
@@ -268,8 +271,9 @@ def read_resolv_conf(path: str = RESOLV_CONF) -> tuple[list[str], list[str]]:
         raise HostNetError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def read_netinfo(ifname: str | None, resolv_conf: str = RESOLV_CONF) -> NetInfo:
-    """Take a snapshot of the host: default-route interfaces (or ``ifname``) and resolver settings."""
+def read_netinfo(ifname: str | None, resolv_conf: str = RESOLV_CONF, ifname6: str | None = None) -> NetInfo:
+    """Take a snapshot of the host: default-route interfaces (or ``ifname`` / ``ifname6``, see
+    :func:`host_default_routes`) and resolver settings."""
     nameservers, search = read_resolv_conf(resolv_conf)
-    route, route6 = host_default_routes(ifname)
+    route, route6 = host_default_routes(ifname, ifname6)
     return NetInfo(route=route, route6=route6, nameservers=nameservers, search=search)

@@ -27,6 +27,7 @@ import msgspec
 
 from shardswitch.net.params import GuestParams
 from shardswitch.vhost.wire import MemRegion
+from shardswitch.worker.udptimeout import UdpTimeouts
 
 #: Largest control message; a status answer with many drop reasons is the largest.
 MAX_MESSAGE = 64 * 1024
@@ -64,6 +65,10 @@ class PortFd(msgspec.Struct, frozen=True):
     guest_port: int
     #: The address it is bound to, 16 bytes (IPv4-mapped for IPv4).
     bound: bytes
+    #: The address inside the guest its flows go to, 16 bytes (b"": the guest's own address).
+    target: bytes = b""
+    #: The forwarding rule it belongs to (shardswitch.coordinator.forwarding), for ForwardRemove.
+    rule: int = 0
 
 
 class WorkerSetup(msgspec.Struct, frozen=True, kw_only=True):
@@ -83,15 +88,21 @@ class WorkerSetup(msgspec.Struct, frozen=True, kw_only=True):
     #: This worker's listening sockets of forwarded ports (-t / -u), bound by the coordinator.
     tcp_listeners: tuple[PortFd, ...] = ()
     udp_listeners: tuple[PortFd, ...] = ()
+    #: Idle timeouts of UDP flows, read from the host's conntrack settings by the coordinator before its sandbox.
+    udp_timeouts: UdpTimeouts = UdpTimeouts()
     #: Guest services offered (shardswitch.net.endpoint.Service bits: DHCP 1, NDP 2, RA 4, DHCPV6 8, IPV4 16,
-    #: IPV6 32).
-    services: int = 63
+    #: IPV6 32, TCP 64, UDP 128).
+    services: int = 255
     #: ICMP/ICMPv6 echo through ping sockets (off: --no-icmp; requests dropped as IP_PROTO_UNHANDLED or ICMPV6_IGNORED).
     icmp: bool = True
     #: Install the worker's seccomp filter once set up (off: --no-sandbox).
     sandbox: bool = False
     #: Obey test-only control messages (SandboxProbe); set by SHARDSWITCH_TEST_HOOKS=1 only.
     test_hooks: bool = False
+    #: --trace: log a line for every frame to and from the guest.
+    trace: bool = False
+    #: Keep a guard on the local port of each TCP connection a migration moved away (off: --migrate-no-linger).
+    migrate_linger: bool = True
 
 
 class MemAdd(msgspec.Struct, tag=True):
@@ -200,6 +211,35 @@ class MigrateDone(msgspec.Struct, tag=True):
     error: str = ""
 
 
+class ForwardAdd(msgspec.Struct, tag=True):
+    """Listen on more forwarded ports (``shardswitch forward add``): one listening socket per entry of
+    ``ports`` is attached, in order (their ``fd`` fields are the coordinator's numbers, not the worker's).
+    Answered with :class:`ForwardDone`."""
+
+    seq: int
+    #: True: -t (TCP) listeners, False: -u (UDP).
+    tcp: bool
+    ports: list[PortFd]
+
+
+class ForwardRemove(msgspec.Struct, tag=True):
+    """Stop listening for the forwarding rules ``rules`` (``shardswitch forward remove``): their listeners
+    close, established connections carry on.  Answered with :class:`ForwardDone`."""
+
+    seq: int
+    tcp: bool
+    rules: list[int]
+
+
+class ForwardDone(msgspec.Struct, tag=True):
+    """Answer to ForwardAdd and ForwardRemove: the worker's listeners now, by kind; ``error`` empty on
+    success."""
+
+    seq: int
+    listeners: dict[str, int] = {}
+    error: str = ""
+
+
 class SandboxProbe(msgspec.Struct, tag=True):
     """Test only (WorkerSetup.test_hooks): make a system call outside the worker's seccomp list."""
 
@@ -257,11 +297,14 @@ class WorkerStatus(msgspec.Struct, tag=True):
     handed_in: int = 0
     #: Flows this worker owns.
     flows: int = 0
+    #: Its listening sockets of forwarded ports, by kind (tcp, udp; udp_draining: those of removed rules
+    #: kept open for the flows they still carry).
+    listeners: dict[str, int] = {}
 
 
 ToWorker = Union[MemAdd, MemRemove, MemClear, RingStart, RingStop, StatusQuery, Shutdown, SandboxProbe, LogBase,
-                 MigrateSave, MigrateLoad, Capture]
-FromWorker = Union[RingStarted, RingStopped, WorkerStatus, MigrateDone]
+                 MigrateSave, MigrateLoad, Capture, ForwardAdd, ForwardRemove]
+FromWorker = Union[RingStarted, RingStopped, WorkerStatus, MigrateDone, ForwardDone]
 
 
 class Channel:

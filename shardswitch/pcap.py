@@ -33,6 +33,7 @@ import os
 import struct
 import time
 from collections.abc import Iterable
+from typing import Protocol
 
 from shardswitch.settings import PCAP_MIN_SIZE
 
@@ -56,6 +57,16 @@ MIN_SIZE = PCAP_MIN_SIZE
 def global_header() -> bytes:
     """The header a capture file starts with."""
     return GLOBAL_HEADER.pack(MAGIC, 2, 4, 0, 0, SNAPLEN, LINKTYPE_ETHERNET)
+
+
+class FrameSink(Protocol):
+    """What sees every frame to or from the guest: a capture file, ``--trace``, or both (:mod:`shardswitch.worker.trace`)."""
+
+    def add(self, frame: bytes | bytearray | memoryview) -> None:
+        """One frame."""
+
+    def add_views(self, views: Iterable[memoryview], length: int) -> None:
+        """One frame of ``length`` bytes held in several buffers."""
 
 
 class PcapWriter:

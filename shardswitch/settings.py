@@ -32,18 +32,18 @@ second, separate step: :mod:`shardswitch.guest_addressing`.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from enum import IntEnum
 from typing import Annotated, Any, Final
 
 import msgspec
 
 from shardswitch import portspec
+from shardswitch.settings_values import (NONE_WORD, Limit, check_hostname, check_ip, check_mac, check_unix_path,
+                                         none_list, parse_listen, parse_prefix)
 from shardswitch.worker import policy
 
 log = logging.getLogger(__name__)
@@ -55,28 +55,6 @@ CONTROL_SUFFIX: Final = ".ctl"
 REPAIR_SUFFIX: Final = ".repair"
 SOCKET_DIR_NAME: Final = "shardswitch"
 SOCKET_FILE_NAME: Final = "shardswitch.sock"
-
-
-class Limit(IntEnum):
-    """Bounds of the numeric settings."""
-
-    MIN_WORKERS = 1
-    MAX_WORKERS = 16
-    MIN_MTU = 68
-    MAX_MTU = 65520
-    MAX_PREFIX_LEN = 32
-    MAX_PREFIX6_LEN = 128
-    #: The IPv6 prefix length used when an IPv6 address is given without one (SLAAC's).
-    DEFAULT_PREFIX6_LEN = 64
-    #: sun_path is 108 bytes including the terminating NUL.
-    MAX_UNIX_PATH = 107
-    #: IFNAMSIZ is 16 including the terminating NUL.
-    MAX_IFNAME = 15
-    MAX_DOMAIN = 253
-    MIN_FLOWS = 16
-    #: As passt: 131071 flows of 128 bytes, about 16 MiB of shared memory.
-    DEFAULT_FLOWS = 131071
-    MAX_FLOWS = 1048575
 
 
 class ConfigError(Exception):
@@ -107,7 +85,8 @@ LogSize = Annotated[int, msgspec.Meta(ge=64 << 10, le=1 << 30)]
 DEFAULT_PCAP_SIZE: Final = 256 << 20
 PCAP_MIN_SIZE: Final = 1 << 20
 PcapSize = Annotated[int, msgspec.Meta(ge=0, le=1 << 40)]
-Mtu = Annotated[int, msgspec.Meta(ge=int(Limit.MIN_MTU), le=int(Limit.MAX_MTU))]
+#: 0: no MTU is offered to the guest (passt's -m 0); else MIN_MTU..MAX_MTU (checked in _check).
+Mtu = Annotated[int, msgspec.Meta(ge=0, le=int(Limit.MAX_MTU))]
 PrefixLen = Annotated[int, msgspec.Meta(ge=0, le=int(Limit.MAX_PREFIX_LEN))]
 Prefix6Len = Annotated[int, msgspec.Meta(ge=1, le=int(Limit.MAX_PREFIX6_LEN))]
 MacAddress = Annotated[str, msgspec.Meta(pattern=MAC_PATTERN)]
@@ -115,6 +94,7 @@ IfName = Annotated[str, msgspec.Meta(pattern=IFNAME_PATTERN, max_length=int(Limi
 DomainName = Annotated[str, msgspec.Meta(pattern=DOMAIN_PATTERN, max_length=int(Limit.MAX_DOMAIN))]
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 MaxFlows = Annotated[int, msgspec.Meta(ge=int(Limit.MIN_FLOWS), le=int(Limit.MAX_FLOWS))]
+StatsDelay = Annotated[int, msgspec.Meta(ge=1, le=86400)]
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -209,22 +189,48 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Capture every frame into this pcap file (and FILE.1 once it holds ``pcap_size`` bytes; 0: no limit).
     pcap: NonEmpty | None = None
     pcap_size: PcapSize = DEFAULT_PCAP_SIZE
+    #: Protocol handlers turned off (passt's --no-tcp / --no-udp): the guest's frames of that protocol are
+    #: dropped (counted) and no host port of it may be forwarded.
+    no_tcp: bool = False
+    no_udp: bool = False
+    #: Given to the guest by DHCP: its host name (option 12) and FQDN (option 81; DHCPv6 option 39).
+    hostname: str | None = None
+    fqdn: DomainName | None = None
+    #: Leave the DNS servers / the search list out of DHCP, DHCPv6 and router advertisements.
+    no_dhcp_dns: bool = False
+    no_dhcp_search: bool = False
+    #: Forwarded ports may listen on addresses the host does not have (yet): IP_FREEBIND / IPV6_FREEBIND.
+    freebind: bool = False
+    #: Log every frame to and from the guest, one line each (implies debug; rate-limited like every log).
+    trace: bool = False
+    #: Exit once the first front-end has gone (passt's -1/--one-off).
+    one_off: bool = False
+    #: Once an outgoing migration completes: exit (passt's --migrate-exit) / close the migrated TCP sockets
+    #: at once instead of keeping them silent (passt's --migrate-no-linger).
+    migrate_exit: bool = False
+    migrate_no_linger: bool = False
+    #: The host resolver forwarded IPv6 DNS queries go to (--dns-host once per family).
+    dns_host6: str | None = None
+    #: Log a line of the workers' counters at most every this many seconds, when they changed (passt's --stats).
+    stats: StatsDelay | None = None
+    #: Sandbox: when pivot_root cannot switch to the empty root (an initramfs or tmpfs root), chroot instead.
+    chroot_fallback: bool = False
 
 
 #: Option spelling per field, for error messages about command-line values.
 OPTION_NAMES: Final = {
     "workers": "--workers",
-    "socket": "--socket",
+    "socket": "-s/--socket",
     "connect": "--connect",
-    "control": "--control",
+    "control": "-c/--control",
     "address": "-a/--address",
     "prefix_len": "-n/--netmask",
     "gateway": "-g/--gateway",
     "mac": "-M/--mac-addr",
     "mtu": "-m/--mtu",
     "interface": "-i/--interface",
-    "dns": "--dns",
-    "search": "--search",
+    "dns": "-D/--dns",
+    "search": "-S/--search",
     "debug": "-d/--debug",
     "quiet": "-q/--quiet",
     "reflect": "--reflect",
@@ -257,18 +263,32 @@ OPTION_NAMES: Final = {
     "no_sandbox": "--no-sandbox",
     "control_group": "--control-group",
     "repair_path": "--repair-path",
-    "fd": "--fd",
-    "pid_file": "--pid",
+    "fd": "-F/--fd",
+    "pid_file": "-P/--pid",
     "log_file": "-l/--log-file",
     "log_size": "--log-size",
     "metrics": "--metrics",
-    "pcap": "--pcap",
+    "pcap": "-p/--pcap",
     "pcap_size": "--pcap-size",
+    "no_tcp": "--no-tcp",
+    "no_udp": "--no-udp",
+    "hostname": "-H/--hostname",
+    "fqdn": "--fqdn",
+    "no_dhcp_dns": "--no-dhcp-dns",
+    "no_dhcp_search": "--no-dhcp-search",
+    "freebind": "--freebind",
+    "trace": "--trace",
+    "one_off": "-1/--one-off",
+    "migrate_exit": "--migrate-exit",
+    "migrate_no_linger": "--migrate-no-linger",
+    "dns_host6": "--dns-host",
+    "stats": "--stats",
+    "chroot_fallback": "--chroot-fallback",
 }
 
 #: Settings that take an address of either family: the IPv4 field and where an IPv6 value goes.
 FAMILY_FIELDS: Final = (("address", "address6"), ("gateway", "gateway6"), ("outbound", "outbound6"),
-                        ("dns_forward", "dns_forward6"))
+                        ("dns_forward", "dns_forward6"), ("dns_host", "dns_host6"))
 
 _FIELDS: Final = frozenset(Config.__struct_fields__)
 _PATH_FIELDS: Final = ("socket", "connect", "control", "repair_path")
@@ -277,7 +297,7 @@ _FILE_FIELDS: Final = ("pid_file", "log_file", "pcap")
 #: The value of repair_path that turns the repair socket off.
 NO_REPAIR: Final = "none"
 _EXCLUSIVE: Final = (("socket", "connect"), ("debug", "quiet"), ("map_host_loopback", "no_map_gw"),
-                     ("ipv4_only", "ipv6_only"), ("fd", "connect"))
+                     ("ipv4_only", "ipv6_only"), ("fd", "connect"), ("trace", "quiet"))
 _CONFIG_KEY: Final = "config"
 _CLI_LABEL: Final = "command line"
 _ERROR_AT = re.compile(r"^(?P<problem>.*) - at `\$(?P<path>[^`]*)`$", re.DOTALL)
@@ -329,84 +349,10 @@ def default_control_path(socket_path: str | None = None) -> str:
 # value parsers shared by the file and the command line
 
 
-def parse_prefix(text: str) -> int:
-    """Parse ``-n``: a prefix length ("24") or a contiguous dotted netmask ("255.255.255.0").
-
-    Raises ValueError with a message fit for the user.
-    """
-    value = text.strip()
-    if value.isdigit():
-        length = int(value)
-        if length <= Limit.MAX_PREFIX_LEN:
-            return length
-    else:
-        try:
-            mask = int(ipaddress.IPv4Address(value))
-        except ValueError:
-            mask = -1
-        length = bin(mask).count("1") if mask >= 0 else 0
-        full = (1 << Limit.MAX_PREFIX_LEN) - 1
-        if mask >= 0 and mask == full ^ ((1 << (Limit.MAX_PREFIX_LEN - length)) - 1):
-            return length
-    raise ValueError(f"{text!r} is not a prefix length (0..32) or a contiguous netmask")
-
-
-def _check_dns_host(label: str, value: str) -> str:
-    """--dns-host: any unicast address, the host's loopback included (a stub resolver's 127.0.0.53)."""
-    return _checked(label, "dns_host", _check_ip, value, "the host's DNS resolver", "IP", True)
-
-
-def _check_ip(value: str, what: str, family: str = "IP", loopback_ok: bool = False) -> str:
-    """Return ``value`` normalised if it is a usable unicast address of ``family`` ("IP" for either
-    version, "IPv4", "IPv6"; a loopback address only with ``loopback_ok``), else raise ValueError."""
-    try:
-        addr = ipaddress.ip_address(value)
-    except ValueError:
-        addr = None
-    if addr is None or (family == "IPv4" and addr.version != 4) or (family == "IPv6" and addr.version != 6):
-        raise ValueError(f"{value!r} is not an {family} address")
-    if addr.is_loopback and not loopback_ok:
-        raise ValueError(f"{value} is a loopback address, unusable as {what}")
-    if addr.is_unspecified or addr.is_multicast or (addr.is_reserved and not addr.is_loopback):
-        raise ValueError(f"{value} is not a unicast address, unusable as {what}")
-    return str(addr)
-
-
-def _check_mac(value: str) -> str:
-    """Return the lower-cased MAC if it is a usable unicast address, else raise ValueError."""
-    octets = bytes(int(part, 16) for part in value.split(":"))
-    if octets[0] & 0x01:
-        raise ValueError(f"{value} is a multicast MAC address")
-    if not any(octets):
-        raise ValueError(f"{value} is the all-zero MAC address")
-    return value.lower()
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """``ADDR:PORT`` or ``[ADDR6]:PORT`` (an IP address and a port 1..65535) as (address, port); ValueError
-    with a message fit for the user when malformed."""
-    host, sep, port = text.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{text!r} is not ADDR:PORT")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"{text!r}: {host!r} is not an IP address") from None
-    return host, int(port)
-
-
-def _check_unix_path(value: str) -> str:
-    """Return ``value`` if it fits a unix socket address, else raise ValueError."""
-    if "\0" in value:
-        raise ValueError("path contains a NUL character")
-    size = len(os.fsencode(value))
-    if size > Limit.MAX_UNIX_PATH:
-        raise ValueError(
-            f"{value} is {size} bytes long, more than the {int(Limit.MAX_UNIX_PATH)} "
-            "a unix socket address can hold"
-        )
-    return value
+def _check_dns_host(label: str, field: str, value: str, family: str) -> str:
+    """--dns-host: any unicast address of ``family``, the host's loopback included (a stub resolver's
+    127.0.0.53)."""
+    return _checked(label, field, check_ip, value, "the host's DNS resolver", family, True)
 
 
 def _split_prefix(values: dict[str, Any], label: str) -> dict[str, Any]:
@@ -424,6 +370,23 @@ def _split_prefix(values: dict[str, Any], label: str) -> dict[str, Any]:
     return values
 
 
+def _resolve_none(values: Mapping[str, Any]) -> dict[str, Any]:
+    """passt's ``none`` in one layer: ``-D none`` / ``-S none`` empty their lists (what follows a ``none``
+    counts; ``-S`` also takes space-separated domains, as passt's), ``--map-host-loopback none`` is
+    ``--no-map-gw``.  (``--map-guest-addr none`` stays, to override a lower layer: :func:`_check`.)"""
+    out = dict(values)
+    for field, split in (("dns", False), ("search", True)):
+        given = out.get(field)
+        if given == NONE_WORD:
+            out[field] = []
+        elif isinstance(given, list) and all(isinstance(item, str) for item in given):
+            out[field] = none_list(given, split)
+    if out.get("map_host_loopback") == NONE_WORD:
+        del out["map_host_loopback"]
+        out["no_map_gw"] = True
+    return out
+
+
 def _split_families(values: Mapping[str, Any], label: str) -> dict[str, Any]:
     """Move IPv6 values of the either-family settings (:data:`FAMILY_FIELDS`) to their IPv6 fields.
 
@@ -432,7 +395,7 @@ def _split_families(values: Mapping[str, Any], label: str) -> dict[str, Any]:
     also sets ``prefix6_len``.  Values of neither family are left in the
     IPv4 field, whose check then names them.  Raises ConfigError.
     """
-    out = _split_prefix(dict(values), label)
+    out = _split_prefix(_resolve_none(values), label)
     for v4_field, v6_field in FAMILY_FIELDS:
         given = out.pop(v4_field, None)
         if given is None:
@@ -555,7 +518,7 @@ def _check(cfg: Config, label: str) -> Config:
         if getattr(cfg, a) and getattr(cfg, b):
             raise ConfigError(f"{label}: {_key_name('.' + a, label)} and "
                               f"{_key_name('.' + b, label)} exclude each other")
-    changes: dict[str, Any] = {"mac": _checked(label, "mac", _check_mac, cfg.mac)}
+    changes: dict[str, Any] = {"mac": _checked(label, "mac", check_mac, cfg.mac)}
     for field, family, what in (("address", "IPv4", "the guest's address"),
                                 ("gateway", "IPv4", "the guest's gateway"),
                                 ("address6", "IPv6", "the guest's address"),
@@ -566,24 +529,35 @@ def _check(cfg: Config, label: str) -> Config:
                                 ("outbound6", "IPv6", "the outbound source address"),
                                 ("map_guest_addr", "IP", "the address mapped to the guest's")):
         value = getattr(cfg, field)
+        if value == NONE_WORD and field == "map_guest_addr":
+            changes[field] = None
+        elif value is not None:
+            changes[field] = _checked(label, field, check_ip, value, what, family)
+    for field, family in (("dns_host", "IPv4"), ("dns_host6", "IPv6")):
+        value = getattr(cfg, field)
         if value is not None:
-            changes[field] = _checked(label, field, _check_ip, value, what, family)
-    if cfg.dns_host is not None:
-        changes["dns_host"] = _check_dns_host(label, cfg.dns_host)
+            changes[field] = _check_dns_host(label, field, value, family)
+    if cfg.mtu and cfg.mtu < Limit.MIN_MTU:
+        raise _fail(label, "mtu", f"{cfg.mtu} is below {int(Limit.MIN_MTU)} (0: offer no MTU)")
+    if cfg.hostname is not None:
+        _checked(label, "hostname", check_hostname, cfg.hostname)
     if cfg.map_host_loopback is not None:
-        changes["map_host_loopback"] = _checked(label, "map_host_loopback", _check_ip, cfg.map_host_loopback,
+        changes["map_host_loopback"] = _checked(label, "map_host_loopback", check_ip, cfg.map_host_loopback,
                                                 "the address mapped to the host's loopback")
     for field in _PATH_FIELDS:
         value = getattr(cfg, field)
         if value is not None and value != NO_REPAIR:
-            _checked(label, field, _check_unix_path, value)
-    for field, option in (("tcp_ports", "-t"), ("udp_ports", "-u")):
+            _checked(label, field, check_unix_path, value)
+    for field, option, off, proto in (("tcp_ports", "-t", "no_tcp", "TCP"), ("udp_ports", "-u", "no_udp", "UDP")):
         specs = getattr(cfg, field)
         if specs:
             try:
-                portspec.parse_all(specs, option)
+                forwards = portspec.parse_all(specs, option)
             except portspec.PortSpecError as exc:
                 raise _fail(label, field, str(exc)) from None
+            if forwards and getattr(cfg, off):
+                raise _fail(label, off, f"no {proto} handler, yet {proto} ports are forwarded "
+                                        f"({option} {' '.join(specs)})")
     if 0 < cfg.pcap_size < PCAP_MIN_SIZE:
         raise _fail(label, "pcap_size", f"{cfg.pcap_size} is below {PCAP_MIN_SIZE} bytes (0: no limit)")
     if cfg.metrics is not None:
@@ -597,7 +571,7 @@ def _check(cfg: Config, label: str) -> Config:
         except policy.PolicyError as exc:
             raise _fail(label, f"deny[{i}]", str(exc)) from None
     if cfg.dns is not None:
-        changes["dns"] = [_checked(label, f"dns[{i}]", _check_ip, server, "a DNS server for the guest")
+        changes["dns"] = [_checked(label, f"dns[{i}]", check_ip, server, "a DNS server for the guest")
                           for i, server in enumerate(cfg.dns)]
     if cfg.control is not None and cfg.control in (cfg.socket, cfg.connect):
         raise _fail(label, "control", "must differ from the vhost-user socket path")

@@ -380,3 +380,53 @@ def test_unknown_runas_user_is_refused_before_anything_starts(tmp_path: Path) ->
     assert done.returncode == 1, done
     assert "--runas: no user named 'no-such-user-here'" in done.stderr
     assert not sock.exists()
+
+
+def test_forward_list_add_remove_on_a_running_switch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`shardswitch forward`: add (several SPECs at once), list as text and JSON, remove; a refused change
+    is one error line and exit 1, and changes nothing."""
+    from tests.switch import Switch
+
+    with Switch(tmp_path, workers=1, args=["-t", "127.0.0.1/5000"]) as sw:
+        control = ["--control", sw.control]
+        assert cli.main(["forward", "add", "-t", "127.0.0.1/5001:10.0.2.16/22", "-u", "127.0.0.1/5353:53",
+                         *control]) == cli.ExitCode.OK
+        assert capsys.readouterr().out.splitlines() == ["added: -t 127.0.0.1/5001:10.0.2.16/22",
+                                                        "added: -u 127.0.0.1/5353:53"]
+        assert cli.main(["forward", "list", *control]) == cli.ExitCode.OK
+        assert capsys.readouterr().out.splitlines() == [
+            "-t 127.0.0.1/5000", "-t 127.0.0.1/5001:10.0.2.16/22    # added at run time",
+            "-u 127.0.0.1/5353:53    # added at run time"]
+        assert cli.main(["forward", "list", "--json", *control]) == cli.ExitCode.OK
+        listed = json.loads(capsys.readouterr().out)
+        assert [rule["origin"] for rule in listed["tcp"]] == ["start", "run-time"]
+        assert cli.main(["forward", "add", "-t", "127.0.0.1/5000-5001", *control]) == cli.ExitCode.RUNTIME
+        err = capsys.readouterr().err
+        assert err.startswith("shardswitch: error: forward add: -t 127.0.0.1/5000-5001 conflicts with")
+        assert err.rstrip().endswith("nothing changed")
+        assert cli.main(["forward", "remove", "-u", "127.0.0.1/5353:53", *control]) == cli.ExitCode.OK
+        assert capsys.readouterr().out.strip() == "removed: -u 127.0.0.1/5353:53"
+        assert cli.main(["forward", "remove", "-t", "127.0.0.1/5000", *control]) == cli.ExitCode.OK
+        capsys.readouterr()
+        assert cli.main(["forward", "list", *control]) == cli.ExitCode.OK
+        assert capsys.readouterr().out.splitlines() == ["-t 127.0.0.1/5001:10.0.2.16/22    # added at run time"]
+        assert "forwarding: TCP 1 rule(s), 1 port(s); UDP 0 rule(s)" in cli_status(control, capsys)
+
+
+def cli_status(control: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """`shardswitch status`'s text."""
+    assert cli.main(["status", *control]) == cli.ExitCode.OK
+    return capsys.readouterr().out
+
+
+def test_forward_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """add/remove need a SPEC, list takes none, the action is one of three; an absent switch is exit 1."""
+    control = ["--control", str(tmp_path / "none.ctl")]
+    assert cli.main(["forward", "add", *control]) == cli.ExitCode.USAGE
+    assert "forward add needs -t SPEC or -u SPEC" in capsys.readouterr().err
+    assert cli.main(["forward", "list", "-t", "22", *control]) == cli.ExitCode.USAGE
+    assert "forward list takes no -t/-u SPEC" in capsys.readouterr().err
+    assert cli.main(["forward", "flush", *control]) == cli.ExitCode.USAGE
+    capsys.readouterr()
+    assert cli.main(["forward", "list", *control]) == cli.ExitCode.RUNTIME
+    assert "(is shardswitch running?)" in capsys.readouterr().err

@@ -119,7 +119,8 @@ def test_ipv6_mirrored_and_overridden() -> None:
 
 
 def test_one_family_only() -> None:
-    """-4: no IPv6 (nor IPv6 DNS); -6: IPv4 off, a placeholder when the host has none, an error without IPv6."""
+    """-4: no IPv6 (nor IPv6 DNS); -6: IPv4 off (local-mode values fill the record when the host has no IPv4),
+    and without a host IPv6 address link-local IPv6 only, as passt's local mode."""
     got = resolve(netinfo(nameservers=["127.0.0.53"]), ipv4_only=True)
     assert (got.ipv4, got.ipv6, got.address6, got.dns6, got.dns_forward) == (True, False, None, [],
                                                                               {"10.99.0.1": "127.0.0.53"})
@@ -127,8 +128,9 @@ def test_one_family_only() -> None:
     assert (got.ipv4, got.ipv6, got.address6, got.dns, got.dns_forward) == (False, True, "2001:db8:99::2", [],
                                                                             {"fe80::1": "127.0.0.53"})
     assert got.interface == "eth0"
-    with pytest.raises(ConfigError, match="-6: the guest has no IPv6 address"):
-        resolve(netinfo(route6=None), ipv6_only=True)
+    got = resolve(netinfo(route6=None), ipv6_only=True)
+    assert (got.ipv4, got.ipv6, got.address6, got.gateway6) == (False, True, None, None)
+    assert any("link-local IPv6 only" in note for note in got.notes)
 
 
 def test_no_resolvers() -> None:
@@ -138,11 +140,14 @@ def test_no_resolvers() -> None:
     assert any("no IPv4 DNS server" in n for n in got.notes)
 
 
-def test_no_default_route_needs_address_and_gateway() -> None:
-    """Without a default route, -a and -g are both required; the message says which is missing."""
-    with pytest.raises(ConfigError, match=r"no IPv4 default route; give an address \(-a\) "
-                                          r"and a gateway \(-g\)"):
-        resolve(netinfo(route=None))
+def test_no_default_route_is_local_mode() -> None:
+    """Without a default route and without -a/-g: passt's local mode (169.254.2.1/16 via 169.254.2.2), -n
+    still applies; with only one of -a and -g the other is required, and the message says which."""
+    got = resolve(netinfo(route=None, route6=None))
+    assert (got.address, got.prefix_len, got.gateway, got.interface) == ("169.254.2.1", 16, "169.254.2.2", None)
+    assert (got.ipv4, got.ipv6, got.address6) == (True, True, None)
+    assert any("local mode" in note for note in got.notes)
+    assert resolve(netinfo(route=None), prefix_len="24").prefix_len == 24
     with pytest.raises(ConfigError, match=r"give a gateway \(-g\)$"):
         resolve(netinfo(route=None), address="10.0.0.2")
     got = resolve(netinfo(route=None), address="10.0.0.2", prefix_len="24", gateway="10.0.0.1")
@@ -173,11 +178,11 @@ def test_host_addressing_reads_resolv_conf(tmp_path: Path, monkeypatch: pytest.M
     """host_addressing glues read_netinfo and resolve_addressing; netlink errors become ConfigError."""
     resolv = tmp_path / "resolv.conf"
     resolv.write_text("nameserver 192.0.2.77\nsearch a.example\n")
-    monkeypatch.setattr(hostnet, "host_default_routes", lambda ifname: (HOST, None))
+    monkeypatch.setattr(hostnet, "host_default_routes", lambda ifname, ifname6: (HOST, None))
     got = guest_addressing.host_addressing(load_config({}), str(resolv))
     assert (got.address, got.dns, got.search) == ("10.99.0.2", ["192.0.2.77"], ["a.example"])
 
-    def broken(ifname: str | None) -> tuple[HostNet | None, HostNet | None]:
+    def broken(ifname: str | None, ifname6: str | None) -> tuple[HostNet | None, HostNet | None]:
         """Stand-in for a failing netlink read."""
         raise hostnet.HostNetError("there is no network interface named 'x'")
 
@@ -237,3 +242,39 @@ def test_a_resolver_that_is_the_gateway_is_forwarded_to_itself() -> None:
     assert (got.dns, got.dns_forward) == (["10.99.0.1"], {"10.99.0.1": "10.99.0.1"})
     got = resolve(netinfo(nameservers=["10.99.0.1", "2001:db8::53"]), dns_forward=["fd00::53"])
     assert got.dns_forward == {"10.99.0.1": "10.99.0.1", "fd00::53": "2001:db8::53"}
+
+
+def test_outbound_interfaces_choose_what_is_mirrored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--outbound-if4/6 name the interface each family is mirrored from (unless -i names one for both), as
+    passt's."""
+    asked: list[tuple[str | None, str | None]] = []
+
+    def routes(ifname: str | None, ifname6: str | None) -> tuple[HostNet | None, HostNet | None]:
+        """Record which interfaces were asked for."""
+        asked.append((ifname, ifname6))
+        return HOST, None
+
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 192.0.2.77\n")
+    monkeypatch.setattr(hostnet, "host_default_routes", routes)
+    guest_addressing.host_addressing(load_config({"outbound_if4": "v4", "outbound_if6": "v6"}), str(resolv))
+    guest_addressing.host_addressing(load_config({"interface": "i", "outbound_if6": "v6"}), str(resolv))
+    assert asked == [("v4", "v6"), ("i", "i")]
+
+
+def test_dns_host_once_per_family() -> None:
+    """--dns-host once per family: each gateway's queries go to the resolver of its own family."""
+    got = resolve(netinfo(nameservers=[]), dns_host=["127.0.0.53", "::1"])
+    assert got.dns_forward == {"10.99.0.1": "127.0.0.53", "fe80::1": "::1"}
+
+
+def test_guest_params_offer_what_the_options_say() -> None:
+    """--no-dhcp-dns / --no-dhcp-search empty what DHCP, DHCPv6 and NDP offer (forwarding stays); -m 0 offers
+    no MTU and sizes frames for the largest; -H and --fqdn reach the parameters."""
+    cfg = load_config({"no_dhcp_dns": True, "no_dhcp_search": True, "mtu": 0, "hostname": "vm1",
+                       "fqdn": "vm1.example.org"})
+    addressing = resolve(netinfo(nameservers=["127.0.0.53"], search=["a.example"]))
+    params = guest_addressing.guest_params(cfg, addressing)
+    assert (params.dns, params.dns6, params.search) == ([], [], [])
+    assert addressing.dns_forward
+    assert (params.offer_mtu, params.mtu, params.hostname, params.fqdn) == (False, 65520, "vm1", "vm1.example.org")

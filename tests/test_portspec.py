@@ -135,3 +135,87 @@ def test_dns_forward_is_offered_to_the_guest() -> None:
     assert resolve_addressing(cfg, info).dns == ["10.99.0.3"]
     cfg = load_config({"dns_forward": "10.99.0.3", "dns": ["192.0.2.53"]})
     assert resolve_addressing(cfg, info).dns == ["192.0.2.53"]
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    ("0.0.0.0/5000:192.0.2.5/6000", [Forward("0.0.0.0", None, 5000, 5000, 6000, "192.0.2.5")]),
+    ("0.0.0.0/5000-5002:192.0.2.5", [Forward("0.0.0.0", None, 5000, 5002, 5000, "192.0.2.5")]),
+    ("0.0.0.0/5000-5001:[192.0.2.5]/7000-7001", [Forward("0.0.0.0", None, 5000, 5001, 7000, "192.0.2.5")]),
+    ("[::1]/80:[2001:db8::5]/8080", [Forward("::1", None, 80, 80, 8080, "2001:db8::5")]),
+    ("::/80:[2001:db8::5]", [Forward("::", None, 80, 80, 80, "2001:db8::5")]),
+    ("10.0.0.1/22:[::ffff:192.0.2.5]/2222", [Forward("10.0.0.1", None, 22, 22, 2222, "192.0.2.5")]),
+    ("127.0.0.6%lo/22,80:192.0.2.6/8080", [Forward("127.0.0.6", "lo", 22, 22, 22),
+                                           Forward("127.0.0.6", "lo", 80, 80, 8080, "192.0.2.6")]),
+    ("*/22", [Forward(None, None, 22, 22, 22)]),
+    ("*%eth0/22", [Forward(None, "eth0", 22, 22, 22)]),
+    ("/22", [Forward(None, None, 22, 22, 22)]),
+])
+def test_target_address_and_any_address_forms(spec: str, expected: list[Forward]) -> None:
+    """passt's full SPEC: a target address inside the guest (with or without ports, brackets allowed,
+    IPv4-mapped as IPv4) and '*' (or nothing) before / as any address."""
+    assert parse(spec) == expected
+
+
+def test_all_to_a_target_address() -> None:
+    """ADDR/all:TOADDR forwards every non-ephemeral port (exclusions cut out) to TOADDR."""
+    got = parse("127.0.0.6/all:192.0.2.6,~22", (40000, 65535))
+    assert [(f.first, f.last, f.to_addr) for f in got] == [(1, 21, "192.0.2.6"), (23, 39999, "192.0.2.6")]
+    assert {f.addr for f in got} == {"127.0.0.6"}
+
+
+@pytest.mark.parametrize(("spec", "words"), [
+    ("5000:192.0.2.5/6000", "from any address .* cannot go to the IPv4 address 192.0.2.5; did you mean 0.0.0.0/"),
+    ("%eth0/5000:[2001:db8::5]", r"did you mean \[::\]%eth0/"),
+    ("22,5000:192.0.2.5/6000", "from any address .* cannot go to the IPv4 address 192.0.2.5"),
+    ("0.0.0.0/5000:[2001:db8::5]/6000", r"forward from IPv4 \(0.0.0.0\) to IPv6 \(2001:db8::5\) unsupported"),
+    ("[::1]/5000:192.0.2.5", r"forward from IPv6 \(::1\) to IPv4 \(192.0.2.5\)"),
+    ("0.0.0.0/5000:0.0.0.0/6000", "target address '0.0.0.0' is unspecified"),
+    ("0.0.0.0/5000:127.0.0.2", "is loopback"),
+    ("0.0.0.0/5000:224.0.0.1", "is multicast"),
+    ("0.0.0.0/5000:255.255.255.255", "is broadcast"),
+    ("0.0.0.0/5000:192.0.2.300/6000", "bad target address '192.0.2.300'"),
+    ("0.0.0.0/5000:host/6000", "bad target address 'host'"),
+    ("0.0.0.0/5000:192.0.2.5/", "bad port range ''"),
+    ("0.0.0.0/5000-5001:192.0.2.5/6000", "maps 2 ports onto 1"),
+    ("0.0.0.0/5000:192.0.2.5/0", "maps to port 0"),
+    ("0", "forwards port 0"),
+    ("all,22", "'all' does not mix with port ranges"),
+    ("0.0.0.0/all:192.0.2.5,all", "'all' given twice"),
+    ("*%/22", "bad interface name"),
+    ("*%../22", "bad interface name"),
+    ("abc/22", "bad address 'abc'"),
+    ("::1/auto", "only allowed for pasta"),
+])
+def test_malformed_target_forms_name_the_bad_part(spec: str, words: str) -> None:
+    """Errors name the SPEC and what is wrong with it (passt's rules on target addresses)."""
+    with pytest.raises(PortSpecError, match=words) as err:
+        parse(spec)
+    assert "auto" in spec or repr(spec) in str(err.value)
+
+
+@pytest.mark.parametrize("spec", ["22", "2222:22", "8000-8010:9000-9010", "[::1]/53", "127.0.0.1%lo/80",
+                                  "%eth0/80", "*%eth0/80:8080", "0.0.0.0/5000:192.0.2.5/6000",
+                                  "[::]/80:[2001:db8::5]/8080"])
+def test_format_reads_back(spec: str) -> None:
+    """format_forward writes a rule in the SPEC syntax that parses back into the same rule."""
+    from shardswitch.portspec import format_forward
+
+    (fwd,) = parse(spec)
+    assert parse(format_forward(fwd)) == [fwd]
+
+
+def test_conflicts_as_passt() -> None:
+    """Rules conflict when their listening addresses match (any address matches all, an unspecified one its
+    family) and their ports overlap; interfaces do not matter."""
+    from shardswitch.portspec import conflicts
+
+    def one(spec: str) -> Forward:
+        (fwd,) = parse(spec)
+        return fwd
+
+    assert conflicts(one("80-90"), one("127.0.0.1/85"))
+    assert conflicts(one("0.0.0.0/80"), one("127.0.0.1/80"))
+    assert not conflicts(one("0.0.0.0/80"), one("[::1]/80"))
+    assert conflicts(one("%eth0/80"), one("%eth1/80"))
+    assert not conflicts(one("127.0.0.1/80"), one("127.0.0.2/80"))
+    assert not conflicts(one("80-90"), one("91"))

@@ -130,7 +130,7 @@ def test_file_error_names_file_key_and_value(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("values,message", [
     ({"workers": 17}, "command line: --workers: Expected `int` <= 16, got 17"),
-    ({"mtu": 67}, "command line: -m/--mtu: Expected `int` >= 68, got 67"),
+    ({"mtu": 67}, "command line: -m/--mtu: 67 is below 68 (0: offer no MTU)"),
     ({"mtu": 65521}, "command line: -m/--mtu: Expected `int` <= 65520, got 65521"),
     ({"prefix_len": "129"}, "command line: -n/--netmask or -a ADDR/LEN: Expected `int` <= 128"),
     ({"mac": "9a:55:9a:55:9a"}, "command line: -M/--mac-addr: Expected a MAC address"),
@@ -155,7 +155,7 @@ def test_file_error_names_file_key_and_value(tmp_path: Path) -> None:
     ({"map_guest_addr": "224.0.0.1"}, "--map-guest-addr: 224.0.0.1 is not a unicast address"),
     ({"interface": "a-very-long-ifname"}, "-i/--interface: Expected `str` of length <= 15"),
     ({"interface": "eth 0"}, "-i/--interface: Expected an interface name"),
-    ({"search": ["ok.example", "bad domain"]}, "--search: Expected a domain name like example.org, got 'bad domain'"),
+    ({"search": ["ok.example", "bad..domain"]}, "-S/--search: Expected a domain name like example.org, got 'bad..domain'"),
     ({"socket": "/" + "x" * 110}, "--socket: /xxx"),
     ({"socket": "/tmp/s", "control": "/tmp/s"}, "--control: must differ from the vhost-user socket"),
     ({"socket": "/tmp/s", "connect": "/tmp/c"}, "--socket and --connect exclude each other"),
@@ -163,7 +163,7 @@ def test_file_error_names_file_key_and_value(tmp_path: Path) -> None:
     ({"bogus": 1}, "command line: Object contains unknown field `bogus`"),
     ({"workers": "2"}, "command line: --workers: Expected `int`, got `str`"),
     ({"dns_host": "ff02::1"}, "command line: --dns-host: ff02::1 is not a unicast address"),
-    ({"dns_host": "resolver"}, "command line: --dns-host: 'resolver' is not an IP address"),
+    ({"dns_host": "resolver"}, "command line: --dns-host: 'resolver' is not an IPv4 address"),
     ({"no_dhcp": "yes"}, "command line: --no-dhcp: Expected `bool`, got `str`"),
 ])
 def test_command_line_errors(values: dict[str, Any], message: str) -> None:
@@ -212,10 +212,10 @@ def test_too_long_default_socket_path(monkeypatch: pytest.MonkeyPatch) -> None:
     (["--dns-forward", "224.0.0.1"], "--dns-forward: 224.0.0.1 is not a unicast"),
     (["-t", "80-70"], "-t/--tcp-ports"),
     (["-u", "99999"], "-u/--udp-ports"),
-    (["--fd", "2"], "--fd: Expected `int` >= 3"),
-    (["--fd", "3", "--connect", "/tmp/c"], "--fd and --connect exclude each other"),
+    (["--fd", "2"], "-F/--fd: Expected `int` >= 3"),
+    (["--fd", "3", "--connect", "/tmp/c"], "-F/--fd and --connect exclude each other"),
     (["--log-size", "1000"], "--log-size: Expected `int` >= 65536"),
-    (["--pid", ""], "--pid: Expected `str` of length >= 1"),
+    (["--pid", ""], "-P/--pid: Expected `str` of length >= 1"),
     (["--metrics", "9410"], "--metrics: '9410' is not ADDR:PORT"),
     (["--metrics", "localhost:9410"], "--metrics: 'localhost:9410': 'localhost' is not an IP address"),
     (["--metrics", "127.0.0.1:0"], "--metrics: '127.0.0.1:0' is not ADDR:PORT"),
@@ -246,7 +246,7 @@ def test_service_switches_and_dns_host(tmp_path: Path) -> None:
     assert (cfg.no_dhcp, cfg.no_ndp, cfg.no_ra, cfg.no_icmp, cfg.dns_host) == (True, False, True, False, "127.0.0.53")
     path = write_toml(tmp_path, 'no_ndp = true\nno_icmp = true\ndns_host = "::1"\n')
     cfg = load_config({"config": path})
-    assert (cfg.no_dhcp, cfg.no_ndp, cfg.no_icmp, cfg.dns_host) == (False, True, True, "::1")
+    assert (cfg.no_dhcp, cfg.no_ndp, cfg.no_icmp, cfg.dns_host, cfg.dns_host6) == (False, True, True, None, "::1")
 
 
 def test_addresses_of_either_family_split_by_family(tmp_path: Path) -> None:
@@ -293,3 +293,59 @@ def test_control_group(tmp_path: Path) -> None:
     assert load_config({"config": write_toml(tmp_path, 'control_group = "4242"\n')}).control_group == "4242"
     with pytest.raises(ConfigError, match="control_group"):
         load_config({"config": write_toml(tmp_path, 'control_group = ""\n')})
+
+
+def test_passt_short_options_and_none_values() -> None:
+    """passt's short forms (-s -c -D -S -p -P -F -H -1) land where the long ones do; -D none / -S none empty the
+    lists (what follows a none counts, -S takes space-separated domains); --map-host-loopback none is
+    --no-map-gw; --map-guest-addr none maps nothing; -m 0 offers no MTU."""
+    from shardswitch.cli import build_parser
+
+    argv = ["start", "-s", "/tmp/v.sock", "-c", "/tmp/v.ctl", "-D", "192.0.2.1", "-D", "none", "-D", "192.0.2.2",
+            "-S", "a.example b.example", "-p", "/tmp/v.pcap", "-P", "/tmp/v.pid", "-F", "5", "-H", "vm1",
+            "--fqdn", "vm1.example.org", "-1", "--map-host-loopback", "none", "--map-guest-addr", "none",
+            "-m", "0", "-f", "-e", "--vhost-user"]
+    cfg = load_config(build_parser().parse_args(argv))
+    assert (cfg.socket, cfg.control, cfg.dns, cfg.search) == ("/tmp/v.sock", "/tmp/v.ctl", ["192.0.2.2"],
+                                                              ["a.example", "b.example"])
+    assert (cfg.pcap, cfg.pid_file, cfg.fd, cfg.hostname, cfg.fqdn, cfg.one_off) == (
+        "/tmp/v.pcap", "/tmp/v.pid", 5, "vm1", "vm1.example.org", True)
+    assert (cfg.no_map_gw, cfg.map_host_loopback, cfg.map_guest_addr, cfg.mtu) == (True, None, None, 0)
+    cfg = load_config(build_parser().parse_args(["start", "-D", "none", "-S", "none"]))
+    assert (cfg.dns, cfg.search) == ([], [])
+
+
+def test_none_overrides_the_file(tmp_path: Path) -> None:
+    """A command-line none beats the file's value: --map-host-loopback none drops the file's address,
+    --map-guest-addr none the file's mapping, -D none the file's servers."""
+    path = write_toml(tmp_path, 'map_host_loopback = "10.0.2.2"\nmap_guest_addr = "10.0.2.3"\n'
+                                'dns = ["192.0.2.1"]\n')
+    cfg = load_config({"config": path, "map_host_loopback": "none", "map_guest_addr": "none", "dns": ["none"]})
+    assert (cfg.map_host_loopback, cfg.no_map_gw, cfg.map_guest_addr, cfg.dns) == (None, True, None, [])
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"no_tcp": True, "tcp_ports": ["22"]}, "--no-tcp: no TCP handler, yet TCP ports are forwarded (-t 22)"),
+    ({"no_udp": True, "udp_ports": ["53"]}, "--no-udp: no UDP handler, yet UDP ports are forwarded (-u 53)"),
+    ({"hostname": "bad host"}, "-H/--hostname: 'bad host' is not a host name"),
+    ({"hostname": "-lead"}, "-H/--hostname: '-lead' is not a host name"),
+    ({"fqdn": "a..b"}, "--fqdn: Expected a domain name like example.org"),
+    ({"trace": True, "quiet": True}, "--trace and -q/--quiet exclude each other"),
+    ({"dns_host": ["127.0.0.53", "127.0.0.1"]}, "--dns-host: given twice (127.0.0.53 and 127.0.0.1): once per"),
+])
+def test_passt_option_errors(values: dict[str, Any], message: str) -> None:
+    """The passt options refuse what passt refuses, naming the option."""
+    assert message in error_of(values)
+
+
+def test_new_passt_options_from_the_file(tmp_path: Path) -> None:
+    """Every passt option has its TOML key."""
+    path = write_toml(tmp_path, 'no_tcp = true\nno_udp = true\nhostname = "vm1"\nfqdn = "vm1.example.org"\n'
+                                'no_dhcp_dns = true\nno_dhcp_search = true\nfreebind = true\ntrace = true\n'
+                                'one_off = true\nmigrate_exit = true\nmigrate_no_linger = true\n'
+                                'dns_host = ["127.0.0.53", "::1"]\nmtu = 0\nsearch = "none"\n')
+    cfg = load_config({"config": path})
+    assert (cfg.no_tcp, cfg.no_udp, cfg.hostname, cfg.fqdn, cfg.no_dhcp_dns, cfg.no_dhcp_search) == (
+        True, True, "vm1", "vm1.example.org", True, True)
+    assert (cfg.freebind, cfg.trace, cfg.one_off, cfg.migrate_exit, cfg.migrate_no_linger) == (True,) * 5
+    assert (cfg.dns_host, cfg.dns_host6, cfg.mtu, cfg.search) == ("127.0.0.53", "::1", 0, [])

@@ -228,6 +228,13 @@ def format_status(status: dict[str, Any]) -> str:
                  if sandbox.get("enabled") else "sandbox: off (--no-sandbox)")
     lines.append(f"guest: {status.get('guest', {}).get('address')}/{status.get('guest', {}).get('prefix_len')} "
                  f"gateway {status.get('guest', {}).get('gateway')} mtu {status.get('guest', {}).get('mtu')}")
+    fwd = status.get("forwarding")
+    if fwd:
+        rules, ports, changes = fwd.get("rules", {}), fwd.get("ports", {}), fwd.get("changes", {})
+        lines.append(f"forwarding: TCP {rules.get('tcp', 0)} rule(s), {ports.get('tcp', 0)} port(s); "
+                     f"UDP {rules.get('udp', 0)} rule(s), {ports.get('udp', 0)} port(s); "
+                     f"{fwd.get('runtime_rules', 0)} added at run time (shardswitch forward list); changes: "
+                     + ", ".join(f"{k} {v}" for k, v in sorted(changes.items())))
     for w in status.get("workers", []):
         head = f"worker {w['pair']}: pid {w.get('pid')}"
         if w.get("restarts"):
@@ -246,6 +253,9 @@ def format_status(status: dict[str, Any]) -> str:
                      f"to guest: {w.get('rx_frames', 0)} frames, {w.get('rx_bytes', 0)} bytes")
         lines.append(f"  flows owned: {w.get('flows', 0)}; frames handed to their flow's owner: "
                      f"{w.get('handed_out', 0)}, taken from other workers: {w.get('handed_in', 0)}")
+        if w.get("listeners"):
+            lines.append("  listening sockets of forwarded ports: "
+                         + ", ".join(f"{k} {v}" for k, v in sorted(w["listeners"].items())))
         for label, key in (("dropped", "drops"), ("events", "events")):
             counts = w.get(key) or {}
             if counts:
@@ -294,13 +304,14 @@ def _side(side: dict[str, Any]) -> str:
 
 
 def format_flows(answer: dict[str, Any]) -> str:
-    """Render a flows answer for people: one line per flow."""
+    """Render a flows answer for people: one line per flow (``timeout``: the idle timeout it is under, UDP)."""
     flows = answer.get("flows", [])
     lines = [f"{len(flows)} flow(s), table capacity {answer.get('capacity', '?')}"]
     for f in flows:
         sides = " | ".join(_side(side) for side in f.get("sides", []))
+        timeout = f"timeout {str(f['timeout']) + 's':<6} " if f.get("timeout") else ""
         lines.append(f"{f['index']:>6} {f['type']:<6} {f['state']:<7} worker {f['owner']:<2} "
-                     f"age {_age(f.get('age', 0.0)):>5}  {sides}")
+                     f"age {_age(f.get('age', 0.0)):>5}  {timeout}{sides}")
     return "\n".join(lines)
 
 

@@ -56,6 +56,14 @@ class Hosting:
     pcap_name: str = ""
     #: --control-group's ID (None: only root and the switch's own user use the control socket).
     control_group: int | None = None
+    #: -1/--one-off: exit once the first front-end has gone (as with a front-end handed over by --fd).
+    one_off: bool = False
+    #: --migrate-exit: exit once an outgoing migration has completed (CHECK_DEVICE_STATE answered success).
+    migrate_exit: bool = False
+    #: --stats DELAY in seconds (0: no stats lines).
+    stats: int = 0
+    #: --freebind: forwarded ports may listen on addresses the host does not have (yet).
+    freebind: bool = False
 
 
 def _socket_name(fd: int) -> str:
@@ -83,7 +91,8 @@ def prepare(cfg: Config, log_file: LogFile | None = None) -> Hosting:
     hosting = Hosting(listener_fd=roles.get("vhost-user"), control_fd=roles.get("control"),
                       frontend_fd=roles.get("frontend"), socket_path=path, control_path=cfg.control,
                       repair_path=cfg.repair_path, notifier=systemd.Notifier(os.environ, os.getpid()),
-                      pid_file=cfg.pid_file or "", log_file=log_file, metrics=cfg.metrics or "")
+                      pid_file=cfg.pid_file or "", log_file=log_file, metrics=cfg.metrics or "",
+                      one_off=cfg.one_off, migrate_exit=cfg.migrate_exit, stats=cfg.stats or 0, freebind=cfg.freebind)
     if hosting.listener_fd is not None:
         name = _socket_name(hosting.listener_fd)
         hosting.socket_path = name or f"descriptor {hosting.listener_fd}"

@@ -8,8 +8,10 @@ Prometheus' text format with prometheus-client's metric families and encoder
 (a collector built per scrape, registered nowhere else), so the metrics never
 disagree with the status.  Per queue pair: frames and bytes each way, drops by
 reason, events, worker restarts, flows owned, each ring's state, kicks and
-interrupts; for the switch: flows by type and state, the flow table's
-counters, whether a front-end is connected, refused front-end requests.
+interrupts, listening sockets of forwarded ports; for the switch: flows by
+type and state, the flow table's counters, whether a front-end is
+connected, refused front-end requests, forwarding rules and their ports by
+protocol, and the rule changes made at run time.
 
 The HTTP endpoint (:class:`MetricsServer`) runs in the coordinator's selector
 loop, without threads, as the control socket does (:mod:`.streams`): each
@@ -69,6 +71,7 @@ class _Snapshot(Collector):
         for request, count in sorted(status["frontend"]["refused"].items()):
             refused.add_metric([request], count)
         yield refused
+        yield from _forwarding(status.get("forwarding"))
         yield from self._workers(status["workers"])
         yield from self._flows()
 
@@ -90,6 +93,8 @@ class _Snapshot(Collector):
         kicks = CounterMetricFamily("shardswitch_ring_kicks", "Kicks from the guest", labels=pair + ["ring"])
         calls = CounterMetricFamily("shardswitch_ring_interrupts", "Interrupts to the guest",
                                     labels=pair + ["ring"])
+        listening = GaugeMetricFamily("shardswitch_worker_listeners", "Listening sockets of forwarded ports",
+                                      labels=pair + ["kind"])
         for worker in workers:
             label = str(worker["pair"])
             restarts.add_metric([label], worker["restarts"])
@@ -104,12 +109,14 @@ class _Snapshot(Collector):
             for event, count in sorted(worker["events"].items()):
                 events.add_metric([label, event], count)
             owned.add_metric([label], worker["flows"])
+            for kind, count in sorted(worker.get("listeners", {}).items()):
+                listening.add_metric([label, kind], count)
             for ring in worker["rings"]:
                 index = str(ring["index"])
                 ring_state.add_metric([label, index, ring["state"]], 1)
                 kicks.add_metric([label, index], ring["kicks"])
                 calls.add_metric([label, index], ring["calls"])
-        yield from (frames, nbytes, drops, events, restarts, up, owned, ring_state, kicks, calls)
+        yield from (frames, nbytes, drops, events, restarts, up, owned, ring_state, kicks, calls, listening)
 
     def _flows(self) -> Iterator[Metric]:
         """Flows by type and state, and the flow table's own counters."""
@@ -126,6 +133,22 @@ class _Snapshot(Collector):
             if isinstance(value, int) and name != "capacity":
                 counters.add_metric([name], value)
         yield counters
+
+
+def _forwarding(fwd: dict[str, Any] | None) -> Iterator[Metric]:
+    """Forwarding rules and ports by protocol, and the run-time changes (nothing when the status has none)."""
+    if not fwd:
+        return
+    rules = GaugeMetricFamily("shardswitch_forward_rules", "Port forwarding rules in force", labels=["proto"])
+    ports = GaugeMetricFamily("shardswitch_forward_ports", "Host ports forwarded", labels=["proto"])
+    for proto in ("tcp", "udp"):
+        rules.add_metric([proto], fwd["rules"].get(proto, 0))
+        ports.add_metric([proto], fwd["ports"].get(proto, 0))
+    changes = CounterMetricFamily("shardswitch_forward_changes", "Forwarding rules added, removed, and "
+                                  "requests refused, at run time", labels=["change"])
+    for change, count in sorted(fwd["changes"].items()):
+        changes.add_metric([change], count)
+    yield from (rules, ports, changes)
 
 
 def exposition(status: dict[str, Any], flows: dict[str, Any]) -> bytes:

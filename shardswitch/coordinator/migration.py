@@ -141,6 +141,8 @@ class Migration:
         self.saved: bytes | None = None
         #: What the last transfer moved, for ``shardswitch status``.
         self.last: dict[str, object] = {}
+        #: QEMU was told a save succeeded (:meth:`take_source_done`).
+        self.source_done = False
 
     # -- the repair helper ---------------------------------------------------------
 
@@ -306,7 +308,7 @@ class Migration:
         """CHECK_DEVICE_STATE: 0 if the last transfer succeeded; None while a transfer or restore is still
         under way (the answer comes from :meth:`answer` once it is over)."""
         if self.transfer is None and self.restore is None:
-            return self.result
+            return self._answered(self.result)
         self.check_waiting = True
         self.check_deadline = time.monotonic() + FINISH_TIMEOUT
         return None
@@ -316,7 +318,18 @@ class Migration:
         if not self.check_waiting or self.transfer is not None or self.restore is not None:
             return None
         self.check_waiting = False
-        return self.result
+        return self._answered(self.result)
+
+    def _answered(self, result: int) -> int:
+        """``result`` goes to QEMU: a success after a save completes this side's part of a migration."""
+        if result == 0 and self.last.get("direction") == "save":
+            self.source_done = True
+        return result
+
+    def take_source_done(self) -> bool:
+        """Whether an outgoing migration completed since the last call (QEMU was told the save succeeded)."""
+        done, self.source_done = self.source_done, False
+        return done
 
     def holds_frontend(self) -> bool:
         """Whether the front-end's requests must wait: its CHECK_DEVICE_STATE is not answered yet, or its

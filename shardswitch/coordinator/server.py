@@ -7,9 +7,10 @@ One single-threaded selector loop watches:
 * the one front-end connection: each readable event is one vhost-user
   message, handled by :class:`~shardswitch.coordinator.handler.RequestHandler`;
   a second concurrent front-end is refused and logged;
-* the control socket (``shardswitch status``): its clients too, each without
-  blocking the loop (:mod:`.control`, :mod:`.streams`), only those its
-  access policy allows (:mod:`.access`);
+* the control socket (``shardswitch status``, ``forward``...): its clients
+  too, each without blocking the loop (:mod:`.control`, :mod:`.streams`),
+  only those its access policy allows (:mod:`.access`); forwarding rules
+  changed there are applied to every worker or none (:mod:`.forwarding`);
 * one pidfd per worker, readable the instant that worker dies: it is replaced
   and handed the device state again;
 * a signal wake-up socket: SIGTERM/SIGINT end the loop cleanly.
@@ -42,10 +43,12 @@ from shardswitch.coordinator.capture import CaptureControl, CaptureError
 from shardswitch.coordinator.conn import FrontendConnection, PeerGone
 from shardswitch.coordinator.control import MAX_CLIENTS, ControlServer, FdCommand, uptime_since
 from shardswitch.coordinator.device import Device
+from shardswitch.coordinator.forwarding import ForwardError, PortForwarding, target_policy
 from shardswitch.coordinator.handler import Disconnect, RequestHandler
 from shardswitch.coordinator.hosting import Hosting, adopt, prepare, write_pid_file
 from shardswitch.coordinator.metrics import MetricsServer, exposition
 from shardswitch.coordinator.migration import Migration
+from shardswitch.coordinator.stats import StatsLog
 from shardswitch.coordinator.workers import WorkerHandle, WorkerPool
 from shardswitch.ipc import ForwardSetup, SandboxProbe, StatusQuery, WorkerSetup, WorkerStatus
 from shardswitch.logfile import LogFile
@@ -57,7 +60,7 @@ from shardswitch.settings import NO_REPAIR
 from shardswitch.shm.layout import DEFAULT_CAPACITY, Flow, FlowSide, FlowTableError, Pif, ip_of
 from shardswitch.shm.table import FlowTable
 from shardswitch.vhost.wire import VhostProtocolError, VirtioFeature
-from shardswitch.worker.listen import bind_all
+from shardswitch.worker.udptimeout import read_timeouts
 
 if TYPE_CHECKING:
     from shardswitch.settings import Config
@@ -83,7 +86,7 @@ def flow_entry(flow: Flow, now: float) -> dict[str, Any]:
                 "our_addr": str(ip_of(s.our_addr)), "our_port": s.our_port}
     return {"index": flow.entry, "generation": flow.generation, "type": flow.type.name.lower(),
             "state": flow.state.name.lower(), "owner": flow.owner, "age": max(0.0, now - flow.last_activity),
-            "sides": [side(flow.initiator), side(flow.target)]}
+            "timeout": flow.timeout or None, "sides": [side(flow.initiator), side(flow.target)]}
 
 
 class StartError(Exception):
@@ -166,12 +169,12 @@ class Coordinator:
         #: What the sandbox could build (None: not built, or --no-sandbox).
         self.confinement: Confinement | None = None
         self.port_specs = ports
-        #: The listening sockets of forwarded ports, every worker's (kept for replacements).
-        self.port_sockets: list[socket.socket] = []
         self.pool = WorkerPool(workers, msgspec.structs.replace(
             setup, sandbox=sandbox is not None,
             test_hooks=sandbox is not None and sandbox.test_hooks), self.sel)
         self.device = Device(workers, self.pool)
+        #: The forwarding rules and their listening sockets, every worker's (kept for replacements).
+        self.forwarding = PortForwarding(self.pool, self.device.next_seq, target_policy(setup))
         self.migration = Migration(self.pool, self.sel, lambda: self.table, self.device.next_seq, repair_path,
                                    capacity=max_flows)
         self.handler = RequestHandler(self.device, self.migration)
@@ -189,8 +192,11 @@ class Coordinator:
         self._left_paths: list[str] = []
         self._wake_r, self._wake_w = socket.socketpair()
         self.hosting = hosting if hosting is not None else Hosting()
-        #: Serving a front-end handed over connected (--fd): exit when it leaves.
-        self.one_off = False
+        self.forwarding.freebind = self.hosting.freebind
+        #: Exit when the front-end leaves: -1/--one-off, or serving a front-end handed over connected (--fd).
+        self.one_off = self.hosting.one_off
+        #: --stats: the counters' log line and its schedule (None: off).
+        self.stats = StatsLog(self.hosting.stats, time.monotonic()) if self.hosting.stats else None
         self.metrics: MetricsServer | None = None
         self.capture = CaptureControl(self.pool,
                                       lambda pair: self.pool.call(pair, StatusQuery(seq=self.device.next_seq())))
@@ -241,9 +247,11 @@ class Coordinator:
             self._left_paths = kept.left
             try:
                 self.confinement = drop_privileges(self.sandbox.runas, keep=kept.dirs,
-                                                   on_fork=confine.keeper_duties(hosting))
+                                                   on_fork=confine.keeper_duties(hosting),
+                                                   chroot_fallback=self.sandbox.chroot_fallback)
             except SandboxError as err:
                 raise StartError(f"cannot drop privileges ({err}); --no-sandbox runs without") from err
+            self.forwarding.unprivileged = True
         self.control.access.settle()
         log.info("control socket %s: serves %s", self.control_path, self.control.access.describe())
         try:
@@ -283,12 +291,10 @@ class Coordinator:
 
     def _bind_ports(self) -> None:
         """Bind every worker's listening sockets of the -t and -u ports (before privileges go)."""
-        count = self.pool.count
-        tcp = bind_all(self.port_specs[0], socket.SOCK_STREAM, "-t", count)
-        udp = bind_all(self.port_specs[1], socket.SOCK_DGRAM, "-u", count)
-        for pair in range(count):
-            self.port_sockets += [sock for sock, _desc in tcp[pair] + udp[pair]]
-            self.pool.ports[pair] = (tuple(desc for _s, desc in tcp[pair]), tuple(desc for _s, desc in udp[pair]))
+        try:
+            self.forwarding.open_start(*self.port_specs)
+        except ForwardError as err:
+            raise StartError(str(err)) from None
 
     def close(self) -> None:
         """Stop workers, close sockets, remove the socket files we created."""
@@ -304,9 +310,9 @@ class Coordinator:
         if self.table is not None:
             self.table.close()
             self.table = None
-        for sock in (self.listener, *self.port_sockets):
-            if sock is not None:
-                sock.close()
+        self.forwarding.close()
+        if self.listener is not None:
+            self.listener.close()
         for path in self._owned_paths:
             if path in self._left_paths:
                 log.info("cannot remove %s (no write access to its directory after dropping root)", path)
@@ -365,8 +371,16 @@ class Coordinator:
             waits.append(self.control.expire(now))
         if self.hosting.log_file is not None:
             waits.append(self.hosting.log_file.trim(now))
+        if self.stats is not None:
+            if self.stats.wait(now) == 0.0:
+                line = self.stats.line(self.status(), now)
+                if line is not None:
+                    log.info("%s", line)
+            waits.append(self.stats.wait(now))
         waits.append(self.migration.tick(now))
         self._follow_migration()
+        if self.migration.take_source_done():
+            self._source_migrated()
         due = [wait for wait in waits if wait is not None]
         return min(due) if due else None
 
@@ -386,6 +400,18 @@ class Coordinator:
             else:
                 self.sel.unregister(self.conn.sock)
             self.conn_watched = watch
+
+    def _source_migrated(self) -> None:
+        """The guest's state went out and QEMU was told it succeeded: the guest runs on the target now.  As
+        passt: exit with --migrate-exit; else serve on (a failed migration's guest may come back, or a new
+        front-end connect), and --one-off no longer applies, since exiting would close the guards of the
+        connections that moved."""
+        if self.hosting.migrate_exit:
+            log.info("migration complete: exiting (--migrate-exit)")
+            self.stopping = True
+            return
+        log.info("migration complete")
+        self.one_off = False
 
     def _handshake_left(self) -> float | None:
         """Seconds the connected front-end has left to send SET_OWNER (None: no deadline runs); a front-end
@@ -489,7 +515,10 @@ class Coordinator:
         if self.sandbox is not None and self.sandbox.test_hooks:
             for pair in range(self.pool.count):
                 commands[f"test-forbidden-syscall-{pair}"] = self._probe_callback(pair)
-        return commands, {"capture-start": self._capture_start, "capture-stop": self._capture_stop}
+        commands["forward-list"] = self.forwarding.listing
+        return commands, {"capture-start": self._capture_start, "capture-stop": self._capture_stop,
+                          "forward-add": self.forwarding.command("add"),
+                          "forward-remove": self.forwarding.command("remove")}
 
     def _capture_start(self, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         """``shardswitch capture start``: the client opened the files and sent them."""
@@ -582,6 +611,7 @@ class Coordinator:
             "workers": workers,
             "sandbox": confine.status(self.sandbox, self.confinement),
             "capture": self.capture.status(),
+            "forwarding": self.forwarding.status(),
             "control": self.control.status() if self.control is not None else {},
             "migration": {"repair_path": self.migration.repair_path,
                           "repair_helper": self.migration.helper is not None, "last": self.migration.last,
@@ -629,10 +659,11 @@ def run_coordinator(*, workers: int, setup: WorkerSetup, socket_path: str, contr
 
 
 def _services(cfg: "Config", addressing: "GuestAddressing") -> Service:
-    """The guest services the settings and families leave on (--no-ndp takes router advertisements with it;
-    -4 / -6 take a family's services with it)."""
+    """The guest services the settings and families leave on (--no-ndp takes router advertisements with it,
+    --no-icmp NDP as in passt; -4 / -6 take a family's services with it)."""
     services = Service.ALL
-    for off, service in ((cfg.no_dhcp, Service.DHCP), (cfg.no_ndp, Service.NDP | Service.RA),
+    for off, service in ((cfg.no_dhcp, Service.DHCP), (cfg.no_ndp or cfg.no_icmp, Service.NDP | Service.RA),
+                         (cfg.no_tcp, Service.TCP), (cfg.no_udp, Service.UDP),
                          (cfg.no_ra, Service.RA), (cfg.no_dhcpv6, Service.DHCPV6),
                          (not addressing.ipv4, Service.IPV4 | Service.DHCP),
                          (not addressing.ipv6, Service.IPV6 | Service.NDP | Service.RA | Service.DHCPV6)):
@@ -671,7 +702,8 @@ def run(cfg: "Config", log_file: LogFile | None = None) -> int:
         log.warning("--no-sandbox: running with every privilege this process was started with")
     else:
         try:
-            sandbox = SandboxSetup(resolve_runas(cfg.runas), os.environ.get("SHARDSWITCH_TEST_HOOKS") == "1")
+            sandbox = SandboxSetup(resolve_runas(cfg.runas), os.environ.get("SHARDSWITCH_TEST_HOOKS") == "1",
+                                   cfg.chroot_fallback)
         except SandboxError as err:
             log.error("%s", err)
             return 1
@@ -703,7 +735,9 @@ def run(cfg: "Config", log_file: LogFile | None = None) -> int:
                            outbound_if6=cfg.outbound_if6 or "", deny=tuple(cfg.deny),
                            allow_link_local=cfg.allow_link_local)
     setup = WorkerSetup(pair=0, params=params, reflect=cfg.reflect, forward=forward,
-                        services=int(_services(cfg, addressing)), icmp=not cfg.no_icmp)
+                        services=int(_services(cfg, addressing)), icmp=not cfg.no_icmp,
+                        trace=cfg.trace, migrate_linger=not cfg.migrate_no_linger,
+                        udp_timeouts=read_timeouts())          # before the sandbox
     return run_coordinator(workers=cfg.workers, setup=setup, socket_path=hosting.socket_path,
                            control_path=hosting.control_path, connect=cfg.connect is not None,
                            print_fragment=not cfg.quiet, max_flows=cfg.max_flows,

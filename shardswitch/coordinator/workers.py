@@ -37,8 +37,8 @@ from typing import Any, Callable
 import msgspec
 import multiprocess
 
-from shardswitch.ipc import (Channel, FromWorker, IpcError, MigrateDone, PortFd, RingStarted, RingStopped,
-                             Shutdown, WorkerSetup, WorkerStatus, channel_pair)
+from shardswitch.ipc import (Channel, ForwardDone, FromWorker, IpcError, MigrateDone, PortFd, RingStarted,
+                             RingStopped, Shutdown, WorkerSetup, WorkerStatus, channel_pair)
 from shardswitch.worker.worker import worker_main
 from shardswitch.worker.peers import inbox_pairs
 
@@ -140,6 +140,11 @@ class WorkerPool:
         """The live handle of ``pair``."""
         return self.handles[pair] if 0 <= pair < self.count else None
 
+    def alive(self, pair: int) -> bool:
+        """Whether the worker of ``pair`` runs (False once it died, even before it is reaped)."""
+        handle = self.handle(pair)
+        return handle is not None and bool(handle.process.is_alive())
+
     def by_pidfd(self, fd: int) -> WorkerHandle | None:
         """The handle whose pidfd is ``fd``."""
         return next((h for h in self.handles if h is not None and h.pidfd == fd), None)
@@ -203,7 +208,8 @@ class WorkerPool:
                 answer, extra = handle.channel.recv()
                 for fd in extra:
                     os.close(fd)
-                if isinstance(answer, (RingStarted, RingStopped, WorkerStatus, MigrateDone)) and answer.seq == seq:
+                if (isinstance(answer, (RingStarted, RingStopped, WorkerStatus, MigrateDone, ForwardDone))
+                        and answer.seq == seq):
                     return answer
                 log.debug("worker %d: dropping stale answer %r", pair, answer)
         except (IpcError, TimeoutError) as err:

@@ -46,6 +46,7 @@ from enum import IntEnum, IntFlag
 from . import ipv4, udp
 from .drop import DropReason, PacketError
 from .ipv4 import Ipv4Packet
+from .ndp import encode_dns_names
 from .params import ParamsError, ResolvedParams
 from .udp import UdpDatagram
 
@@ -117,6 +118,7 @@ class Option(IntEnum):
     SUBNET_MASK = 1
     ROUTER = 3
     DNS_SERVERS = 6
+    HOSTNAME = 12
     INTERFACE_MTU = 26
     REQUESTED_ADDRESS = 50
     LEASE_TIME = 51
@@ -127,9 +129,14 @@ class Option(IntEnum):
     MAX_MESSAGE_SIZE = 57
     CLIENT_ID = 61
     RAPID_COMMIT = 80
+    CLIENT_FQDN = 81
     DOMAIN_SEARCH = 119
     CLASSLESS_ROUTES = 121
     END = 255
+
+
+#: Client FQDN option flag E (RFC 4702 section 2.1): the name is in DNS wire format.
+FQDN_FLAG_E = 0x04
 
 
 class Overload(IntFlag):
@@ -291,8 +298,15 @@ class DhcpServer:
         self._server_id = _address_option(Option.SERVER_ID, params.gateway)
         self._lease = encode_option(Option.LEASE_TIME, _U32.pack(params.lease_time))
         fixed = [_address_option(Option.SUBNET_MASK, params.netmask),
-                 _address_option(Option.ROUTER, params.gateway),
-                 encode_option(Option.INTERFACE_MTU, _U16.pack(params.mtu))]
+                 _address_option(Option.ROUTER, params.gateway)]
+        if params.offer_mtu:
+            fixed.append(encode_option(Option.INTERFACE_MTU, _U16.pack(params.mtu)))
+        if params.hostname:
+            fixed.append(encode_option(Option.HOSTNAME, params.hostname))
+        if params.fqdn:
+            # RFC 4702: flags (E: the name is in DNS wire format), RCODE1 and RCODE2 (255, as passt), the name.
+            fixed.append(encode_option(Option.CLIENT_FQDN, bytes((FQDN_FLAG_E, 255, 255))
+                                       + encode_dns_names([params.fqdn])))
         if params.dns:
             fixed.append(_address_option(Option.DNS_SERVERS, *params.dns))
         if not params.gateway_on_link:

@@ -75,7 +75,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from enum import IntEnum
+from enum import IntEnum, IntFlag
 
 from . import ipv6, udp
 from .drop import DropReason, PacketError
@@ -161,6 +161,16 @@ class OptionCode(IntEnum):
     DOMAIN_LIST = 24
     IA_PD = 25
     IAPREFIX = 26
+    CLIENT_FQDN = 39
+
+
+class FqdnFlag(IntFlag):
+    """Client FQDN option flags (RFC 4704 section 4.1)."""
+
+    #: Client: the server should update the AAAA record.
+    S = 0x01
+    #: Server: it overrode the client's S flag (it will not update it).
+    O = 0x02
 
 
 class StatusCode(IntEnum):
@@ -254,6 +264,8 @@ class Dhcpv6Message:
     rapid_commit: bool
     #: The IAs, in message order.
     ias: tuple[IdentityAssociation, ...]
+    #: The client asked the server to update the AAAA record (the S flag of its Client FQDN option).
+    fqdn_s: bool = False
 
 
 def parse_options(area: memoryview) -> list[tuple[int, memoryview]]:
@@ -311,7 +323,7 @@ def parse_message(payload: memoryview) -> Dhcpv6Message:
         raise PacketError(DropReason.DHCPV6_IGNORED, f"message type {kind}")
     seen: set[int] = set()
     client_id = server_id = None
-    rapid_commit = False
+    rapid_commit = fqdn_s = False
     ias: list[IdentityAssociation] = []
     iaids: set[tuple[int, int]] = set()
     for code, value in parse_options(payload[MESSAGE_HLEN:]):
@@ -330,6 +342,9 @@ def parse_message(payload: memoryview) -> Dhcpv6Message:
             rapid_commit = rapid_commit or code == OptionCode.RAPID_COMMIT
         elif code == OptionCode.ELAPSED_TIME:
             _check_length(code, value, ELAPSED_TIME_LEN, ELAPSED_TIME_LEN)
+        elif code == OptionCode.CLIENT_FQDN:
+            _check_length(code, value, 1)
+            fqdn_s = bool(value[0] & FqdnFlag.S)
         elif code == OptionCode.ORO and len(value) % 2:
             raise PacketError(DropReason.DHCPV6_MALFORMED, f"option request of {len(value)} bytes")
         elif code in IA_OPTIONS:
@@ -338,7 +353,7 @@ def parse_message(payload: memoryview) -> Dhcpv6Message:
                 raise PacketError(DropReason.DHCPV6_MALFORMED, f"IAID {ia.iaid:#x} twice in option {code}")
             iaids.add((code, ia.iaid))
             ias.append(ia)
-    return Dhcpv6Message(kind, xid, client_id, server_id, rapid_commit, tuple(ias))
+    return Dhcpv6Message(kind, xid, client_id, server_id, rapid_commit, tuple(ias), fqdn_s)
 
 
 def encode_option(code: int, value: bytes) -> bytes:
@@ -381,8 +396,11 @@ class Dhcpv6Server:
         self._rapid_commit = encode_option(OptionCode.RAPID_COMMIT, b"")
         longest_ia = (OPTION_HLEN + IA_NA_FIXED.size + 2 * (OPTION_HLEN + IAADDR_FIXED.size)
                       + max(map(len, self._status.values())))
+        #: The Client FQDN option's name (RFC 4704), without its flags byte; empty: none.
+        self._fqdn = encode_dns_names([params.fqdn]) if params.fqdn else b""
+        fqdn_len = OPTION_HLEN + 1 + len(self._fqdn) if self._fqdn else 0
         reserved = (MESSAGE_HLEN + OPTION_HLEN + MAX_DUID_LEN + len(self._server_id)
-                    + len(self._preference) + len(self._rapid_commit) + RESERVED_IAS * longest_ia)
+                    + len(self._preference) + len(self._rapid_commit) + RESERVED_IAS * longest_ia + fqdn_len)
         dns = (encode_option(OptionCode.DNS_SERVERS, b"".join(params.dns6)) if params.dns6 else b"")
         room = MAX_REPLY_LEN - reserved - len(dns)
         if room < 0:
@@ -460,8 +478,13 @@ class Dhcpv6Server:
     def _reply(self, msg: Dhcpv6Message, kind: MessageType, middle: bytes, *, config: bool = True) -> bytes:
         """Header, identifiers, ``middle`` and (with ``config``) the DNS options; refuses an oversized reply."""
         client = encode_option(OptionCode.CLIENTID, msg.client_id) if msg.client_id is not None else b""
+        fqdn = b""
+        if config and self._fqdn:
+            # As passt: O when the client asked us (S) to update its AAAA record, which we never do.
+            fqdn = encode_option(OptionCode.CLIENT_FQDN,
+                                 bytes((FqdnFlag.O if msg.fqdn_s else 0,)) + self._fqdn)
         body = b"".join((HEADER.pack(kind << 24 | msg.xid), client, self._server_id, middle,
-                         self._config if config else b""))
+                         self._config if config else b"", fqdn))
         if len(body) > MAX_REPLY_LEN:
             raise PacketError(DropReason.DHCPV6_MALFORMED, f"reply of {len(body)} bytes")
         return body

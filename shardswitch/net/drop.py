@@ -149,6 +149,9 @@ class DropReason(IntEnum):
     FLOW_DST_LINK_LOCAL = 56
     #: A new flow to an address of the operator's deny list (--deny).
     FLOW_DST_DENIED = 57
+    #: A datagram from a new client on a forwarded (-u) port whose rule was removed at run time (its socket
+    #: stays open, for the flows it still carries, until their last one ends).
+    UDP_FORWARD_REMOVED = 58
 
 
 class PacketError(Exception):

@@ -131,7 +131,11 @@ class Service(IntFlag):
     IPV4 = 16
     #: IPv6 at all (off: ``-4``; such frames are dropped as ETHERTYPE_UNHANDLED).
     IPV6 = 32
-    ALL = DHCP | NDP | RA | DHCPV6 | IPV4 | IPV6
+    #: The worker's TCP and UDP flows (off: ``--no-tcp`` / ``--no-udp``; such packets are dropped as
+    #: IP_PROTO_UNHANDLED / UDP_PORT_UNHANDLED; DHCP and DHCPv6 still answer).  The worker plugs them in.
+    TCP = 64
+    UDP = 128
+    ALL = DHCP | NDP | RA | DHCPV6 | IPV4 | IPV6 | TCP | UDP
 
 
 class GuestEndpoint:

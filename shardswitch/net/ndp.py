@@ -299,7 +299,7 @@ class NdpResponder:
         parts = [RA_HEADER.pack(Icmpv6Type.ROUTER_ADVERTISEMENT, 0, 0, CUR_HOP_LIMIT, flags,
                                 lifetime, 0, 0),
                  LL_ADDR_OPTION.pack(NdpOption.SOURCE_LL_ADDR, 1, params.our_mac)]
-        if params.mtu >= MIN_MTU6:
+        if params.offer_mtu and params.mtu >= MIN_MTU6:
             parts.append(MTU_OPTION.pack(NdpOption.MTU, 1, 0, params.mtu))
         if params.address6 is not None:
             parts.append(PREFIX_OPTION.pack(

@@ -65,6 +65,11 @@ class GuestParams(msgspec.Struct, frozen=True):
     gateway6: str = ""
     #: IPv6 DNS servers (NDP RDNSS option).
     dns6: list[str] = []
+    #: Offer the MTU (DHCP option 26, the RA's MTU option); False: the guest keeps its own (passt's -m 0).
+    offer_mtu: bool = True
+    #: The guest's host name (DHCP option 12) and FQDN (DHCP option 81, DHCPv6 option 39); "": none.
+    hostname: str = ""
+    fqdn: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +104,11 @@ class ResolvedParams:
     our_ll6: bytes
     #: IPv6 DNS server addresses.
     dns6: tuple[bytes, ...]
+    #: Offer :attr:`mtu` to the guest (DHCP, router advertisements).
+    offer_mtu: bool = True
+    #: The guest's host name (ASCII bytes) and FQDN (without a trailing dot); empty: none.
+    hostname: bytes = b""
+    fqdn: str = ""
 
     @property
     def gateway_on_link(self) -> bool:
@@ -134,17 +144,17 @@ def _unicast_address6(what: str, text: str) -> bytes:
     return addr
 
 
-def normalize_domain(name: str) -> str:
-    """Check a DNS name for RFC 1035 encoding limits; return it without a trailing dot."""
+def normalize_domain(name: str, what: str = "search domain") -> str:
+    """Check a DNS name (a ``what``) for RFC 1035 encoding limits; return it without a trailing dot."""
     stripped = name[:-1] if name.endswith(".") else name
     if not stripped or not stripped.isascii():
-        raise ParamsError(f"search domain {name!r}: empty or not ASCII")
+        raise ParamsError(f"{what} {name!r}: empty or not ASCII")
     labels = stripped.split(".")
     if any(not 1 <= len(label) <= MAX_LABEL_LEN or not label.isprintable() or " " in label
            for label in labels):
-        raise ParamsError(f"search domain {name!r}: bad label")
+        raise ParamsError(f"{what} {name!r}: bad label")
     if sum(len(label) + 1 for label in labels) + 1 > MAX_NAME_LEN:
-        raise ParamsError(f"search domain {name!r}: longer than {MAX_NAME_LEN} bytes encoded")
+        raise ParamsError(f"{what} {name!r}: longer than {MAX_NAME_LEN} bytes encoded")
     return stripped
 
 
@@ -173,11 +183,15 @@ def resolve(params: GuestParams) -> ResolvedParams:
     dns = tuple(_unicast_address("DNS server", text) for text in params.dns)
     search = tuple(normalize_domain(name) for name in params.search)
     address6, gateway6, our_ll6, dns6 = _resolve_ipv6(params, our_mac)
+    if len(params.hostname) > MAX_NAME_LEN or not params.hostname.isascii() or not params.hostname.isprintable():
+        raise ParamsError(f"host name {params.hostname!r}: longer than {MAX_NAME_LEN} bytes or not printable ASCII")
+    fqdn = normalize_domain(params.fqdn, "FQDN") if params.fqdn else ""
     return ResolvedParams(address=address, prefix_len=params.prefix_len, netmask=netmask,
                           gateway=gateway, mtu=params.mtu, dns=dns, search=search,
                           our_mac=our_mac, lease_time=params.lease_time, address6=address6,
                           prefix6_len=params.prefix6_len, gateway6=gateway6, our_ll6=our_ll6,
-                          dns6=dns6)
+                          dns6=dns6, offer_mtu=params.offer_mtu, hostname=params.hostname.encode("ascii"),
+                          fqdn=fqdn)
 
 
 def _resolve_ipv6(params: GuestParams, our_mac: bytes

@@ -37,3 +37,5 @@ class SandboxSetup:
     runas: RunAs | None = None
     #: Obey test-only requests (SHARDSWITCH_TEST_HOOKS=1): a worker's forbidden system call on demand.
     test_hooks: bool = False
+    #: --chroot-fallback: chroot into the empty root when pivot_root cannot switch to it (see :mod:`.mounts`).
+    chroot_fallback: bool = False

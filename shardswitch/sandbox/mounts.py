@@ -32,6 +32,7 @@ inherit the view; their seccomp filter also refuses open() altogether.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import stat
 from enum import IntFlag
@@ -58,6 +59,7 @@ class MountFlag(IntFlag):
     NODEV = 4
     NOEXEC = 8
     REMOUNT = 32
+    MOVE = 8192
     BIND = 4096
     REC = 16384
     PRIVATE = 1 << 18
@@ -93,10 +95,18 @@ def probe_procfs() -> None:
     _mount("proc", "/proc", "proc", _SEALED | MountFlag.RDONLY)
 
 
-def empty_root(keep: list[str], fresh_proc: bool = False) -> None:
+def empty_root(keep: list[str], fresh_proc: bool = False, chroot_fallback: bool = False,
+               try_pivot: bool = True) -> None:
     """Enter a mount namespace whose root holds only a private /dev/shm, a read-only /proc (a new procfs of
     this process's PID namespace with ``fresh_proc``, else the host's), /dev/null and the directories
     ``keep``.
+
+    pivot_root refuses to move the root of an initramfs (rootfs, the absolute root mount): with
+    ``chroot_fallback`` (passt's --chroot-fallback) the new root is then moved over ``/`` and the
+    process chroots into it, as passt's move_root() and initramfs's switch_root do; the old root stays
+    mounted beneath it, out of reach of a process that can no longer chroot (no capability is left once
+    the sandbox is built).  ``try_pivot`` False takes the fallback without trying pivot_root (its test:
+    no test host has an initramfs root).
 
     Raises MountError when it cannot; the view is then unchanged (what was mounted is unmounted), unless
     the old root could not be detached after pivot_root (never seen: the error says so).
@@ -134,12 +144,20 @@ def empty_root(keep: list[str], fresh_proc: bool = False) -> None:
         number = SYS_PIVOT_ROOT.get(os.uname().machine)
         if number is None:
             raise MountError(f"pivot_root: unknown on {os.uname().machine}")
-        if _libc.syscall(number, b".", b".") == -1:
-            raise MountError(f"pivot_root: {os.strerror(ctypes.get_errno())}")
-        pivoted = True
-        if _libc.umount2(b".", MNT_DETACH) == -1:
-            raise MountError(f"detaching the old root after pivot_root (the view is half built): "
-                             f"{os.strerror(ctypes.get_errno())}")
+        refused = errno.EINVAL if not try_pivot else 0 if _libc.syscall(number, b".", b".") == 0 \
+            else ctypes.get_errno()
+        if refused:
+            if not (chroot_fallback and refused == errno.EINVAL):
+                raise MountError(f"pivot_root: {os.strerror(refused)}"
+                                 + (" (--chroot-fallback chroots instead)" if refused == errno.EINVAL else ""))
+            _mount(STAGING, "/", None, MountFlag.MOVE)
+            pivoted = True
+            os.chroot(".")
+        else:
+            pivoted = True
+            if _libc.umount2(b".", MNT_DETACH) == -1:
+                raise MountError(f"detaching the old root after pivot_root (the view is half built): "
+                                 f"{os.strerror(ctypes.get_errno())}")
         os.chdir("/")
         _mount(None, "/", None, MountFlag.REMOUNT | MountFlag.BIND | MountFlag.RDONLY | MountFlag.NOSUID
                | MountFlag.NODEV | MountFlag.NOEXEC)

@@ -244,14 +244,15 @@ def preload() -> None:
 
 
 def drop_privileges(runas: RunAs | None, keep: list[str] | None = None,
-                    on_fork: Callable[[int], None] | None = None) -> Confinement:
+                    on_fork: Callable[[int], None] | None = None, chroot_fallback: bool = False) -> Confinement:
     """Become ``runas`` (if given: a root start) with no capability, no_new_privs set and not dumpable, in
     namespaces of its own and an empty filesystem view holding the directories ``keep`` (see
     shardswitch.sandbox.mounts), where the host allows them.
 
     In a PID namespace, this returns in a child of the caller (see shardswitch.sandbox.pidns): the caller
     itself stays behind as the keeper, runs ``on_fork`` with the child's PID and never returns.  See the
-    module's theory of operation for the order and why.  Raises SandboxError when a step fails.
+    module's theory of operation for the order and why.  ``chroot_fallback``: see
+    :func:`shardswitch.sandbox.mounts.empty_root`.  Raises SandboxError when a step fails.
     """
     preload()
     last_cap = last_capability()
@@ -269,7 +270,7 @@ def drop_privileges(runas: RunAs | None, keep: list[str] | None = None,
                      entered)
         else:
             inside = entered
-        why_not = _empty_root(keep, inside is not None)
+        why_not = _empty_root(keep, inside is not None, chroot_fallback)
     if why_not:
         log.info("sandbox: no namespaces of its own (%s): IPC, host name and files stay as they are", why_not)
     _give_up(runas, last_cap, drop_bounding)
@@ -305,10 +306,10 @@ def _unshare_quietly(flags: CloneFlag) -> str:
     return ""
 
 
-def _empty_root(keep: list[str] | None, fresh_proc: bool) -> str:
+def _empty_root(keep: list[str] | None, fresh_proc: bool, chroot_fallback: bool = False) -> str:
     """mounts.empty_root: "" or why it could not be built (nothing changed then)."""
     try:
-        empty_root(keep or [], fresh_proc)
+        empty_root(keep or [], fresh_proc, chroot_fallback)
     except MountError as err:
         return str(err)
     return ""

@@ -43,7 +43,8 @@ Entry (``ENTRY``, 128 bytes)::
     8   side 0 (initiating), 46 side 1 (target): 38 bytes each (``SIDE``):
           pif u8, type u8 (a copy of the flow type), ep_port u16, our_port u16,
           ep_addr 16s, our_addr 16s
-    84  padding   88 last_activity f64 (CLOCK_MONOTONIC seconds)
+    84  timeout u32 (seconds of idleness after which the owner ends the flow, 0 = none published)
+    88  last_activity f64 (CLOCK_MONOTONIC seconds)
     96  next_free u32 (free list link, NO_ENTRY = end)   100 allocator pid u32
     104 home bucket of side 0 u32   108 home bucket of side 1 u32   112 padding
 
@@ -205,7 +206,7 @@ HEADER = struct.Struct("<8s6IQ16s12I6Q")
 HEADER_SIZE = 256
 PARTICIPANT = struct.Struct("<IIQ16x")
 SIDE = struct.Struct("<BBHH16s16s")
-ENTRY = struct.Struct("<BBHI" + SIDE.format[1:] * 2 + "4xdIIII16x")
+ENTRY = struct.Struct("<BBHI" + SIDE.format[1:] * 2 + "IdIIII16x")
 #: Bytes per entry, and the same in u32/u16/f64 words.
 ENTRY_SIZE = 128
 ENTRY_WORDS = ENTRY_SIZE // 4
@@ -223,6 +224,7 @@ class EntryWord(IntEnum):
     """u32 word of each u32 entry field within the entry."""
 
     GENERATION = 1
+    TIMEOUT = 21
     NEXT_FREE = 24
     ALLOC_PID = 25
     HOME0 = 26         #: side 1: HOME0 + 1
@@ -265,7 +267,8 @@ def _check_layout() -> None:
     assert ENTRY.size == ENTRY_SIZE == 128
     assert struct.calcsize("<BBH") == EntryWord.GENERATION * 4 == OWNER_HWORD * 2 + 2
     assert EntryByte.SIDE0 == 8 and EntryByte.SIDE0 + 2 * SIDE.size + 4 == LAST_ACTIVITY_DWORD * 8
-    assert struct.calcsize("<BBHI" + SIDE.format[1:] * 2 + "4xd") == EntryWord.NEXT_FREE * 4
+    assert struct.calcsize("<BBHI" + SIDE.format[1:] * 2) == EntryWord.TIMEOUT * 4
+    assert struct.calcsize("<BBHI" + SIDE.format[1:] * 2 + "Id") == EntryWord.NEXT_FREE * 4
     assert EntryWord.ALLOC_PID == EntryWord.NEXT_FREE + 1 and EntryWord.HOME0 == EntryWord.ALLOC_PID + 1
     assert list(State) == sorted(State) and State.FREE == 0
 
@@ -346,6 +349,8 @@ class Flow:
     initiator: FlowSide
     target: FlowSide
     last_activity: float
+    #: Seconds of idleness after which its owner ends it, as the owner last published (0: none).
+    timeout: int = 0
 
     @property
     def ref(self) -> FlowRef:
@@ -402,11 +407,11 @@ def check_side(side: FlowSide) -> None:
 def decode_entry(buf: memoryview | bytes, offset: int, index: int) -> Flow:
     """The entry at ``offset`` of ``buf`` (entry number ``index``) as a :class:`Flow`."""
     (state, ftype, owner, generation, pif0, _t0, ep_port0, our_port0, ep_addr0, our_addr0,
-     pif1, _t1, ep_port1, our_port1, ep_addr1, our_addr1, last, _next, _pid, _h0, _h1
+     pif1, _t1, ep_port1, our_port1, ep_addr1, our_addr1, timeout, last, _next, _pid, _h0, _h1
      ) = ENTRY.unpack_from(buf, offset)
     return Flow(index, generation, _member(State, state), _member(FlowType, ftype), owner,
                 FlowSide(_member(Pif, pif0), ep_addr0, ep_port0, our_addr0, our_port0),
-                FlowSide(_member(Pif, pif1), ep_addr1, ep_port1, our_addr1, our_port1), last)
+                FlowSide(_member(Pif, pif1), ep_addr1, ep_port1, our_addr1, our_port1), last, timeout)
 
 
 def _member(kind: type[_E], value: int) -> _E:

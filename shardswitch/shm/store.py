@@ -59,6 +59,7 @@ Hook = Callable[[HookPoint], None]
 _FREE, _NEW, _TYPED, _ACTIVE = State.FREE.value, State.NEW.value, State.TYPED.value, State.ACTIVE.value
 _GEN, _NEXT, _APID, _HOME = (EntryWord.GENERATION.value, EntryWord.NEXT_FREE.value,
                              EntryWord.ALLOC_PID.value, EntryWord.HOME0.value)
+_TIMEOUT = EntryWord.TIMEOUT.value
 _SIDE0, _SIDE_SIZE = EntryByte.SIDE0.value, SIDE.size
 _HW_OWNER, _DW_LAST = OWNER_HWORD, LAST_ACTIVITY_DWORD
 _H_FREE_HEAD, _H_N_FREE = HeaderWord.FREE_HEAD.value, HeaderWord.N_FREE.value
@@ -66,7 +67,7 @@ _H_N_PROGRESS, _H_N_ACTIVE = HeaderWord.N_PROGRESS.value, HeaderWord.N_ACTIVE.va
 _H_MUT_PID, _H_MUT_OP, _H_MUT_ENTRY = (HeaderWord.MUT_PID.value, HeaderWord.MUT_OP.value,
                                        HeaderWord.MUT_ENTRY.value)
 _HWORDS, _DWORDS = ENTRY_SIZE // 2, ENTRY_SIZE // 8
-#: Zeros for the part of an entry cleared on allocation (sides and padding).
+#: Zeros for the part of an entry cleared on allocation (sides and timeout).
 _ZERO_SIDES = bytes(2 * SIDE.size + 4)
 
 
@@ -266,6 +267,10 @@ class FlowStore:
     def touch(self, index: int, now: float) -> None:
         """Set the last activity time of entry ``index``."""
         self._ef[index * _DWORDS + _DW_LAST] = now
+
+    def set_timeout(self, index: int, seconds: int) -> None:
+        """Set the idle timeout published for entry ``index``."""
+        self._e32[index * ENTRY_WORDS + _TIMEOUT] = seconds
 
     def decode(self, index: int) -> Flow:
         """Entry ``index`` as a :class:`Flow`."""

@@ -348,6 +348,15 @@ class FlowTable:
             raise FlowTableError(f"entry {index} outside 0..{self.capacity - 1}")
         self._store.touch(index, now)
 
+    def publish_timeout(self, index: int, seconds: int) -> None:
+        """Record the idle timeout entry ``index`` is under, for ``shardswitch flows`` (no lock: call only for
+        flows this process owns)."""
+        if not 0 <= index < self.capacity:
+            raise FlowTableError(f"entry {index} outside 0..{self.capacity - 1}")
+        if not isinstance(seconds, int) or not 0 <= seconds <= 0xFFFFFFFF:
+            raise FlowTableError(f"bad timeout {seconds!r}")
+        self._store.set_timeout(index, seconds)
+
     def _index(self, index: int) -> int:
         """``index`` if it names an entry of this table."""
         if not isinstance(index, int) or not 0 <= index < self.capacity:

@@ -80,7 +80,7 @@ from shardswitch.vhost.wire import VirtioFeature
 from shardswitch.virtio.virtqueue import Virtqueue, VirtqueueError
 
 if TYPE_CHECKING:
-    from shardswitch.pcap import PcapWriter
+    from shardswitch.pcap import FrameSink
 
 
 class VnetHdrFlags(IntFlag):
@@ -200,7 +200,7 @@ class RxWriter:
         #: MRG_RXBUF, or more than a whole ring of chains with it): drop, do not retry.
         self.too_big = 0
         #: Packet capture: every frame written is also recorded here (None: no capture).
-        self.capture: PcapWriter | None = None
+        self.capture: FrameSink | None = None
 
     @property
     def hdr_len(self) -> int:

@@ -53,7 +53,7 @@ from typing import Callable
 
 from shardswitch.ipc import RingStart
 from shardswitch.net.drop import DropReason
-from shardswitch.pcap import PcapWriter
+from shardswitch.pcap import FrameSink, PcapWriter
 from shardswitch.vhost.wire import VirtioFeature
 from shardswitch.virtio.dirtylog import DirtyLog
 from shardswitch.virtio.memory import GuestMemory, GuestMemoryError
@@ -61,7 +61,9 @@ from shardswitch.virtio.netdev import RxWriter, VnetHdrFlags
 from shardswitch.virtio.virtqueue import GATHER_MAX, VirtqueueError
 from shardswitch.worker.counters import Counters, Event
 from shardswitch.worker.port import QUEUE_MAX, RxOffloads
+from shardswitch.worker import trace
 from shardswitch.worker.rings import NO_FD, RingSlot, SlotState
+from shardswitch.worker.trace import FrameTrace
 
 log = logging.getLogger("shardswitch.worker")
 
@@ -95,8 +97,15 @@ class Datapath:
         self.tx = RingSlot(2 * pair + 1)
         #: Frames for the guest, waiting for RX buffers.
         self.queue: deque[bytes] = deque()
-        #: Packet capture (--pcap, shardswitch capture): every frame to and from the guest.
-        self.capture: PcapWriter | None = None
+        #: Packet capture (--pcap, shardswitch capture) and --trace: every frame from the guest (the RX
+        #: writer has the hook of frames to the guest); see :meth:`set_capture`.
+        self.capture: FrameSink | None = None
+        #: The capture file's writer (None: no capture).
+        self.pcap: PcapWriter | None = None
+        #: --trace's sinks (None: off).
+        self.trace: FrameTrace | None = None
+        #: The hook of frames to the guest, given to the RX writer when its ring starts.
+        self.rx_capture: FrameSink | None = None
         #: The TX ring negotiated CSUM: guest frames may carry partial checksums (NEEDS_CSUM).
         self.tx_partial_csum = False
         #: What the running RX ring negotiated (DATA_VALID, TSO).
@@ -128,7 +137,7 @@ class Datapath:
         try:
             slot.start(mem, message, fds)
             if slot.writer is not None:
-                slot.writer.capture = self.capture
+                slot.writer.capture = self.rx_capture
         except (VirtqueueError, GuestMemoryError) as err:
             slot.stop()
             slot.error = str(err)
@@ -211,10 +220,11 @@ class Datapath:
         slot.break_(str(err))
 
     def set_capture(self, capture: PcapWriter | None) -> None:
-        """Record every frame into ``capture`` from now on (None: stop)."""
-        self.capture = capture
+        """Record every frame into ``capture`` from now on (None: stop); with --trace on, the trace too."""
+        self.pcap = capture
+        self.capture, self.rx_capture = trace.sinks(self.trace, capture)
         if self.rx.writer is not None:
-            self.rx.writer.capture = capture
+            self.rx.writer.capture = self.rx_capture
 
     # -- the loop's calls ---------------------------------------------------------
 

@@ -30,9 +30,11 @@ own.
   descriptor-to-flow map.
 * **Deferred handling.**  Once a second (:meth:`FlowLayer.tick`) every flow's
   timer hook runs; the flows it says are over are closed and leave the table
-  in one batch (one write lock), the activity times that changed are
-  published (one unlocked store each: only the owner writes its entries'
-  times), and each protocol's deferred hook runs (e.g. refilling pools).
+  in one batch (one write lock), the activity times and idle timeouts
+  (:attr:`FlowBase.idle_timeout`, for ``shardswitch flows``) that changed
+  are published (one unlocked store each: only the owner writes its
+  entries' times), and each protocol's deferred hook runs (e.g. refilling
+  pools).
 * **Where a new flow goes** is decided in one place,
   :meth:`~shardswitch.worker.fwd.Forwarding.target` (reached as
   :attr:`FlowLayer.fwd`): :meth:`FlowLayer.find` asks it for every guest
@@ -106,6 +108,10 @@ class FlowBase:
     #: Last activity (monotonic seconds), and the value last written to the table.
     last: float
     published: float = 0.0
+    #: Seconds of idleness after which its protocol ends it, for ``shardswitch flows`` (0: none), and the value
+    #: last written to the table.
+    idle_timeout: int = 0
+    published_timeout: int = 0
     #: The host socket watched for it (-1: none of its own, e.g. a shared listening socket).
     fd: int = -1
     #: Closed: no longer in the index (events still queued for it are ignored).
@@ -224,8 +230,12 @@ class FlowLayer:
         raise PacketError(self._hooks[ftype].conflict, "another worker entered the same flow")
 
     def add(self, flow: FlowBase, sock_fd: int = -1, events: int = READABLE) -> None:
-        """Index a flow just entered; watch its own socket ``sock_fd`` (if any) for ``events``."""
+        """Index a flow just entered (its idle timeout, if it has one, published at once); watch its own socket
+        ``sock_fd`` (if any) for ``events``."""
         self.flows[flow.key] = flow
+        if flow.idle_timeout and self.table is not None and flow.ref.entry >= 0:
+            self.table.publish_timeout(flow.ref.entry, flow.idle_timeout)
+            flow.published_timeout = flow.idle_timeout
         if sock_fd >= 0:
             flow.fd = sock_fd
             self.by_fd[sock_fd] = flow
@@ -292,7 +302,8 @@ class FlowLayer:
     # -- deferred handling ------------------------------------------------------------
 
     def tick(self, now: float) -> None:
-        """Once a second: every flow's timers, the finished ones removed in one batch, activity published."""
+        """Once a second: every flow's timers, the finished ones removed in one batch, activity and idle timeouts
+        published."""
         hooks = self._hooks
         # A timer may close another flow of the same pass (e.g. a reset): closed flows are skipped.
         over = []
@@ -313,9 +324,14 @@ class FlowLayer:
             if over:
                 table.remove_many([flow.ref for flow in over if flow.ref.entry >= 0])
             for flow in self.flows.values():
-                if flow.last != flow.published and flow.ref.entry >= 0:
+                if flow.ref.entry < 0:
+                    continue
+                if flow.last != flow.published:
                     table.touch(flow.ref.entry, flow.last)
                     flow.published = flow.last
+                if flow.idle_timeout != flow.published_timeout:
+                    table.publish_timeout(flow.ref.entry, flow.idle_timeout)
+                    flow.published_timeout = flow.idle_timeout
         for kind in self._kinds:
             try:
                 kind.deferred(now)

@@ -23,7 +23,9 @@ instead of building the mapping itself:
   its family, unless it goes to the host's loopback (which no interface
   binding could reach), and connected (:meth:`Forwarding.connect`).
 * host -> guest (:meth:`Forwarding.inbound`, :meth:`Forwarding.seen_from`): the address a host client of
-  a forwarded port (``-t``/``-u``) appears to come from.  A client on the
+  a forwarded port (``-t``/``-u``) appears to come from, and the guest's address it goes to: the rule's
+  target address when it names one (``0.0.0.0/5000:192.0.2.5/6000``), which the flow policy screens
+  (:meth:`~shardswitch.worker.policy.FlowPolicy.forward_target`), else the guest's own.  A client on the
   host's loopback appears as the first mapped address of its family (the
   reverse of the mapping above; None when there is none); a client on the
   host's own address shadowed by the guest's appears as ``--map-guest-addr``,
@@ -50,6 +52,7 @@ from typing import Protocol
 from shardswitch.ipc import ForwardSetup
 from shardswitch.net import inany, ipv6
 from shardswitch.net.inany import InAny
+from shardswitch.net.params import ResolvedParams
 from shardswitch.shm.layout import FlowSide, FlowType
 from shardswitch.worker.policy import FlowPolicy
 from shardswitch.worker.port import WorkerPort
@@ -69,6 +72,19 @@ def _parse_all(texts: tuple[str, ...]) -> list[InAny]:
         except inany.AddressError:
             continue
     return parsed
+
+
+def flow_policy(setup: ForwardSetup, params: ResolvedParams) -> FlowPolicy:
+    """The flow policy of a guest with ``params`` under ``setup`` (a worker's, and the coordinator's to check
+    a forwarding rule's target when it is added): the IPv4 broadcast addresses (the limited one, the guest
+    subnet's directed one) and the switch's own addresses on the guest side."""
+    host_bits = ~params.netmask & 0xFFFFFFFF
+    own = {inany.from_v4(params.gateway), params.our_ll6, params.gateway6, params.router_ll6,
+           *_parse_all(setup.map_host_loopback), *_parse_all(tuple(guest for guest, _ in setup.dns_forward)),
+           *_parse_all((setup.map_guest_addr,) if setup.map_guest_addr else ())}
+    return FlowPolicy(setup.deny, setup.allow_link_local,
+                      frozenset({0xFFFFFFFF, params.address | host_bits} if params.prefix_len <= 30
+                                else {0xFFFFFFFF}), frozenset(own))
 
 
 class SharedGuest6(Protocol):
@@ -117,10 +133,7 @@ class Forwarding:
         #: The guest's global IPv6 address as last seen (None: not seen yet).
         self.guest6: InAny | None = params.address6
         #: What the guest may address (IPv4 broadcast: the limited one, and the guest subnet's directed one).
-        host_bits = ~params.netmask & 0xFFFFFFFF
-        self.policy = FlowPolicy(setup.deny, setup.allow_link_local,
-                                 frozenset({0xFFFFFFFF, params.address | host_bits} if params.prefix_len <= 30
-                                           else {0xFFFFFFFF}))
+        self.policy = flow_policy(setup, params)
 
     def target(self, ftype: FlowType, guest_side: FlowSide) -> tuple[InAny, int]:
         """Where a flow the guest starts with ``guest_side`` goes on the host: the one place that decides it.
@@ -192,11 +205,17 @@ class Forwarding:
             return self.shown4 if v4 else self.shown6
         return client
 
-    def inbound(self, client: InAny) -> tuple[InAny, InAny] | None:
+    def inbound(self, client: InAny, target: InAny | None = None) -> tuple[InAny, InAny] | None:
         """The guest side of a flow a host ``client`` starts on a forwarded port: (the address it appears
-        from, the guest's address of its family); None when either is unknown (the caller refuses it)."""
+        from, the guest's address it goes to: the rule's ``target``, else the guest's own of the client's
+        family); None when either is unknown (the caller refuses it).  Raises PacketError when the flow
+        policy refuses ``target``: every forwarded flow, new or restored, asks here."""
         remote = self.seen_from(client)
-        guest = self.guest_address(inany.is_v4(client))
+        if target is not None:
+            self.policy.forward_target(target, client)
+            guest: InAny | None = target
+        else:
+            guest = self.guest_address(inany.is_v4(client))
         if remote is None or guest is None:
             return None
         return remote, guest

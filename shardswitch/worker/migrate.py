@@ -103,6 +103,9 @@ class FlowMigration:
         self.ping = ping
         #: Guards of moved connections, with the time each may go.
         self.guards: list[tuple[float, socket.socket]] = []
+        #: Guard the local ports of moved connections (off: --migrate-no-linger, as passt's closing them at
+        #: once: a segment reaching the port before the target holds the connection meets a reset).
+        self.linger = True
 
     # -- source ------------------------------------------------------------------
 
@@ -136,7 +139,7 @@ class FlowMigration:
                 self.port.count(Event.TCP_MIGRATED)
                 if not flow.inbound:
                     guarded.append(flow)
-        if link is not None and guarded:
+        if link is not None and guarded and self.linger:
             self._guard(link, guarded)
         for flow in tcp_flows:
             self.layer.close(flow)
@@ -311,18 +314,22 @@ class FlowMigration:
         """Whether the flow policy lets a connection of the document be restored as it names it (else it is
         reset, counted and logged): a connection the guest started must go where the same guest side would
         go now (:meth:`FlowLayer.new_flow`), from a local address of the same kind; one a host client
-        started must come to a port this switch forwards, to the guest port it forwards to, and appear in the
-        guest from where such a client would."""
+        started must come to a port this switch forwards (on the same address), to the guest port and the
+        target address (screened by the flow policy) it forwards to, and appear in the guest from where such a
+        client would."""
         guest, host = _flow_side(record.guest), _flow_side(record.host)
         try:
             if record.inbound:
                 forwarder = self.tcp.forwarder
-                listener = forwarder.listening_on(host.our_port) if forwarder is not None else None
-                sides = self.layer.fwd.inbound(host.ep_addr)
+                listener = forwarder.listening_on(host.our_port, host.our_addr) if forwarder is not None else None
+                sides = self.layer.fwd.inbound(host.ep_addr, listener.target) if listener is not None else None
                 if (listener is None or listener.guest_port != guest.ep_port or sides is None
-                        or sides[0] != guest.our_addr):
+                        or sides[0] != guest.our_addr
+                        or (listener.target is not None and guest.ep_addr != listener.target)):
                     raise PacketError(DropReason.FLOW_DST_DENIED, "not a client of a forwarded port")
-                self.layer.fwd.policy.screen(guest.ep_addr, host.ep_addr, host.ep_port)
+                # The guest side as the guest sees it (its address, the client as it appears there): the
+                # host client itself is often on the host's loopback, which is no address of the guest's.
+                self.layer.fwd.policy.screen(guest.ep_addr, guest.our_addr, guest.our_port)
             else:
                 new = self.layer.new_flow(FlowType.TCP, guest)
                 if (new.target, new.port) != (host.ep_addr, host.ep_port):

@@ -23,6 +23,16 @@ Two stages, because the mapping between them matters:
   addresses never get here: the IPv6 parser refuses them
   (:data:`~shardswitch.net.drop.DropReason.IPV6_V4_MAPPED`), so an address's
   family is the family of its frame.
+* :meth:`FlowPolicy.forward_target`, on the target of a flow a host client
+  starts on a forwarded port whose rule names an address inside the guest
+  (``-t 0.0.0.0/5000:192.0.2.5/6000``), new or restored by a migration: a
+  unicast address by the same classes as a destination above (no
+  unspecified, loopback, multicast or broadcast address), of the client's
+  family, and none of the switch's own addresses on the guest side (the
+  gateway, mapped and DNS forwarding addresses, our link-local address):
+  frames to those would never reach a socket of the guest.  The coordinator
+  asks the same question of a rule when it is added, so that the operator
+  hears of a refused target at once.
 * :meth:`FlowPolicy.egress`, on a destination the operator did not map: the
   operator's deny list (``--deny ADDR[/LEN]``), and by default link-local
   addresses (169.254.0.0/16, fe80::/10) and the cloud metadata services that
@@ -82,13 +92,15 @@ class FlowPolicy:
     """What the guest's new flows may address (see the module's docstring)."""
 
     def __init__(self, deny: tuple[str, ...] = (), allow_link_local: bool = False,
-                 broadcast4: frozenset[int] = frozenset({0xFFFFFFFF})) -> None:
+                 broadcast4: frozenset[int] = frozenset({0xFFFFFFFF}), own: frozenset[InAny] = frozenset()) -> None:
         """The operator's ``deny`` list (``ADDR[/LEN]`` texts, already validated by the settings; a bad
         one raises PolicyError); ``allow_link_local`` lifts the default refusal of link-local and metadata
-        addresses; ``broadcast4``: the IPv4 broadcast addresses of the guest's network, as ints."""
+        addresses; ``broadcast4``: the IPv4 broadcast addresses of the guest's network, as ints; ``own``: the
+        switch's own addresses on the guest side (never a forwarded flow's target)."""
         self.deny = tuple(parse_prefix(text) for text in deny)
         self.link_local = () if allow_link_local else tuple(parse_prefix(t) for t in LINK_LOCAL + METADATA)
         self.broadcast4 = broadcast4
+        self.own = own
 
     def screen(self, src: InAny, dst: InAny, port: int | None) -> None:
         """Refuse (PacketError) a new flow ``src`` -> ``dst`` by the class of its addresses; ``port``: the
@@ -123,6 +135,19 @@ class FlowPolicy:
         if dst == inany.LOOPBACK6:
             return DropReason.FLOW_DST_LOOPBACK
         return None
+
+    def forward_target(self, target: InAny, client: InAny | None = None) -> None:
+        """Refuse (PacketError) ``target``, named by a forwarding rule, as the guest side of a flow a host
+        ``client`` starts (None: any client of its family, when the rule is added)."""
+        reason = self.refusal(target)
+        if reason is not None:
+            raise PacketError(reason, f"forward target {inany.to_str(target)}")
+        if client is not None and inany.is_v4(client) != inany.is_v4(target):
+            raise PacketError(DropReason.FLOW_DST_DENIED, f"forward target {inany.to_str(target)} for a client "
+                              f"of the other family ({inany.to_str(client)})")
+        if target in self.own:
+            raise PacketError(DropReason.FLOW_DST_DENIED, f"forward target {inany.to_str(target)} is the "
+                              "switch's own address on the guest side")
 
     def egress(self, dst: InAny) -> None:
         """Refuse (PacketError) a flow to ``dst``, a destination no mapping claimed, by the deny lists."""

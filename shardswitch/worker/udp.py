@@ -18,7 +18,15 @@ kinds:
   ``:TO`` mapping) from the client's address, or from the mapped gateway
   address when the client is on the host's loopback.  The guest's replies
   are sent back with ``sendto`` on the same listening socket, so they come
-  from the forwarded port.
+  from the forwarded port.  A rule naming a target address inside the guest
+  (``-u 0.0.0.0/5000:192.0.2.5/6000``) sends them there instead of the
+  guest's own address, as the flow policy allows.
+
+Forwarding rules change at run time (``shardswitch forward``): :meth:`UdpFlows.add_listeners` adopts the
+sockets of a new rule; :meth:`UdpFlows.remove_listeners` closes those of a removed one, except one that
+still carries flows: that one *drains*, its flows going on both ways while datagrams from new clients are
+dropped (UDP_FORWARD_REMOVED), and closes with its last flow.  A rule added again for the same port and
+address takes the draining socket's flows over, and the draining socket closes at once.
 
 The life of a flow - the shared table (type UDP; for guest flows side 0 is
 the guest, for forwarded flows side 0 is the host client), the local index
@@ -41,9 +49,13 @@ network.
 Sockets are read in batches of up to :data:`RECV_BATCH` datagrams per
 readiness event into one reused buffer; the frame builder copies the
 payload once.  Timers run in the worker's deferred handler, over this
-worker's own flows only: a flow idle for :data:`UDP_TIMEOUT` seconds is
-closed, or after :data:`UDP_TIMEOUT_BOTH` seconds once traffic went both
-ways; activity times are published to the table once a second.
+worker's own flows only: as in passt, each flow counts the datagrams of its
+initiating and of its target side, and is closed once idle for the host's
+conntrack UDP timeout (30 s by default), or for its stream timeout (120 s)
+once the target side answered and either side sent more than one datagram
+(:mod:`shardswitch.worker.udptimeout`: the rule, and the values the
+coordinator read).  Activity times and the timeout each flow is under are
+published to the table once a second (``shardswitch flows`` shows them).
 
 Checksum offload: a guest datagram whose virtio-net header had NEEDS_CSUM
 (``csum_partial`` of its IP packet) is not checksum-verified; frames to a
@@ -78,13 +90,10 @@ from shardswitch.worker.counters import Event
 from shardswitch.worker.flow import FlowBase, FlowLayer, NewFlow
 from shardswitch.worker.listen import Listener, adopt_listeners
 from shardswitch.worker.port import WorkerPort
+from shardswitch.worker.udptimeout import ACTIVITY_MAX, UdpTimeouts, choose
 
 log = logging.getLogger("shardswitch.worker")
 
-#: Idle flows expire after this many seconds (as passt)...
-UDP_TIMEOUT = 30.0
-#: ... or after this many once traffic has gone both ways.
-UDP_TIMEOUT_BOTH = 180.0
 #: Most datagrams read from one socket per readiness event.
 RECV_BATCH = 64
 #: Receive buffer: the largest UDP payload.
@@ -108,13 +117,15 @@ class UdpFlow(FlowBase):
     peer: tuple[Any, ...] | None = None
     #: The host address ``sock`` is connected to (unspecified for forwarded flows).
     target: InAny = inany.ANY6
-    from_guest: bool = False
-    from_host: bool = False
+    #: Datagrams from the guest and from the host, each saturating at ACTIVITY_MAX (passt's activity[]).
+    from_guest: int = 0
+    from_host: int = 0
 
-    @property
-    def timeout(self) -> float:
-        """Idle time after which the flow expires."""
-        return UDP_TIMEOUT_BOTH if self.from_guest and self.from_host else UDP_TIMEOUT
+    def timeout(self, timeouts: UdpTimeouts) -> int:
+        """The idle timeout the flow is under (passt's rule over its sides' datagram counts)."""
+        if self.peer is None:               # the guest initiated it
+            return choose(timeouts, self.from_guest, self.from_host)
+        return choose(timeouts, self.from_host, self.from_guest)
 
 
 class UdpFlows:
@@ -123,9 +134,12 @@ class UdpFlows:
     table_full = DropReason.UDP_TABLE_FULL
     conflict = DropReason.UDP_FLOW_CONFLICT
 
-    def __init__(self, port: WorkerPort, layer: FlowLayer, listeners: tuple[PortFd, ...] = ()) -> None:
-        """Serve UDP for ``port``'s worker through ``layer``; ``listeners``: its sockets of -u ports."""
+    def __init__(self, port: WorkerPort, layer: FlowLayer, listeners: tuple[PortFd, ...] = (),
+                 timeouts: UdpTimeouts = UdpTimeouts()) -> None:
+        """Serve UDP for ``port``'s worker through ``layer``; ``listeners``: its sockets of -u ports;
+        ``timeouts``: the idle timeouts of its flows."""
         self.port = port
+        self.timeouts = timeouts
         self.layer = layer
         self.fwd = layer.fwd
         #: Forwarded flows: (listener descriptor, client address, client port) -> flow.
@@ -134,6 +148,8 @@ class UdpFlows:
         self.view = memoryview(self.buf)
         layer.register((FlowType.UDP,), self)
         self.listeners: dict[int, Listener] = adopt_listeners(listeners, port.watch, self.on_listener)
+        #: Listeners of removed rules kept open for the flows they still carry, by descriptor.
+        self.draining: dict[int, Listener] = {}
 
     def plug_into(self, endpoint: GuestEndpoint) -> None:
         """Route the guest's UDP here: every port without a handler of its own (i.e. not DHCP, DHCPv6)."""
@@ -160,6 +176,9 @@ class UdpFlows:
         found = self.layer.find(FlowType.UDP, FlowSide(Pif.GUEST, src, sport, dst, dport))
         flow = self._create(found, now) if isinstance(found, NewFlow) else found
         assert isinstance(flow, UdpFlow)
+        flow.last = now
+        if flow.from_guest < ACTIVITY_MAX:
+            flow.from_guest += 1
         try:
             if flow.peer is None:
                 flow.sock.send(payload)
@@ -168,8 +187,6 @@ class UdpFlows:
         except OSError as err:
             log.debug("UDP flow %s: send: %s", flow.ref, err.strerror)
             raise PacketError(DropReason.UDP_SEND_ERROR, err.strerror or "") from None
-        flow.last = now
-        flow.from_guest = True
 
     def _create(self, new: NewFlow, now: float, local_port: int = 0) -> UdpFlow:
         """Open a socket connected to the policy's target (from ``local_port`` when not 0), enter and index
@@ -200,7 +217,7 @@ class UdpFlows:
             raise
         flow = UdpFlow(ref=ref, ftype=FlowType.UDP, key=new.key, last=now, sock=sock, guest_addr=guest_side.ep_addr,
                        guest_port=guest_side.ep_port, remote=guest_side.our_addr, remote_port=guest_side.our_port,
-                       target=target)
+                       target=target, idle_timeout=self.timeouts.timeout)
         self.layer.add(flow, sock.fileno())
         return flow
 
@@ -222,6 +239,9 @@ class UdpFlows:
 
     def _to_guest(self, flow: UdpFlow, payload: memoryview, now: float) -> None:
         """Queue one datagram for the guest on ``flow`` (from its remote side)."""
+        flow.last = now
+        if flow.from_host < ACTIVITY_MAX:
+            flow.from_host += 1
         port = self.port
         params = port.params
         if len(payload) + flowframes.udp_headers_len(flow.remote) - eth.ETH_HLEN > params.mtu:
@@ -231,8 +251,6 @@ class UdpFlows:
         port.queue.append(flowframes.udp_frame(port.guest_mac or BROADCAST_MAC, params.our_mac, flow.remote,
                                                flow.guest_addr, flow.remote_port, flow.guest_port, payload,
                                                not port.offloads.data_valid))
-        flow.last = now
-        flow.from_host = True
 
     def on_socket(self, flow: UdpFlow) -> None:
         """Datagrams on a guest flow's connected socket: queue them for the guest."""
@@ -285,7 +303,7 @@ class UdpFlows:
 
     def on_listener(self, fd: int) -> None:
         """Datagrams from host clients on a forwarded port: to the guest, on their flows."""
-        listener = self.listeners.get(fd)
+        listener = self.listeners.get(fd) or self.draining.get(fd)
         if listener is None:
             return
         now = time.monotonic()
@@ -299,6 +317,9 @@ class UdpFlows:
                 log.debug("-u port %d: %s", listener.port, err.strerror)
                 continue
             flow = self.inbound.get((fd, peer[0], peer[1]))
+            if flow is None and fd in self.draining:
+                self.port.drop(DropReason.UDP_FORWARD_REMOVED)
+                continue
             if flow is None:
                 try:
                     flow = self._create_inbound(fd, listener, peer, now)
@@ -312,7 +333,7 @@ class UdpFlows:
         """A new host client (``peer``, a socket address) of a forwarded port: a flow towards the guest."""
         cport: int = peer[1]
         client = inany.from_str(peer[0])
-        sides = self.fwd.inbound(client)
+        sides = self.fwd.inbound(client, listener.target)
         if sides is None:
             raise PacketError(DropReason.UDP_NO_GUEST_ADDRESS)
         remote, guest = sides
@@ -325,7 +346,8 @@ class UdpFlows:
             return existing
         ref = self.layer.enter(FlowType.UDP, host_side, guest_side, now)
         flow = UdpFlow(ref=ref, ftype=FlowType.UDP, key=key, last=now, sock=listener.sock, guest_addr=guest,
-                       guest_port=listener.guest_port, remote=remote, remote_port=cport, peer=peer)
+                       guest_port=listener.guest_port, remote=remote, remote_port=cport, peer=peer,
+                       idle_timeout=self.timeouts.timeout)
         self.layer.add(flow)
         self.inbound[(fd, peer[0], cport)] = flow
         return flow
@@ -333,13 +355,18 @@ class UdpFlows:
     # -- flow layer hooks ---------------------------------------------------------------------
 
     def timer(self, flow: UdpFlow, now: float) -> bool:
-        """Idle for the flow's timeout: over."""
-        return now - flow.last > flow.timeout
+        """Idle for longer than the flow's timeout (kept in ``idle_timeout`` for the table): over."""
+        flow.idle_timeout = timeout = flow.timeout(self.timeouts)
+        return now - flow.last > timeout
 
     def release(self, flow: UdpFlow) -> None:
         """Close the flow's own socket; a forwarded flow only leaves the client map (the listener stays)."""
         if flow.peer is not None:
-            self.inbound.pop((flow.sock.fileno(), flow.peer[0], flow.peer[1]), None)
+            fd = flow.sock.fileno()
+            self.inbound.pop((fd, flow.peer[0], flow.peer[1]), None)
+            if fd in self.draining and not any(key[0] == fd for key in self.inbound):
+                self.port.unwatch(fd)
+                self.draining.pop(fd).sock.close()
         else:
             flow.sock.close()
 
@@ -351,7 +378,40 @@ class UdpFlows:
 
     def close(self) -> None:
         """Close the listeners (the worker is stopping; its flow layer closes the flows first)."""
-        for fd, listener in list(self.listeners.items()):
+        for fd, listener in [*self.listeners.items(), *self.draining.items()]:
             self.port.unwatch(fd)
             listener.sock.close()
         self.listeners.clear()
+        self.draining.clear()
+
+    # -- forwarding rules changed at run time ----------------------------------------------------------
+
+    def add_listeners(self, ports: tuple[PortFd, ...]) -> None:
+        """Listen on more forwarded ports (``ports`` describe sockets this worker holds); a draining socket
+        of the same port and address hands its flows to the new one and closes."""
+        added = adopt_listeners(ports, self.port.watch, self.on_listener)
+        self.listeners.update(added)
+        for new_fd, new in added.items():
+            for old_fd, old in list(self.draining.items()):
+                if (old.port, old.bound) != (new.port, new.bound):
+                    continue
+                for key in [key for key in self.inbound if key[0] == old_fd]:
+                    flow = self.inbound.pop(key)
+                    flow.sock = new.sock
+                    self.inbound[(new_fd, key[1], key[2])] = flow
+                self.port.unwatch(old_fd)
+                self.draining.pop(old_fd).sock.close()
+
+    def remove_listeners(self, rules: set[int]) -> int:
+        """Stop listening for forwarding ``rules``: their sockets close, or drain while they carry flows
+        (established flows are never cut); how many stopped listening."""
+        removed = [fd for fd, listener in self.listeners.items() if listener.rule in rules]
+        carrying = {key[0] for key in self.inbound}
+        for fd in removed:
+            listener = self.listeners.pop(fd)
+            if fd in carrying:
+                self.draining[fd] = listener
+            else:
+                self.port.unwatch(fd)
+                listener.sock.close()
+        return len(removed)

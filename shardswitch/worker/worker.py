@@ -13,7 +13,8 @@ it wires them up (endpoint handlers, the flow layer's hooks).
 Its loop waits (epoll, no busy polling) on:
 
 * the control channel to the coordinator (:mod:`shardswitch.ipc`): memory
-  regions, ring start/stop, status queries, shutdown;
+  regions, ring start/stop, status queries, forwarding rules added or
+  removed at run time (listening sockets attached or closed), shutdown;
 * the TX ring's kick eventfd: the guest posted frames;
 * the RX ring's kick eventfd, enabled only while frames wait for buffers;
 * its hand-over inbox: frames of its flows that arrived on other queue pairs;
@@ -49,10 +50,15 @@ import time
 from collections import deque
 from typing import Callable
 
+import msgspec
+
 from shardswitch.pcap import PcapWriter
 from shardswitch.ipc import (
     Capture,
     Channel,
+    ForwardAdd,
+    ForwardDone,
+    ForwardRemove,
     IpcError,
     LogBase,
     MemAdd,
@@ -94,6 +100,7 @@ from shardswitch.worker.ping import PingFlows
 from shardswitch.worker.port import CountingPort, EpollWatches, RxOffloads
 from shardswitch.worker.rings import RingSlot, SlotState
 from shardswitch.worker.tcp import TcpFlows
+from shardswitch.worker.trace import TRACE_LINES, FrameTrace
 from shardswitch.worker.udp import UdpFlows
 
 log = logging.getLogger("shardswitch.worker")
@@ -145,12 +152,18 @@ class Worker(EpollWatches, CountingPort):
         self.flows = FlowLayer(self, self.table, fwd)
         self.ping = PingFlows(self, self.flows)
         self.tcp = TcpFlows(self, self.flows, setup.tcp_listeners)
-        self.udp = UdpFlows(self, self.flows, setup.udp_listeners)
-        self.tcp.plug_into(self.endpoint)
-        self.udp.plug_into(self.endpoint)
+        self.udp = UdpFlows(self, self.flows, setup.udp_listeners, setup.udp_timeouts)
+        if setup.services & Service.TCP:
+            self.tcp.plug_into(self.endpoint)
+        if setup.services & Service.UDP:
+            self.udp.plug_into(self.endpoint)
         if setup.icmp:
             self.ping.plug_into(self.endpoint)
         self.migration = FlowMigration(self, self.flows, self.tcp, self.udp, self.ping)
+        self.migration.linger = setup.migrate_linger
+        if setup.trace:
+            self.datapath.trace = FrameTrace(LogLimiter(log, TRACE_LINES, 1.0))
+            self.datapath.set_capture(None)
         self.datapath.on_rx_buffers = self._rx_refilled
 
     # -- control channel ---------------------------------------------------
@@ -173,6 +186,8 @@ class Worker(EpollWatches, CountingPort):
             self._migrate(message, fds)
         elif isinstance(message, Capture):
             self._capture(fds)
+        elif isinstance(message, (ForwardAdd, ForwardRemove)):
+            self._forward(message, fds)
         else:
             close_fds(fds)
             self._handle(message)
@@ -203,6 +218,29 @@ class Worker(EpollWatches, CountingPort):
         else:
             log.error("worker %d: unexpected control message %r", self.pair, message)
 
+    def _forward(self, message: ForwardAdd | ForwardRemove, fds: list[int]) -> None:
+        """Forwarding rules changed at run time: adopt the listening sockets attached (one per entry of
+        ``ports``, in order), or close a removed rule's; answer with the listeners this worker has now."""
+        error = ""
+        if isinstance(message, ForwardAdd):
+            if len(fds) != len(message.ports):
+                close_fds(fds)
+                error = f"{len(fds)} descriptor(s) for {len(message.ports)} port(s)"
+            else:
+                ports = tuple(msgspec.structs.replace(desc, fd=fd) for desc, fd in zip(message.ports, fds))
+                (self.tcp.forwarder.add if message.tcp else self.udp.add_listeners)(ports)
+        else:
+            close_fds(fds)
+            rules = set(message.rules)
+            removed = self.tcp.forwarder.remove(rules) if message.tcp else self.udp.remove_listeners(rules)
+            log.debug("worker %d: %d listener(s) of rule(s) %s closed", self.pair, removed, sorted(rules))
+        self.channel.send(ForwardDone(seq=message.seq, listeners=self.listening(), error=error))
+
+    def listening(self) -> dict[str, int]:
+        """This worker's listening sockets of forwarded ports, by kind."""
+        return {"tcp": len(self.tcp.forwarder.listeners), "udp": len(self.udp.listeners),
+                "udp_draining": len(self.udp.draining)}
+
     def _guard_memory(self, action: Callable[[], object]) -> None:
         """Run a memory operation, logging instead of dying when it fails."""
         try:
@@ -220,8 +258,8 @@ class Worker(EpollWatches, CountingPort):
 
     def _capture(self, fds: list[int]) -> None:
         """Start capturing into the attached file, or stop (no descriptor); the previous file is flushed."""
-        if self.datapath.capture is not None:
-            self.datapath.capture.close()
+        if self.datapath.pcap is not None:
+            self.datapath.pcap.close()
             self.datapath.set_capture(None)
         if len(fds) > 1:
             close_fds(fds)
@@ -323,7 +361,7 @@ class Worker(EpollWatches, CountingPort):
                             rx_bytes=c.rx_bytes, drops=Counters.by_name(c.drops), events=Counters.by_name(c.events),
                             handed_out=self.peers.handed_out if self.peers else 0,
                             handed_in=self.peers.handed_in if self.peers else 0,
-                            flows=self.flows.count())
+                            flows=self.flows.count(), listeners=self.listening())
 
     # -- the WorkerPort of the protocol modules -------------------------------------
 
@@ -470,16 +508,16 @@ class Worker(EpollWatches, CountingPort):
                     self.handler_fault()
             if self.deferred:
                 self.run_deferred(self.handler_fault)
-            if datapath.capture is not None:
-                datapath.capture.flush()
+            if datapath.pcap is not None:
+                datapath.pcap.flush()
             now = time.monotonic()
             if now >= self.next_tick:
                 try:
                     self._tick(now)
                 except Exception:
                     self.handler_fault()
-        if self.datapath.capture is not None:
-            self.datapath.capture.close()
+        if self.datapath.pcap is not None:
+            self.datapath.pcap.close()
         self._stop_all()
         self._guard_memory(self.mem.clear)
         self.tcp.close()

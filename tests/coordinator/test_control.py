@@ -28,6 +28,19 @@ def test_status_shows_drops_and_events_apart() -> None:
     assert sum(1 for line in lines if line.startswith(("  dropped", "  events"))) == 2
 
 
+def test_flows_show_the_udp_timeout_each_flow_is_under() -> None:
+    """`shardswitch flows`: a UDP flow's line says its idle timeout; a flow with none (TCP) says nothing."""
+    from shardswitch.coordinator.control import format_flows
+
+    side = {"pif": "guest", "ep_addr": "10.0.2.15", "ep_port": 5353, "our_addr": "10.0.2.2", "our_port": 53}
+    flows = [{"index": 3, "type": "udp", "state": "active", "owner": 0, "age": 4.2, "timeout": 120, "sides": [side]},
+             {"index": 4, "type": "tcp", "state": "active", "owner": 1, "age": 0.0, "timeout": None, "sides": []}]
+    lines = format_flows({"capacity": 8, "flows": flows}).splitlines()
+    assert lines[0] == "2 flow(s), table capacity 8"
+    assert "age    4s  timeout 120s" in lines[1] and lines[1].endswith("guest 10.0.2.15:5353 > 10.0.2.2:53")
+    assert "timeout" not in lines[2]
+
+
 def test_rates_between_two_status_answers() -> None:
     """--watch: frames, bits and drops per second per pair and in all, ring states, a silent worker."""
     from shardswitch.coordinator.control import format_rates

@@ -72,6 +72,8 @@ class Lease:
     mtu: int | None
     dns: tuple[str, ...]
     domain: str
+    #: DHCP option 12 ("" when the server sent none).
+    hostname: str = ""
 
     @property
     def router(self) -> str | None:
@@ -94,7 +96,7 @@ def parse_lease(text: str) -> Lease | None:
         mtu = fields.get("mtu", "")
         return Lease(ip=fields["ip"], prefixlen=int(fields.get("mask") or 32),
                      routers=items("router"), mtu=int(mtu) if mtu else None,
-                     dns=items("dns"), domain=fields.get("domain", ""))
+                     dns=items("dns"), domain=fields.get("domain", ""), hostname=fields.get("hostname", ""))
     except (KeyError, ValueError) as exc:
         raise GuestError(f"malformed lease line {found[-1][0]!r}") from exc
 

@@ -284,3 +284,22 @@ def test_too_many_dns_servers_rejected() -> None:
         make_endpoint(dns=[f"10.0.3.{i}" for i in range(1, 70)])
     assert make_endpoint(dns=[f"10.0.3.{i}" for i in range(1, 60)], search=[]).dhcp.search_dropped \
         == ()
+
+
+def test_hostname_fqdn_and_no_mtu() -> None:
+    """-H: option 12 with the name as given; --fqdn: option 81 with flags E, RCODEs 255 and the name in wire
+    format (as passt); -m 0: no option 26.  Without them none of the three is sent."""
+    endpoint = make_endpoint(hostname="vm1", fqdn="vm1.example.org.", offer_mtu=False)
+    offer = single_reply(endpoint, DhcpTestClient().discover())
+    assert offer.options[12] == b"vm1"
+    assert offer.options[81][:3] == b"\x04\xff\xff"
+    assert decode_dns_names(offer.options[81][3:]) == ["vm1.example.org"]
+    assert 26 not in offer.options
+    plain = single_reply(make_endpoint(), DhcpTestClient().discover())
+    assert 12 not in plain.options and 81 not in plain.options and 26 in plain.options
+
+
+def test_bad_hostname_refused() -> None:
+    """A host name that is not printable ASCII is a configuration error, not something sent."""
+    with pytest.raises(ParamsError, match="host name"):
+        make_endpoint(hostname="vm\x001")

@@ -476,3 +476,18 @@ def test_fuzz_never_raises(endpoint: GuestEndpoint) -> None:
             verdicts[result] = verdicts.get(result, 0) + 1
     assert all(verdicts.get(key, 0) > 100 for key in (None, DropReason.DHCPV6_MALFORMED, DropReason.DHCPV6_IGNORED)), \
         verdicts
+
+
+def test_client_fqdn() -> None:
+    """--fqdn: Client FQDN (39) in the replies that carry configuration, the name in wire format; flags 0,
+    or O when the client set S (we never update its AAAA record), as passt."""
+    from scapy.layers.dhcp6 import DHCP6OptClientFQDN
+
+    endpoint = make_endpoint(fqdn="vm1.example.org")
+    _message, opts = reply_to(endpoint, solicit())
+    fqdn = only(opts, DHCP6OptClientFQDN)
+    assert (fqdn.flags, fqdn.fqdn) == (0, b"vm1.example.org.")
+    _message, opts = reply_to(endpoint, solicit(DHCP6OptClientFQDN(flags=1, fqdn="guest.example.")))
+    assert only(opts, DHCP6OptClientFQDN).flags == 2
+    _message, opts = reply_to(make_endpoint(), solicit())
+    assert not of(opts, DHCP6OptClientFQDN)

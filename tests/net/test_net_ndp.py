@@ -490,3 +490,9 @@ def test_no_ra_means_no_periodic_ra() -> None:
     resp = responder(ra=False)
     assert resp.periodic_ra(0.0) is None and resp.periodic_ra(1000.0) is None
     assert run(resp, rs_frame()) is DropReason.NDP_IGNORED
+
+
+def test_mtu_not_offered() -> None:
+    """-m 0 (offer_mtu off): the RA carries no MTU option, the rest is unchanged."""
+    ra = decode_ra(one_reply(responder(offer_mtu=False, dns6=[], search=[]), rs_frame()))
+    assert [kind for kind, _data in ra.options] == [1, 3]

@@ -174,6 +174,25 @@ def test_set_owner_touch_remove_owned_by(table: FlowTable) -> None:
     assert table.list_flows() == [] and table.check() == []
 
 
+def test_published_timeout_is_listed_and_cleared_with_the_entry(table: FlowTable) -> None:
+    """A flow's idle timeout, published by its owner, is listed; an entry reused starts with none."""
+    ref = make(table, 1)
+    first = table.get(ref)
+    assert first is not None and first.timeout == 0
+    table.publish_timeout(ref.entry, 120)
+    [flow] = table.list_flows()
+    assert flow.timeout == 120 and flow.last_activity == 101.0 and flow.target == host_side(1)
+    for bad in (-1, 1 << 32):
+        with pytest.raises(FlowTableError):
+            table.publish_timeout(ref.entry, bad)
+    with pytest.raises(FlowTableError):
+        table.publish_timeout(8, 30)
+    assert table.remove_many([ref]) == 1
+    again = make(table, 2)
+    assert again.entry == ref.entry and table.list_flows()[0].timeout == 0
+    assert table.check() == []
+
+
 def test_capacity_exhaustion(table: FlowTable) -> None:
     """The ninth flow of an 8-entry table is refused; one removal makes room again."""
     refs = [make(table, n) for n in range(8)]

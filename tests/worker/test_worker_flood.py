@@ -24,11 +24,10 @@ import os
 import time
 from pathlib import Path
 
-from shardswitch.worker.udp import UDP_TIMEOUT
 from tests.guest.netns import TestNetns
 from tests.switch import Switch
 from tests.switchkit import ready_frontend
-from tests.worker.udpkit import ECHO_PORT, decode, frame4, start_echo_server
+from tests.worker.udpkit import ECHO_PORT, conntrack_udp_timeouts, decode, frame4, start_echo_server
 
 FLOOD_SECONDS = 10.0
 MAX_FLOWS = 512
@@ -92,7 +91,7 @@ def test_udp_flow_flood(tmp_path: Path, netns: TestNetns) -> None:
         log = [line for line in sw.log().splitlines()[lines_before:] if " DEBUG: " not in line]
         assert len(log) <= MAX_LOG_LINES, "\n".join(log[-50:])
         print(f"flood: {sent} datagrams, {full} table-full drops, {len(log)} log lines")
-        deadline = time.monotonic() + UDP_TIMEOUT + 15
+        deadline = time.monotonic() + conntrack_udp_timeouts(echo_ns).timeout + 15
         while time.monotonic() < deadline:
             if worker_fds(sw.status()) == fds_before and len(sw.query("flows")["flows"]) == 1:
                 break

@@ -121,3 +121,34 @@ def test_guest_address_learnt_on_one_worker_serves_all(table: FlowTable) -> None
     fwd0.learn_guest(A("2001:db8::5054:ff:fe12:3456"))
     assert fwd1.guest_address(False) == A("2001:db8::5054:ff:fe12:3456")
     assert fwd0.guest_address(True) == A("10.0.2.15")
+
+
+@pytest.mark.parametrize(("client", "target", "reason"), [
+    ("127.0.0.1", "127.0.0.5", "FLOW_DST_LOOPBACK"),
+    ("127.0.0.1", "224.0.0.9", "FLOW_DST_MULTICAST"),
+    ("127.0.0.1", "10.0.2.255", "FLOW_DST_MULTICAST"),        # the guest subnet's directed broadcast
+    ("127.0.0.1", "0.0.0.0", "FLOW_DST_UNSPECIFIED"),
+    ("127.0.0.1", "10.0.2.2", "FLOW_DST_DENIED"),             # the gateway: the switch's own address
+    ("192.0.2.9", "10.0.2.53", "FLOW_DST_DENIED"),            # the DNS forwarding address
+    ("::1", "192.0.2.5", "FLOW_DST_DENIED"),                  # a client of the other family
+])
+def test_a_forwarded_flows_target_passes_the_flow_policy(client: str, target: str, reason: str) -> None:
+    """A rule's target address inside the guest (-t 0.0.0.0/5000:192.0.2.5/6000) is screened by the flow
+    policy for every forwarded flow: no loopback, multicast, broadcast or unspecified address, none of the
+    switch's own guest-side addresses, and the client's family only."""
+    from shardswitch.net.drop import PacketError
+
+    _w, fwd = forwarding(dns_forward=(("10.0.2.53", "127.0.0.53"),))
+    with pytest.raises(PacketError) as refused:
+        fwd.inbound(A(client), A(target))
+    assert refused.value.reason.name == reason
+
+
+def test_a_forwarded_flow_goes_to_the_rules_target() -> None:
+    """With a target the flow goes there, from where the client appears (the gateway for the host's
+    loopback); without one, to the guest's own address."""
+    _w, fwd = forwarding(address6="2001:db8::15")
+    assert fwd.inbound(A("127.0.0.1"), A("192.0.2.5")) == (A("10.0.2.2"), A("192.0.2.5"))
+    assert fwd.inbound(A("192.0.2.9"), A("10.0.2.16")) == (A("192.0.2.9"), A("10.0.2.16"))
+    assert fwd.inbound(A("2001:db8::9"), A("2001:db8::5")) == (A("2001:db8::9"), A("2001:db8::5"))
+    assert fwd.inbound(A("127.0.0.1")) == (A("10.0.2.2"), A("10.0.2.15"))

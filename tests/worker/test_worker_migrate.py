@@ -11,6 +11,9 @@ failed after the save), A loads its own document back.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,9 +22,10 @@ import pytest
 
 from shardswitch.frontend.client import VhostUserFrontend
 from shardswitch.migration import format as fmt
-from tests.guest.netns import TestNetns
+from tests.guest.netns import TestNetns, stop_process
 from tests.switch import Switch
-from tests.switchkit import STATE_FEATURES, is_periodic_ra, load_state, save_state
+from tests.switchkit import STATE_FEATURES, is_periodic_ra, load_state, save_state, start_server, wait_until
+from tests.worker.tcpkit import ACK, BLOB, ECHO, PSH, SERVERS, SINK, GuestTcp
 from tests.worker.pingkit import echo4, replies
 from tests.worker.udpkit import ECHO_PORT, GATEWAY4, GUEST4, frame4, received, start_echo_server
 
@@ -116,3 +120,85 @@ def test_the_source_takes_its_flows_back_when_the_guest_resumes_there(
     assert "the guest resumed on this side" in switch_a.log()
     assert switch_a.status()["migration"]["last"]["direction"] == "restored"
     _still_working(fe_a)
+
+
+def _inbound_record(guest: str, remote: str, client: str, bound: str, port: int, guest_port: int) -> fmt.TcpState:
+    """A connection a host ``client`` opened on forwarded ``port`` (bound to ``bound``), as a migration
+    document names it: towards ``guest``:``guest_port``, appearing there from ``remote``."""
+    from shardswitch.shm.layout import Pif, ip16
+
+    return fmt.TcpState(guest=fmt.Side(Pif.GUEST, ip16(guest), guest_port, ip16(remote), 40000),
+                        host=fmt.Side(Pif.HOST, ip16(client), 40000, ip16(bound), port), inbound=True, isn=1,
+                        our_mss=1460, seq_to_guest=1, seq_ack_from_guest=1, seq_from_guest=1, seq_ack_to_guest=1,
+                        mss=1460, ws_from_guest=0, ws_to_guest=0, wnd_from_guest=65535, wnd_to_guest=65535, flags=0)
+
+
+@pytest.mark.parametrize(("target", "guest", "admitted"), [
+    ("192.0.2.5", "192.0.2.5", True),         # to the rule's target, as a new client's would go
+    ("192.0.2.5", "10.0.2.15", False),        # the document says the guest's own address: not this rule's
+    (None, "10.0.2.15", True),                # no target: the guest's own address
+    ("10.0.2.2", "10.0.2.2", False),          # a target the flow policy refuses (the switch's own address)
+])
+def test_a_restored_forwarded_connection_goes_where_its_rule_says(target: str | None, guest: str,
+                                                                  admitted: bool) -> None:
+    """A connection a host client opened, restored by a migration, is admitted only towards the target of
+    the rule of its port (screened by the flow policy, as a new one), from where such a client appears."""
+    import socket
+
+    from shardswitch.ipc import Channel, ForwardSetup, ToWorker, WorkerSetup
+    from shardswitch.net.params import GuestParams
+    from shardswitch.portspec import Forward
+    from shardswitch.worker.listen import bind_forward, describe
+    from shardswitch.worker.worker import Worker
+
+    rule = Forward("127.0.0.1", None, 0, 0, 6000, target)
+    listener = bind_forward(rule, 0, socket.SOCK_STREAM)
+    port = listener.getsockname()[1]
+    rule = Forward("127.0.0.1", None, port, port, 6000, target)
+    peer, ours = socket.socketpair()
+    setup = WorkerSetup(pair=0, params=GuestParams(address="10.0.2.15", prefix_len=24, gateway="10.0.2.2"),
+                        forward=ForwardSetup(map_host_loopback=("10.0.2.2",)),
+                        tcp_listeners=(describe(listener, rule, port, 1),))
+    worker = Worker(setup, Channel(ours, ToWorker))
+    try:
+        record = _inbound_record(guest, "10.0.2.2", "127.0.0.1", "127.0.0.1", port, 6000)
+        assert worker.migration._admitted(record) is admitted
+        assert not worker.migration._admitted(_inbound_record(guest, "10.0.2.2", "127.0.0.1", "127.0.0.1", port,
+                                                              6001))
+    finally:
+        listener.detach()                       # the worker's listener owns the descriptor now
+        assert worker.tcp.forwarder.remove({1}) == 1
+        worker.flows.close_all()
+        worker.tcp.close()
+        worker.epoll.close()
+        ours.close()
+        peer.close()
+
+
+@pytest.mark.parametrize("linger", [True, False], ids=["guarded", "no-linger"])
+def test_moved_connection_guard_and_no_linger(netns: TestNetns, tmp_path: Path, linger: bool) -> None:
+    """A TCP connection the guest opened moves out (repair helper connected): by default the source keeps a
+    frozen listening guard on its local port, so that the peer meets no reset before the target holds it;
+    with --migrate-no-linger it keeps none (passt closes such sockets at once)."""
+    start_server(netns, SERVERS)
+    args = [] if linger else ["--migrate-no-linger"]
+    with Switch(tmp_path, prefix=netns.exec_argv([]), args=args) as switch:
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+        helper = netns.popen([sys.executable, "-m", "shardswitch", "repair-helper", switch.socket + ".repair",
+                              "--wait", "10"], env=env, stdout=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: switch.status()["migration"]["repair_helper"] or None, "the repair helper",
+                       timeout=15.0)
+            with _frontend(switch) as fe:
+                conn = GuestTcp(fe, ECHO, 40100)
+                conn.connect()
+                conn.send(PSH | ACK, b"hello")
+                assert conn.read(5) == b"hello"
+                save_state(fe)
+                assert switch.status()["migration"]["last"]["tcp_moved"] == 1
+                listening = netns.run(["ss", "-Htln"]).stdout.splitlines()
+                guards = [line for line in listening
+                          if not line.split()[3].endswith(tuple(f":{port}" for port in (ECHO, BLOB, SINK)))]
+                assert bool(guards) == linger, listening
+        finally:
+            stop_process(helper)

@@ -11,6 +11,8 @@ to play the DNS upstream.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -29,12 +31,13 @@ from shardswitch.shm.table import FlowTable
 from shardswitch.worker.listen import bind_all
 from shardswitch.worker.worker import Worker
 from shardswitch.net.udp import parse6
-from shardswitch.worker.udp import UDP_TIMEOUT, UDP_TIMEOUT_BOTH
+from shardswitch.worker.udp import UdpFlow
+from shardswitch.worker.udptimeout import UdpTimeouts
 from tests.guest.netns import TestNetns
 from tests.switch import Switch
-from tests.switchkit import ready_frontend, start_server
-from tests.worker.udpkit import (ECHO_PORT, GATEWAY4, GUEST4, GUEST6, GUEST_MAC, OUR_MAC, ROUTER6, decode, frame4,
-                                frame6, received, start_echo_server)
+from tests.switchkit import ready_frontend, start_server, wait_status, wait_until, worker_pids
+from tests.worker.udpkit import (ECHO_PORT, GATEWAY4, GUEST4, GUEST6, GUEST_MAC, OUR_MAC, ROUTER6,
+                                conntrack_udp_timeouts, decode, frame4, frame6, received, start_echo_server)
 
 #: The address the switch tests give with --dns-forward.
 DNSFWD = "10.0.2.3"
@@ -79,12 +82,13 @@ def free_port() -> int:
         return port
 
 
-def make_worker(table: FlowTable, udp_ports: tuple[str, ...] = ()) -> tuple[Worker, list[socket.socket]]:
-    """Worker 0 attached to ``table``, mapping the gateway to 127.0.0.1."""
+def make_worker(table: FlowTable, udp_ports: tuple[str, ...] = (),
+                timeouts: UdpTimeouts = UdpTimeouts()) -> tuple[Worker, list[socket.socket]]:
+    """Worker 0 attached to ``table``, mapping the gateway to 127.0.0.1, with UDP idle ``timeouts``."""
     peer, ours = socket.socketpair()
     params = GuestParams(address=GUEST4, prefix_len=24, gateway=GATEWAY4)
     setup = WorkerSetup(pair=0, params=params, flow_table=table.instance, forward=ForwardSetup(map_host_loopback=(GATEWAY4,)),
-                        udp_listeners=bind_detached(udp_ports, socket.SOCK_DGRAM, "-u"))
+                        udp_listeners=bind_detached(udp_ports, socket.SOCK_DGRAM, "-u"), udp_timeouts=timeouts)
     return Worker(setup, Channel(ours, ToWorker)), [peer, ours]
 
 
@@ -115,34 +119,103 @@ def close_worker(w: Worker, socks: list[socket.socket]) -> None:
         s.close()
 
 
+def udp_flow(w: Worker, guest_port: int) -> UdpFlow:
+    """The worker's UDP flow from the guest's ``guest_port``."""
+    flow = next(f for f in w.flows.flows.values() if isinstance(f, UdpFlow) and f.guest_port == guest_port)
+    return flow
+
+
+def timeouts_in_table(table: FlowTable) -> dict[int, int]:
+    """Guest port -> the idle timeout published for its flow (what ``shardswitch flows`` shows)."""
+    return {f.initiator.ep_port: f.timeout for f in table.list_flows()}
+
+
 def test_flow_timers(table: FlowTable, server: socket.socket) -> None:
-    """30 s idle one way; 180 s once the host answered; activity published; expiry frees everything."""
-    w, socks = make_worker(table)
+    """As passt, with the timeouts the worker was given (7 s, 50 s for streams): one way, or one datagram and one
+    reply, the plain timeout; two datagrams from the guest and a reply, the stream timeout; each flow's timeout
+    and activity published; expiry frees everything."""
+    w, socks = make_worker(table, timeouts=UdpTimeouts(7, 50))
     try:
         port = server.getsockname()[1]
         send(w, frame4(40000, port, b"one-way"), now=1000.0)
-        send(w, frame4(40001, port, b"both-ways"), now=1000.0)
-        assert server.recvfrom(100)[0] == b"one-way"
-        data, peer = server.recvfrom(100)
-        assert data == b"both-ways"
-        server.sendto(b"answer", peer)
-        flow = next(f for f in w.flows.flows.values() if f.guest_port == 40001)
+        send(w, frame4(40001, port, b"lookup"), now=1000.0)
+        send(w, frame4(40002, port, b"stream-1"), now=1000.0)
+        send(w, frame4(40002, port, b"stream-2"), now=1000.0)
+        got = {}
+        for _ in range(4):
+            data, peer = server.recvfrom(100)
+            got[data] = peer
+        assert set(got) == {b"one-way", b"lookup", b"stream-1", b"stream-2"}
+        server.sendto(b"answer", got[b"lookup"])
+        server.sendto(b"answer", got[b"stream-1"])
         time.sleep(0.1)
-        w.udp.on_socket(flow)
-        (reply,) = w.queue
-        assert decode(reply) == (GATEWAY4, port, GUEST4, 40001, b"answer")
-        flow.last = 1000.0
-        w.flows.tick(1000.0 + UDP_TIMEOUT - 1)
-        assert len(table.list_flows()) == 2
-        w.flows.tick(1000.0 + UDP_TIMEOUT + 1)
+        for guest_port in (40001, 40002):
+            w.udp.on_socket(udp_flow(w, guest_port))
+        assert sorted(decode(reply) for reply in w.queue) == [(GATEWAY4, port, GUEST4, 40001, b"answer"),
+                                                              (GATEWAY4, port, GUEST4, 40002, b"answer")]
+        assert timeouts_in_table(table) == {40000: 7, 40001: 7, 40002: 7}     # published as created
+        for flow in w.flows.flows.values():
+            flow.last = 1000.0
+        w.flows.tick(1000.0 + 6)
+        assert timeouts_in_table(table) == {40000: 7, 40001: 7, 40002: 50}
+        w.flows.tick(1000.0 + 7 + 1)
         (left,) = table.list_flows()
-        assert left.initiator.ep_port == 40001 and len(w.flows.flows) == 1
+        assert left.initiator.ep_port == 40002 and len(w.flows.flows) == 1
+        flow = udp_flow(w, 40002)
         fd = flow.sock.fileno()
         flow.last = 1100.0
         w.flows.tick(1101.0)
         assert table.list_flows()[0].last_activity == 1100.0
-        w.flows.tick(1100.0 + UDP_TIMEOUT_BOTH + 1)
+        w.flows.tick(1100.0 + 50)
+        assert len(table.list_flows()) == 1
+        w.flows.tick(1100.0 + 50 + 1)
         assert table.list_flows() == [] and w.flows.flows == {} and fd not in w.sockets and flow.sock.fileno() == -1
+    finally:
+        close_worker(w, socks)
+
+
+def test_forwarded_flow_timeouts_count_from_the_host_client(table: FlowTable) -> None:
+    """A -u flow is initiated by the host client: its datagrams alone keep the plain timeout, however many; a
+    reply of the guest and a second datagram from either side make it a stream."""
+    port = free_port()
+    w, socks = make_worker(table, (f"127.0.0.1/{port}:5000",), timeouts=UdpTimeouts(9, 99))
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.settimeout(2.0)
+    try:
+        w.endpoint.guest_mac = GUEST_MAC
+        (fd,) = w.udp.listeners
+        for n in range(3):
+            client.sendto(b"one-way-%d" % n, ("127.0.0.1", port))
+        time.sleep(0.1)
+        w.udp.on_listener(fd)
+        assert len(w.queue) == 3
+        cport = client.getsockname()[1]
+        flow = udp_flow(w, 5000)
+        assert (flow.from_host, flow.from_guest) == (3, 0)
+        now = time.monotonic()
+        w.flows.tick(now)
+        (entry,) = table.list_flows()
+        assert entry.initiator.ep_port == cport and entry.timeout == 9
+        send(w, frame4(5000, cport, b"reply"), now=now)
+        assert client.recvfrom(100)[0] == b"reply"
+        w.flows.tick(now)
+        assert table.list_flows()[0].timeout == 99
+    finally:
+        client.close()
+        close_worker(w, socks)
+
+
+def test_activity_counts_saturate(table: FlowTable, server: socket.socket) -> None:
+    """A side's datagram count stops at 255, as passt's one-byte counters; the flow stays a stream."""
+    w, socks = make_worker(table)
+    try:
+        port = server.getsockname()[1]
+        for n in range(300):
+            send(w, frame4(40010, port, b"%d" % n), now=1000.0)
+        flow = udp_flow(w, 40010)
+        assert flow.from_guest == 255 and flow.timeout(UdpTimeouts(30, 120)) == 30
+        flow.from_host = 1
+        assert flow.timeout(UdpTimeouts(30, 120)) == 120
     finally:
         close_worker(w, socks)
 
@@ -267,6 +340,42 @@ def test_dns_forward(switch: Switch, fe: VhostUserFrontend) -> None:
     assert received(fe, 1, 1) == [(DNSFWD, 53, GUEST4, 45000, b"echo:query")]
     (flow,) = switch.query("flows")["flows"]
     assert flow["sides"][1]["ep_addr"] == "127.0.0.53" and flow["sides"][1]["ep_port"] == 53
+
+
+def shown_timeouts(switch: Switch, want: dict[int, int]) -> dict[int, int]:
+    """Guest port -> timeout of every UDP flow ``shardswitch flows`` lists, once it shows ``want`` (the timeouts
+    are published on the owner's next once-a-second tick)."""
+    def probe() -> dict[int, int] | None:
+        """The timeouts shown, if they are the wanted ones."""
+        shown = {f["sides"][0]["ep_port"]: f["timeout"] for f in switch.query("flows")["flows"] if f["type"] == "udp"}
+        return shown if shown == want else None
+
+    return wait_until(probe, f"flows showing the timeouts {want}", timeout=5.0)
+
+
+def test_conntrack_timeouts_reach_every_worker_and_a_replacement(echo_ns: TestNetns, tmp_path: Path) -> None:
+    """The switch's namespace has nf_conntrack_udp_timeout 11 and _stream 77 (when it has conntrack; else passt's
+    30 and 120): every worker's flows are under them, a killed worker's replacement's too; one datagram and one
+    reply is the plain timeout, a second datagram each way makes a stream."""
+    timeouts = conntrack_udp_timeouts(echo_ns, 11, 77)
+    with Switch(tmp_path, workers=2, prefix=echo_ns.exec_argv([])) as switch, \
+            ready_frontend(switch, rx=256) as fe:
+        for pair in (0, 1):
+            fe.send_frame(pair, frame4(43000 + pair, ECHO_PORT, b"one"))
+            assert received(fe, pair, 1) == [(GATEWAY4, ECHO_PORT, GUEST4, 43000 + pair, b"echo:one")]
+        shown_timeouts(switch, {43000: timeouts.timeout, 43001: timeouts.timeout})
+        fe.send_frame(0, frame4(43000, ECHO_PORT, b"two"))
+        assert received(fe, 0, 1) == [(GATEWAY4, ECHO_PORT, GUEST4, 43000, b"echo:two")]
+        shown_timeouts(switch, {43000: timeouts.stream, 43001: timeouts.timeout})
+        old = worker_pids(switch.status())[1]
+        assert old not in (switch.pid, os.getpid())
+        os.kill(old, signal.SIGKILL)
+        wait_status(switch, lambda s: s["workers"][1]["pid"] not in (None, old) and s["workers"][1].get("answered")
+                    and s["workers"][1]["restarts"] == 1, "worker 1 replaced", timeout=10.0)
+        shown_timeouts(switch, {43000: timeouts.stream})          # the dead worker's flow freed
+        fe.send_frame(1, frame4(43002, ECHO_PORT, b"after"))
+        assert received(fe, 1, 1) == [(GATEWAY4, ECHO_PORT, GUEST4, 43002, b"echo:after")]
+        shown_timeouts(switch, {43000: timeouts.stream, 43002: timeouts.timeout})
 
 
 def test_frame_on_other_pair_is_handed_to_owner(switch: Switch, fe: VhostUserFrontend) -> None:

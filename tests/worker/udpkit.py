@@ -10,6 +10,8 @@ from pathlib import Path
 from shardswitch.frontend.client import VhostUserFrontend
 from shardswitch.net import ipv4, ipv6, udp
 from shardswitch.net.udp import build_frame6, parse6
+from shardswitch.worker.udptimeout import (NETFILTER_SYSCTLS, STREAM_FILE, TIMEOUT_FILE, Default, UdpTimeouts, clamp,
+                                           parse_seconds)
 from tests.guest.netns import TestNetns
 
 GUEST_MAC = bytes.fromhex("525400123456")
@@ -82,3 +84,20 @@ def received(fe: VhostUserFrontend, pair: int, expect: int, timeout: float = 5.0
             if frame[12:14] == b"\x08\x00" and frame[23] == 17 or frame[12:14] == b"\x86\xdd" and frame[20] == 17:
                 got.append(decode(frame))
     return got
+
+
+def conntrack_udp_timeouts(netns: TestNetns, timeout: int | None = None,
+                           stream: int | None = None) -> UdpTimeouts:
+    """The UDP flow timeouts a switch started in ``netns`` uses: the namespace's conntrack settings (set first to
+    ``timeout`` / ``stream`` seconds when given, where the namespace has them: they are per network namespace),
+    read as the switch reads them (passt's defaults when absent, clamped)."""
+    folder = Path(NETFILTER_SYSCTLS)
+    for name, value in ((TIMEOUT_FILE, timeout), (STREAM_FILE, stream)):
+        if value is not None:
+            netns.run(["sh", "-c", f"echo {int(value)} > {folder / name}"], check=False)
+    used = []
+    for name, default in ((TIMEOUT_FILE, Default.TIMEOUT), (STREAM_FILE, Default.STREAM)):
+        done = netns.run(["cat", str(folder / name)], check=False)
+        value = parse_seconds(done.stdout.encode()) if done.returncode == 0 else None
+        used.append(int(default) if value is None else clamp(value))
+    return UdpTimeouts(*used)

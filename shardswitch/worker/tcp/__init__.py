@@ -8,8 +8,12 @@
 * :mod:`~shardswitch.worker.tcp.vu` and :mod:`~shardswitch.worker.tcp.buf`:
   the frame writers, host data written in place into the guest's RX buffers
   or into frames of ours;
+* :mod:`~shardswitch.worker.tcp.window` and :mod:`~shardswitch.worker.tcp.tcpinfo`:
+  the window offered to the guest from the host socket (``TCP_INFO``), the
+  system calls and, without I/O, the arithmetic and the guest's MSS for the
+  host socket;
 * :mod:`~shardswitch.worker.tcp.timers`: retransmission, SYN timeout,
-  keepalive, inactivity;
+  keepalive, inactivity, zero windows read again;
 * :mod:`~shardswitch.worker.tcp.forward`: forwarded ports (``-t``), whose
   accepted clients the core adopts;
 * :mod:`~shardswitch.worker.tcp.migrate`: TCP_REPAIR dump and restore of

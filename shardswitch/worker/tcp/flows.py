@@ -17,6 +17,14 @@ half-close (``shutdown(SHUT_WR)`` / a FIN to the guest after end of
 stream); a RST either way closes the socket (with a zero linger so the host
 peer sees a reset too).  The flow is removed when both FINs are done.
 
+The window offered to the guest is what the host socket can take onward
+(:mod:`~shardswitch.worker.tcp.window`, passt's logic): for a host-local
+peer its receive window (``TCP_INFO``), else that and the room in the send
+buffer; read on every control segment, before data frames only while it is
+small.  A zero window is watched (EPOLLOUT, the timers, the guest's window
+probes, answered at once) until it opens.  The MSS of the guest's SYN goes
+on the host socket (``TCP_MAXSEG``) before ``connect()``, as passt does.
+
 Work caused by guest segments is done once per batch: a segment from the
 guest only marks its flow as due, and the first mark asks the worker to call
 :meth:`TcpFlows.flush_due` once the current batch of guest frames is handled
@@ -53,15 +61,12 @@ first, the rest is the same.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import mmap
 import os
 import secrets
 import select
 import socket
-import struct
-import termios
 import time
 
 from shardswitch.ipc import PortFd
@@ -97,7 +102,9 @@ from shardswitch.worker.tcp import timers as tcp_timers
 from shardswitch.worker.tcp import vu as tcp_vu
 from shardswitch.worker.tcp.forward import LINGER_RESET, TcpForwarder
 from shardswitch.worker.tcp.internal import Frames, TcpFlow
+from shardswitch.worker.tcp.tcpinfo import WINDOW_DEFAULT, host_mss
 from shardswitch.worker.tcp.timers import RTO_INIT
+from shardswitch.worker.tcp.window import HostWindow
 
 log = logging.getLogger("shardswitch.worker")
 
@@ -105,7 +112,6 @@ log = logging.getLogger("shardswitch.worker")
 SO_PEEK_OFF = 42
 #: Discard area for MSG_TRUNC reads and for peeks without SO_PEEK_OFF (never touched by the former).
 DISCARD_SIZE = 1 << 24
-_INT = struct.Struct("i")
 EDGE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 EDGE_OUT = EDGE | select.EPOLLOUT
 _DATA = ACK | PSH
@@ -141,10 +147,12 @@ class TcpFlows:
         #: Flows that stopped writing in place for lack of RX buffers (resumed on the guest's refill).
         self.rx_blocked: dict[int, TcpFlow] = {}
         self.discard = memoryview(mmap.mmap(-1, DISCARD_SIZE))
+        #: The windows offered to the guest, from the host sockets (TCP_INFO).
+        self.host_window = HostWindow()
         #: flush_due is asked for (port.defer) and has not run yet.
         self.wake_armed = False
         layer.register((FlowType.TCP,), self)
-        self.forwarder = TcpForwarder(self, listeners) if listeners else None
+        self.forwarder = TcpForwarder(self, listeners)
 
     def plug_into(self, endpoint: GuestEndpoint) -> None:
         """Route the guest's TCP segments (IPv4 and IPv6) here."""
@@ -204,7 +212,14 @@ class TcpFlows:
         """A new connection from the guest: connect() a socket to the policy's target, enter the flow; RST
         when that fails."""
         target, port = new.target, new.port
-        sock = self.pool.take(inany.family(target))
+        sock, host_local = self._local_target(self.pool.take(inany.family(target)), target, port)
+        # The guest's MSS for the host peer's segments too (passt; the kernel's EINVAL is never asked for).
+        mss = host_mss(seg.mss, addr.v6)
+        if mss is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
+            except OSError:
+                pass
         err = self.layer.fwd.connect(sock, target, port)
         if err not in (0, errno.EINPROGRESS):
             sock.close()
@@ -229,10 +244,27 @@ class TcpFlows:
         our_mss = tcp.mss_for(self.mtu, addr.v6)
         conn = TcpConn.from_syn(seg, isn, our_mss)
         flow = TcpFlow(ref=ref, ftype=FlowType.TCP, key=new.key, last=now, sock=sock, conn=conn, addr=addr,
-                       isn=isn, our_mss=our_mss, timer=now, created=now)
+                       isn=isn, our_mss=our_mss, timer=now, created=now, local=host_local)
         self.layer.add(flow, sock.fileno(), EDGE_OUT)
         if err == 0:
             self._connected(flow, now, out)
+
+    def _local_target(self, sock: socket.socket, target: InAny, port: int) -> tuple[socket.socket, bool]:
+        """(the socket to connect, whether ``target`` is this host: passt's LOCAL test).
+
+        A loopback target is local without asking.  Otherwise, as passt, ``bind()`` to the target: it fails
+        (EADDRINUSE and the like) for an address of this host whose port is taken, with EADDRNOTAVAIL
+        (or EACCES, EINVAL) for others; one that worked proves nothing and leaves the socket bound there,
+        so a fresh socket replaces it.
+        """
+        if inany.is_loopback(target):
+            return sock, True
+        try:
+            sock.bind(inany.sockaddr(target, port))
+        except OSError as err:
+            return sock, err.errno not in (errno.EADDRNOTAVAIL, errno.EACCES, errno.EINVAL)
+        sock.close()
+        return self.pool.take(inany.family(target)), False
 
     def _set_events(self, flow: TcpFlow, mask: int) -> None:
         """Change the epoll events of a flow's socket."""
@@ -295,6 +327,9 @@ class TcpFlows:
         if len(seg.payload) or flags & FIN:
             if not self._guest_data(flow, seg, out):
                 return
+        elif seg.seq != conn.seq_from_guest and tcp.seq_lt(seg.seq, conn.seq_from_guest):
+            # A keepalive or a zero-window probe (an old sequence number): our ACK and window now (passt).
+            out.append(self.ack(flow))
         if conn.done():
             self._close(flow)
             return
@@ -358,21 +393,44 @@ class TcpFlows:
     # -- ACKs ---------------------------------------------------------------------
 
     def space(self, flow: TcpFlow) -> int:
-        """Free space in the socket's send buffer: the window we offer."""
-        sock = flow.sock
-        try:
-            sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-            queued = _INT.unpack(fcntl.ioctl(flow.fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-        except OSError:
-            return 0
-        return max(sndbuf - queued, 0) // 2
+        """The window to offer on a control segment, read from the host socket now (TCP_INFO: the peer's
+        window, and for a peer that is not local the room in the send buffer)."""
+        return self.host_window.for_segment(flow)
 
     def ack(self, flow: TcpFlow) -> bytes:
-        """A pure ACK with the current sequence numbers and window."""
+        """A pure ACK with the current sequence numbers and window; a zero window arms EPOLLOUT (the send
+        buffer's room comes back with it) until it opens (see :meth:`window_update`)."""
+        return self._ack(flow, self.space(flow))
+
+    def _ack(self, flow: TcpFlow, space: int) -> bytes:
+        """A pure ACK offering ``space`` bytes of window (see :meth:`ack`)."""
         conn = flow.conn
         conn.seq_ack_to_guest = conn.seq_from_guest
-        return tcp.build(flow.addr, conn.seq_to_guest, conn.seq_from_guest, ACK,
-                         conn.window_field(self.space(flow)))
+        field = conn.window_field(space)
+        if not field:
+            self._window_closed(flow)
+        return tcp.build(flow.addr, conn.seq_to_guest, conn.seq_from_guest, ACK, field)
+
+    def _window_closed(self, flow: TcpFlow) -> None:
+        """We offer the guest no window: watch for write space, which may open it (the timers check once a
+        second, a guest's window probe is answered at once)."""
+        if not flow.out_wait and not flow.conn.flags & GUEST_FIN_RCVD:
+            flow.out_wait = True
+            self._set_events(flow, EDGE_OUT)
+
+    def window_update(self, flow: TcpFlow, out: Frames) -> None:
+        """The window read again from the host socket: an ACK into ``out`` when it is open (EPOLLOUT then
+        disarmed), or when the guest is owed one anyway (passt's ACK_IF_NEEDED)."""
+        conn = flow.conn
+        space = self.space(flow)
+        opened = space >> conn.ws_to_guest > 0
+        if not opened and conn.seq_ack_to_guest == conn.seq_from_guest:
+            conn.wnd_to_guest = 0
+            return
+        out.append(self._ack(flow, space))
+        if opened and flow.out_wait:
+            flow.out_wait = False
+            self._set_events(flow, EDGE)
 
     def _later(self, flow: TcpFlow) -> None:
         """Mark the flow as due: once the current batch of guest frames is handled it discards what the
@@ -422,10 +480,8 @@ class TcpFlows:
             else:
                 self._connected(flow, now, pending)
         else:
-            if flow.out_wait and self.space(flow) > 0:
-                flow.out_wait = False
-                self._set_events(flow, EDGE)
-                pending.append(self.ack(flow))
+            if flow.out_wait:
+                self.window_update(flow, pending)
             flow.readable = True
             self.to_guest(flow, now, pending)
         if pending:
@@ -500,6 +556,11 @@ class TcpFlows:
         conn = flow.conn
         if not conn.flags & ESTABLISHED or conn.flags & FIN_SENT:
             return
+        if conn.wnd_to_guest <= WINDOW_DEFAULT and not conn.flags & GUEST_FIN_RCVD:
+            # A small window offered: the frames carry it read again (passt: only then, not per frame).
+            window = self.host_window.for_data(flow)
+            if window is not None and not conn.window_field(window):
+                self._window_closed(flow)
         port = self.port
         pending = port.queue
         if out is pending and not pending and port.offloads.data_valid:

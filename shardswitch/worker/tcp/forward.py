@@ -9,9 +9,15 @@ address and port) and whose target is the guest side: the guest's address
 and the forwarded guest port, seen from where
 :meth:`~shardswitch.worker.fwd.Forwarding.seen_from` says the client
 appears (itself, or for a client on the host's loopback the first mapped
-address: the gateway by default).  The connection itself
+address: the gateway by default), towards the rule's target address inside
+the guest when it names one (screened by the flow policy).  The connection itself
 is handed to :class:`~shardswitch.worker.tcp.TcpFlows` (through the :class:`~shardswitch.worker.tcp.internal.TcpAdopter` contract), which sends the
 guest our SYN and, once the guest's SYN-ACK comes, runs it like any other.
+
+Rules change at run time (``shardswitch forward add/remove``): :meth:`TcpForwarder.add` adopts the
+listening sockets the coordinator sent, :meth:`TcpForwarder.remove` closes a rule's.  A closed listener
+refuses new clients (the kernel answers them with a RST once no socket of the port is left); the
+connections it accepted have sockets of their own and carry on.
 """
 
 from __future__ import annotations
@@ -46,9 +52,23 @@ class TcpForwarder:
         self.port = flows.port
         self.listeners = adopt_listeners(ports, self.port.watch, self.on_listener)
 
-    def listening_on(self, port: int) -> Listener | None:
-        """This worker's listener of forwarded host ``port`` (None: the port is not forwarded)."""
-        return next((listener for listener in self.listeners.values() if listener.port == port), None)
+    def listening_on(self, port: int, bound: bytes | None = None) -> Listener | None:
+        """This worker's listener of forwarded host ``port`` (bound to ``bound`` when given; None: the port
+        is not forwarded)."""
+        return next((listener for listener in self.listeners.values()
+                     if listener.port == port and bound in (None, listener.bound)), None)
+
+    def add(self, ports: tuple[PortFd, ...]) -> None:
+        """Listen on more forwarded ports: ``ports`` describe sockets this worker holds (their ``fd``)."""
+        self.listeners.update(adopt_listeners(ports, self.port.watch, self.on_listener))
+
+    def remove(self, rules: set[int]) -> int:
+        """Close the listeners of forwarding ``rules`` (their connections carry on); how many closed."""
+        closing = [fd for fd, listener in self.listeners.items() if listener.rule in rules]
+        for fd in closing:
+            self.port.unwatch(fd)
+            self.listeners.pop(fd).sock.close()
+        return len(closing)
 
     def on_listener(self, fd: int) -> None:
         """Host clients connected to a forwarded port: each becomes a flow, with our SYN to the guest."""
@@ -77,7 +97,7 @@ class TcpForwarder:
         """Make the flow of an accepted host client and send the guest our SYN; PacketError refuses it."""
         client = inany.from_str(peer[0])
         cport: int = peer[1]
-        sides = self.flows.layer.fwd.inbound(client)
+        sides = self.flows.layer.fwd.inbound(client, listener.target)
         mac = self.port.guest_mac
         if sides is None or mac is None:
             raise PacketError(DropReason.TCP_NO_GUEST_ADDRESS)

@@ -61,6 +61,8 @@ class TcpFlow(FlowBase):
     created: float = 0.0
     #: A host client opened it (port forwarding): our SYN went to the guest.
     inbound: bool = False
+    #: The host side is an address of this host (passt's LOCAL): the window offered is the peer's alone.
+    local: bool = False
 
 
 
@@ -105,6 +107,10 @@ class TcpCore(Protocol):
 
     def rewind_socket(self, flow: TcpFlow) -> None:
         """After a rewind of the sequence (retransmission): the peek position back to the guest's ACK."""
+
+    def window_update(self, flow: TcpFlow, out: Frames) -> None:
+        """The window offered read again from the host socket; an ACK into ``out`` when it opened (or an ACK
+        is owed anyway)."""
 
 
 class TcpAdopter(Protocol):

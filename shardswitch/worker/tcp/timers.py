@@ -12,12 +12,14 @@ Theory of operation.  Each flow carries its own times (``last`` activity,
   doubling from :data:`RTO_INIT`, RST after :data:`MAX_RETRIES`;
 * keepalive: an established connection quiet for :data:`KEEPALIVE_INTERVAL`
   gets an ACK to the guest, once per interval;
-* host data left in the socket because the window was closed is sent again.
+* host data left in the socket because the window was closed is sent again;
+* a zero window we offered the guest is read again from the host socket, and
+  announced once it opened (passt's ACK_TO_TAP_DUE, at our one-second grain).
 """
 
 from __future__ import annotations
 
-from shardswitch.net.tcp import CONNECTING, ESTABLISHED
+from shardswitch.net.tcp import CONNECTING, ESTABLISHED, GUEST_FIN_RCVD
 from shardswitch.worker.tcp.internal import RTO_INIT, Frames, TcpCore, TcpFlow
 
 __all__ = ["RTO_INIT", "MAX_RETRIES", "SYN_TIMEOUT", "IDLE_TIMEOUT", "KEEPALIVE_INTERVAL", "run"]
@@ -43,6 +45,8 @@ def run(flows: TcpCore, flow: TcpFlow, now: float, out: Frames) -> None:
         if now - flow.created > SYN_TIMEOUT:
             flows.reset_guest(flow, out, syn=True)
         return
+    if not conn.wnd_to_guest and conn.flags & ESTABLISHED and not conn.flags & GUEST_FIN_RCVD:
+        flows.window_update(flow, out)
     waiting = conn.seq_to_guest != conn.seq_ack_from_guest
     if not waiting:
         if flow.readable:
