@@ -15,7 +15,7 @@ Options of ``start`` default to None ("not given") so that
 :func:`shardswitch.settings.load_config` can layer them over the TOML file;
 their argparse ``dest`` names are the :class:`~shardswitch.settings.Config`
 field names.  ``start`` then sets up logging, creates the socket directories
-and hands the Config to ``shardswitch.coordinator.server.run`` (imported
+and hands the Config to ``shardswitch.coordinator.startup.run`` (imported
 late: it pulls in the whole data path).  ``status`` asks the running
 instance over its control socket (``shardswitch.coordinator.control``).
 
@@ -338,10 +338,10 @@ def _start(args: argparse.Namespace) -> int:
 
 def _run(cfg: Config, log_file: LogFile | None = None) -> int:
     """Call the coordinator, mapping its failures to exit codes and one-line messages."""
-    from shardswitch.coordinator import server
+    from shardswitch.coordinator import startup
 
     try:
-        return int(server.run(cfg, log_file))
+        return int(startup.run(cfg, log_file))
     except ConfigError as exc:
         _error(str(exc))
         return ExitCode.USAGE

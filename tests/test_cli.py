@@ -1,6 +1,6 @@
 """Tests of the command line (shardswitch.cli, python -m shardswitch) and deploy/entrypoint.py.
 
-The coordinator is replaced by stand-ins (monkeypatched ``server.run`` and
+The coordinator is replaced by stand-ins (monkeypatched ``startup.run`` and
 ``control.query``/``format_status``): these tests check parsing, exit codes,
 messages and the hand-over, not the data path.
 """
@@ -40,7 +40,7 @@ def _runtime_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[No
 
 
 class FakeRun:
-    """Stand-in for shardswitch.coordinator.server.run: records the Config, returns or raises."""
+    """Stand-in for shardswitch.coordinator.startup.run: records the Config, returns or raises."""
 
     def __init__(self, result: int | BaseException = 0) -> None:
         """Remember what to return (an int) or raise (an exception)."""
@@ -58,11 +58,11 @@ class FakeRun:
 
 
 def fake_server(monkeypatch: pytest.MonkeyPatch, result: int | BaseException = 0) -> FakeRun:
-    """Install a FakeRun as shardswitch.coordinator.server.run."""
-    from shardswitch.coordinator import server
+    """Install a FakeRun as shardswitch.coordinator.startup.run."""
+    from shardswitch.coordinator import startup
 
     fake = FakeRun(result)
-    monkeypatch.setattr(server, "run", fake, raising=False)
+    monkeypatch.setattr(startup, "run", fake, raising=False)
     return fake
 
 
@@ -105,7 +105,7 @@ def test_argparse_errors_and_help_return_codes(capsys: pytest.CaptureFixture[str
 
 
 def test_start_hands_config_to_coordinator(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Every option lands in the Config handed to server.run; socket dirs are created 0700."""
+    """Every option lands in the Config handed to startup.run; socket dirs are created 0700."""
     fake = fake_server(monkeypatch, 0)
     sock = tmp_path / "sockdir" / "s.sock"
     argv = ["start", "--workers", "4", "--socket", str(sock), "-a", "10.0.0.2", "-n", "255.255.255.0",
