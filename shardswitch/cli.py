@@ -81,7 +81,7 @@ def _add_start_options(parser: argparse.ArgumentParser) -> None:
                         help="processes whose primary group is GROUP (name or number) may use the control socket "
                              "too (default: only root and the switch's own user)")
     parser.add_argument("-a", "--address", action="append", metavar="ADDR",
-                        help="guest IPv4 address, or IPv6 address[/prefix length] (once per family; "
+                        help="guest IPv4 or IPv6 address[/prefix length] (once per family; "
                              "default: the host's)")
     parser.add_argument("-n", "--netmask", dest="prefix_len", action="append", metavar="PREFIX",
                         help="IPv4 prefix length 0..32 or dotted netmask, or IPv6 prefix length 33..128 "
@@ -150,7 +150,7 @@ def _add_start_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-u", "--udp-ports", dest="udp_ports", action="append", metavar="SPEC",
                         help="forward host UDP ports to the guest, same syntax as -t (repeatable)")
     parser.add_argument("--dns-forward", dest="dns_forward", action="append", metavar="ADDR",
-                        help="guest DNS queries to ADDR (UDP and TCP port 53) go to the host's resolvers "
+                        help="guest DNS queries to ADDR (UDP and TCP ports 53 and 853) go to the host's resolvers "
                              "(once per family)")
     parser.add_argument("--dns-host", dest="dns_host", action="append", metavar="ADDR",
                         help="the host resolver forwarded DNS queries go to (once per family; default: "
@@ -181,8 +181,8 @@ def _add_start_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--migrate-exit", dest="migrate_exit", action="store_true", default=None,
                         help="exit once an outgoing migration has completed (passt's, deprecated there)")
     parser.add_argument("--migrate-no-linger", dest="migrate_no_linger", action="store_true", default=None,
-                        help="close migrated TCP sockets once an outgoing migration has completed, instead of "
-                             "keeping them silent (passt's, deprecated there)")
+                        help="after an outgoing migration keep no guard on the local ports of the TCP connections "
+                             "that moved (passt's, deprecated there)")
     parser.add_argument("--freebind", action="store_true", default=None,
                         help="forwarded ports may listen on addresses the host does not have (yet)")
     parser.add_argument("-l", "--log-file", dest="log_file", metavar="FILE",

@@ -297,8 +297,8 @@ def host_addressing(cfg: Config, resolv_conf: str = hostnet.RESOLV_CONF) -> Gues
     addressing and the options do not fill the gap.
     """
     try:
-        netinfo = hostnet.read_netinfo(cfg.interface or cfg.outbound_if4, resolv_conf,
-                                       cfg.interface or cfg.outbound_if6)
+        netinfo = hostnet.read_netinfo(cfg.interface or cfg.outbound_if4, cfg.interface or cfg.outbound_if6,
+                                       resolv_conf)
     except hostnet.HostNetError as exc:
         raise ConfigError(str(exc)) from None
     addressing = resolve_addressing(cfg, netinfo)

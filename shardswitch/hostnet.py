@@ -199,16 +199,14 @@ def _addr_entries(messages: Iterable[Any], family: int = socket.AF_INET) -> list
     return entries
 
 
-def host_default_routes(ifname: str | None, ifname6: str | None = None) -> tuple[HostNet | None, HostNet | None]:
+def host_default_routes(ifname: str | None, ifname6: str | None) -> tuple[HostNet | None, HostNet | None]:
     """Read the host's IPv4 and IPv6 default-route interfaces (or interface ``ifname`` for IPv4, ``ifname6``
-    for IPv6; ``ifname6`` defaults to ``ifname``) over netlink.
+    for IPv6, when named) over netlink.
 
     Each is None when its interface name is None and the host has no default
     route of that family.  Raises HostNetError when netlink cannot be read or
     a named interface does not exist.  Runs in the caller's network namespace.
     """
-    if ifname6 is None:
-        ifname6 = ifname
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
@@ -271,9 +269,9 @@ def read_resolv_conf(path: str = RESOLV_CONF) -> tuple[list[str], list[str]]:
         raise HostNetError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def read_netinfo(ifname: str | None, resolv_conf: str = RESOLV_CONF, ifname6: str | None = None) -> NetInfo:
-    """Take a snapshot of the host: default-route interfaces (or ``ifname`` / ``ifname6``, see
-    :func:`host_default_routes`) and resolver settings."""
+def read_netinfo(ifname: str | None, ifname6: str | None, resolv_conf: str = RESOLV_CONF) -> NetInfo:
+    """Take a snapshot of the host: default-route interfaces (or ``ifname`` for IPv4 / ``ifname6`` for IPv6,
+    see :func:`host_default_routes`) and resolver settings."""
     nameservers, search = read_resolv_conf(resolv_conf)
     route, route6 = host_default_routes(ifname, ifname6)
     return NetInfo(route=route, route6=route6, nameservers=nameservers, search=search)

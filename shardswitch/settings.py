@@ -205,8 +205,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     trace: bool = False
     #: Exit once the first front-end has gone (passt's -1/--one-off).
     one_off: bool = False
-    #: Once an outgoing migration completes: exit (passt's --migrate-exit) / close the migrated TCP sockets
-    #: at once instead of keeping them silent (passt's --migrate-no-linger).
+    #: Once an outgoing migration completes: exit (passt's --migrate-exit) / keep no guard on the local ports of
+    #: the TCP connections that moved (passt's --migrate-no-linger closes their sockets at once; ours are
+    #: closed either way, silently, and the guard is what keeps the peer from a reset meanwhile).
     migrate_exit: bool = False
     migrate_no_linger: bool = False
     #: The host resolver forwarded IPv6 DNS queries go to (--dns-host once per family).
@@ -391,8 +392,8 @@ def _split_families(values: Mapping[str, Any], label: str) -> dict[str, Any]:
     """Move IPv6 values of the either-family settings (:data:`FAMILY_FIELDS`) to their IPv6 fields.
 
     A value may be a string or, from a repeatable command-line option, a list
-    of strings; each family may be given once.  ``-a ADDR/LEN`` (IPv6 only)
-    also sets ``prefix6_len``.  Values of neither family are left in the
+    of strings; each family may be given once.  ``-a ADDR/LEN`` also sets
+    ``prefix_len`` or ``prefix6_len`` (with ``-n`` for the same family: an error, as passt's).  Values of neither family are left in the
     IPv4 field, whose check then names them.  Raises ConfigError.
     """
     out = _split_prefix(_resolve_none(values), label)
@@ -409,12 +410,13 @@ def _split_families(values: Mapping[str, Any], label: str) -> dict[str, Any]:
             field = v6_field if ":" in text else v4_field
             if field in out:
                 raise _fail(label, field, f"given twice ({out[field]} and {item}): once per IP family")
-            if slash and field == "address6":
-                if "prefix6_len" in out:
-                    raise _fail(label, "prefix6_len", f"given twice ({out['prefix6_len']} and {length})")
+            if slash and field in ("address", "address6"):
+                prefix = "prefix6_len" if field == "address6" else "prefix_len"
+                if prefix in out:       # passt: mixing -a ADDR/LEN with -n is an error
+                    raise _fail(label, prefix, f"given twice ({out[prefix]} and {item})")
                 if not length.isdigit():
-                    raise _fail(label, "prefix6_len", f"{length!r} is not a prefix length")
-                out["prefix6_len"] = int(length)
+                    raise _fail(label, prefix, f"{length!r} is not a prefix length")
+                out[prefix] = int(length)
                 item = text
             out[field] = item
     return out
@@ -571,7 +573,8 @@ def _check(cfg: Config, label: str) -> Config:
         except policy.PolicyError as exc:
             raise _fail(label, f"deny[{i}]", str(exc)) from None
     if cfg.dns is not None:
-        changes["dns"] = [_checked(label, f"dns[{i}]", check_ip, server, "a DNS server for the guest")
+        # A loopback address is given as is, as passt's: -D 127.0.0.1 makes the guest its own resolver.
+        changes["dns"] = [_checked(label, f"dns[{i}]", check_ip, server, "a DNS server for the guest", "IP", True)
                           for i, server in enumerate(cfg.dns)]
     if cfg.control is not None and cfg.control in (cfg.socket, cfg.connect):
         raise _fail(label, "control", "must differ from the vhost-user socket path")

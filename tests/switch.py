@@ -39,10 +39,11 @@ class Switch:
                  prefix: list[str] | None = None, addressing: list[str] | None = None,
                  socket_path: str | None = None, connect: bool = False, test_hooks: bool = False,
                  where: list[str] | None = None, pass_fds: tuple[int, ...] = (),
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, debug: bool = True) -> None:
         """Prepare (call :meth:`start`); ``connect``: client mode, connect to ``socket_path``; ``test_hooks``:
         obey test-only control commands (SHARDSWITCH_TEST_HOOKS=1); ``where``: these options instead of
-        --socket/--connect (``--fd N``, with N in ``pass_fds``); ``env``: more environment variables."""
+        --socket/--connect (``--fd N``, with N in ``pass_fds``); ``env``: more environment variables;
+        ``debug``: start it with -d (off: the log level is the options' own)."""
         self.socket = socket_path or str(tmp / "ss.sock")
         self.control = self.socket + ".ctl"
         self.log_path = tmp / f"switch-{int(time.monotonic() * 1000)}.log"
@@ -55,6 +56,7 @@ class Switch:
         self.where = where
         self.pass_fds = pass_fds
         self.extra_env = env or {}
+        self.debug = debug
         self.proc: subprocess.Popen[bytes] | None = None
         #: The coordinator's PID on this host, once it answered (see :attr:`pid`).
         self.coordinator_pid = 0
@@ -64,7 +66,8 @@ class Switch:
         where = ["--connect", self.socket, "--control", self.control] if self.connect else ["--socket", self.socket]
         if self.where is not None:
             where = [*self.where, "--control", self.control]
-        argv = [*self.prefix, sys.executable, "-m", "shardswitch", "start", "-d", "--workers", str(self.workers),
+        argv = [*self.prefix, sys.executable, "-m", "shardswitch", "start", *(["-d"] if self.debug else []),
+                "--workers", str(self.workers),
                 *where, *self.addressing, *self.args]
         log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))

@@ -430,3 +430,12 @@ def test_forward_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     capsys.readouterr()
     assert cli.main(["forward", "list", *control]) == cli.ExitCode.RUNTIME
     assert "(is shardswitch running?)" in capsys.readouterr().err
+
+
+def test_version_as_passt() -> None:
+    """--version (passt's too): the version on stdout, exit 0."""
+    from shardswitch import __version__
+
+    done = subprocess.run([sys.executable, "-m", "shardswitch", "--version"], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert (done.returncode, done.stdout.strip()) == (0, f"shardswitch {__version__}")

@@ -259,7 +259,8 @@ def test_outbound_interfaces_choose_what_is_mirrored(tmp_path: Path, monkeypatch
     monkeypatch.setattr(hostnet, "host_default_routes", routes)
     guest_addressing.host_addressing(load_config({"outbound_if4": "v4", "outbound_if6": "v6"}), str(resolv))
     guest_addressing.host_addressing(load_config({"interface": "i", "outbound_if6": "v6"}), str(resolv))
-    assert asked == [("v4", "v6"), ("i", "i")]
+    guest_addressing.host_addressing(load_config({"outbound_if4": "v4"}), str(resolv))
+    assert asked == [("v4", "v6"), ("i", "i"), ("v4", None)]
 
 
 def test_dns_host_once_per_family() -> None:

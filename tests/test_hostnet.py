@@ -162,12 +162,12 @@ def cfg_netns() -> Iterator[str]:
 
 
 def host_default_route_in(ns: str, ifname: str | None, family: int = 4) -> Any:
-    """Run hostnet.host_default_routes(ifname) inside namespace ``ns``; return the decoded result of
-    ``family`` (4 or 6)."""
+    """Run hostnet.host_default_routes(ifname, ifname) (-i: both families) inside namespace ``ns``; return the
+    decoded result of ``family`` (4 or 6)."""
     code = ("import sys, msgspec\n"
             "from shardswitch import hostnet\n"
             "try:\n"
-            f"    out = hostnet.host_default_routes({ifname!r})[{0 if family == 4 else 1}]\n"
+            f"    out = hostnet.host_default_routes({ifname!r}, {ifname!r})[{0 if family == 4 else 1}]\n"
             "except hostnet.HostNetError as e:\n"
             "    out = {'error': str(e)}\n"
             "sys.stdout.buffer.write(msgspec.json.encode(out))\n")

@@ -140,7 +140,7 @@ def test_file_error_names_file_key_and_value(tmp_path: Path) -> None:
     ({"address": "224.0.0.1"}, "-a/--address: 224.0.0.1 is not a unicast address"),
     ({"gateway": "127.0.0.1"}, "-g/--gateway: 127.0.0.1 is a loopback address"),
     ({"gateway": "0.0.0.0"}, "-g/--gateway: 0.0.0.0 is not a unicast address"),
-    ({"dns": ["192.0.2.1", "::1"]}, "--dns: ::1 is a loopback address"),
+    ({"dns": ["192.0.2.1", "ff02::1"]}, "-D/--dns: ff02::1 is not a unicast address"),
     ({"address": ["10.0.0.2", "10.0.0.3"]}, "command line: -a/--address: given twice (10.0.0.2 and 10.0.0.3)"),
     ({"address": ["2001:db8::2", "2001:db8::3/64"]}, "-a/--address: given twice"),
     ({"address": ["2001:db8::2/x"]}, "-n/--netmask or -a ADDR/LEN: 'x' is not a prefix length"),
@@ -349,3 +349,12 @@ def test_new_passt_options_from_the_file(tmp_path: Path) -> None:
         True, True, "vm1", "vm1.example.org", True, True)
     assert (cfg.freebind, cfg.trace, cfg.one_off, cfg.migrate_exit, cfg.migrate_no_linger) == (True,) * 5
     assert (cfg.dns_host, cfg.dns_host6, cfg.mtu, cfg.search) == ("127.0.0.53", "::1", 0, [])
+
+
+def test_ipv4_cidr_address_and_loopback_dns() -> None:
+    """passt's -a 192.0.2.1/24 sets the IPv4 prefix length (mixing it with -n is an error, as passt's); -D
+    127.0.0.1 / ::1 are given to the guest as they are (it is its own resolver)."""
+    cfg = load_config({"address": ["192.0.2.1/24", "2001:db8::5/56"], "dns": ["127.0.0.1", "::1"]})
+    assert (cfg.address, cfg.prefix_len, cfg.address6, cfg.prefix6_len) == ("192.0.2.1", 24, "2001:db8::5", 56)
+    assert cfg.dns == ["127.0.0.1", "::1"]
+    assert "given twice" in error_of({"address": ["192.0.2.1/24"], "prefix_len": ["16"]})

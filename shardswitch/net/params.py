@@ -121,25 +121,30 @@ class ResolvedParams:
         return self.gateway6 if ipv6.is_link_local(self.gateway6) else self.our_ll6
 
 
-def _unicast_address(what: str, text: str) -> int:
-    """Parse ``text`` as an IPv4 address usable as a host or server address."""
+def _unicast_address(what: str, text: str, loopback_ok: bool = False) -> int:
+    """Parse ``text`` as an IPv4 address usable as a host or server address (a loopback one only with
+    ``loopback_ok``: a DNS server the guest runs itself, passt's ``-D 127.0.0.1``)."""
     try:
         addr = ipaddress.IPv4Address(text)
     except ValueError as exc:
         raise ParamsError(f"{what}: {exc}") from None
-    if addr.is_unspecified or addr.is_multicast or addr.is_reserved or addr.is_loopback:
+    if addr.is_unspecified or addr.is_multicast or addr.is_reserved or (addr.is_loopback and not loopback_ok):
         raise ParamsError(f"{what}: {text} is not a unicast host address")
     return int(addr)
 
 
-def _unicast_address6(what: str, text: str) -> bytes:
-    """Parse ``text`` as an IPv6 unicast address (link-local allowed) into 16 bytes."""
+def _unicast_address6(what: str, text: str, loopback_ok: bool = False) -> bytes:
+    """Parse ``text`` as an IPv6 unicast address (link-local allowed; ::1 only with ``loopback_ok``) into 16
+    bytes."""
     try:
         addr = ipv6.addr_from_str(text)
     except ValueError as exc:
         raise ParamsError(f"{what}: {exc}") from None
     parsed = ipaddress.IPv6Address(addr)
-    if parsed.is_unspecified or parsed.is_multicast or parsed.is_loopback or parsed.is_reserved:
+    if parsed.is_loopback:
+        if not loopback_ok:
+            raise ParamsError(f"{what}: {text} is not a unicast host address")
+    elif parsed.is_unspecified or parsed.is_multicast or parsed.is_reserved:
         raise ParamsError(f"{what}: {text} is not a unicast host address")
     return addr
 
@@ -180,7 +185,7 @@ def resolve(params: GuestParams) -> ResolvedParams:
         raise ParamsError(str(exc)) from None
     if not eth.is_valid_source(our_mac):
         raise ParamsError(f"our MAC {params.our_mac} is not a unicast address")
-    dns = tuple(_unicast_address("DNS server", text) for text in params.dns)
+    dns = tuple(_unicast_address("DNS server", text, loopback_ok=True) for text in params.dns)
     search = tuple(normalize_domain(name) for name in params.search)
     address6, gateway6, our_ll6, dns6 = _resolve_ipv6(params, our_mac)
     if len(params.hostname) > MAX_NAME_LEN or not params.hostname.isascii() or not params.hostname.isprintable():
@@ -213,5 +218,5 @@ def _resolve_ipv6(params: GuestParams, our_mac: bytes
     gateway6 = _unicast_address6("gateway6", params.gateway6) if params.gateway6 else our_ll6
     if gateway6 == address6:
         raise ParamsError("gateway6 and the guest's IPv6 address are the same")
-    dns6 = tuple(_unicast_address6("IPv6 DNS server", text) for text in params.dns6)
+    dns6 = tuple(_unicast_address6("IPv6 DNS server", text, loopback_ok=True) for text in params.dns6)
     return address6, gateway6, our_ll6, dns6

@@ -11,7 +11,7 @@ instead of building the mapping itself:
   (:mod:`~shardswitch.worker.policy`) screens the guest's addresses first
   (no loopback, unspecified, multicast or broadcast destination, no port 0),
   then the mapping (:meth:`Forwarding.to_host`) applies: a DNS forwarding address (``--dns-forward``, or the gateway
-  on hosts whose resolvers are on their loopback) on port 53 means the host
+  on hosts whose resolvers are on their loopback) on port 53 (or 853, DNS over TLS) means the host
   resolver paired with it (chosen by :mod:`shardswitch.guest_addressing`).  A destination that is a *mapped* address
   (``--map-host-loopback``, the gateways by default) means the host itself:
   the host's loopback of that family.  ``--map-guest-addr`` means the host's
@@ -57,8 +57,9 @@ from shardswitch.shm.layout import FlowSide, FlowType
 from shardswitch.worker.policy import FlowPolicy
 from shardswitch.worker.port import WorkerPort
 
-#: The DNS port.
+#: The DNS port, and DNS over TLS's: both are forwarded to the resolver, as passt's.
 DNS_PORT = 53
+DNS_PORTS = frozenset({DNS_PORT, 853})
 #: Flow types whose destination has a port (0 is refused).
 _PORTED = frozenset({FlowType.TCP, FlowType.UDP})
 
@@ -154,10 +155,10 @@ class Forwarding:
 
     def to_host(self, dst: InAny, port: int) -> tuple[InAny, int]:
         """The mapping alone: where guest traffic to ``dst``:``port`` goes (``port`` 0 for echo)."""
-        if port == DNS_PORT:
+        if port in DNS_PORTS:
             resolver = self.dns.get(dst)
             if resolver is not None:
-                return resolver, DNS_PORT
+                return resolver, port
         if dst in self.mapped:
             return inany.loopback_like(dst), port
         if dst == self.map_guest:

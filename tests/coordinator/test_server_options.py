@@ -143,3 +143,50 @@ def test_freebind_forwards_an_address_the_host_lacks(tmp_path: Path) -> None:
     with Switch(tmp_path, args=["-t", spec]) as sw:
         assert sw.status()["forwarding"]["ports"]["tcp"] == 0
         assert "-t port 8022: Cannot assign requested address" in sw.log()
+
+
+def test_mac_and_netmask_reach_the_guest(tmp_path: Path) -> None:
+    """-M: ARP replies come from that MAC; -a ADDR -n 16: the DHCP offer's netmask is 255.255.0.0; -a ADDR/LEN
+    (passt's CIDR form) gives the same."""
+    mac = "02:00:00:00:00:09"
+    addressing = ["-a", GUEST_IP, "-n", "16", "-g", GATEWAY_IP]
+    with Switch(tmp_path, addressing=addressing, args=["-M", mac]) as sw, ready_frontend(sw, pairs=1) as fe:
+        fe.send_frames(0, [arp_request()])
+        (reply,) = fe.recv_frames(0, timeout=3.0)
+        assert reply[6:12] == bytes.fromhex(mac.replace(":", "")) and reply[22:28] == reply[6:12]
+    with Switch(tmp_path, addressing=["-a", f"{GUEST_IP}/16", "-g", GATEWAY_IP]) as sw, \
+            ready_frontend(sw, pairs=1) as fe:
+        fe.send_frames(0, [DhcpTestClient().discover()])
+        (frame,) = fe.recv_frames(0, timeout=3.0)
+        offer = decode_dhcp_reply(frame)
+        assert offer.options[1] == bytes((255, 255, 0, 0)) and offer.yiaddr == bytes((10, 0, 2, 15))
+
+
+def test_no_ra_and_no_ndp(tmp_path: Path) -> None:
+    """--no-ra: a router solicitation goes unanswered (counted) while neighbour solicitations are answered;
+    --no-ndp: neither is."""
+    from shardswitch.net import ipv6
+    from tests.net.ndpkit import rs_frame
+
+    our_ll = ipv6.link_local_from_mac(OUR_MAC)
+    with Switch(tmp_path, args=["--no-ra"]) as sw, ready_frontend(sw, pairs=1) as fe:
+        fe.send_frames(0, [rs_frame()])
+        status = wait_status(sw, lambda s: sum(drops(s, 0).values()) >= 1, "the solicitation to be dropped")
+        assert drops(status, 0) == {"NDP_IGNORED": 1}
+        fe.send_frames(0, [ns_frame(our_ll)])
+        (advert,) = fe.recv_frames(0, timeout=3.0)
+        assert advert[54] == 136                       # a neighbour advertisement
+    with Switch(tmp_path, args=["--no-ndp"]) as sw, ready_frontend(sw, pairs=1) as fe:
+        fe.send_frames(0, [rs_frame(), ns_frame(our_ll)])
+        status = wait_status(sw, lambda s: sum(drops(s, 0).values()) >= 2, "both solicitations to be dropped")
+        assert drops(status, 0) == {"ICMPV6_IGNORED": 2}
+        assert fe.recv_frames(0, timeout=0.5) == []
+
+
+def test_quiet_logs_errors_only(tmp_path: Path) -> None:
+    """-q: the start-up and a front-end's life leave no info or debug line in the log."""
+    with Switch(tmp_path, args=["-q"], debug=False) as sw, ready_frontend(sw, pairs=1) as fe:
+        arp_roundtrip(fe, 0)
+    log = sw.log()
+    assert " INFO: " not in log and " DEBUG: " not in log, log[-2000:]
+    assert "QEMU options for this back-end" not in log

@@ -8,7 +8,8 @@ upstream::
                default via 10.200.Y.1 (metric 0), default via 10.201.Y.1 dev uplink1 (metric 200)
 
 A server in the upstream namespace answers each TCP connection with the
-address it came from.  With ``--outbound-if4 uplink1`` the guest's IPv4
+address it came from.  With ``--outbound-if4 uplink1`` the guest mirrors
+uplink1's addressing (10.201.Y.2 via 10.201.Y.1, as passt), and its IPv4
 connection to 10.200.Y.3 must leave through uplink1 (source 10.201.Y.2,
 though that address is on uplink0's link); with ``-o 2001:db8:Y::3`` its IPv6 connection
 must come from that address.  Traffic to the gateway (the host's loopback)
@@ -73,8 +74,9 @@ def add_second_uplink(netns: TestNetns, subnet: str) -> None:
 
 
 def test_outbound_interface_and_source_address(tmp_path: Path, netns: TestNetns, guest_image: GuestImage) -> None:
-    """--outbound-if4 uplink1: IPv4 connections leave through uplink1; -o ADDR6: IPv6 ones come from ADDR6;
-    the gateway (the host's loopback) is still reached."""
+    """--outbound-if4 uplink1: the guest's IPv4 addressing is uplink1's, as passt's, and its IPv4 connections
+    leave through uplink1; -o ADDR6: IPv6 ones come from ADDR6 (IPv6 is still mirrored from the default
+    route's interface); the gateway (the host's loopback) is still reached."""
     subnet = "10.201." + netns.host_addr.split(".")[2]
     add_second_uplink(netns, subnet)
     source6 = f"{netns.prefix6}3"
@@ -91,11 +93,14 @@ while [ $n -lt 150 ] && ! ip -6 route show default | grep -q default; do sleep 0
 sleep 2
 echo V4 $(nc {server4(netns)} {PEER_PORT} < /dev/null)
 echo V6 $(nc {netns.upstream_addr6} {PEER_PORT} < /dev/null)
-echo GW $(nc {netns.upstream_addr} {LOOPBACK_PORT} < /dev/null)
+gw=$(ip route | awk '/default/ {{print $3}}')
+echo GW $(nc $gw {LOOPBACK_PORT} < /dev/null)
 """
     args = ["--outbound-if4", "uplink1", "-o", source6]
     with Switch(tmp_path, workers=1, prefix=netns.exec_argv([]), addressing=[], args=args) as switch, \
             GuestVM(guest_image, script, socket=Path(switch.socket), netns=netns) as vm:
+        lease = vm.lease(timeout=240)
+        assert (lease.ip, lease.router) == (f"{subnet}.2", f"{subnet}.1")
         assert vm.wait_exit(timeout=240) == 0, vm.output()
         output = vm.output()
         assert f"V4 peer={subnet}.2" in output, output

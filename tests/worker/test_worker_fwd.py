@@ -40,7 +40,7 @@ def test_to_host_maps_the_loopback(dst: str, port: int, expected: tuple[str, int
 
 
 def test_dns_forward_pairs() -> None:
-    """Port 53 of a forwarding address goes to its paired resolver (any family: both gateways to one IPv4
+    """Port 53 (and 853) of a forwarding address goes to its paired resolver (any family: both gateways to one IPv4
     stub); other ports of a mapped gateway still mean the host's loopback; a bad pair is skipped."""
     pairs = (("10.0.2.2", "127.0.0.53"), ("fe80::1", "127.0.0.53"), ("10.0.2.53", "192.0.2.1"),
              ("10.0.2.54", "not an address"))
@@ -49,6 +49,7 @@ def test_dns_forward_pairs() -> None:
     assert fwd.to_host(A("10.0.2.2"), 53) == (A("127.0.0.53"), 53)
     assert fwd.to_host(A("fe80::1"), 80) == (A("::1"), 80)
     assert fwd.to_host(A("10.0.2.53"), 53) == (A("192.0.2.1"), 53)
+    assert fwd.to_host(A("10.0.2.53"), 853) == (A("192.0.2.1"), 853)       # DNS over TLS, as passt
     assert fwd.to_host(A("10.0.2.53"), 80) == (A("10.0.2.53"), 80)
     assert fwd.to_host(A("10.0.2.54"), 53) == (A("10.0.2.54"), 53)
 
