@@ -310,9 +310,13 @@ FromWorker = Union[RingStarted, RingStopped, WorkerStatus, MigrateDone, ForwardD
 class Channel:
     """One end of a coordinator-worker control socket."""
 
-    def __init__(self, sock: socket.socket, incoming: Any) -> None:
-        """Wrap ``sock``; ``incoming`` is the union of message types this end receives."""
+    def __init__(self, sock: socket.socket, incoming: Any, max_message: int = MAX_MESSAGE,
+                 max_fds: int = MAX_FDS) -> None:
+        """Wrap ``sock``; ``incoming`` is the union of message types this end receives; a message holds at
+        most ``max_message`` bytes and ``max_fds`` descriptors."""
         self.sock = sock
+        self.max_message = max_message
+        self.max_fds = max_fds
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder: msgspec.msgpack.Decoder[object] = msgspec.msgpack.Decoder(incoming)
 
@@ -335,11 +339,12 @@ class Channel:
         """Receive one message and the descriptors that came with it (``flags``: MSG_DONTWAIT, when
         BlockingIOError says none is waiting).
 
-        Raises :class:`IpcError` on EOF or on a message that does not decode;
+        Raises :class:`IpcError` on EOF, on a message or its descriptors cut
+        short (longer than the limits), or on a message that does not decode;
         descriptors received with a bad message are closed.
         """
         try:
-            data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_MESSAGE, MAX_FDS, flags)
+            data, fds, got, _addr = socket.recv_fds(self.sock, self.max_message, self.max_fds, flags)
         except BlockingIOError:
             raise
         except OSError as err:
@@ -347,6 +352,9 @@ class Channel:
         if not data:
             close_fds(fds)
             raise IpcError("control channel closed")
+        if got & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            close_fds(fds)
+            raise IpcError(f"control message over {self.max_message} bytes or {self.max_fds} descriptors")
         try:
             return self._decoder.decode(data), fds
         except msgspec.DecodeError as err:
