@@ -131,6 +131,12 @@ class AccessPolicy:
             return True
         return self.group is not None and peer.gid != overflow_gid and peer.gid == self.group
 
+    def owns(self, peer: Peer) -> bool:
+        """Whether ``peer`` is root or the switch's own user (not merely ``--control-group``): who may take the
+        switch over."""
+        overflow_uid = self.unmapped[0] if self.unmapped is not None else -1
+        return peer.uid != overflow_uid and peer.uid in (0, os.geteuid())
+
     def describe(self) -> str:
         """Who is allowed, in words for a log line."""
         group = f", gid {self.group}" if self.group is not None else ""

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import selectors
 import socket
 import time
 from collections import Counter
 from typing import Any, Callable
 
-from shardswitch.coordinator.access import AccessPolicy, peer_of
+from shardswitch.coordinator.access import AccessPolicy, Peer, peer_of
 from shardswitch.coordinator.streams import Drop, Limits, StreamClient, StreamService
 from shardswitch.loglimit import LogLimiter
 from shardswitch.sandbox.hostpids import host_view
@@ -65,12 +66,15 @@ class ControlServer:
     """The control socket's clients, served from the coordinator's selector loop."""
 
     def __init__(self, sel: selectors.BaseSelector, sock: socket.socket, access: AccessPolicy,
-                 commands: dict[str, Callable[[], dict[str, Any]]], fd_commands: dict[str, FdCommand]) -> None:
+                 commands: dict[str, Callable[[], dict[str, Any]]], fd_commands: dict[str, FdCommand],
+                 owner_commands: frozenset[str] = frozenset()) -> None:
         """Serve the listening ``sock`` in ``sel``: ``commands`` answer requests, ``fd_commands`` requests
-        with descriptors; ``access`` says who may ask."""
+        with descriptors; ``access`` says who may ask, and only root and the switch's own user may use the
+        ``owner_commands`` (a take-over)."""
         self.access = access
         self.commands = commands
         self.fd_commands = fd_commands
+        self.owner_commands = owner_commands
         #: Clients refused or dropped, by reason (``shardswitch status``).
         self.refused: Counter[str] = Counter()
         self.limiter = LogLimiter(log)
@@ -85,6 +89,7 @@ class ControlServer:
             self.limiter.warning("control-peer", "control socket: refused a client without credentials (%s)", err)
             return b""
         client.label = str(peer)
+        client.peer = peer
         if self.access.allows(peer):
             return None
         self.refused["not_allowed"] += 1
@@ -107,6 +112,11 @@ class ControlServer:
             return _line({"error": f"bad request {line[:100]!r}; commands: {known}"})
         if client.too_many_fds:
             return _line({"error": f"a request carries at most {MAX_FDS} descriptors"})
+        if name in self.owner_commands and not (isinstance(client.peer, Peer) and self.access.owns(client.peer)):
+            self.refused["not_owner"] += 1
+            self.limiter.warning("control-owner", "control socket: refused %s %r: only root and uid %d may",
+                                 client.label, name, os.geteuid())
+            return _line({"error": f"not allowed: only root and uid {os.geteuid()} may {name}"})
         if name in self.fd_commands:
             given, client.fds = client.fds, []
             return _line(self.fd_commands[name](request, given))

@@ -22,6 +22,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from shardswitch import systemd
 from shardswitch.logfile import LogFile
 from shardswitch.pcap import open_pair
@@ -64,6 +66,8 @@ class Hosting:
     stats: int = 0
     #: --freebind: forwarded ports may listen on addresses the host does not have (yet).
     freebind: bool = False
+    #: The settings this switch runs with (a msgpack Config), offered to a process taking it over.
+    settings: bytes = b""
 
 
 def _socket_name(fd: int) -> str:
@@ -92,7 +96,8 @@ def prepare(cfg: Config, log_file: LogFile | None = None) -> Hosting:
                       frontend_fd=roles.get("frontend"), socket_path=path, control_path=cfg.control,
                       repair_path=cfg.repair_path, notifier=systemd.Notifier(os.environ, os.getpid()),
                       pid_file=cfg.pid_file or "", log_file=log_file, metrics=cfg.metrics or "",
-                      one_off=cfg.one_off, migrate_exit=cfg.migrate_exit, stats=cfg.stats or 0, freebind=cfg.freebind)
+                      one_off=cfg.one_off, migrate_exit=cfg.migrate_exit, stats=cfg.stats or 0, freebind=cfg.freebind,
+                      settings=msgspec.msgpack.encode(cfg))
     if hosting.listener_fd is not None:
         name = _socket_name(hosting.listener_fd)
         hosting.socket_path = name or f"descriptor {hosting.listener_fd}"

@@ -54,6 +54,7 @@ from shardswitch.sandbox import SandboxSetup, seccomp
 from shardswitch.sandbox.privileges import Confinement, SandboxError, drop_privileges
 from shardswitch.shm.layout import DEFAULT_CAPACITY, Flow, FlowSide, FlowTableError, Pif, ip_of
 from shardswitch.shm.table import FlowTable
+from shardswitch.takeover.old import OldSide, TakeoverRefused, check_channel
 from shardswitch.vhost.wire import VhostProtocolError, VirtioFeature
 
 
@@ -186,6 +187,8 @@ class Coordinator:
         self.forwarding.freebind = self.hosting.freebind
         #: Exit when the front-end leaves: -1/--one-off, or serving a front-end handed over connected (--fd).
         self.one_off = self.hosting.one_off
+        #: A take-over in progress (docs/takeover.md), None when there is none.
+        self.takeover: OldSide | None = None
         #: --stats: the counters' log line and its schedule (None: off).
         self.stats = StatsLog(self.hosting.stats, time.monotonic()) if self.hosting.stats else None
         self.metrics: MetricsServer | None = None
@@ -206,7 +209,8 @@ class Coordinator:
             why_not = restrict_socket_file(self.control_path, hosting.control_group)
             if why_not:
                 log.warning("control socket: %s", why_not)
-        self.control = ControlServer(self.sel, control, AccessPolicy(hosting.control_group), *self._commands())
+        self.control = ControlServer(self.sel, control, AccessPolicy(hosting.control_group), *self._commands(),
+                                     owner_commands=frozenset({"takeover"}))
         if hosting.listener_fd is not None:
             self.listener = adopt(hosting.listener_fd)
         elif not self.client_mode and hosting.frontend_fd is None:
@@ -291,6 +295,8 @@ class Coordinator:
         """Stop workers, close sockets, remove the socket files we created."""
         if self.conn is not None:
             self._drop_frontend("shutting down")
+        if self.takeover is not None:
+            self.takeover.end("this switch is stopping")
         self.migration.close()
         if self.metrics is not None:
             self.metrics.close()
@@ -362,6 +368,8 @@ class Coordinator:
             waits.append(self.control.expire(now))
         if self.hosting.log_file is not None:
             waits.append(self.hosting.log_file.trim(now))
+        if self.takeover is not None:
+            waits.append(self.takeover.expire(now))
         if self.stats is not None:
             if self.stats.wait(now) == 0.0:
                 line = self.stats.line(self.status(), now)
@@ -509,7 +517,26 @@ class Coordinator:
         commands["forward-list"] = self.forwarding.listing
         return commands, {"capture-start": self._capture_start, "capture-stop": self._capture_stop,
                           "forward-add": self.forwarding.command("add"),
-                          "forward-remove": self.forwarding.command("remove")}
+                          "forward-remove": self.forwarding.command("remove"), "takeover": self._takeover}
+
+    def _takeover(self, _request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        """``{"cmd": "takeover"}`` with one end of a SEQPACKET socketpair: the channel of a take-over by a new
+        process (root or this switch's own user: the control server checked), one at a time."""
+        if self.takeover is not None:
+            for fd in fds:
+                os.close(fd)
+            return {"error": f"busy: a take-over is in flight ({self.takeover.peer})"}
+        try:
+            sock = check_channel(fds)
+        except TakeoverRefused as err:
+            return {"error": str(err)}
+        self.takeover = OldSide(self.sel, sock, __version__, self.hosting.settings, self.pool.count,
+                                self._takeover_ended)
+        return {"takeover": "accepted"}
+
+    def _takeover_ended(self) -> None:
+        """The take-over session is over (this switch serves on)."""
+        self.takeover = None
 
     def _capture_start(self, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
         """``shardswitch capture start``: the client opened the files and sent them."""
@@ -602,6 +629,7 @@ class Coordinator:
             "workers": workers,
             "sandbox": confine.status(self.sandbox, self.confinement),
             "capture": self.capture.status(),
+            "takeover": self.takeover.status() if self.takeover is not None else None,
             "forwarding": self.forwarding.status(),
             "control": self.control.status() if self.control is not None else {},
             "migration": {"repair_path": self.migration.repair_path,

@@ -77,6 +77,8 @@ class StreamClient:
         self.answer: memoryview | None = None
         #: Who the client is, for log lines (the handler's words).
         self.label = ""
+        #: The handler's record of who the client is (its credentials), set when it is admitted.
+        self.peer: object = None
 
 
 class Handler(Protocol):
