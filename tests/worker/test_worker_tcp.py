@@ -460,3 +460,40 @@ def test_reset_seen_as_end_of_stream_still_resets_the_guest(
         segs = w.take()
     assert [seg.flags & (RST | FIN) for seg in segs] == [RST]
     assert w.flows.flows == {}
+
+
+def _echo_server(netns: TestNetns, host: str, port: int) -> None:
+    """One connection's echo (of its first 100 bytes) on ``host``:``port`` in the test namespace."""
+    start_server(netns, "import socket\n"
+                        f"s = socket.create_server(('{host}', {port}))\nprint('ready', flush=True)\n"
+                        "c, _ = s.accept()\nc.sendall(c.recv(100))\nc.close()")
+
+
+def test_dns_host_given_explicitly(tmp_path: Path, netns: TestNetns) -> None:
+    """--dns-host 127.0.0.1 while resolv.conf names 127.0.0.53: the gateway's port 53 goes to 127.0.0.1."""
+    netns.resolv_conf.write_text("nameserver 127.0.0.53\n")
+    _echo_server(netns, "127.0.0.1", 53)
+    with Switch(tmp_path, workers=1, prefix=netns.exec_argv([]), args=["--dns-host", "127.0.0.1"],
+                addressing=["-a", GUEST4, "-n", "24", "-g", GATEWAY4]) as sw, ready_frontend(sw, pairs=1) as fe:
+        conn = GuestTcp(fe, 53, 40210)
+        conn.connect()
+        (flow,) = flows_of(sw)
+        assert (flow["sides"][1]["ep_addr"], flow["sides"][1]["ep_port"]) == ("127.0.0.1", 53)
+        conn.send(ACK | PSH, b"\x00\x05query")
+        assert conn.read(7) == b"\x00\x05query"
+
+
+def test_map_guest_addr_reaches_the_hosts_own_address(tmp_path: Path, netns: TestNetns) -> None:
+    """--map-guest-addr 192.0.2.1: the guest (whose address is the host's, mirrored) reaches a server on the
+    host's own address through 192.0.2.1."""
+    _echo_server(netns, netns.host_addr, 7070)
+    with Switch(tmp_path, workers=1, prefix=netns.exec_argv([]), addressing=[],
+                args=["--map-guest-addr", "192.0.2.1"]) as sw, ready_frontend(sw, pairs=1) as fe:
+        conn = GuestTcp(fe, 7070, 40220, dst="192.0.2.1")
+        conn.addr = Addressing(False, OUR_MAC, GUEST_MAC, socket.inet_aton(netns.host_addr),
+                               socket.inet_aton("192.0.2.1"), 40220, 7070)
+        conn.connect()
+        (flow,) = flows_of(sw)
+        assert (flow["sides"][1]["ep_addr"], flow["sides"][1]["ep_port"]) == (netns.host_addr, 7070)
+        conn.send(ACK | PSH, b"mapped")
+        assert conn.read(6) == b"mapped"
