@@ -309,8 +309,8 @@ def host_addressing(cfg: Config, resolv_conf: str = hostnet.RESOLV_CONF) -> Gues
         log.info("guest IPv6: %s router %s dns %s",
                  f"{addressing.address6}/{addressing.prefix6_len}" if addressing.address6 else "link-local only",
                  addressing.gateway6 or "our link-local address", ",".join(addressing.dns6) or "-")
-    log.info("guest search %s mtu %d (host interface %s)", ",".join(addressing.search) or "-",
-             addressing.mtu, addressing.interface or "-")
+    log.info("guest search %s mtu %s (host interface %s)", ",".join(addressing.search) or "-",
+             addressing.mtu or "not offered", addressing.interface or "-")
     for note in addressing.notes:
         log.warning("%s", note)
     return addressing

@@ -530,8 +530,9 @@ class Coordinator:
             sock = check_channel(fds)
         except TakeoverRefused as err:
             return {"error": str(err)}
+        assert self.control is not None                  # the request came through it
         self.takeover = OldSide(self.sel, sock, __version__, self.hosting.settings, self.pool.count,
-                                self._takeover_ended)
+                                self._takeover_ended, self.control.limiter)
         return {"takeover": "accepted"}
 
     def _takeover_ended(self) -> None:

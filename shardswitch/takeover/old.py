@@ -76,9 +76,11 @@ class OldSide:
     """One take-over in progress, seen from the running switch."""
 
     def __init__(self, sel: selectors.BaseSelector, sock: socket.socket, version: str, settings: bytes, pairs: int,
-                 on_end: Callable[[], None], clock: Callable[[], float] = time.monotonic) -> None:
+                 on_end: Callable[[], None], limiter: LogLimiter,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         """Serve the channel ``sock`` in ``sel``: this switch is ``version``, runs with ``settings`` (a
-        msgpack Config) on ``pairs`` queue pairs; ``on_end`` is called once the session is over."""
+        msgpack Config) on ``pairs`` queue pairs; ``on_end`` is called once the session is over; its log
+        lines go through ``limiter``, the switch's (sessions one after another share its budget)."""
         self.sel = sel
         self.channel = Channel(sock, wire.ToOld, wire.MAX_MESSAGE, wire.MAX_FDS)
         self.version = version
@@ -90,7 +92,7 @@ class OldSide:
         self.deadline = clock() + STEP_DEADLINE
         #: The new process, once it said hello (for the log).
         self.peer = "the new process"
-        self.limiter = LogLimiter(log)
+        self.limiter = limiter
         self.open = True
         sel.register(sock, selectors.EVENT_READ, self.on_readable)
 

@@ -491,3 +491,6 @@ def test_client_fqdn() -> None:
     assert only(opts, DHCP6OptClientFQDN).flags == 2
     _message, opts = reply_to(make_endpoint(), solicit())
     assert not of(opts, DHCP6OptClientFQDN)
+    # A client's Client FQDN option without its flags byte is malformed: dropped, not read past its end.
+    empty = bytes(solicit()) + b"\x00\x27\x00\x00"
+    assert exchange(endpoint, raw_udp6_frame(empty)) == DropReason.DHCPV6_MALFORMED

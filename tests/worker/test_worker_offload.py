@@ -17,7 +17,6 @@ import hashlib
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -28,10 +27,9 @@ from shardswitch.vhost.wire import VirtioFeature
 from shardswitch.virtio.netdev import VNET_HDR, GsoType, VnetHdrFlags
 from shardswitch.worker.peers import Peers, inbox_pairs
 from shardswitch.net.udp import parse6
-from tests.guest.netns import TestNetns
 from tests.net.offload_lib import l4_checksum, l4_offsets, make_partial, needs_csum_header
 from tests.switch import Switch
-from tests.switchkit import ready_frontend, start_server
+from tests.switchkit import ready_frontend
 
 GUEST_MAC = bytes.fromhex("525400123456")
 OUR_MAC = bytes.fromhex("9a559a559a55")
@@ -165,11 +163,9 @@ def drops(switch: Switch) -> dict[str, int]:
 
 
 @pytest.fixture
-def switch(tmp_path: Path, netns: TestNetns) -> Iterator[Switch]:
-    """A 2-worker switch in the test namespace, with the servers on its loopback."""
-    start_server(netns, SERVERS)
-    with Switch(tmp_path, workers=2, prefix=netns.exec_argv([])) as sw:
-        yield sw
+def servers() -> str:
+    """This module's servers beside the switch (the conftest's switch fixture uses them)."""
+    return SERVERS
 
 
 @pytest.fixture

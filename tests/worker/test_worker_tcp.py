@@ -32,7 +32,7 @@ from tests.switch import Switch
 from tests.switchkit import ready_frontend, start_server
 from tests.worker.standin import StandInWorker
 from tests.worker.tcpkit import (ACK, BLOB, BLOB_SIZE, CLOSED, ECHO, FIN, GATEWAY4, GUEST4, GUEST6_CONFIGURED,
-                                 GUEST_MAC, OUR_MAC, PSH, ROUTER6, RST, SERVERS, SINK, SYN, GuestTcp, Seg, blob,
+                                 GUEST_MAC, OUR_MAC, PSH, ROUTER6, RST, SINK, SYN, GuestTcp, Seg, blob,
                                  parse_frame)
 
 #: How far the synthetic times of timer tests stay from the deadline they test (seconds).
@@ -42,21 +42,6 @@ MARGIN = 0.05
 def flows_of(switch: Switch) -> list[dict[str, Any]]:
     """The switch's TCP flows."""
     return [f for f in switch.query("flows")["flows"] if f["type"] == "tcp"]
-
-
-@pytest.fixture
-def switch(tmp_path: Path, netns: TestNetns) -> Iterator[Switch]:
-    """A 2-worker switch in the test namespace, with the servers listening on its loopback."""
-    start_server(netns, SERVERS)
-    with Switch(tmp_path, workers=2, prefix=netns.exec_argv([])) as sw:
-        yield sw
-
-
-@pytest.fixture
-def fe(switch: Switch) -> Iterator[VhostUserFrontend]:
-    """A connected front-end with RX buffers on both pairs."""
-    with ready_frontend(switch, rx=200) as frontend:
-        yield frontend
 
 
 def wait_no_flows(switch: Switch, timeout: float = 3.0) -> None:

@@ -18,9 +18,7 @@ import random
 import socket
 import struct
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
@@ -34,9 +32,6 @@ from shardswitch.worker.tcp.tcpinfo import (MAX_WINDOW, TCP_INFO, WINDOW_DEFAULT
                                             clamped_scale, covers, decode, host_mss, offered, scaled_sndbuf,
                                             sndbuf_room, window_from_sndbuf)
 from shardswitch.worker.tcp.window import HostWindow
-from tests.guest.netns import TestNetns
-from tests.switch import Switch
-from tests.switchkit import ready_frontend, start_server
 from tests.worker.tcpkit import ACK, FIN, GATEWAY4, GUEST4, GUEST_MAC, OUR_MAC, SYN, GuestTcp, Seg
 
 MSS_PORT, HOLD_PORT, GO_PORT = 7101, 7102, 7103
@@ -276,18 +271,9 @@ def test_host_window_without_snd_wnd_uses_the_send_buffer() -> None:
 
 
 @pytest.fixture
-def switch(tmp_path: Path, netns: TestNetns) -> Iterator[Switch]:
-    """A 2-worker switch in the test namespace, with this module's servers on its loopback."""
-    start_server(netns, SERVERS)
-    with Switch(tmp_path, workers=2, prefix=netns.exec_argv([])) as sw:
-        yield sw
-
-
-@pytest.fixture
-def fe(switch: Switch) -> Iterator[VhostUserFrontend]:
-    """A connected front-end with RX buffers on both pairs."""
-    with ready_frontend(switch, rx=200) as frontend:
-        yield frontend
+def servers() -> str:
+    """This module's servers beside the switch (the conftest's switch and fe fixtures use them)."""
+    return SERVERS
 
 
 def read_to_fin(conn: GuestTcp, timeout: float = 5.0) -> bytes:
